@@ -1,0 +1,494 @@
+//! The YAML configuration: parsed into typed structs (unknown fields rejected), then
+//! validated as a whole, before any port is bound. Every problem found is reported with
+//! its YAML line.
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Deserializer};
+
+use crate::policy::{BareNewlines, Policy};
+
+/// The whole configuration.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Certificates and TLS versions.
+    pub tls: TlsConfig,
+    /// The ports mailmoat listens on.
+    pub listeners: Vec<ListenerConfig>,
+    /// Bounds on what a client may send.
+    #[serde(default)]
+    pub limits: Limits,
+    /// Per-phase deadlines.
+    #[serde(default)]
+    pub timeouts: Timeouts,
+    /// Logging.
+    #[serde(default)]
+    pub log: LogConfig,
+    /// Key for the keyed hash of user names in `credentials_exposed` events. Without it a
+    /// random key is drawn at start-up (hashes then only join within one process).
+    #[serde(default)]
+    pub user_hash_key: Option<String>,
+    /// Allow plaintext upstreams that are neither loopback nor a unix socket (DESIGN §7).
+    #[serde(default)]
+    pub allow_remote_plaintext: bool,
+}
+
+/// The `tls` section.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    /// Certificate chains with their keys; SNI picks one, the first serves clients that
+    /// send no SNI.
+    pub certificates: Vec<CertificateConfig>,
+    /// The oldest TLS version offered: `"1.2"` (default) or `"1.3"`.
+    #[serde(default)]
+    pub min_tls_version: TlsVersion,
+}
+
+/// One certificate chain and its private key, PEM files.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CertificateConfig {
+    /// PEM file with the certificate chain, leaf first.
+    pub cert: PathBuf,
+    /// PEM file with the private key.
+    pub key: PathBuf,
+}
+
+/// Oldest TLS version offered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+pub enum TlsVersion {
+    /// TLS 1.2 and 1.3.
+    #[default]
+    #[serde(rename = "1.2")]
+    Tls12,
+    /// TLS 1.3 only.
+    #[serde(rename = "1.3")]
+    Tls13,
+}
+
+/// The mail protocol a listener speaks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Protocol {
+    /// SMTP, submission and MX.
+    Smtp,
+}
+
+impl Protocol {
+    /// The ALPN id of RFC 7301's registry for this protocol (ALPACA: strict ALPN).
+    pub fn alpn_id(self) -> &'static [u8] {
+        match self {
+            Protocol::Smtp => b"smtp",
+        }
+    }
+}
+
+/// How a listener starts TLS.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TlsMode {
+    /// Plaintext first, upgraded by STARTTLS (ports 25, 587, 143, 110).
+    #[default]
+    Starttls,
+    /// TLS from the first byte (ports 465, 993, 995).
+    Implicit,
+}
+
+/// Where the legacy server listens.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum UpstreamAddr {
+    /// `host:port`, an IP literal.
+    Tcp(SocketAddr),
+    /// `unix:/path`.
+    Unix(PathBuf),
+}
+
+impl UpstreamAddr {
+    /// Loopback or a unix socket: plaintext never leaves the host.
+    pub fn is_local(&self) -> bool {
+        match self {
+            UpstreamAddr::Tcp(addr) => addr.ip().is_loopback(),
+            UpstreamAddr::Unix(_) => true,
+        }
+    }
+}
+
+impl fmt::Display for UpstreamAddr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            UpstreamAddr::Tcp(addr) => write!(f, "{addr}"),
+            UpstreamAddr::Unix(path) => write!(f, "unix:{}", path.display()),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for UpstreamAddr {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(deserializer)?;
+        if let Some(path) = text.strip_prefix("unix:") {
+            if !path.starts_with('/') {
+                return Err(serde::de::Error::custom(format!(
+                    "upstream `{text}`: a unix socket needs an absolute path (unix:/run/x.sock)"
+                )));
+            }
+            return Ok(UpstreamAddr::Unix(PathBuf::from(path)));
+        }
+        text.parse().map(UpstreamAddr::Tcp).map_err(|_| {
+            serde::de::Error::custom(format!(
+                "upstream `{text}`: expected IP:port (127.0.0.1:2525, [::1]:2525) or unix:/path"
+            ))
+        })
+    }
+}
+
+/// One listening port.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ListenerConfig {
+    /// A name for logs and metrics.
+    pub name: String,
+    /// The mail protocol.
+    pub protocol: Protocol,
+    /// Address to listen on, `[::]:587` or `0.0.0.0:587`.
+    #[serde(deserialize_with = "de_socket_addr")]
+    pub listen: SocketAddr,
+    /// `starttls` (default) or `implicit`.
+    #[serde(default)]
+    pub tls: TlsMode,
+    /// `require_tls` (default) or `auth_requires_tls`.
+    #[serde(default)]
+    pub policy: Policy,
+    /// The legacy server behind this listener.
+    pub upstream: UpstreamAddr,
+    /// SMTP: `normalize` (default) or `reject` bare CR/LF in message bodies.
+    #[serde(default)]
+    pub bare_newlines: BareNewlines,
+}
+
+/// Bounds on client input.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Limits {
+    /// Longest command line in bytes, CRLF included. At least 512 (RFC 5321 §4.5.3.1.4),
+    /// and well below the 16 KiB where legacy servers misbehave (DESIGN §10).
+    pub max_line_len: usize,
+    /// Most connections open at once, all listeners together.
+    pub max_connections: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_line_len: 4096,
+            max_connections: 10_000,
+        }
+    }
+}
+
+/// Per-phase deadlines, written like `30s`, `5m`, `500ms`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Timeouts {
+    /// Connecting to the upstream.
+    #[serde(deserialize_with = "de_duration")]
+    pub upstream_connect: Duration,
+    /// The upstream's greeting after connect.
+    #[serde(deserialize_with = "de_duration")]
+    pub greeting: Duration,
+    /// A TLS handshake, implicit or after STARTTLS.
+    #[serde(deserialize_with = "de_duration")]
+    pub tls_handshake: Duration,
+    /// Silence between commands.
+    #[serde(deserialize_with = "de_duration")]
+    pub idle: Duration,
+    /// Silence inside a message body.
+    #[serde(deserialize_with = "de_duration")]
+    pub data: Duration,
+}
+
+impl Default for Timeouts {
+    fn default() -> Self {
+        Timeouts {
+            upstream_connect: Duration::from_secs(10),
+            greeting: Duration::from_secs(30),
+            tls_handshake: Duration::from_secs(10),
+            idle: Duration::from_secs(300),
+            data: Duration::from_secs(600),
+        }
+    }
+}
+
+/// Log output.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogConfig {
+    /// `text` (default) or `json`.
+    pub format: LogFormat,
+    /// A `tracing` filter such as `info` or `mailmoat=debug` (`RUST_LOG` overrides it).
+    pub level: Option<String>,
+}
+
+/// Log line format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "snake_case")]
+pub enum LogFormat {
+    /// Human-readable lines.
+    #[default]
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+fn de_socket_addr<'de, D: Deserializer<'de>>(deserializer: D) -> Result<SocketAddr, D::Error> {
+    let text = String::deserialize(deserializer)?;
+    text.parse().map_err(|_| {
+        serde::de::Error::custom(format!(
+            "`{text}`: expected IP:port such as \"[::]:587\" or \"127.0.0.1:587\""
+        ))
+    })
+}
+
+fn de_duration<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Duration, D::Error> {
+    let text = String::deserialize(deserializer)?;
+    parse_duration(&text).ok_or_else(|| {
+        serde::de::Error::custom(format!(
+            "`{text}`: expected a duration such as 500ms, 30s, 5m or 1h"
+        ))
+    })
+}
+
+/// `30s`, `500ms`, `5m`, `1h`.
+pub fn parse_duration(text: &str) -> Option<Duration> {
+    let text = text.trim();
+    let split = text.find(|c: char| !c.is_ascii_digit())?;
+    let (number, unit) = text.split_at(split);
+    let number: u64 = number.parse().ok()?;
+    match unit {
+        "ms" => Some(Duration::from_millis(number)),
+        "s" => Some(Duration::from_secs(number)),
+        "m" => number.checked_mul(60).map(Duration::from_secs),
+        "h" => number.checked_mul(3600).map(Duration::from_secs),
+        _ => None,
+    }
+}
+
+/// One thing wrong with a configuration file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Problem {
+    /// 1-based line in the YAML file, when known.
+    pub line: Option<usize>,
+    /// What is wrong, naming the field.
+    pub message: String,
+}
+
+/// Everything wrong with a configuration file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    /// The file.
+    pub origin: String,
+    /// The problems, in file order where known.
+    pub problems: Vec<Problem>,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (index, problem) in self.problems.iter().enumerate() {
+            if index > 0 {
+                writeln!(f)?;
+            }
+            match problem.line {
+                Some(line) => write!(f, "{}:{line}: {}", self.origin, problem.message)?,
+                None => write!(f, "{}: {}", self.origin, problem.message)?,
+            }
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+impl Config {
+    /// Reads and validates a configuration file.
+    pub fn from_file(path: &Path) -> Result<Config, ConfigError> {
+        let origin = path.display().to_string();
+        let text = std::fs::read_to_string(path).map_err(|err| ConfigError {
+            origin: origin.clone(),
+            problems: vec![Problem {
+                line: None,
+                message: format!("cannot read: {err}"),
+            }],
+        })?;
+        Config::from_yaml(&text, &origin)
+    }
+
+    /// Parses and validates YAML text; `origin` names it in messages.
+    pub fn from_yaml(text: &str, origin: &str) -> Result<Config, ConfigError> {
+        let config: Config = serde_yaml::from_str(text).map_err(|err| ConfigError {
+            origin: origin.to_owned(),
+            problems: vec![Problem {
+                line: err.location().map(|l| l.line()),
+                message: strip_location(&err.to_string()),
+            }],
+        })?;
+        let problems = config.validate(text);
+        if problems.is_empty() {
+            Ok(config)
+        } else {
+            Err(ConfigError {
+                origin: origin.to_owned(),
+                problems,
+            })
+        }
+    }
+
+    /// Whole-file checks that serde cannot make; `text` is the source, to find lines.
+    fn validate(&self, text: &str) -> Vec<Problem> {
+        let mut problems = Vec::new();
+        let mut problem = |needle: &str, message: String| {
+            problems.push(Problem {
+                line: line_of(text, needle),
+                message,
+            })
+        };
+        if self.tls.certificates.is_empty() {
+            problem(
+                "certificates",
+                "tls.certificates: at least one certificate is needed".into(),
+            );
+        }
+        for (index, pair) in self.tls.certificates.iter().enumerate() {
+            for (field, path) in [("cert", &pair.cert), ("key", &pair.key)] {
+                if let Err(err) = std::fs::metadata(path) {
+                    problem(
+                        &path.display().to_string(),
+                        format!(
+                            "tls.certificates[{index}].{field}: {}: {err}",
+                            path.display()
+                        ),
+                    );
+                }
+            }
+        }
+        if self.listeners.is_empty() {
+            problem(
+                "listeners",
+                "listeners: at least one listener is needed".into(),
+            );
+        }
+        for (index, listener) in self.listeners.iter().enumerate() {
+            let at = format!("listeners[{index}] ({})", listener.name);
+            let name_needle = format!("name: {}", listener.name);
+            if self.listeners[..index]
+                .iter()
+                .any(|l| l.name == listener.name)
+            {
+                problem(
+                    &name_needle,
+                    format!("{at}.name: `{}` is used twice", listener.name),
+                );
+            }
+            if self.listeners[..index]
+                .iter()
+                .any(|l| l.listen == listener.listen)
+            {
+                problem(
+                    &name_needle,
+                    format!("{at}.listen: {} is used twice", listener.listen),
+                );
+            }
+            if !listener.upstream.is_local() && !self.allow_remote_plaintext {
+                problem(
+                    &name_needle,
+                    format!(
+                        "{at}.upstream: {} is neither loopback nor a unix socket; plaintext \
+                         would cross the network (set allow_remote_plaintext: true to accept)",
+                        listener.upstream
+                    ),
+                );
+            }
+        }
+        if !(512..=16_000).contains(&self.limits.max_line_len) {
+            problem(
+                "max_line_len",
+                format!(
+                    "limits.max_line_len: {} is outside 512..=16000 (RFC 5321 §4.5.3.1.4; legacy \
+                     servers split longer lines)",
+                    self.limits.max_line_len
+                ),
+            );
+        }
+        if self.limits.max_connections == 0 {
+            problem(
+                "max_connections",
+                "limits.max_connections: must be at least 1".into(),
+            );
+        }
+        for (name, value) in [
+            ("upstream_connect", self.timeouts.upstream_connect),
+            ("greeting", self.timeouts.greeting),
+            ("tls_handshake", self.timeouts.tls_handshake),
+            ("idle", self.timeouts.idle),
+            ("data", self.timeouts.data),
+        ] {
+            if value.is_zero() {
+                problem(name, format!("timeouts.{name}: must be longer than 0"));
+            }
+        }
+        problems.sort_by_key(|p| p.line);
+        problems
+    }
+}
+
+/// serde_yaml appends ` at line L column C`; the line is reported separately.
+fn strip_location(message: &str) -> String {
+    match message.rfind(" at line ") {
+        Some(index) => message[..index].to_owned(),
+        None => message.to_owned(),
+    }
+}
+
+/// The 1-based line of the first occurrence of `needle`.
+fn line_of(text: &str, needle: &str) -> Option<usize> {
+    text.lines()
+        .position(|line| line.contains(needle))
+        .map(|index| index + 1)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("30s"), Some(Duration::from_secs(30)));
+        assert_eq!(parse_duration("500ms"), Some(Duration::from_millis(500)));
+        assert_eq!(parse_duration("5m"), Some(Duration::from_secs(300)));
+        assert_eq!(parse_duration("1h"), Some(Duration::from_secs(3600)));
+        assert_eq!(parse_duration("30"), None);
+        assert_eq!(parse_duration("s"), None);
+        assert_eq!(parse_duration("3d"), None);
+        assert_eq!(parse_duration("99999999999999999999h"), None);
+    }
+
+    #[test]
+    fn upstream_addresses() {
+        let parse = |s: &str| serde_yaml::from_str::<UpstreamAddr>(s);
+        assert_eq!(
+            parse("127.0.0.1:2525").unwrap(),
+            UpstreamAddr::Tcp("127.0.0.1:2525".parse().unwrap())
+        );
+        assert_eq!(
+            parse("unix:/run/legacy/smtp.sock").unwrap(),
+            UpstreamAddr::Unix("/run/legacy/smtp.sock".into())
+        );
+        assert!(parse("unix:relative.sock").is_err());
+        assert!(parse("localhost:25").is_err());
+        assert!(UpstreamAddr::Tcp("[::1]:25".parse().unwrap()).is_local());
+        assert!(!UpstreamAddr::Tcp("192.0.2.1:25".parse().unwrap()).is_local());
+    }
+}

@@ -1,0 +1,348 @@
+//! Runs a sans-I/O session on real streams: reads, feeds, carries out actions, upgrades
+//! the client stream to TLS when the session says so, enforces the phase deadlines.
+//! Never parses.
+
+use std::io;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use bytes::{Buf, Bytes};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::net::TcpStream;
+use tokio_rustls::TlsAcceptor;
+use tokio_rustls::server::TlsStream;
+use tracing::{info, warn};
+
+use crate::config::{Timeouts, TlsMode};
+use crate::proto::{Action, Phase, Session};
+use crate::telemetry;
+use crate::upstream;
+
+/// Size of each read from either side.
+const READ_CHUNK: usize = 16 * 1024;
+
+/// What a connection needs from its listener.
+#[derive(Clone)]
+pub struct ConnectionSettings {
+    /// How TLS starts on this listener.
+    pub tls_mode: TlsMode,
+    /// The TLS side.
+    pub acceptor: TlsAcceptor,
+    /// Deadlines.
+    pub timeouts: Timeouts,
+}
+
+/// A stream that yields `prefix` before reading from `inner`: the bytes a client sent
+/// behind STARTTLS belong to the TLS handshake (DESIGN §4).
+#[derive(Debug)]
+pub struct Prefixed<S> {
+    prefix: Bytes,
+    inner: S,
+}
+
+impl<S> Prefixed<S> {
+    /// Wraps `inner`, replaying `prefix` first.
+    pub fn new(prefix: Bytes, inner: S) -> Self {
+        Prefixed { prefix, inner }
+    }
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for Prefixed<S> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        if !this.prefix.is_empty() {
+            let n = this.prefix.len().min(buf.remaining());
+            buf.put_slice(&this.prefix[..n]);
+            this.prefix.advance(n);
+            return Poll::Ready(Ok(()));
+        }
+        Pin::new(&mut this.inner).poll_read(cx, buf)
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for Prefixed<S> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().inner).poll_write(cx, buf)
+    }
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_flush(cx)
+    }
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
+    }
+}
+
+type ClientTls = TlsStream<Prefixed<TcpStream>>;
+
+/// How a run of the command loop ended.
+enum Outcome<S> {
+    Closed,
+    StartTls { client: S, early: Bytes },
+}
+
+/// Counters for the session summary.
+#[derive(Debug, Default)]
+struct Traffic {
+    from_client: u64,
+    to_client: u64,
+    tls: Option<(String, String)>,
+}
+
+/// Serves one client connection end to end.
+///
+/// `temporary_failure` is the protocol's reply when the upstream cannot be reached
+/// (DESIGN §1.2).
+pub async fn serve<P: Session>(
+    client: TcpStream,
+    upstream_addr: &crate::config::UpstreamAddr,
+    context: &ConnectionSettings,
+    mut session: P,
+    temporary_failure: &'static [u8],
+) {
+    let started = Instant::now();
+    let mut traffic = Traffic::default();
+    let result = serve_inner(
+        client,
+        upstream_addr,
+        context,
+        &mut session,
+        temporary_failure,
+        &mut traffic,
+    )
+    .await;
+    if let Err(err) = &result {
+        info!(%err, "session ended with an i/o error");
+    }
+    let (tls_version, tls_cipher) = traffic
+        .tls
+        .clone()
+        .unwrap_or_else(|| ("none".into(), "none".into()));
+    info!(
+        event = "session_end",
+        commands = %session.summary(),
+        bytes_in = traffic.from_client,
+        bytes_out = traffic.to_client,
+        duration_ms = started.elapsed().as_millis() as u64,
+        tls = %tls_version,
+        cipher = %tls_cipher,
+        "session end"
+    );
+}
+
+async fn serve_inner<P: Session>(
+    client: TcpStream,
+    upstream_addr: &crate::config::UpstreamAddr,
+    context: &ConnectionSettings,
+    session: &mut P,
+    temporary_failure: &'static [u8],
+    traffic: &mut Traffic,
+) -> io::Result<()> {
+    client.set_nodelay(true)?;
+    let upstream = match tokio::time::timeout(
+        context.timeouts.upstream_connect,
+        upstream::connect(upstream_addr),
+    )
+    .await
+    {
+        Ok(Ok(upstream)) => Some(upstream),
+        Ok(Err(err)) => {
+            warn!(event = "upstream_unavailable", upstream = %upstream_addr, %err, "upstream unavailable");
+            None
+        }
+        Err(_) => {
+            warn!(event = "upstream_unavailable", upstream = %upstream_addr, "upstream connect timed out");
+            None
+        }
+    };
+    if let Some(port) = upstream.as_ref().and_then(upstream::Stream::local_port) {
+        // Joins this session with the upstream's own log lines.
+        tracing::Span::current().record("upstream_port", port);
+    }
+
+    match context.tls_mode {
+        TlsMode::Implicit => {
+            let Some(mut tls) =
+                handshake(Prefixed::new(Bytes::new(), client), context, traffic).await
+            else {
+                return Ok(());
+            };
+            match upstream {
+                Some(mut upstream) => {
+                    session.on_tls_established();
+                    run_tls(session, tls, &mut upstream, context, traffic).await
+                }
+                None => say_goodbye(&mut tls, temporary_failure).await,
+            }
+        }
+        TlsMode::Starttls => {
+            let Some(mut upstream) = upstream else {
+                let mut client = client;
+                return say_goodbye(&mut client, temporary_failure).await;
+            };
+            match run(session, client, &mut upstream, context, traffic).await? {
+                Outcome::Closed => Ok(()),
+                Outcome::StartTls { client, early } => {
+                    let Some(tls) = handshake(Prefixed::new(early, client), context, traffic).await
+                    else {
+                        return Ok(());
+                    };
+                    session.on_tls_established();
+                    run_tls(session, tls, &mut upstream, context, traffic).await
+                }
+            }
+        }
+    }
+}
+
+async fn say_goodbye<S: AsyncWrite + Unpin>(client: &mut S, reply: &[u8]) -> io::Result<()> {
+    client.write_all(reply).await?;
+    client.flush().await?;
+    client.shutdown().await
+}
+
+async fn run_tls<P: Session>(
+    session: &mut P,
+    tls: ClientTls,
+    upstream: &mut upstream::Stream,
+    context: &ConnectionSettings,
+    traffic: &mut Traffic,
+) -> io::Result<()> {
+    match run(session, tls, upstream, context, traffic).await? {
+        Outcome::Closed => Ok(()),
+        Outcome::StartTls { .. } => Err(io::Error::other("STARTTLS inside TLS")),
+    }
+}
+
+/// The TLS handshake with its deadline; logs `tls_established` or `tls_handshake_failed`.
+async fn handshake(
+    stream: Prefixed<TcpStream>,
+    context: &ConnectionSettings,
+    traffic: &mut Traffic,
+) -> Option<ClientTls> {
+    let started = Instant::now();
+    match tokio::time::timeout(
+        context.timeouts.tls_handshake,
+        context.acceptor.accept(stream),
+    )
+    .await
+    {
+        Ok(Ok(tls)) => {
+            let (_, connection) = tls.get_ref();
+            let version = connection
+                .protocol_version()
+                .map_or("unknown".into(), |v| format!("{v:?}"));
+            let cipher = connection
+                .negotiated_cipher_suite()
+                .map_or("unknown".into(), |s| format!("{:?}", s.suite()));
+            info!(
+                event = "tls_established",
+                version = %version,
+                cipher = %cipher,
+                sni = connection.server_name().unwrap_or(""),
+                handshake_us = started.elapsed().as_micros() as u64,
+                "tls established"
+            );
+            traffic.tls = Some((version, cipher));
+            Some(tls)
+        }
+        Ok(Err(err)) => {
+            warn!(event = "tls_handshake_failed", %err, "tls handshake failed");
+            None
+        }
+        Err(_) => {
+            warn!(
+                event = "tls_handshake_failed",
+                err = "deadline expired",
+                "tls handshake failed"
+            );
+            None
+        }
+    }
+}
+
+fn deadline(phase: Phase, timeouts: &Timeouts) -> Duration {
+    match phase {
+        Phase::Greeting => timeouts.greeting,
+        Phase::Command => timeouts.idle,
+        Phase::Data => timeouts.data,
+        Phase::Handshake => timeouts.tls_handshake,
+    }
+}
+
+/// The command loop on one client stream, until the session closes or asks for TLS.
+async fn run<P: Session, S: AsyncRead + AsyncWrite + Unpin>(
+    session: &mut P,
+    mut client: S,
+    upstream: &mut upstream::Stream,
+    context: &ConnectionSettings,
+    traffic: &mut Traffic,
+) -> io::Result<Outcome<S>> {
+    let mut client_buf = vec![0u8; READ_CHUNK];
+    let mut upstream_buf = vec![0u8; READ_CHUNK];
+    loop {
+        // A client that never reads its replies is cut off after the idle deadline.
+        let write_deadline = context.timeouts.idle;
+        let mut wrote_client = false;
+        while let Some(action) = session.next_action() {
+            match action {
+                Action::ToClient(bytes) => {
+                    tokio::time::timeout(write_deadline, client.write_all(&bytes))
+                        .await
+                        .map_err(|_| io::Error::from(io::ErrorKind::TimedOut))??;
+                    traffic.to_client += bytes.len() as u64;
+                    wrote_client = true;
+                }
+                Action::ToUpstream(bytes) => {
+                    tokio::time::timeout(write_deadline, upstream.write_all(&bytes))
+                        .await
+                        .map_err(|_| io::Error::from(io::ErrorKind::TimedOut))??;
+                }
+                Action::StartTls { early } => {
+                    client.flush().await?;
+                    return Ok(Outcome::StartTls { client, early });
+                }
+                Action::Event(event) => telemetry::record(&event),
+                Action::Close => {
+                    let _ = client.flush().await;
+                    let _ = client.shutdown().await;
+                    return Ok(Outcome::Closed);
+                }
+            }
+        }
+        if wrote_client {
+            client.flush().await?;
+        }
+        let wants_client = session.wants_client_data();
+        tokio::select! {
+            read = client.read(&mut client_buf), if wants_client => match read {
+                Ok(0) => session.on_client_eof(),
+                Ok(n) => {
+                    traffic.from_client += n as u64;
+                    session.on_client_data(&client_buf[..n]);
+                }
+                // A TLS stream cut without close_notify, a reset: the client is gone.
+                Err(err) => {
+                    info!(%err, "client read failed");
+                    session.on_client_eof();
+                }
+            },
+            read = upstream.read(&mut upstream_buf) => match read {
+                Ok(0) | Err(_) => session.on_upstream_eof(),
+                Ok(n) => session.on_upstream_data(&upstream_buf[..n]),
+            },
+            () = tokio::time::sleep(deadline(session.phase(), &context.timeouts)) => {
+                info!(phase = ?session.phase(), "deadline expired");
+                session.on_timeout();
+            }
+        }
+    }
+}

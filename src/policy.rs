@@ -1,0 +1,98 @@
+//! What may happen before TLS, and what the logs may say about a user. Pure.
+
+use std::fmt;
+use std::sync::Arc;
+
+use serde::Deserialize;
+
+/// The listener's rule for plaintext clients (DESIGN §3).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Policy {
+    /// Only the upgrade dialogue before TLS (submission, IMAP, POP3).
+    #[default]
+    RequireTls,
+    /// Mail may flow in plaintext, but no authentication (public MX on port 25, where
+    /// RFC 3207 §4 forbids requiring TLS).
+    AuthRequiresTls,
+}
+
+/// What to do with bare CR / LF in an SMTP message body (DESIGN §5).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum BareNewlines {
+    /// Rewrite them to CRLF (Postfix 3.9 `smtpd_forbid_bare_newline = normalize`).
+    #[default]
+    Normalize,
+    /// Refuse the message and drop the upstream transaction.
+    Reject,
+}
+
+/// SASL mechanisms that bind to the TLS channel (`SCRAM-SHA-256-PLUS`, RFC 5802 §6)
+/// cannot work through a TLS-terminating proxy: the upstream sees no TLS channel.
+pub fn is_channel_binding_mechanism(mechanism: &[u8]) -> bool {
+    mechanism.len() >= 5 && mechanism[mechanism.len() - 5..].eq_ignore_ascii_case(b"-PLUS")
+}
+
+/// Turns user names into keyed hashes for logs, so that sessions of the same user can be
+/// joined without the name (or anything else the client typed) being written down.
+#[derive(Clone)]
+pub struct UserHasher {
+    key: Arc<aws_lc_rs::hmac::Key>,
+}
+
+impl UserHasher {
+    /// A hasher with the given key (from the config, so hashes are stable across
+    /// restarts and instances).
+    pub fn new(key: &[u8]) -> Self {
+        UserHasher {
+            key: Arc::new(aws_lc_rs::hmac::Key::new(aws_lc_rs::hmac::HMAC_SHA256, key)),
+        }
+    }
+
+    /// A hasher with a random key: hashes are stable for this process only.
+    pub fn random() -> Self {
+        let mut key = [0u8; 32];
+        aws_lc_rs::rand::fill(&mut key).expect("the system random generator works");
+        Self::new(&key)
+    }
+
+    /// The first 64 bits of HMAC-SHA256(key, lower-cased user), in hex.
+    pub fn hash(&self, user: &str) -> String {
+        let tag = aws_lc_rs::hmac::sign(&self.key, user.to_lowercase().as_bytes());
+        tag.as_ref()[..8]
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect()
+    }
+}
+
+impl fmt::Debug for UserHasher {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("UserHasher(..)")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn channel_binding_mechanisms() {
+        assert!(is_channel_binding_mechanism(b"SCRAM-SHA-256-PLUS"));
+        assert!(is_channel_binding_mechanism(b"scram-sha-1-plus"));
+        assert!(!is_channel_binding_mechanism(b"SCRAM-SHA-256"));
+        assert!(!is_channel_binding_mechanism(b"PLUS"));
+        assert!(!is_channel_binding_mechanism(b"PLAIN"));
+    }
+
+    #[test]
+    fn user_hashes_are_keyed_stable_and_hide_the_name() {
+        let a = UserHasher::new(b"key one");
+        let b = UserHasher::new(b"key two");
+        assert_eq!(a.hash("alice@example.test"), a.hash("Alice@Example.test"));
+        assert_ne!(a.hash("alice@example.test"), b.hash("alice@example.test"));
+        assert_eq!(a.hash("alice").len(), 16);
+        assert!(!a.hash("alice").contains("alice"));
+    }
+}

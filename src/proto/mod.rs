@@ -1,0 +1,136 @@
+//! Protocol sessions, free of I/O.
+//!
+//! A session is fed what arrived (client bytes, upstream bytes, end of stream, TLS up,
+//! a deadline) and answers with [`Action`]s for the driver to carry out, in order. It
+//! never touches a socket, a clock or a logger, so every transcript can be replayed in a
+//! unit test, and every chunking of the same bytes must give the same actions.
+
+pub mod line;
+pub mod smtp;
+
+use bytes::Bytes;
+
+/// What the driver must do next, in the order given.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Action {
+    /// Write these bytes to the client.
+    ToClient(Bytes),
+    /// Write these bytes to the upstream.
+    ToUpstream(Bytes),
+    /// Run the TLS handshake with the client now. `early` are bytes the client sent
+    /// after its STARTTLS line: they are the start of the handshake (RFC 9051 §6.2.1,
+    /// option 1), never commands.
+    StartTls {
+        /// Bytes to feed the TLS engine before reading the socket again.
+        early: Bytes,
+    },
+    /// Record a security event.
+    Event(Event),
+    /// Close both connections once everything before this action is written.
+    Close,
+}
+
+/// The stable security events of DESIGN §8 that a session can observe.
+///
+/// Fields carry nothing the client could use to smuggle a secret into a log line: verbs
+/// are logged only when the proxy recognises them, user names only as a keyed hash.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Event {
+    /// A command was refused because TLS is not up yet.
+    PlaintextCommandRefused {
+        /// The recognised verb, or `unknown`.
+        verb: &'static str,
+    },
+    /// A credential crossed the wire in plaintext (it was not forwarded).
+    CredentialsExposed {
+        /// The SASL mechanism or login command.
+        mechanism: String,
+        /// Keyed hash of the user name, when it could be read.
+        user_hash: Option<String>,
+    },
+    /// Bytes followed the STARTTLS line that are not a TLS record: the injection of the
+    /// NO STARTTLS paper (or a broken client).
+    StarttlsInjection {
+        /// How many bytes were queued behind STARTTLS.
+        bytes: usize,
+    },
+    /// A sign that something in the path hides STARTTLS from the client.
+    StarttlsStrippingSuspected {
+        /// What was seen: `mangled_verb` or `auth_after_starttls_offered`.
+        reason: &'static str,
+    },
+    /// A command no client may send through the proxy (XCLIENT, XFORWARD).
+    ForbiddenCommand {
+        /// The verb.
+        verb: &'static str,
+    },
+    /// Bare CR or LF in a message body were rewritten to CRLF (or refused).
+    BareNewlineNormalized {
+        /// How many in this message.
+        count: u64,
+    },
+    /// A configured bound was hit.
+    LimitExceeded {
+        /// Which one.
+        limit: &'static str,
+    },
+    /// The upstream sent something that is not its protocol.
+    UpstreamProtocolError {
+        /// What was wrong.
+        detail: &'static str,
+    },
+}
+
+impl Event {
+    /// The stable event name used in logs and metrics.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Event::PlaintextCommandRefused { .. } => "plaintext_command_refused",
+            Event::CredentialsExposed { .. } => "credentials_exposed",
+            Event::StarttlsInjection { .. } => "starttls_injection",
+            Event::StarttlsStrippingSuspected { .. } => "starttls_stripping_suspected",
+            Event::ForbiddenCommand { .. } => "forbidden_command",
+            Event::BareNewlineNormalized { .. } => "bare_newline_normalized",
+            Event::LimitExceeded { .. } => "limit_exceeded",
+            Event::UpstreamProtocolError { .. } => "upstream_protocol_error",
+        }
+    }
+}
+
+/// Which deadline applies right now (DESIGN §8, per-phase timeouts).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Phase {
+    /// Waiting for the upstream's greeting.
+    Greeting,
+    /// Waiting for the client's next command (or an upstream reply).
+    Command,
+    /// Inside a message body.
+    Data,
+    /// The driver runs a TLS handshake.
+    Handshake,
+}
+
+/// The interface the driver runs every protocol through.
+pub trait Session {
+    /// Bytes arrived from the client.
+    fn on_client_data(&mut self, data: &[u8]);
+    /// Bytes arrived from the upstream.
+    fn on_upstream_data(&mut self, data: &[u8]);
+    /// The client closed its side (or its TLS ended).
+    fn on_client_eof(&mut self);
+    /// The upstream closed its side.
+    fn on_upstream_eof(&mut self);
+    /// The TLS handshake asked for by [`Action::StartTls`] completed.
+    fn on_tls_established(&mut self);
+    /// The deadline of the current [`Phase`] expired.
+    fn on_timeout(&mut self);
+    /// Which deadline applies now.
+    fn phase(&self) -> Phase;
+    /// False while the session holds as many unprocessed client bytes as it may: the
+    /// driver stops reading the client until this turns true again.
+    fn wants_client_data(&self) -> bool;
+    /// The next action, if any.
+    fn next_action(&mut self) -> Option<Action>;
+    /// The Postfix-style summary of the session's commands (`ehlo=1 starttls=1/1 ...`).
+    fn summary(&self) -> String;
+}

@@ -1,0 +1,273 @@
+//! The DATA body: streamed through, end-of-data recognised only at `CRLF.CRLF`
+//! (RFC 5321 §4.1.1.4), every bare LF and bare CR rewritten to CRLF before it reaches the
+//! upstream.
+//!
+//! Why this shape: SMTP smuggling (CVE-2023-51764/51765/51766) lives in the gap between
+//! two implementations that disagree on where a message ends. Here the upstream only
+//! ever sees CRLF line ends, so it can only end the message where mailmoat did: a line
+//! `.` that was not a true `CRLF.CRLF` from the client (`\n.\n`, `\r.\r`, `\r\n.\n`, ...)
+//! is content, and is forwarded dot-stuffed (`..`, RFC 5321 §4.5.2) so that the upstream
+//! also reads it as content.
+
+use bytes::{BufMut, BytesMut};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum State {
+    /// At the start of a line; `after_crlf` says the previous line ended in a true CRLF
+    /// (the DATA command's own line counts).
+    LineStart { after_crlf: bool },
+    /// Inside a line whose content is not a lone `.`.
+    Mid,
+    /// A CR was seen inside a line; the next byte decides whether it was a CRLF.
+    Cr,
+    /// The line so far is `.`.
+    Dot { after_crlf: bool },
+    /// The line so far is `.` followed by CR.
+    DotCr { after_crlf: bool },
+}
+
+/// What one call to [`Body::feed`] found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Progress {
+    /// All input was body; more is expected.
+    More,
+    /// End-of-data ended after this many input bytes; the rest are commands.
+    End { consumed: usize },
+}
+
+/// The scanner for one message body.
+#[derive(Debug, Clone)]
+pub struct Body {
+    state: State,
+    bare_newlines: u64,
+}
+
+impl Default for Body {
+    fn default() -> Self {
+        Body {
+            state: State::LineStart { after_crlf: true },
+            bare_newlines: 0,
+        }
+    }
+}
+
+impl Body {
+    /// How many bare CRs and LFs were rewritten so far.
+    pub fn bare_newlines(&self) -> u64 {
+        self.bare_newlines
+    }
+
+    /// Scans `input`, appending what the upstream must receive to `out`.
+    pub fn feed(&mut self, input: &[u8], out: &mut BytesMut) -> Progress {
+        out.reserve(input.len() + 8);
+        let mut i = 0;
+        while i < input.len() {
+            if self.state == State::Mid {
+                // Fast path: copy up to the next CR or LF.
+                match memchr::memchr2(b'\r', b'\n', &input[i..]) {
+                    None => {
+                        out.put_slice(&input[i..]);
+                        return Progress::More;
+                    }
+                    Some(n) => {
+                        out.put_slice(&input[i..i + n]);
+                        i += n;
+                    }
+                }
+            }
+            let byte = input[i];
+            i += 1;
+            match (self.state, byte) {
+                (State::LineStart { after_crlf }, b'.') => self.state = State::Dot { after_crlf },
+                (State::LineStart { .. } | State::Mid, b'\r') => self.state = State::Cr,
+                (State::LineStart { .. } | State::Mid, b'\n') => self.bare_line_end(out),
+                (State::LineStart { .. } | State::Mid, other) => {
+                    out.put_u8(other);
+                    self.state = State::Mid;
+                }
+                (State::Cr, b'\n') => {
+                    out.put_slice(b"\r\n");
+                    self.state = State::LineStart { after_crlf: true };
+                }
+                (State::Cr, _) => {
+                    self.bare_line_end(out);
+                    i -= 1; // the byte starts the next line
+                }
+                (State::Dot { after_crlf }, b'\r') => self.state = State::DotCr { after_crlf },
+                (State::Dot { .. }, b'\n') => {
+                    out.put_u8(b'.');
+                    self.bare_line_end_dot(out);
+                }
+                (State::Dot { .. }, other) => {
+                    out.put_slice(&[b'.', other]);
+                    self.state = State::Mid;
+                }
+                (State::DotCr { after_crlf: true }, b'\n') => {
+                    out.put_slice(b".\r\n");
+                    self.state = State::LineStart { after_crlf: true };
+                    return Progress::End { consumed: i };
+                }
+                (State::DotCr { after_crlf: false }, b'\n') => {
+                    // `.` CRLF after a bare line end: content, stuffed.
+                    out.put_slice(b"..\r\n");
+                    self.state = State::LineStart { after_crlf: true };
+                }
+                (State::DotCr { .. }, _) => {
+                    out.put_u8(b'.');
+                    self.bare_line_end_dot(out);
+                    i -= 1;
+                }
+            }
+        }
+        Progress::More
+    }
+
+    /// A bare CR or LF ended a line: forward CRLF instead.
+    fn bare_line_end(&mut self, out: &mut BytesMut) {
+        out.put_slice(b"\r\n");
+        self.bare_newlines += 1;
+        self.state = State::LineStart { after_crlf: false };
+    }
+
+    /// A line `.` ended by a bare CR or LF: content. One `.` was written; stuff a second.
+    fn bare_line_end_dot(&mut self, out: &mut BytesMut) {
+        out.put_u8(b'.');
+        self.bare_line_end(out);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    /// Feeds `input` in one piece: returns what the upstream gets and where the body ended.
+    fn scan(input: &[u8]) -> (Vec<u8>, Option<usize>, u64) {
+        let mut body = Body::default();
+        let mut out = BytesMut::new();
+        let end = match body.feed(input, &mut out) {
+            Progress::More => None,
+            Progress::End { consumed } => Some(consumed),
+        };
+        (out.to_vec(), end, body.bare_newlines())
+    }
+
+    #[test]
+    fn a_plain_message_ends_at_crlf_dot_crlf_and_leaves_the_rest() {
+        let (out, end, bare) = scan(b"Subject: x\r\n\r\nhello\r\n.\r\nQUIT\r\n");
+        assert_eq!(out, b"Subject: x\r\n\r\nhello\r\n.\r\n");
+        assert_eq!(end, Some(24));
+        assert_eq!(bare, 0);
+    }
+
+    #[test]
+    fn an_empty_message_ends_at_the_first_dot_line() {
+        assert_eq!(scan(b".\r\n"), (b".\r\n".to_vec(), Some(3), 0));
+    }
+
+    #[test]
+    fn stuffed_dots_pass_unchanged() {
+        let (out, end, _) = scan(b"..\r\n..x\r\n.x\r\n.\r\n");
+        assert_eq!(out, b"..\r\n..x\r\n.x\r\n.\r\n");
+        assert_eq!(end, Some(16));
+    }
+
+    #[test]
+    fn smuggling_sequences_are_content_and_never_reach_the_upstream_bare() {
+        let table: &[(&[u8], &[u8], u64)] = &[
+            (
+                b"a\n.\nMAIL FROM:<x>\r\n",
+                b"a\r\n..\r\nMAIL FROM:<x>\r\n",
+                2,
+            ),
+            (
+                b"a\r.\rMAIL FROM:<x>\r\n",
+                b"a\r\n..\r\nMAIL FROM:<x>\r\n",
+                2,
+            ),
+            (
+                b"a\r\n.\nMAIL FROM:<x>\r\n",
+                b"a\r\n..\r\nMAIL FROM:<x>\r\n",
+                1,
+            ),
+            (
+                b"a\n.\r\nMAIL FROM:<x>\r\n",
+                b"a\r\n..\r\nMAIL FROM:<x>\r\n",
+                1,
+            ),
+            (b"a\r\n.\rMAIL\r\n", b"a\r\n..\r\nMAIL\r\n", 1),
+            (b"a\n\n", b"a\r\n\r\n", 2),
+            (b"x\ry", b"x\r\ny", 1),
+        ];
+        for (input, expected, bare) in table {
+            let (out, end, count) = scan(input);
+            assert_eq!(
+                (String::from_utf8_lossy(&out), end, count),
+                (String::from_utf8_lossy(expected), None, *bare),
+                "input {:?}",
+                String::from_utf8_lossy(input)
+            );
+        }
+    }
+
+    #[test]
+    fn a_genuine_crlf_dot_crlf_ends_even_after_a_bare_cr() {
+        // "a" CR, then CRLF "." CRLF: the client did send CRLF.CRLF.
+        assert_eq!(
+            scan(b"a\r\r\n.\r\nb"),
+            (b"a\r\n\r\n.\r\n".to_vec(), Some(7), 1)
+        );
+    }
+
+    #[test]
+    fn a_true_end_after_smuggling_attempts_still_ends() {
+        let (out, end, _) = scan(b"a\n.\nb\r\n.\r\n");
+        assert_eq!(out, b"a\r\n..\r\nb\r\n.\r\n");
+        assert_eq!(end, Some(10));
+    }
+
+    proptest! {
+        /// Any chunking gives the same upstream bytes and the same end.
+        #[test]
+        fn chunking_is_invisible(
+            input in proptest::collection::vec(prop_oneof![Just(b'\r'), Just(b'\n'), Just(b'.'), Just(b'a')], 0..300),
+            cuts in proptest::collection::vec(0usize..300, 0..12),
+        ) {
+            let (expected, expected_end, expected_bare) = scan(&input);
+            let mut cuts: Vec<usize> = cuts.into_iter().map(|c| c.min(input.len())).collect();
+            cuts.sort_unstable();
+            cuts.push(input.len());
+            let mut body = Body::default();
+            let mut out = BytesMut::new();
+            let (mut start, mut end) = (0, None);
+            for cut in cuts {
+                if end.is_some() { break; }
+                if let Progress::End { consumed } = body.feed(&input[start..cut], &mut out) {
+                    end = Some(start + consumed);
+                }
+                start = cut;
+            }
+            prop_assert_eq!(out.to_vec(), expected);
+            prop_assert_eq!(end, expected_end);
+            prop_assert_eq!(body.bare_newlines(), expected_bare);
+        }
+
+        /// The upstream never sees a bare CR or LF, and never an end-of-data before the end.
+        #[test]
+        fn output_is_canonical(
+            input in proptest::collection::vec(prop_oneof![Just(b'\r'), Just(b'\n'), Just(b'.'), Just(b'a')], 0..300),
+        ) {
+            let (out, end, _) = scan(&input);
+            for (i, &b) in out.iter().enumerate() {
+                if b == b'\n' { prop_assert!(i > 0 && out[i - 1] == b'\r'); }
+                if b == b'\r' { prop_assert!(out.get(i + 1) == Some(&b'\n')); }
+            }
+            let eod = out.windows(5).position(|w| w == b"\r\n.\r\n");
+            let starts_with_eod = out.starts_with(b".\r\n");
+            match end {
+                None => prop_assert!(eod.is_none() && !starts_with_eod),
+                Some(_) => prop_assert!(starts_with_eod || eod == Some(out.len() - 5)),
+            }
+        }
+    }
+}

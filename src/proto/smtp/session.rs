@@ -1,0 +1,1526 @@
+//! The SMTP session: policy before TLS, STARTTLS owned by the proxy, EHLO rewritten,
+//! replies kept in order, bodies framed so that proxy and upstream agree where a message
+//! ends (DESIGN §2-§5, §9).
+//!
+//! Ordering: every client command gets exactly one reply, in order. Commands answered by
+//! the proxy queue a ready reply behind those still owed by the upstream. A command
+//! whose reply changes how the following bytes must be read (EHLO, DATA, AUTH, QUIT,
+//! STARTTLS's RSET), and every command when the upstream did not offer PIPELINING, is a
+//! barrier: nothing after it is read until its reply arrives (DESIGN §10).
+
+use std::collections::VecDeque;
+
+use bytes::{Buf, BufMut, Bytes, BytesMut};
+
+use super::body::{Body, Progress};
+use super::parse::{self, Verb};
+use crate::policy::{BareNewlines, Policy, UserHasher, is_channel_binding_mechanism};
+use crate::proto::line::{Framer, Line};
+use crate::proto::{Action, Event, Phase};
+
+/// Replies the proxy gives itself (DESIGN §3, §4, §9).
+mod reply {
+    pub const MUST_STARTTLS: &[u8] = b"530 5.7.0 Must issue a STARTTLS command first\r\n";
+    pub const READY_TLS: &[u8] = b"220 2.0.0 Ready to start TLS\r\n";
+    pub const TLS_ACTIVE: &[u8] = b"503 5.5.1 TLS already active\r\n";
+    pub const NO_PARAMS: &[u8] = b"501 5.5.4 Syntax error (no parameters allowed)\r\n";
+    pub const HELO_FIRST: &[u8] = b"503 5.5.1 Error: send HELO/EHLO first\r\n";
+    pub const TLS_UNAVAILABLE: &[u8] = b"454 4.7.0 TLS not available due to temporary reason\r\n";
+    pub const BAD_SYNTAX: &[u8] = b"500 5.5.2 Error: bad syntax\r\n";
+    pub const UNRECOGNIZED: &[u8] = b"500 5.5.2 Error: command not recognized\r\n";
+    pub const LINE_TOO_LONG: &[u8] = b"500 5.5.2 Error: line too long\r\n";
+    pub const NOT_AUTHORIZED: &[u8] = b"550 5.7.0 Error: insufficient authorization\r\n";
+    pub const BDAT_SYNTAX: &[u8] = b"501 5.5.4 Syntax: BDAT count [LAST]\r\n";
+    pub const BDAT_UNAVAILABLE: &[u8] = b"502 5.5.1 Error: command not implemented\r\n";
+    pub const BARE_NEWLINE: &[u8] = b"521 5.5.2 Error: bare CR or LF received\r\n";
+    pub const UPSTREAM_UNAVAILABLE: &[u8] =
+        b"421 4.3.0 Service temporarily unavailable, closing connection\r\n";
+    pub const UPSTREAM_BROKEN: &[u8] = b"421 4.3.0 Upstream protocol error, closing connection\r\n";
+    pub const IDLE_TIMEOUT: &[u8] = b"421 4.4.2 Timeout exceeded, closing connection\r\n";
+}
+
+/// An upstream reply may have at most this many lines (an EHLO reply has a dozen).
+const MAX_REPLY_LINES: usize = 256;
+/// Longest upstream reply line accepted.
+const MAX_UPSTREAM_LINE_LEN: usize = 8192;
+
+/// How a session is set up, from its listener's configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// The listener's plaintext policy.
+    pub policy: Policy,
+    /// What to do with bare CR / LF in bodies.
+    pub bare_newlines: BareNewlines,
+    /// Longest client command line, CRLF included.
+    pub max_line_len: usize,
+    /// Most client bytes held unprocessed (pipelined behind a barrier) before the driver
+    /// stops reading.
+    pub max_held_bytes: usize,
+    /// Hashes user names for `credentials_exposed`.
+    pub user_hasher: UserHasher,
+}
+
+/// What the reading of client bytes is doing.
+#[derive(Debug)]
+enum Mode {
+    /// Waiting for the upstream's greeting; nothing from the client is read (DESIGN §10).
+    Greeting,
+    /// Reading command lines.
+    Command,
+    /// Inside a DATA body, after the upstream's 354.
+    Data(Body),
+    /// Inside a BDAT chunk: `remaining` bytes are data, relayed by count (RFC 3030 §2),
+    /// or discarded when the BDAT command was refused.
+    Chunk { remaining: u64, forward: bool },
+    /// After a 334: the next client line is a SASL response, not a command.
+    SaslResponse,
+    /// STARTTLS accepted: the upstream gets RSET once all earlier replies are in, and
+    /// every client byte is held for the TLS engine.
+    TlsPending { rset_sent: bool },
+    /// The driver runs the handshake.
+    Handshake,
+    /// A fatal error reply is queued; nothing more is read from the client.
+    Closing,
+    /// The session is over.
+    Closed,
+}
+
+/// What a queued reply slot waits for.
+#[derive(Debug)]
+enum Awaiting {
+    Greeting,
+    Ehlo {
+        domain: Bytes,
+    },
+    /// The upstream refused EHLO; HELO was sent in its place (DESIGN §2).
+    HeloFallback,
+    Helo,
+    Data,
+    EndOfData,
+    Auth,
+    /// The proxy's own RSET before the STARTTLS go-ahead.
+    TlsRset,
+    Quit,
+    Reply,
+}
+
+impl Awaiting {
+    /// Nothing after this command may be read before its reply (DESIGN §10).
+    fn is_barrier(&self) -> bool {
+        !matches!(self, Awaiting::Reply | Awaiting::EndOfData)
+    }
+}
+
+/// One reply owed to the client, in order.
+#[derive(Debug)]
+enum Slot {
+    /// The upstream will answer.
+    Upstream { verb: Verb, awaiting: Awaiting },
+    /// The proxy answers with these bytes once the slots before are done.
+    Local {
+        verb: Verb,
+        reply: &'static [u8],
+        close: bool,
+    },
+}
+
+/// Per-verb counts for the summary: (accepted, total).
+#[derive(Debug, Default)]
+struct Counters {
+    counts: [(u32, u32); COUNTED.len()],
+}
+
+const COUNTED: [(Verb, &str); 15] = [
+    (Verb::Ehlo, "ehlo"),
+    (Verb::Helo, "helo"),
+    (Verb::StartTls, "starttls"),
+    (Verb::Auth, "auth"),
+    (Verb::Mail, "mail"),
+    (Verb::Rcpt, "rcpt"),
+    (Verb::Data, "data"),
+    (Verb::Bdat, "bdat"),
+    (Verb::Rset, "rset"),
+    (Verb::Noop, "noop"),
+    (Verb::Vrfy, "vrfy"),
+    (Verb::Etrn, "etrn"),
+    (Verb::Quit, "quit"),
+    (Verb::XClient, "xclient"),
+    (Verb::Other, "unknown"),
+];
+
+impl Counters {
+    fn record(&mut self, verb: Verb, accepted: bool) {
+        let index = COUNTED
+            .iter()
+            .position(|(v, _)| *v == verb)
+            .unwrap_or(COUNTED.len() - 1);
+        let (ok, total) = &mut self.counts[index];
+        *ok += u32::from(accepted);
+        *total += 1;
+    }
+
+    /// `ehlo=1 starttls=1/1 auth=0/1 ...` like Postfix's `disconnect` line: `n` when all
+    /// were accepted, `ok/total` otherwise, verbs never sent left out.
+    fn summary(&self) -> String {
+        let mut out = String::new();
+        for ((_, name), (ok, total)) in COUNTED.iter().zip(self.counts) {
+            if total == 0 {
+                continue;
+            }
+            if !out.is_empty() {
+                out.push(' ');
+            }
+            if ok == total && *name != "starttls" && *name != "auth" {
+                out.push_str(&format!("{name}={total}"));
+            } else {
+                out.push_str(&format!("{name}={ok}/{total}"));
+            }
+        }
+        out
+    }
+}
+
+/// The sans-I/O SMTP session.
+#[derive(Debug)]
+pub struct Session {
+    config: Config,
+    tls_active: bool,
+    mode: Mode,
+    client_in: BytesMut,
+    client_lines: Framer,
+    upstream_in: BytesMut,
+    upstream_lines: Framer,
+    /// Lines of the upstream reply being collected.
+    reply_lines: Vec<Line>,
+    slots: VecDeque<Slot>,
+    /// From the upstream's last EHLO reply.
+    upstream_pipelining: bool,
+    upstream_chunking: bool,
+    /// A successful EHLO or HELO since TLS started (RFC 3207 §4.2).
+    greeted_since_tls: bool,
+    /// The client was shown STARTTLS in an EHLO reply.
+    starttls_offered: bool,
+    actions: VecDeque<Action>,
+    counters: Counters,
+}
+
+impl Session {
+    /// A session for a new connection; `tls_active` is true on implicit-TLS listeners.
+    pub fn new(config: Config, tls_active: bool) -> Self {
+        let client_lines = Framer::new(config.max_line_len);
+        Session {
+            config,
+            tls_active,
+            mode: Mode::Greeting,
+            client_in: BytesMut::new(),
+            client_lines,
+            upstream_in: BytesMut::new(),
+            upstream_lines: Framer::new(MAX_UPSTREAM_LINE_LEN),
+            reply_lines: Vec::new(),
+            slots: VecDeque::from([Slot::Upstream {
+                verb: Verb::Other,
+                awaiting: Awaiting::Greeting,
+            }]),
+            upstream_pipelining: false,
+            upstream_chunking: false,
+            greeted_since_tls: false,
+            starttls_offered: false,
+            actions: VecDeque::new(),
+            counters: Counters::default(),
+        }
+    }
+
+    fn send_client(&mut self, bytes: impl Into<Bytes>) {
+        self.actions.push_back(Action::ToClient(bytes.into()));
+    }
+
+    fn send_upstream(&mut self, bytes: impl Into<Bytes>) {
+        self.actions.push_back(Action::ToUpstream(bytes.into()));
+    }
+
+    fn event(&mut self, event: Event) {
+        self.actions.push_back(Action::Event(event));
+    }
+
+    fn close(&mut self) {
+        if !matches!(self.mode, Mode::Closed) {
+            self.mode = Mode::Closed;
+            self.actions.push_back(Action::Close);
+        }
+    }
+
+    /// Something the client cannot recover from: reply, then close.
+    fn close_with(&mut self, reply: &'static [u8]) {
+        if !matches!(self.mode, Mode::Closed | Mode::Handshake) {
+            self.send_client(reply);
+        }
+        self.close();
+    }
+
+    /// True while a reply that changes how to read the client is outstanding.
+    fn blocked(&self) -> bool {
+        self.slots.iter().any(|slot| match slot {
+            Slot::Upstream { awaiting, .. } => awaiting.is_barrier() || !self.upstream_pipelining,
+            Slot::Local { .. } => false,
+        })
+    }
+
+    /// Sends every proxy-made reply that is now at the head of the queue.
+    fn flush_local_replies(&mut self) {
+        while let Some(Slot::Local { .. }) = self.slots.front() {
+            let Some(Slot::Local { verb, reply, close }) = self.slots.pop_front() else {
+                unreachable!("front is Local")
+            };
+            self.counters.record(verb, reply[0] < b'4');
+            if close {
+                self.close_with(reply);
+                return;
+            }
+            self.send_client(reply);
+        }
+    }
+
+    /// Queues a reply of the proxy's own, in order behind outstanding upstream replies.
+    fn reply_local(&mut self, verb: Verb, reply: &'static [u8]) {
+        self.slots.push_back(Slot::Local {
+            verb,
+            reply,
+            close: false,
+        });
+        self.flush_local_replies();
+    }
+
+    fn forward(&mut self, verb: Verb, line: &Line, awaiting: Awaiting) {
+        // Canonical CRLF towards the upstream, whatever the client ended the line with.
+        let mut out = BytesMut::with_capacity(line.text.len() + 2);
+        out.put_slice(&line.text);
+        out.put_slice(b"\r\n");
+        self.send_upstream(out.freeze());
+        self.slots.push_back(Slot::Upstream { verb, awaiting });
+    }
+
+    // ---- client side ----
+
+    fn process_client(&mut self) {
+        loop {
+            match &mut self.mode {
+                Mode::Greeting | Mode::Handshake | Mode::Closing | Mode::Closed => return,
+                Mode::TlsPending { rset_sent } => {
+                    // RFC 3207 §4.2: the upstream must forget the plaintext dialogue. The
+                    // RSET goes alone, once every earlier reply is in (DESIGN §10).
+                    if !*rset_sent && self.slots.is_empty() {
+                        *rset_sent = true;
+                        self.send_upstream(&b"RSET\r\n"[..]);
+                        self.slots.push_back(Slot::Upstream {
+                            verb: Verb::StartTls,
+                            awaiting: Awaiting::TlsRset,
+                        });
+                    }
+                    return;
+                }
+                Mode::Data(body) => {
+                    if self.client_in.is_empty() {
+                        return;
+                    }
+                    let mut out = BytesMut::new();
+                    let progress = body.feed(&self.client_in, &mut out);
+                    let bare = body.bare_newlines();
+                    if bare > 0 && self.config.bare_newlines == BareNewlines::Reject {
+                        // Nothing more reaches the upstream, which never sees an
+                        // end-of-data: the partial message is discarded there.
+                        self.event(Event::BareNewlineNormalized { count: bare });
+                        self.close_with(reply::BARE_NEWLINE);
+                        return;
+                    }
+                    if !out.is_empty() {
+                        self.send_upstream(out.freeze());
+                    }
+                    match progress {
+                        Progress::More => {
+                            self.client_in.clear();
+                            return;
+                        }
+                        Progress::End { consumed } => {
+                            self.client_in.advance(consumed);
+                            if bare > 0 {
+                                self.event(Event::BareNewlineNormalized { count: bare });
+                            }
+                            self.mode = Mode::Command;
+                            self.slots.push_back(Slot::Upstream {
+                                verb: Verb::Data,
+                                awaiting: Awaiting::EndOfData,
+                            });
+                        }
+                    }
+                }
+                Mode::Chunk { remaining, forward } => {
+                    if self.client_in.is_empty() {
+                        return;
+                    }
+                    let n = usize::try_from(*remaining)
+                        .unwrap_or(usize::MAX)
+                        .min(self.client_in.len());
+                    *remaining -= n as u64;
+                    let (forward, done) = (*forward, *remaining == 0);
+                    let chunk = self.client_in.split_to(n).freeze();
+                    if forward {
+                        self.send_upstream(chunk);
+                    }
+                    if done {
+                        self.mode = Mode::Command;
+                    }
+                }
+                Mode::SaslResponse => match self.next_client_line() {
+                    Some(line) => {
+                        self.mode = Mode::Command;
+                        self.forward(Verb::Auth, &line, Awaiting::Auth);
+                    }
+                    None => return,
+                },
+                Mode::Command => {
+                    if self.blocked() {
+                        return;
+                    }
+                    match self.next_client_line() {
+                        Some(line) => self.on_command(line),
+                        None => return,
+                    }
+                }
+            }
+        }
+    }
+
+    fn next_client_line(&mut self) -> Option<Line> {
+        match self.client_lines.next_line(&mut self.client_in) {
+            Ok(line) => line,
+            Err(_) => {
+                // No resynchronisation is possible inside an endless line: refuse, close.
+                self.client_in.clear();
+                self.event(Event::LimitExceeded {
+                    limit: "line_length",
+                });
+                self.slots.push_back(Slot::Local {
+                    verb: Verb::Other,
+                    reply: reply::LINE_TOO_LONG,
+                    close: true,
+                });
+                if !matches!(self.mode, Mode::Closed) {
+                    self.mode = Mode::Closing;
+                }
+                self.flush_local_replies();
+                None
+            }
+        }
+    }
+
+    fn on_command(&mut self, line: Line) {
+        let command = match parse::command(&line.text) {
+            Ok(command) => command,
+            Err(_) => return self.reply_local(Verb::Other, reply::BAD_SYNTAX),
+        };
+        let verb = command.verb;
+
+        if verb == Verb::StartTls {
+            return self.on_starttls(command.args.is_empty());
+        }
+        if matches!(verb, Verb::XClient | Verb::XForward) {
+            // The local link is trusted by the upstream; only the proxy speaks for it.
+            self.event(Event::ForbiddenCommand {
+                verb: verb_label(verb),
+            });
+            return self.reply_local(verb, reply::NOT_AUTHORIZED);
+        }
+
+        if !self.tls_active {
+            if let Some(refusal) = self.plaintext_refusal(&command) {
+                self.event(Event::PlaintextCommandRefused {
+                    verb: verb_label(verb),
+                });
+                if verb == Verb::Bdat {
+                    // The chunk's bytes follow the refused command; they are not commands.
+                    if let Ok((size, _)) = parse::bdat_args(command.args) {
+                        self.skip_chunk(size);
+                    }
+                }
+                return self.reply_local(verb, refusal);
+            }
+        } else if !self.greeted_since_tls
+            && !matches!(
+                verb,
+                Verb::Ehlo | Verb::Helo | Verb::Noop | Verb::Quit | Verb::Rset
+            )
+        {
+            // RFC 3207 §4.2: after TLS the client must start over with EHLO.
+            return self.reply_local(verb, reply::HELO_FIRST);
+        }
+
+        let awaiting = match verb {
+            Verb::Ehlo => Awaiting::Ehlo {
+                domain: line.text.slice_ref(command.args),
+            },
+            Verb::Helo => Awaiting::Helo,
+            Verb::Data => Awaiting::Data,
+            Verb::Auth => Awaiting::Auth,
+            Verb::Quit => Awaiting::Quit,
+            Verb::Bdat => return self.on_bdat(&line, command.args),
+            _ => Awaiting::Reply,
+        };
+        self.forward(verb, &line, awaiting);
+    }
+
+    /// Why a command may not be forwarded before TLS, if it may not (DESIGN §3).
+    fn plaintext_refusal(&mut self, command: &parse::Command<'_>) -> Option<&'static [u8]> {
+        let verb = command.verb;
+        if verb == Verb::Auth {
+            self.note_plaintext_credentials(command.args);
+            return Some(reply::MUST_STARTTLS);
+        }
+        if verb == Verb::Other && is_mangled_starttls(command.verb_text) {
+            self.event(Event::StarttlsStrippingSuspected {
+                reason: "mangled_verb",
+            });
+        }
+        let allowed = match self.config.policy {
+            Policy::RequireTls => matches!(
+                verb,
+                Verb::Ehlo | Verb::Helo | Verb::Noop | Verb::Rset | Verb::Quit
+            ),
+            Policy::AuthRequiresTls => verb != Verb::Other,
+        };
+        match (allowed, self.config.policy) {
+            (true, _) => None,
+            (false, Policy::RequireTls) => Some(reply::MUST_STARTTLS),
+            // On an MX, unknown verbs stay local: a client that ignores the refusal of its
+            // AUTH would otherwise send its base64 credentials upstream as commands.
+            (false, Policy::AuthRequiresTls) => Some(reply::UNRECOGNIZED),
+        }
+    }
+
+    /// An AUTH before TLS: if it carries an initial response, a secret crossed the wire.
+    fn note_plaintext_credentials(&mut self, args: &[u8]) {
+        if self.starttls_offered {
+            self.event(Event::StarttlsStrippingSuspected {
+                reason: "auth_after_starttls_offered",
+            });
+        }
+        let Ok((mechanism, Some(initial_response))) = parse::auth_args(args) else {
+            return;
+        };
+        let user = if mechanism.eq_ignore_ascii_case(b"PLAIN") {
+            parse::plain_authcid(initial_response)
+        } else if mechanism.eq_ignore_ascii_case(b"LOGIN") {
+            parse::login_username(initial_response)
+        } else {
+            None
+        };
+        let mechanism = String::from_utf8_lossy(mechanism).to_ascii_uppercase();
+        // The mechanism name is the client's text: log it only if it looks like one
+        // (RFC 4422 §3.1: upper-case letters, digits, hyphen, underscore, <= 20 chars).
+        let mechanism = if mechanism.len() <= 20
+            && mechanism
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+        {
+            mechanism
+        } else {
+            "unknown".to_owned()
+        };
+        self.event(Event::CredentialsExposed {
+            mechanism,
+            user_hash: user.map(|user| self.config.user_hasher.hash(&user)),
+        });
+    }
+
+    fn on_starttls(&mut self, no_parameters: bool) {
+        if self.tls_active {
+            return self.reply_local(Verb::StartTls, reply::TLS_ACTIVE);
+        }
+        if !no_parameters {
+            // RFC 3207 §4: STARTTLS takes no parameters; the session stays usable.
+            return self.reply_local(Verb::StartTls, reply::NO_PARAMS);
+        }
+        self.mode = Mode::TlsPending { rset_sent: false };
+    }
+
+    fn on_bdat(&mut self, line: &Line, args: &[u8]) {
+        let Ok((size, _last)) = parse::bdat_args(args) else {
+            // Without a size nobody can know where the chunk ends; the upstream would
+            // read it as commands too, so the two stay in step.
+            return self.reply_local(Verb::Bdat, reply::BDAT_SYNTAX);
+        };
+        if !self.upstream_chunking {
+            self.skip_chunk(size);
+            return self.reply_local(Verb::Bdat, reply::BDAT_UNAVAILABLE);
+        }
+        self.forward(Verb::Bdat, line, Awaiting::Reply);
+        if size > 0 {
+            self.mode = Mode::Chunk {
+                remaining: size,
+                forward: true,
+            };
+        }
+    }
+
+    /// The bytes of a refused BDAT chunk are data all the same: read and drop them.
+    fn skip_chunk(&mut self, size: u64) {
+        if size > 0 {
+            self.mode = Mode::Chunk {
+                remaining: size,
+                forward: false,
+            };
+        }
+    }
+
+    // ---- upstream side ----
+
+    fn process_upstream(&mut self) {
+        while !matches!(self.mode, Mode::Closed) {
+            let line = match self.upstream_lines.next_line(&mut self.upstream_in) {
+                Ok(Some(line)) => line,
+                Ok(None) => return,
+                Err(_) => return self.upstream_broken("reply line too long"),
+            };
+            let (code, last) = match parse::reply_line(&line.text) {
+                Ok(reply) => (reply.code, reply.last),
+                Err(_) => return self.upstream_broken("malformed reply line"),
+            };
+            if let Some(first) = self.reply_lines.first()
+                && parse::reply_line(&first.text).map(|r| r.code) != Ok(code)
+            {
+                return self.upstream_broken("reply code changed inside a reply");
+            }
+            if self.reply_lines.len() == MAX_REPLY_LINES {
+                return self.upstream_broken("reply has too many lines");
+            }
+            self.reply_lines.push(line);
+            if last {
+                let lines = std::mem::take(&mut self.reply_lines);
+                self.on_reply(code, lines);
+                self.flush_local_replies();
+            }
+        }
+    }
+
+    fn upstream_broken(&mut self, detail: &'static str) {
+        self.event(Event::UpstreamProtocolError { detail });
+        self.close_with(reply::UPSTREAM_BROKEN);
+    }
+
+    fn on_reply(&mut self, code: u16, lines: Vec<Line>) {
+        let Some(Slot::Upstream { verb, awaiting }) = self.slots.pop_front() else {
+            // Unsolicited (a 421 before the upstream hangs up): relay as is.
+            return self.relay(&lines);
+        };
+        let positive = code < 400;
+        match awaiting {
+            Awaiting::Greeting => {
+                self.mode = Mode::Command;
+                return self.relay(&lines);
+            }
+            Awaiting::Ehlo { domain } => {
+                if positive {
+                    self.on_ehlo_reply(&lines);
+                } else if !self.tls_active && code >= 500 {
+                    // A HELO-only upstream: STARTTLS must not vanish because of it.
+                    let mut helo = BytesMut::from(&b"HELO "[..]);
+                    helo.put_slice(&domain);
+                    helo.put_slice(b"\r\n");
+                    self.send_upstream(helo.freeze());
+                    self.slots.push_front(Slot::Upstream {
+                        verb,
+                        awaiting: Awaiting::HeloFallback,
+                    });
+                    return;
+                } else {
+                    self.relay(&lines);
+                }
+            }
+            Awaiting::HeloFallback => {
+                if positive {
+                    let text = parse::reply_line(&lines[0].text).map_or(&b""[..], |r| r.text);
+                    let mut out = BytesMut::new();
+                    out.put_slice(b"250-");
+                    out.put_slice(text);
+                    out.put_slice(b"\r\n250 STARTTLS\r\n");
+                    self.send_client(out.freeze());
+                    self.starttls_offered = true;
+                    self.upstream_pipelining = false;
+                    self.upstream_chunking = false;
+                } else {
+                    self.relay(&lines);
+                }
+            }
+            Awaiting::Helo => {
+                if positive {
+                    self.upstream_pipelining = false;
+                    self.upstream_chunking = false;
+                }
+                self.relay(&lines);
+            }
+            Awaiting::Data => {
+                self.relay(&lines);
+                if code == 354 {
+                    // Counted once, with the reply to the end of data.
+                    self.mode = Mode::Data(Body::default());
+                    return;
+                }
+            }
+            Awaiting::Auth => {
+                self.relay(&lines);
+                if code == 334 {
+                    // Counted once, with the final reply of the exchange.
+                    self.mode = Mode::SaslResponse;
+                    return;
+                }
+            }
+            Awaiting::TlsRset => return self.on_tls_rset_reply(positive),
+            Awaiting::Quit => {
+                self.counters.record(verb, positive);
+                self.relay(&lines);
+                return self.close();
+            }
+            Awaiting::EndOfData | Awaiting::Reply => self.relay(&lines),
+        }
+        if matches!(verb, Verb::Ehlo | Verb::Helo) && positive && self.tls_active {
+            self.greeted_since_tls = true;
+        }
+        self.counters.record(verb, positive);
+    }
+
+    fn relay(&mut self, lines: &[Line]) {
+        let mut out = BytesMut::with_capacity(lines.iter().map(|l| l.raw.len()).sum());
+        for line in lines {
+            out.put_slice(&line.raw);
+        }
+        self.send_client(out.freeze());
+    }
+
+    /// The upstream's EHLO reply, rewritten per DESIGN §2: the upstream's own keywords in
+    /// its order, minus what must not cross the proxy, plus STARTTLS before TLS.
+    fn on_ehlo_reply(&mut self, lines: &[Line]) {
+        let offer_starttls = !self.tls_active;
+        self.upstream_pipelining = false;
+        self.upstream_chunking = false;
+        let mut kept: Vec<Bytes> = Vec::with_capacity(lines.len() + 1);
+        for (index, line) in lines.iter().enumerate() {
+            let text = parse::reply_line(&line.text).map_or(&b""[..], |r| r.text);
+            let text = line.text.slice_ref(text);
+            if index == 0 {
+                kept.push(text); // the domain and greeting
+                continue;
+            }
+            let keyword = parse::ehlo_keyword(&text);
+            let is = |name: &[u8]| keyword.eq_ignore_ascii_case(name);
+            if is(b"PIPELINING") {
+                self.upstream_pipelining = true;
+            } else if is(b"CHUNKING") {
+                self.upstream_chunking = true;
+            }
+            if is(b"STARTTLS") || is(b"XCLIENT") || is(b"XFORWARD") || is(b"PIPECONNECT") {
+                continue;
+            }
+            if is(b"AUTH") {
+                if self.tls_active
+                    && let Some(auth) = auth_without_channel_binding(&text)
+                {
+                    kept.push(auth);
+                }
+                continue;
+            }
+            kept.push(text);
+        }
+        if offer_starttls {
+            kept.push(Bytes::from_static(b"STARTTLS"));
+            self.starttls_offered = true;
+        }
+        let mut out = BytesMut::new();
+        for (index, text) in kept.iter().enumerate() {
+            out.put_slice(if index + 1 == kept.len() {
+                b"250 "
+            } else {
+                b"250-"
+            });
+            out.put_slice(text);
+            out.put_slice(b"\r\n");
+        }
+        self.send_client(out.freeze());
+    }
+
+    fn on_tls_rset_reply(&mut self, positive: bool) {
+        let early = self.client_in.split().freeze();
+        self.client_lines.reset();
+        if !early.is_empty() && early[0] != 0x16 {
+            // DESIGN §4: whatever the client queued behind STARTTLS is handed to the TLS
+            // engine (it fails there), never read as a command.
+            self.event(Event::StarttlsInjection { bytes: early.len() });
+        }
+        if !positive {
+            self.counters.record(Verb::StartTls, false);
+            self.mode = Mode::Command;
+            self.send_client(reply::TLS_UNAVAILABLE);
+            return;
+        }
+        self.counters.record(Verb::StartTls, true);
+        self.send_client(reply::READY_TLS);
+        self.mode = Mode::Handshake;
+        self.actions.push_back(Action::StartTls { early });
+    }
+}
+
+/// `AUTH` keyword line minus channel-binding mechanisms; `None` when nothing remains.
+fn auth_without_channel_binding(text: &Bytes) -> Option<Bytes> {
+    let keyword_len = parse::ehlo_keyword(text).len();
+    let mechanisms = text[keyword_len..]
+        .split(|&b| b == b' ' || b == b'\t' || b == b'=')
+        .filter(|m| !m.is_empty());
+    if !mechanisms.clone().any(is_channel_binding_mechanism) {
+        return Some(text.clone());
+    }
+    let kept: Vec<&[u8]> = mechanisms
+        .filter(|m| !is_channel_binding_mechanism(m))
+        .collect();
+    if kept.is_empty() {
+        return None;
+    }
+    let mut out = BytesMut::from(&text[..keyword_len]);
+    for mechanism in kept {
+        out.put_u8(b' ');
+        out.put_slice(mechanism);
+    }
+    Some(out.freeze())
+}
+
+/// `XXXXXXXX`, `STARTTLX`, `STARTTL`... : what in-path boxes that strip STARTTLS leave.
+fn is_mangled_starttls(verb: &[u8]) -> bool {
+    let all_x = verb.len() == 8 && verb.iter().all(|b| b.eq_ignore_ascii_case(&b'X'));
+    let near = |target: &[u8]| {
+        verb.len() == target.len()
+            && verb
+                .iter()
+                .zip(target)
+                .filter(|(a, b)| !a.eq_ignore_ascii_case(b))
+                .count()
+                == 1
+    };
+    all_x || near(b"STARTTLS")
+}
+
+fn verb_label(verb: Verb) -> &'static str {
+    match verb {
+        Verb::Ehlo => "EHLO",
+        Verb::Helo => "HELO",
+        Verb::StartTls => "STARTTLS",
+        Verb::Auth => "AUTH",
+        Verb::Mail => "MAIL",
+        Verb::Rcpt => "RCPT",
+        Verb::Data => "DATA",
+        Verb::Bdat => "BDAT",
+        Verb::Rset => "RSET",
+        Verb::Noop => "NOOP",
+        Verb::Quit => "QUIT",
+        Verb::Vrfy => "VRFY",
+        Verb::Expn => "EXPN",
+        Verb::Help => "HELP",
+        Verb::Etrn => "ETRN",
+        Verb::XClient => "XCLIENT",
+        Verb::XForward => "XFORWARD",
+        Verb::Other => "unknown",
+    }
+}
+
+impl crate::proto::Session for Session {
+    fn on_client_data(&mut self, data: &[u8]) {
+        if matches!(self.mode, Mode::Closed) {
+            return;
+        }
+        self.client_in.extend_from_slice(data);
+        self.process_client();
+    }
+
+    fn on_upstream_data(&mut self, data: &[u8]) {
+        if matches!(self.mode, Mode::Closed) {
+            return;
+        }
+        self.upstream_in.extend_from_slice(data);
+        self.process_upstream();
+        self.process_client();
+    }
+
+    fn on_client_eof(&mut self) {
+        // Mid-DATA this drops the upstream without an end-of-data: no partial message is
+        // ever delivered (DESIGN §9).
+        self.close();
+    }
+
+    fn on_upstream_eof(&mut self) {
+        if matches!(self.mode, Mode::Command) && self.slots.is_empty() {
+            // Between commands (after the upstream's own 421, say): nothing is owed.
+            self.close();
+        } else {
+            self.close_with(reply::UPSTREAM_UNAVAILABLE);
+        }
+    }
+
+    fn on_tls_established(&mut self) {
+        self.tls_active = true;
+        self.greeted_since_tls = false;
+        self.upstream_pipelining = false;
+        self.upstream_chunking = false;
+        self.mode = Mode::Command;
+        self.process_client();
+    }
+
+    fn on_timeout(&mut self) {
+        match self.mode {
+            Mode::Greeting => self.close_with(reply::UPSTREAM_UNAVAILABLE),
+            _ => self.close_with(reply::IDLE_TIMEOUT),
+        }
+    }
+
+    fn phase(&self) -> Phase {
+        match self.mode {
+            Mode::Greeting => Phase::Greeting,
+            Mode::Data(_) | Mode::Chunk { .. } => Phase::Data,
+            Mode::Handshake => Phase::Handshake,
+            _ => Phase::Command,
+        }
+    }
+
+    fn wants_client_data(&self) -> bool {
+        !matches!(self.mode, Mode::Closed | Mode::Closing | Mode::Handshake)
+            && self.client_in.len() < self.config.max_held_bytes
+    }
+
+    fn next_action(&mut self) -> Option<Action> {
+        self.actions.pop_front()
+    }
+
+    fn summary(&self) -> String {
+        self.counters.summary()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::proto::Session as _;
+
+    const GREETING: &[u8] = b"220 legacy.example.test ESMTP legacy\r\n";
+    const EHLO_REPLY: &[u8] = b"250-legacy.example.test\r\n250-PIPELINING\r\n250-SIZE 52428800\r\n\
+250-starttls\r\n250-AUTH PLAIN LOGIN SCRAM-SHA-256-PLUS\r\n250-AUTH=PLAIN LOGIN\r\n\
+250-XCLIENT NAME ADDR PROTO HELO\r\n250-XFORWARD NAME ADDR\r\n250-PIPECONNECT\r\n\
+250-ENHANCEDSTATUSCODES\r\n250-8BITMIME\r\n250 CHUNKING\r\n";
+    // "\0alice@example.test\0alice-secret-pw"
+    const PLAIN_IR: &str = "AGFsaWNlQGV4YW1wbGUudGVzdABhbGljZS1zZWNyZXQtcHc=";
+
+    /// What one step produced, split by kind.
+    #[derive(Debug, Default, PartialEq)]
+    struct Out {
+        client: String,
+        upstream: String,
+        events: Vec<Event>,
+        starttls: Option<Vec<u8>>,
+        closed: bool,
+    }
+
+    fn drain(session: &mut Session) -> Out {
+        let mut out = Out::default();
+        while let Some(action) = session.next_action() {
+            match action {
+                Action::ToClient(b) => out.client.push_str(&String::from_utf8_lossy(&b)),
+                Action::ToUpstream(b) => out.upstream.push_str(&String::from_utf8_lossy(&b)),
+                Action::Event(e) => out.events.push(e),
+                Action::StartTls { early } => out.starttls = Some(early.to_vec()),
+                Action::Close => out.closed = true,
+            }
+        }
+        out
+    }
+
+    fn config(policy: Policy) -> Config {
+        Config {
+            policy,
+            bare_newlines: BareNewlines::Normalize,
+            max_line_len: 512,
+            max_held_bytes: 64 * 1024,
+            user_hasher: UserHasher::new(b"test key"),
+        }
+    }
+
+    /// A session past the greeting.
+    fn greeted(policy: Policy) -> Session {
+        let mut session = Session::new(config(policy), false);
+        session.on_upstream_data(GREETING);
+        assert_eq!(
+            drain(&mut session).client,
+            String::from_utf8_lossy(GREETING)
+        );
+        session
+    }
+
+    fn client(session: &mut Session, bytes: &str) -> Out {
+        session.on_client_data(bytes.as_bytes());
+        drain(session)
+    }
+
+    fn upstream(session: &mut Session, bytes: &str) -> Out {
+        session.on_upstream_data(bytes.as_bytes());
+        drain(session)
+    }
+
+    fn names(events: &[Event]) -> Vec<&'static str> {
+        events.iter().map(Event::name).collect()
+    }
+
+    /// A session after STARTTLS, the handshake, and a fresh EHLO.
+    fn after_tls(policy: Policy) -> Session {
+        let mut s = greeted(policy);
+        assert_eq!(client(&mut s, "STARTTLS\r\n").upstream, "RSET\r\n");
+        let go = upstream(&mut s, "250 2.0.0 Ok\r\n");
+        assert_eq!(go.client, "220 2.0.0 Ready to start TLS\r\n");
+        assert_eq!(go.starttls, Some(vec![]));
+        s.on_tls_established();
+        assert_eq!(
+            client(&mut s, "EHLO c.example\r\n").upstream,
+            "EHLO c.example\r\n"
+        );
+        upstream(
+            &mut s,
+            "250-legacy.example.test\r\n250-PIPELINING\r\n250-CHUNKING\r\n250 AUTH PLAIN\r\n",
+        );
+        s
+    }
+
+    #[test]
+    fn nothing_from_the_client_is_read_before_the_greeting() {
+        let mut s = Session::new(config(Policy::RequireTls), false);
+        assert_eq!(client(&mut s, "EHLO early\r\n"), Out::default());
+        let out = upstream(&mut s, "220 legacy ESMTP\r\n");
+        assert_eq!(out.client, "220 legacy ESMTP\r\n");
+        assert_eq!(out.upstream, "EHLO early\r\n");
+    }
+
+    #[test]
+    fn ehlo_before_tls_gets_the_upstream_list_with_starttls_and_without_auth() {
+        let mut s = greeted(Policy::RequireTls);
+        assert_eq!(
+            client(&mut s, "EHLO c.example\r\n").upstream,
+            "EHLO c.example\r\n"
+        );
+        let out = upstream(&mut s, std::str::from_utf8(EHLO_REPLY).unwrap());
+        assert_eq!(
+            out.client,
+            "250-legacy.example.test\r\n250-PIPELINING\r\n250-SIZE 52428800\r\n\
+250-ENHANCEDSTATUSCODES\r\n250-8BITMIME\r\n250-CHUNKING\r\n250 STARTTLS\r\n"
+        );
+    }
+
+    #[test]
+    fn ehlo_after_tls_gets_auth_back_without_channel_binding_and_no_starttls() {
+        let mut s = greeted(Policy::RequireTls);
+        client(&mut s, "STARTTLS\r\n");
+        upstream(&mut s, "250 2.0.0 Ok\r\n");
+        s.on_tls_established();
+        client(&mut s, "EHLO c.example\r\n");
+        let out = upstream(&mut s, std::str::from_utf8(EHLO_REPLY).unwrap());
+        assert_eq!(
+            out.client,
+            "250-legacy.example.test\r\n250-PIPELINING\r\n250-SIZE 52428800\r\n\
+250-AUTH PLAIN LOGIN\r\n250-AUTH=PLAIN LOGIN\r\n250-ENHANCEDSTATUSCODES\r\n\
+250-8BITMIME\r\n250 CHUNKING\r\n"
+        );
+    }
+
+    #[test]
+    fn a_single_line_ehlo_reply_becomes_multi_line() {
+        let mut s = greeted(Policy::RequireTls);
+        client(&mut s, "EHLO c\r\n");
+        assert_eq!(
+            upstream(&mut s, "250 legacy\r\n").client,
+            "250-legacy\r\n250 STARTTLS\r\n"
+        );
+    }
+
+    #[test]
+    fn a_helo_only_upstream_still_offers_starttls() {
+        let mut s = greeted(Policy::RequireTls);
+        client(&mut s, "EHLO c.example\r\n");
+        let out = upstream(&mut s, "502 5.5.2 Error: command not recognized\r\n");
+        assert_eq!(out.upstream, "HELO c.example\r\n");
+        assert_eq!(out.client, "");
+        let out = upstream(&mut s, "250 legacy.example.test\r\n");
+        assert_eq!(out.client, "250-legacy.example.test\r\n250 STARTTLS\r\n");
+        assert_eq!(s.summary(), "ehlo=1");
+    }
+
+    #[test]
+    fn auth_before_tls_is_refused_locally_in_any_case_and_spacing() {
+        for line in [
+            format!("AUTH PLAIN {PLAIN_IR}\r\n"),
+            format!("auth plain {PLAIN_IR}\r\n"),
+            format!("  AuTh\tPlain   {PLAIN_IR}\r\n"),
+            format!("AUTH PLAIN {PLAIN_IR}\n"),
+            "AUTH LOGIN\r\n".to_owned(),
+            "AUTH\r\n".to_owned(),
+        ] {
+            for policy in [Policy::RequireTls, Policy::AuthRequiresTls] {
+                let mut s = greeted(policy);
+                let out = client(&mut s, &line);
+                assert_eq!(
+                    out.client, "530 5.7.0 Must issue a STARTTLS command first\r\n",
+                    "{line:?}"
+                );
+                assert_eq!(out.upstream, "", "{line:?}");
+                assert!(names(&out.events).contains(&"plaintext_command_refused"));
+            }
+        }
+    }
+
+    #[test]
+    fn exposed_credentials_are_logged_with_a_hashed_user_and_never_the_secret() {
+        let mut s = greeted(Policy::RequireTls);
+        client(&mut s, "EHLO c\r\n");
+        upstream(&mut s, "250 legacy\r\n");
+        let out = client(&mut s, &format!("AUTH PLAIN {PLAIN_IR}\r\n"));
+        let expected_hash = UserHasher::new(b"test key").hash("alice@example.test");
+        assert_eq!(
+            out.events,
+            vec![
+                Event::StarttlsStrippingSuspected {
+                    reason: "auth_after_starttls_offered"
+                },
+                Event::CredentialsExposed {
+                    mechanism: "PLAIN".into(),
+                    user_hash: Some(expected_hash)
+                },
+                Event::PlaintextCommandRefused { verb: "AUTH" },
+            ]
+        );
+        let debug = format!("{:?}", out.events);
+        assert!(!debug.contains("alice") && !debug.contains("secret") && !debug.contains(PLAIN_IR));
+    }
+
+    #[test]
+    fn require_tls_allows_only_the_upgrade_dialogue() {
+        let mut s = greeted(Policy::RequireTls);
+        for command in [
+            "MAIL FROM:<a@b>",
+            "RCPT TO:<a@b>",
+            "DATA",
+            "VRFY a",
+            "HELP",
+            "FOO",
+        ] {
+            let out = client(&mut s, &format!("{command}\r\n"));
+            assert_eq!(
+                out.client,
+                "530 5.7.0 Must issue a STARTTLS command first\r\n"
+            );
+            assert_eq!(out.upstream, "");
+        }
+        for command in ["EHLO c", "HELO c", "NOOP", "RSET"] {
+            let out = client(&mut s, &format!("{command}\r\n"));
+            assert_eq!(out.upstream, format!("{command}\r\n"));
+            upstream(&mut s, "250 ok\r\n");
+        }
+        assert_eq!(
+            s.summary(),
+            "ehlo=1 helo=1 mail=0/1 rcpt=0/1 data=0/1 rset=1 noop=1 vrfy=0/1 unknown=0/2"
+        );
+    }
+
+    #[test]
+    fn auth_requires_tls_lets_mail_flow_but_keeps_unknown_verbs_local() {
+        let mut s = greeted(Policy::AuthRequiresTls);
+        client(&mut s, "EHLO c\r\n");
+        upstream(&mut s, "250-legacy\r\n250 PIPELINING\r\n");
+        let out = client(&mut s, "MAIL FROM:<a@b>\r\nRCPT TO:<c@d>\r\n");
+        assert_eq!(out.upstream, "MAIL FROM:<a@b>\r\nRCPT TO:<c@d>\r\n");
+        // A client ignoring its AUTH refusal sends base64 lines: never forwarded.
+        let out = client(&mut s, "dXNlcg==\r\n");
+        assert_eq!(out.upstream, "");
+        let out = upstream(&mut s, "250 2.1.0 Ok\r\n250 2.1.5 Ok\r\n");
+        assert_eq!(
+            out.client,
+            "250 2.1.0 Ok\r\n250 2.1.5 Ok\r\n500 5.5.2 Error: command not recognized\r\n"
+        );
+    }
+
+    #[test]
+    fn xclient_and_xforward_are_refused_always() {
+        for mut s in [
+            greeted(Policy::AuthRequiresTls),
+            after_tls(Policy::RequireTls),
+        ] {
+            for line in ["XCLIENT ADDR=192.0.2.1\r\n", "xforward NAME=spoof\r\n"] {
+                let out = client(&mut s, line);
+                assert_eq!(
+                    out.client,
+                    "550 5.7.0 Error: insufficient authorization\r\n"
+                );
+                assert_eq!(out.upstream, "");
+                assert_eq!(names(&out.events), vec!["forbidden_command"]);
+            }
+        }
+    }
+
+    #[test]
+    fn starttls_is_answered_locally_after_an_rset_upstream() {
+        let mut s = greeted(Policy::RequireTls);
+        let out = client(&mut s, "STARTTLS\r\n");
+        assert_eq!(out.upstream, "RSET\r\n");
+        assert_eq!(out.client, "");
+        let out = upstream(&mut s, "250 2.0.0 Ok\r\n");
+        assert_eq!(out.client, "220 2.0.0 Ready to start TLS\r\n");
+        assert_eq!(out.starttls, Some(vec![]));
+        assert!(out.events.is_empty());
+    }
+
+    #[test]
+    fn bytes_behind_starttls_go_to_the_tls_engine_and_are_never_commands() {
+        for payload in [
+            "STARTTLS\r\nEHLO x\r\n",
+            "STARTTLS\r\nRSET\r\n",
+            &format!("STARTTLS\r\nAUTH PLAIN {PLAIN_IR}\r\nMAIL FROM:<attacker@example.org>\r\n"),
+        ] {
+            let mut s = greeted(Policy::AuthRequiresTls);
+            let out = client(&mut s, payload);
+            assert_eq!(out.upstream, "RSET\r\n", "{payload:?}");
+            assert_eq!(out.client, "");
+            let out = upstream(&mut s, "250 2.0.0 Ok\r\n");
+            assert_eq!(out.client, "220 2.0.0 Ready to start TLS\r\n");
+            assert_eq!(out.upstream, "");
+            let injected = &payload.as_bytes()["STARTTLS\r\n".len()..];
+            assert_eq!(out.starttls.as_deref(), Some(injected));
+            assert_eq!(
+                out.events,
+                vec![Event::StarttlsInjection {
+                    bytes: injected.len()
+                }]
+            );
+        }
+    }
+
+    #[test]
+    fn bytes_sent_while_the_rset_is_outstanding_are_held_for_tls_too() {
+        let mut s = greeted(Policy::RequireTls);
+        client(&mut s, "STARTTLS\r\n");
+        assert_eq!(client(&mut s, "EHLO x\r\n"), Out::default());
+        let out = upstream(&mut s, "250 2.0.0 Ok\r\n");
+        assert_eq!(out.starttls.as_deref(), Some(&b"EHLO x\r\n"[..]));
+    }
+
+    #[test]
+    fn a_client_hello_behind_starttls_is_no_injection() {
+        let mut s = greeted(Policy::RequireTls);
+        s.on_client_data(b"STARTTLS\r\n\x16\x03\x01\x00\x05hello");
+        drain(&mut s);
+        let out = upstream(&mut s, "250 2.0.0 Ok\r\n");
+        assert!(out.events.is_empty());
+        assert_eq!(
+            out.starttls.as_deref(),
+            Some(&b"\x16\x03\x01\x00\x05hello"[..])
+        );
+    }
+
+    #[test]
+    fn starttls_waits_for_outstanding_replies_before_its_rset() {
+        let mut s = greeted(Policy::AuthRequiresTls);
+        client(&mut s, "EHLO c\r\n");
+        upstream(&mut s, "250-legacy\r\n250 PIPELINING\r\n");
+        let out = client(&mut s, "MAIL FROM:<a@b>\r\nSTARTTLS\r\n");
+        assert_eq!(out.upstream, "MAIL FROM:<a@b>\r\n");
+        let out = upstream(&mut s, "250 2.1.0 Ok\r\n");
+        assert_eq!(out.client, "250 2.1.0 Ok\r\n");
+        assert_eq!(out.upstream, "RSET\r\n");
+        let out = upstream(&mut s, "250 2.0.0 Ok\r\n");
+        assert_eq!(out.client, "220 2.0.0 Ready to start TLS\r\n");
+    }
+
+    #[test]
+    fn starttls_with_parameters_is_a_syntax_error_and_the_session_goes_on() {
+        let mut s = greeted(Policy::RequireTls);
+        let out = client(&mut s, "STARTTLS now\r\n");
+        assert_eq!(
+            out.client,
+            "501 5.5.4 Syntax error (no parameters allowed)\r\n"
+        );
+        assert_eq!(out.upstream, "");
+        assert_eq!(client(&mut s, "NOOP\r\n").upstream, "NOOP\r\n");
+    }
+
+    #[test]
+    fn starttls_after_helo_is_accepted() {
+        let mut s = greeted(Policy::RequireTls);
+        client(&mut s, "HELO c\r\n");
+        assert_eq!(upstream(&mut s, "250 legacy\r\n").client, "250 legacy\r\n");
+        client(&mut s, "STARTTLS\r\n");
+        assert_eq!(
+            upstream(&mut s, "250 Ok\r\n").client,
+            "220 2.0.0 Ready to start TLS\r\n"
+        );
+    }
+
+    #[test]
+    fn a_failed_rset_refuses_tls_and_drops_queued_bytes() {
+        let mut s = greeted(Policy::RequireTls);
+        client(&mut s, "STARTTLS\r\nNOOP\r\n");
+        let out = upstream(&mut s, "451 4.3.0 busy\r\n");
+        assert_eq!(
+            out.client,
+            "454 4.7.0 TLS not available due to temporary reason\r\n"
+        );
+        assert_eq!(out.upstream, "");
+        assert_eq!(out.starttls, None);
+    }
+
+    #[test]
+    fn after_tls_a_new_ehlo_is_required() {
+        let mut s = greeted(Policy::RequireTls);
+        client(&mut s, "STARTTLS\r\n");
+        upstream(&mut s, "250 Ok\r\n");
+        s.on_tls_established();
+        for command in ["MAIL FROM:<a@b>", "AUTH PLAIN", "RCPT TO:<a@b>", "DATA"] {
+            let out = client(&mut s, &format!("{command}\r\n"));
+            assert_eq!(out.client, "503 5.5.1 Error: send HELO/EHLO first\r\n");
+            assert_eq!(out.upstream, "");
+        }
+        let out = client(&mut s, "STARTTLS\r\n");
+        assert_eq!(out.client, "503 5.5.1 TLS already active\r\n");
+        client(&mut s, "EHLO c\r\n");
+        upstream(&mut s, "250 legacy\r\n");
+        assert_eq!(
+            client(&mut s, "MAIL FROM:<a@b>\r\n").upstream,
+            "MAIL FROM:<a@b>\r\n"
+        );
+    }
+
+    #[test]
+    fn auth_after_tls_is_relayed_with_its_sasl_exchange() {
+        let mut s = after_tls(Policy::RequireTls);
+        let out = client(&mut s, "AUTH LOGIN\r\nMAIL FROM:<early@b>\r\n");
+        assert_eq!(out.upstream, "AUTH LOGIN\r\n");
+        let out = upstream(&mut s, "334 VXNlcm5hbWU6\r\n");
+        assert_eq!(out.client, "334 VXNlcm5hbWU6\r\n");
+        // The line queued behind AUTH is the SASL response, not a command.
+        assert_eq!(out.upstream, "MAIL FROM:<early@b>\r\n");
+        let out = upstream(&mut s, "334 UGFzc3dvcmQ6\r\n");
+        assert_eq!(out.upstream, "");
+        assert_eq!(client(&mut s, "cHc=\r\n").upstream, "cHc=\r\n");
+        assert_eq!(
+            upstream(&mut s, "235 2.7.0 Authentication successful\r\n").client,
+            "235 2.7.0 Authentication successful\r\n"
+        );
+        assert_eq!(s.summary(), "ehlo=1 starttls=1/1 auth=1/1");
+    }
+
+    #[test]
+    fn pipelined_replies_come_back_in_order_with_local_ones_in_place() {
+        let mut s = greeted(Policy::AuthRequiresTls);
+        client(&mut s, "EHLO c\r\n");
+        upstream(&mut s, "250-legacy\r\n250 PIPELINING\r\n");
+        let out = client(
+            &mut s,
+            "MAIL FROM:<a@b>\r\nXCLIENT ADDR=1.2.3.4\r\nRCPT TO:<c@d>\r\nAUTH PLAIN\r\nRCPT TO:<e@f>\r\n",
+        );
+        assert_eq!(
+            out.upstream,
+            "MAIL FROM:<a@b>\r\nRCPT TO:<c@d>\r\nRCPT TO:<e@f>\r\n"
+        );
+        assert_eq!(out.client, "");
+        let out = upstream(&mut s, "250 2.1.0 Ok\r\n250 2.1.5 Ok\r\n");
+        assert_eq!(
+            out.client,
+            "250 2.1.0 Ok\r\n550 5.7.0 Error: insufficient authorization\r\n250 2.1.5 Ok\r\n\
+530 5.7.0 Must issue a STARTTLS command first\r\n"
+        );
+        assert_eq!(
+            upstream(&mut s, "250 2.1.5 Ok\r\n").client,
+            "250 2.1.5 Ok\r\n"
+        );
+    }
+
+    #[test]
+    fn without_upstream_pipelining_commands_go_one_at_a_time() {
+        let mut s = greeted(Policy::AuthRequiresTls);
+        client(&mut s, "EHLO c\r\n");
+        upstream(&mut s, "250 legacy\r\n");
+        let out = client(&mut s, "MAIL FROM:<a@b>\r\nRCPT TO:<c@d>\r\nDATA\r\n");
+        assert_eq!(out.upstream, "MAIL FROM:<a@b>\r\n");
+        assert_eq!(upstream(&mut s, "250 Ok\r\n").upstream, "RCPT TO:<c@d>\r\n");
+        assert_eq!(upstream(&mut s, "250 Ok\r\n").upstream, "DATA\r\n");
+    }
+
+    #[test]
+    fn a_group_with_ehlo_in_the_middle_is_processed_in_order() {
+        let mut s = greeted(Policy::AuthRequiresTls);
+        let out = client(&mut s, "RSET\r\nEHLO c\r\nNOOP\r\n");
+        assert_eq!(out.upstream, "RSET\r\n");
+        assert_eq!(upstream(&mut s, "250 Ok\r\n").upstream, "EHLO c\r\n");
+        let out = upstream(&mut s, "250-legacy\r\n250 PIPELINING\r\n");
+        assert_eq!(out.upstream, "NOOP\r\n");
+        assert_eq!(
+            out.client,
+            "250-legacy\r\n250-PIPELINING\r\n250 STARTTLS\r\n"
+        );
+    }
+
+    #[test]
+    fn the_body_waits_for_354_and_ends_only_at_crlf_dot_crlf() {
+        let mut s = after_tls(Policy::RequireTls);
+        client(&mut s, "MAIL FROM:<a@b>\r\n");
+        upstream(&mut s, "250 Ok\r\n");
+        client(&mut s, "RCPT TO:<c@d>\r\n");
+        upstream(&mut s, "250 Ok\r\n");
+        let out = client(&mut s, "DATA\r\nSubject: x\r\n");
+        assert_eq!(out.upstream, "DATA\r\n");
+        let out = upstream(&mut s, "354 End data with <CR><LF>.<CR><LF>\r\n");
+        assert_eq!(out.client, "354 End data with <CR><LF>.<CR><LF>\r\n");
+        assert_eq!(out.upstream, "Subject: x\r\n");
+        let out = client(
+            &mut s,
+            "\r\nSTARTTLS\r\nAUTH x\r\nbare\nMAIL FROM:<evil>\n.\n",
+        );
+        assert_eq!(
+            out.upstream,
+            "\r\nSTARTTLS\r\nAUTH x\r\nbare\r\nMAIL FROM:<evil>\r\n..\r\n"
+        );
+        // With PIPELINING, QUIT may follow the end of data in the same write.
+        let out = client(&mut s, "end\r\n.\r\nQUIT\r\n");
+        assert_eq!(out.upstream, "end\r\n.\r\nQUIT\r\n");
+        assert_eq!(out.events, vec![Event::BareNewlineNormalized { count: 3 }]);
+        let out = upstream(&mut s, "250 2.0.0 Ok: queued\r\n");
+        assert_eq!(out.client, "250 2.0.0 Ok: queued\r\n");
+        let out = upstream(&mut s, "221 2.0.0 Bye\r\n");
+        assert_eq!(out.client, "221 2.0.0 Bye\r\n");
+        assert!(out.closed);
+        assert_eq!(
+            s.summary(),
+            "ehlo=1 starttls=1/1 mail=1 rcpt=1 data=1 quit=1"
+        );
+    }
+
+    #[test]
+    fn a_refused_data_leaves_the_following_lines_as_commands() {
+        let mut s = after_tls(Policy::RequireTls);
+        client(&mut s, "DATA\r\nNOOP\r\n");
+        let out = upstream(&mut s, "554 5.5.1 Error: no valid recipients\r\n");
+        assert_eq!(out.upstream, "NOOP\r\n");
+    }
+
+    #[test]
+    fn bare_newlines_reject_mode_drops_the_transaction() {
+        let mut s = after_tls(Policy::RequireTls);
+        s.config.bare_newlines = BareNewlines::Reject;
+        client(&mut s, "DATA\r\n");
+        upstream(&mut s, "354 go\r\n");
+        let out = client(&mut s, "a\nb\r\n.\r\n");
+        assert_eq!(out.upstream, "");
+        assert_eq!(out.client, "521 5.5.2 Error: bare CR or LF received\r\n");
+        assert!(out.closed);
+    }
+
+    #[test]
+    fn bdat_chunks_are_relayed_by_exact_count() {
+        let mut s = after_tls(Policy::RequireTls);
+        let out = client(&mut s, "BDAT 13\r\nab\r\n.\r\nQUIT\r\nBDAT 0 LAST\r\n");
+        assert_eq!(
+            out.upstream,
+            "BDAT 13\r\nab\r\n.\r\nQUIT\r\nBDAT 0 LAST\r\n"
+        );
+        let out = upstream(&mut s, "250 2.0.0 13 octets\r\n250 2.0.0 Ok: queued\r\n");
+        assert_eq!(
+            out.client,
+            "250 2.0.0 13 octets\r\n250 2.0.0 Ok: queued\r\n"
+        );
+    }
+
+    #[test]
+    fn refused_bdat_chunks_are_swallowed_not_read_as_commands() {
+        let mut s = greeted(Policy::RequireTls);
+        let out = client(&mut s, "BDAT 8\r\nNOOP\r\n\r\nRSET\r\n");
+        assert_eq!(
+            out.client,
+            "530 5.7.0 Must issue a STARTTLS command first\r\n"
+        );
+        assert_eq!(out.upstream, "RSET\r\n");
+    }
+
+    #[test]
+    fn an_over_long_line_gets_an_error_and_closes() {
+        let mut s = greeted(Policy::RequireTls);
+        let out = client(&mut s, &"A".repeat(600));
+        assert_eq!(out.client, "500 5.5.2 Error: line too long\r\n");
+        assert!(out.closed);
+        assert_eq!(out.upstream, "");
+        assert_eq!(names(&out.events), vec!["limit_exceeded"]);
+    }
+
+    #[test]
+    fn mangled_starttls_is_suspected_stripping() {
+        for verb in ["XXXXXXXX", "STARTTLX", "xxxxxxxx", "STARXTLS"] {
+            let mut s = greeted(Policy::RequireTls);
+            let out = client(&mut s, &format!("{verb}\r\n"));
+            assert_eq!(
+                names(&out.events),
+                vec!["starttls_stripping_suspected", "plaintext_command_refused"]
+            );
+        }
+    }
+
+    #[test]
+    fn control_characters_in_commands_are_refused_locally() {
+        let mut s = greeted(Policy::AuthRequiresTls);
+        let out = client(&mut s, "NOOP\rAUTH PLAIN x\r\n");
+        assert_eq!(out.client, "500 5.5.2 Error: bad syntax\r\n");
+        assert_eq!(out.upstream, "");
+    }
+
+    #[test]
+    fn the_upstream_going_away_gets_the_client_a_421() {
+        let mut s = Session::new(config(Policy::RequireTls), false);
+        s.on_upstream_eof();
+        let out = drain(&mut s);
+        assert_eq!(
+            out.client,
+            "421 4.3.0 Service temporarily unavailable, closing connection\r\n"
+        );
+        assert!(out.closed);
+        let mut s = greeted(Policy::RequireTls);
+        let out = upstream(&mut s, "garbage\r\n");
+        assert_eq!(
+            out.client,
+            "421 4.3.0 Upstream protocol error, closing connection\r\n"
+        );
+        assert!(out.closed);
+    }
+
+    #[test]
+    fn upstream_lines_ending_in_bare_lf_are_relayed_unchanged() {
+        let mut s = greeted(Policy::RequireTls);
+        client(&mut s, "NOOP\r\n");
+        assert_eq!(upstream(&mut s, "250 2.0.0 Ok\n").client, "250 2.0.0 Ok\n");
+    }
+
+    #[test]
+    fn implicit_tls_sessions_start_with_tls_active() {
+        let mut s = Session::new(config(Policy::RequireTls), false);
+        s.on_tls_established();
+        upstream(&mut s, "220 legacy\r\n");
+        client(&mut s, "EHLO c\r\n");
+        let out = upstream(&mut s, "250-legacy\r\n250 AUTH PLAIN\r\n");
+        assert_eq!(out.client, "250-legacy\r\n250 AUTH PLAIN\r\n");
+    }
+
+    #[test]
+    fn a_silent_client_gets_a_timeout_goodbye() {
+        let mut s = greeted(Policy::RequireTls);
+        s.on_timeout();
+        let out = drain(&mut s);
+        assert_eq!(
+            out.client,
+            "421 4.4.2 Timeout exceeded, closing connection\r\n"
+        );
+        assert!(out.closed);
+    }
+}
