@@ -392,9 +392,11 @@ impl Config {
                     format!("{at}.name: `{}` is used twice", listener.name),
                 );
             }
-            if self.listeners[..index]
-                .iter()
-                .any(|l| l.listen == listener.listen)
+            // Port 0 asks the kernel for a free port: never a clash.
+            if listener.listen.port() != 0
+                && self.listeners[..index]
+                    .iter()
+                    .any(|l| l.listen == listener.listen)
             {
                 problem(
                     &name_needle,

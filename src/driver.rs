@@ -4,13 +4,15 @@
 
 use std::io;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use bytes::{Buf, Bytes};
+use rustls::ServerConfig;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
-use tokio_rustls::TlsAcceptor;
+use tokio_rustls::LazyConfigAcceptor;
 use tokio_rustls::server::TlsStream;
 use tracing::{info, warn};
 
@@ -28,7 +30,9 @@ pub struct ConnectionSettings {
     /// How TLS starts on this listener.
     pub tls_mode: TlsMode,
     /// The TLS side.
-    pub acceptor: TlsAcceptor,
+    pub tls: Arc<ServerConfig>,
+    /// The listener protocol's ALPN id.
+    pub alpn: &'static [u8],
     /// Deadlines.
     pub timeouts: Timeouts,
 }
@@ -222,6 +226,21 @@ async fn run_tls<P: Session>(
     }
 }
 
+/// A fatal `no_application_protocol` alert (RFC 7301 §3.2), as a plaintext record.
+const ALERT_NO_APPLICATION_PROTOCOL: [u8; 7] = [0x15, 0x03, 0x03, 0x00, 0x02, 0x02, 0x78];
+
+/// Why a handshake failed.
+#[derive(Debug, thiserror::Error)]
+enum HandshakeError {
+    #[error("deadline expired")]
+    Deadline,
+    /// Debug-formatted: the ids are the client's bytes and must not inject log lines.
+    #[error("client offered only foreign ALPN ids {0:?} (ALPACA)")]
+    ForeignAlpn(Vec<String>),
+    #[error("{0}")]
+    Io(#[from] io::Error),
+}
+
 /// The TLS handshake with its deadline; logs `tls_established` or `tls_handshake_failed`.
 async fn handshake(
     stream: Prefixed<TcpStream>,
@@ -229,13 +248,11 @@ async fn handshake(
     traffic: &mut Traffic,
 ) -> Option<ClientTls> {
     let started = Instant::now();
-    match tokio::time::timeout(
-        context.timeouts.tls_handshake,
-        context.acceptor.accept(stream),
-    )
-    .await
-    {
-        Ok(Ok(tls)) => {
+    let result = tokio::time::timeout(context.timeouts.tls_handshake, accept(stream, context))
+        .await
+        .unwrap_or(Err(HandshakeError::Deadline));
+    match result {
+        Ok(tls) => {
             let (_, connection) = tls.get_ref();
             let version = connection
                 .protocol_version()
@@ -254,19 +271,36 @@ async fn handshake(
             traffic.tls = Some((version, cipher));
             Some(tls)
         }
-        Ok(Err(err)) => {
+        Err(err) => {
             warn!(event = "tls_handshake_failed", %err, "tls handshake failed");
             None
         }
-        Err(_) => {
-            warn!(
-                event = "tls_handshake_failed",
-                err = "deadline expired",
-                "tls handshake failed"
-            );
-            None
-        }
     }
+}
+
+/// Reads the ClientHello, refuses a foreign ALPN list before any ServerHello, then
+/// completes the handshake.
+async fn accept(
+    stream: Prefixed<TcpStream>,
+    context: &ConnectionSettings,
+) -> Result<ClientTls, HandshakeError> {
+    let mut start = LazyConfigAcceptor::new(rustls::server::Acceptor::default(), stream).await?;
+    // ALPACA: a client that names protocols, none of them ours, is talking to the wrong
+    // service (RFC 7301 §3.2). No ALPN at all is fine: most mail clients send none.
+    let foreign = start.client_hello().alpn().and_then(|mut offered| {
+        let mut names = Vec::new();
+        let ours = offered.any(|id| {
+            names.push(String::from_utf8_lossy(id).into_owned());
+            id == context.alpn
+        });
+        (!ours).then_some(names)
+    });
+    if let Some(offered) = foreign {
+        let _ = start.io.write_all(&ALERT_NO_APPLICATION_PROTOCOL).await;
+        let _ = start.io.shutdown().await;
+        return Err(HandshakeError::ForeignAlpn(offered));
+    }
+    Ok(start.into_stream(Arc::clone(&context.tls)).await?)
 }
 
 fn deadline(phase: Phase, timeouts: &Timeouts) -> Duration {

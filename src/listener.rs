@@ -10,7 +10,6 @@ use std::time::Duration;
 use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Semaphore, watch};
-use tokio_rustls::TlsAcceptor;
 use tracing::{Instrument, error, info, info_span, warn};
 
 use crate::config::{Config, ListenerConfig, Protocol, TlsMode};
@@ -81,7 +80,8 @@ impl Server {
                 socket,
                 settings: ConnectionSettings {
                     tls_mode: listener.tls,
-                    acceptor: TlsAcceptor::from(server_config),
+                    tls: server_config,
+                    alpn: listener.protocol.alpn_id(),
                     timeouts: config.timeouts.clone(),
                 },
                 smtp: smtp::Config {

@@ -1,0 +1,370 @@
+//! Shared pieces of the integration tests: test certificates, a scripted SMTP upstream
+//! that records every byte it receives, the proxy started in-process on port 0, and a
+//! small SMTP client over plain TCP or TLS.
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Duration;
+
+use mailmoat::config::Config;
+use mailmoat::listener::Server;
+use rustls_pki_types::{CertificateDer, ServerName};
+use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
+
+/// Every await in a test is bounded by this: a hung test fails instead of hanging CI.
+pub const STEP: Duration = Duration::from_secs(20);
+
+pub async fn within<T>(future: impl std::future::Future<Output = T>) -> T {
+    tokio::time::timeout(STEP, future)
+        .await
+        .expect("step timed out")
+}
+
+/// A test CA and two server certificates signed by it.
+pub struct TestCerts {
+    _dir: tempfile::TempDir,
+    pub ca_pem: PathBuf,
+    pub ca_der: CertificateDer<'static>,
+    /// mail.example.test, the default (first) certificate.
+    pub default: (PathBuf, PathBuf, CertificateDer<'static>),
+    /// other.example.test, chosen by SNI.
+    pub other: (PathBuf, PathBuf, CertificateDer<'static>),
+}
+
+pub fn certs() -> &'static TestCerts {
+    static CERTS: OnceLock<TestCerts> = OnceLock::new();
+    CERTS.get_or_init(|| {
+        use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};
+        let dir = tempfile::tempdir().unwrap();
+        let ca_key = KeyPair::generate().unwrap();
+        let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        ca_params
+            .distinguished_name
+            .push(DnType::CommonName, "mailmoat test CA");
+        let ca_cert = ca_params.self_signed(&ca_key).unwrap();
+        let issuer = Issuer::new(ca_params, ca_key);
+        let ca_pem = dir.path().join("ca.pem");
+        std::fs::write(&ca_pem, ca_cert.pem()).unwrap();
+        let leaf = |name: &str| {
+            let key = KeyPair::generate().unwrap();
+            let cert = CertificateParams::new(vec![name.to_owned()])
+                .unwrap()
+                .signed_by(&key, &issuer)
+                .unwrap();
+            let cert_path = dir.path().join(format!("{name}.pem"));
+            let key_path = dir.path().join(format!("{name}.key"));
+            std::fs::write(&cert_path, cert.pem()).unwrap();
+            std::fs::write(&key_path, key.serialize_pem()).unwrap();
+            (cert_path, key_path, cert.der().clone())
+        };
+        let default = leaf("mail.example.test");
+        let other = leaf("other.example.test");
+        TestCerts {
+            ca_pem,
+            ca_der: ca_cert.der().clone(),
+            default,
+            other,
+            _dir: dir,
+        }
+    })
+}
+
+/// What the scripted upstream does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Behaviour {
+    /// A modern ESMTP server with PIPELINING, CHUNKING, AUTH and its own STARTTLS.
+    Esmtp,
+    /// Accepts and never says anything.
+    Silent,
+    /// Answers EHLO with 502, like a HELO-only legacy server.
+    HeloOnly,
+}
+
+/// Everything the scripted upstream received.
+#[derive(Debug, Default)]
+pub struct Recording {
+    /// Every byte, every connection, in order.
+    pub raw: Vec<u8>,
+    /// Command lines, without CRLF.
+    pub commands: Vec<String>,
+    /// Complete messages (DATA bodies without the final dot line, BDAT chunks joined).
+    pub messages: Vec<Vec<u8>>,
+    /// Connections accepted.
+    pub connections: usize,
+    /// Connections that ended while a DATA body was incomplete.
+    pub aborted_bodies: usize,
+}
+
+pub struct Upstream {
+    pub addr: SocketAddr,
+    pub recording: Arc<Mutex<Recording>>,
+}
+
+impl Upstream {
+    pub fn commands(&self) -> Vec<String> {
+        self.recording.lock().unwrap().commands.clone()
+    }
+    pub fn raw(&self) -> Vec<u8> {
+        self.recording.lock().unwrap().raw.clone()
+    }
+}
+
+pub async fn scripted_upstream(behaviour: Behaviour) -> Upstream {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let recording = Arc::new(Mutex::new(Recording::default()));
+    let shared = Arc::clone(&recording);
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            shared.lock().unwrap().connections += 1;
+            tokio::spawn(serve_scripted(stream, behaviour, Arc::clone(&shared)));
+        }
+    });
+    Upstream { addr, recording }
+}
+
+async fn serve_scripted(stream: TcpStream, behaviour: Behaviour, rec: Arc<Mutex<Recording>>) {
+    if behaviour == Behaviour::Silent {
+        let mut stream = stream;
+        let mut sink = Vec::new();
+        let _ = stream.read_to_end(&mut sink).await;
+        return;
+    }
+    let (read, mut write) = stream.into_split();
+    let mut read = BufReader::new(read);
+    let _ = write.write_all(b"220 scripted.upstream ESMTP\r\n").await;
+    let mut line = Vec::new();
+    let mut chunks = Vec::new();
+    loop {
+        line.clear();
+        match read.read_until(b'\n', &mut line).await {
+            Ok(0) | Err(_) => return,
+            Ok(_) => {}
+        }
+        let text = String::from_utf8_lossy(&line).trim_end().to_owned();
+        {
+            let mut r = rec.lock().unwrap();
+            r.raw.extend_from_slice(&line);
+            r.commands.push(text.clone());
+        }
+        let verb = text
+            .split_whitespace()
+            .next()
+            .unwrap_or("")
+            .to_ascii_uppercase();
+        let reply: Vec<u8> = match verb.as_str() {
+            "EHLO" if behaviour == Behaviour::HeloOnly => {
+                b"502 5.5.2 Error: command not recognized\r\n".to_vec()
+            }
+            "EHLO" => {
+                b"250-scripted.upstream\r\n250-PIPELINING\r\n250-CHUNKING\r\n250-STARTTLS\r\n\
+250-AUTH PLAIN LOGIN SCRAM-SHA-256-PLUS\r\n250-XCLIENT ADDR NAME\r\n250 8BITMIME\r\n"
+                    .to_vec()
+            }
+            "HELO" => b"250 scripted.upstream\r\n".to_vec(),
+            "AUTH" => b"235 2.7.0 Authentication successful\r\n".to_vec(),
+            "QUIT" => {
+                let _ = write.write_all(b"221 2.0.0 Bye\r\n").await;
+                return;
+            }
+            "DATA" => {
+                let _ = write
+                    .write_all(b"354 End data with <CR><LF>.<CR><LF>\r\n")
+                    .await;
+                let mut body = Vec::new();
+                loop {
+                    line.clear();
+                    match read.read_until(b'\n', &mut line).await {
+                        Ok(0) | Err(_) => {
+                            rec.lock().unwrap().aborted_bodies += 1;
+                            return;
+                        }
+                        Ok(_) => {}
+                    }
+                    rec.lock().unwrap().raw.extend_from_slice(&line);
+                    if line == b".\r\n" {
+                        break;
+                    }
+                    body.extend_from_slice(&line);
+                }
+                rec.lock().unwrap().messages.push(body);
+                b"250 2.0.0 Ok: queued\r\n".to_vec()
+            }
+            "BDAT" => {
+                let mut words = text.split_whitespace().skip(1);
+                let size: usize = words.next().and_then(|s| s.parse().ok()).unwrap_or(0);
+                let last = words.next().is_some_and(|w| w.eq_ignore_ascii_case("LAST"));
+                let mut chunk = vec![0; size];
+                if read.read_exact(&mut chunk).await.is_err() {
+                    rec.lock().unwrap().aborted_bodies += 1;
+                    return;
+                }
+                rec.lock().unwrap().raw.extend_from_slice(&chunk);
+                chunks.extend_from_slice(&chunk);
+                if last {
+                    rec.lock()
+                        .unwrap()
+                        .messages
+                        .push(std::mem::take(&mut chunks));
+                }
+                format!("250 2.0.0 {size} octets received\r\n").into_bytes()
+            }
+            _ => b"250 2.0.0 Ok\r\n".to_vec(),
+        };
+        if write.write_all(&reply).await.is_err() {
+            return;
+        }
+    }
+}
+
+/// The proxy, running in-process with its listeners on 127.0.0.1:0.
+pub struct Proxy {
+    pub addrs: HashMap<String, SocketAddr>,
+    _stop: watch::Sender<bool>,
+}
+
+impl Proxy {
+    pub fn addr(&self, listener: &str) -> SocketAddr {
+        self.addrs[listener]
+    }
+}
+
+/// Starts the proxy with these `listeners:` entries (YAML flow maps, one per line) and
+/// any extra top-level YAML.
+pub async fn proxy(listeners: &[String], extra: &str) -> Proxy {
+    let certs = certs();
+    let mut yaml = format!(
+        "tls:\n  certificates:\n    - {{ cert: {}, key: {} }}\n    - {{ cert: {}, key: {} }}\nlisteners:\n",
+        certs.default.0.display(),
+        certs.default.1.display(),
+        certs.other.0.display(),
+        certs.other.1.display()
+    );
+    for listener in listeners {
+        yaml.push_str(&format!("  - {listener}\n"));
+    }
+    yaml.push_str(extra);
+    let config = Config::from_yaml(&yaml, "test.yaml").unwrap_or_else(|e| panic!("{e}\n{yaml}"));
+    let server = Server::bind(&config).await.unwrap();
+    let addrs = server.local_addrs().into_iter().collect();
+    let (stop, stopped) = watch::channel(false);
+    tokio::spawn(server.run(stopped));
+    Proxy { addrs, _stop: stop }
+}
+
+/// A `listeners:` entry for an SMTP listener on a free loopback port.
+pub fn smtp_listener(name: &str, tls: &str, policy: &str, upstream: SocketAddr) -> String {
+    format!(
+        "{{ name: {name}, protocol: smtp, listen: \"127.0.0.1:0\", tls: {tls}, policy: {policy}, upstream: \"{upstream}\" }}"
+    )
+}
+
+pub fn tls_client_config(alpn: &[&[u8]]) -> Arc<rustls::ClientConfig> {
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(certs().ca_der.clone()).unwrap();
+    let mut config = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::aws_lc_rs::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    config.alpn_protocols = alpn.iter().map(|a| a.to_vec()).collect();
+    Arc::new(config)
+}
+
+/// A TLS handshake as a client, verifying the proxy's certificate for `name`.
+pub async fn tls_connect<S: AsyncRead + AsyncWrite + Unpin>(
+    stream: S,
+    name: &str,
+    alpn: &[&[u8]],
+) -> std::io::Result<tokio_rustls::client::TlsStream<S>> {
+    let connector = tokio_rustls::TlsConnector::from(tls_client_config(alpn));
+    let name = ServerName::try_from(name.to_owned()).unwrap();
+    within(connector.connect(name, stream)).await
+}
+
+/// A line-oriented SMTP client over any stream.
+pub struct Client<S> {
+    pub stream: BufReader<S>,
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin> Client<S> {
+    pub fn new(stream: S) -> Self {
+        Client {
+            stream: BufReader::new(stream),
+        }
+    }
+
+    /// One complete reply (all its lines).
+    pub async fn reply(&mut self) -> String {
+        let mut reply = String::new();
+        loop {
+            let mut line = String::new();
+            let n = within(self.stream.read_line(&mut line)).await.unwrap();
+            assert!(n > 0, "connection closed; reply so far: {reply:?}");
+            reply.push_str(&line);
+            if line.len() < 4 || line.as_bytes()[3] == b' ' || line.as_bytes()[3] == b'\r' {
+                return reply;
+            }
+        }
+    }
+
+    pub async fn send(&mut self, bytes: &[u8]) {
+        within(self.stream.get_mut().write_all(bytes))
+            .await
+            .unwrap();
+        within(self.stream.get_mut().flush()).await.unwrap();
+    }
+
+    /// Sends a command line and returns its reply.
+    pub async fn cmd(&mut self, line: &str) -> String {
+        self.send(format!("{line}\r\n").as_bytes()).await;
+        self.reply().await
+    }
+
+    /// Everything until the peer closes (bounded by the step deadline).
+    pub async fn rest(&mut self) -> Vec<u8> {
+        let mut out = Vec::new();
+        let _ = within(self.stream.read_to_end(&mut out)).await;
+        out
+    }
+
+    pub fn into_inner(self) -> S {
+        self.stream.into_inner()
+    }
+}
+
+pub async fn connect(addr: SocketAddr) -> Client<TcpStream> {
+    Client::new(within(TcpStream::connect(addr)).await.unwrap())
+}
+
+/// Connects, reads the greeting, EHLO, STARTTLS, handshake, EHLO again.
+pub async fn starttls_client(
+    addr: SocketAddr,
+) -> Client<tokio_rustls::client::TlsStream<TcpStream>> {
+    let mut plain = connect(addr).await;
+    assert!(plain.reply().await.starts_with("220 "));
+    assert!(
+        plain
+            .cmd("EHLO client.example")
+            .await
+            .contains("250 STARTTLS\r\n")
+    );
+    assert_eq!(
+        plain.cmd("STARTTLS").await,
+        "220 2.0.0 Ready to start TLS\r\n"
+    );
+    let tls = tls_connect(plain.into_inner(), "mail.example.test", &[])
+        .await
+        .unwrap();
+    let mut client = Client::new(tls);
+    assert!(client.cmd("EHLO client.example").await.starts_with("250-"));
+    client
+}
