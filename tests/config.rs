@@ -1,0 +1,208 @@
+//! The configuration as an administrator meets it: the example parses, fixtures under
+//! `tests/fixtures/config/{valid,invalid}` are accepted or refused with the field and
+//! line named, and `mailmoat run`/`check` exit 64 on a bad file before binding anything.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use mailmoat::config::Config;
+
+/// A fixture with CERT and KEY replaced by the test certificate's paths.
+fn fixture(kind: &str, name: &str) -> (String, PathBuf) {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/config")
+        .join(kind)
+        .join(name);
+    let certs = common::certs();
+    let text = std::fs::read_to_string(&path)
+        .unwrap()
+        .replace("CERT", &certs.default.0.display().to_string())
+        .replace("KEY", &certs.default.1.display().to_string());
+    (text, path)
+}
+
+fn fixtures(kind: &str) -> Vec<String> {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/config")
+        .join(kind);
+    let mut names: Vec<String> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    names.sort();
+    assert!(!names.is_empty());
+    names
+}
+
+#[test]
+fn the_example_config_parses_into_the_documented_shape() {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/example.yaml");
+    let text = std::fs::read_to_string(&path).unwrap();
+    // The example names certificates that exist only on a real host: every other
+    // problem would be reported with them.
+    let err = Config::from_yaml(&text, "example.yaml").unwrap_err();
+    assert!(
+        err.problems
+            .iter()
+            .all(|p| p.message.starts_with("tls.certificates[0]")),
+        "{err}"
+    );
+    let certs = common::certs();
+    let text = text
+        .replace(
+            "/etc/mailmoat/mail.example.org.pem",
+            &certs.default.0.display().to_string(),
+        )
+        .replace(
+            "/etc/mailmoat/mail.example.org.key",
+            &certs.default.1.display().to_string(),
+        );
+    let config = Config::from_yaml(&text, "example.yaml").unwrap();
+    let names: Vec<&str> = config.listeners.iter().map(|l| l.name.as_str()).collect();
+    assert_eq!(names, ["mx", "submission", "smtps"]);
+    assert_eq!(
+        config.listeners[0].policy,
+        mailmoat::policy::Policy::AuthRequiresTls
+    );
+    assert_eq!(
+        config.listeners[1].policy,
+        mailmoat::policy::Policy::RequireTls
+    );
+    assert_eq!(config.listeners[2].tls, mailmoat::config::TlsMode::Implicit);
+    assert_eq!(config.timeouts.idle, std::time::Duration::from_secs(300));
+}
+
+#[test]
+fn valid_fixtures_are_accepted() {
+    for name in fixtures("valid") {
+        let (text, _) = fixture("valid", &name);
+        Config::from_yaml(&text, &name).unwrap_or_else(|e| panic!("{name}: {e}"));
+    }
+}
+
+#[test]
+fn invalid_fixtures_name_the_field_and_the_line() {
+    let expected: &[(&str, &[&str])] = &[
+        (
+            "bad-duration.yaml",
+            &[
+                "bad-duration.yaml:7: timeouts: `5 minutes`: expected a duration such as 500ms, 30s, 5m or 1h",
+            ],
+        ),
+        (
+            "bad-policy.yaml",
+            &["bad-policy.yaml:8: listeners[0].policy: unknown variant `require_ssl`"],
+        ),
+        (
+            "several-mistakes.yaml",
+            &[
+                "several-mistakes.yaml:3: tls.certificates[0].cert: /nonexistent/cert.pem",
+                "several-mistakes.yaml:5: listeners[0] (mx).upstream: 192.0.2.10:25 is neither loopback nor a unix socket",
+                "several-mistakes.yaml:5: listeners[1] (mx).name: `mx` is used twice",
+                "several-mistakes.yaml:5: listeners[1] (mx).listen: 127.0.0.1:47125 is used twice",
+                "several-mistakes.yaml:8: limits.max_line_len: 100 is outside 512..=16000",
+            ],
+        ),
+        (
+            "unknown-field.yaml",
+            &["unknown-field.yaml:8: listeners[0]: unknown field `upstraem`"],
+        ),
+    ];
+    assert_eq!(
+        fixtures("invalid"),
+        expected
+            .iter()
+            .map(|(n, _)| n.to_string())
+            .collect::<Vec<_>>()
+    );
+    for (name, messages) in expected {
+        let (text, _) = fixture("invalid", name);
+        let err = Config::from_yaml(&text, name).unwrap_err().to_string();
+        let lines: Vec<&str> = err.lines().collect();
+        assert_eq!(lines.len(), messages.len(), "{name}: {err}");
+        for (line, message) in lines.iter().zip(*messages) {
+            assert!(
+                line.starts_with(message),
+                "{name}:\n  got      {line}\n  expected {message}"
+            );
+        }
+    }
+}
+
+#[test]
+fn remote_plaintext_upstreams_need_the_explicit_opt_in() {
+    let (text, _) = fixture("valid", "minimal.yaml");
+    let remote = text.replace("127.0.0.1:2587", "192.0.2.10:587");
+    assert!(Config::from_yaml(&remote, "x").is_err());
+    let allowed = format!("{remote}allow_remote_plaintext: true\n");
+    Config::from_yaml(&allowed, "x").unwrap();
+}
+
+#[test]
+fn the_binary_exits_64_on_a_bad_config_and_binds_nothing() {
+    let (text, _) = fixture("invalid", "several-mistakes.yaml");
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("bad.yaml");
+    std::fs::write(&path, text).unwrap();
+    for subcommand in ["run", "check"] {
+        let output = Command::new(env!("CARGO_BIN_EXE_mailmoat"))
+            .args([subcommand, "-c"])
+            .arg(&path)
+            .output()
+            .unwrap();
+        assert_eq!(output.status.code(), Some(64), "{subcommand}");
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(stderr.lines().count(), 5, "{stderr}");
+        assert!(
+            stderr.contains("bad.yaml:5: listeners[0] (mx).upstream"),
+            "{stderr}"
+        );
+    }
+    // Nothing was bound: the port is still free.
+    std::net::TcpListener::bind("127.0.0.1:47125").unwrap();
+}
+
+#[test]
+fn check_accepts_a_good_config() {
+    let (text, _) = fixture("valid", "minimal.yaml");
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("good.yaml");
+    std::fs::write(&path, text).unwrap();
+    let output = Command::new(env!("CARGO_BIN_EXE_mailmoat"))
+        .args(["check", "-c"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert_eq!(
+        output.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&output.stdout),
+        "configuration ok: 1 listener(s)\n"
+    );
+}
+
+#[test]
+fn a_key_that_does_not_match_its_certificate_is_refused() {
+    let certs = common::certs();
+    let (text, _) = fixture("valid", "minimal.yaml");
+    let text = text.replace(
+        &certs.default.1.display().to_string(),
+        &certs.other.1.display().to_string(),
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("mismatch.yaml");
+    std::fs::write(&path, text).unwrap();
+    let output = Command::new(env!("CARGO_BIN_EXE_mailmoat"))
+        .args(["check", "-c"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(64));
+    assert!(String::from_utf8_lossy(&output.stderr).contains("does not match"));
+}
