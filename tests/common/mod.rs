@@ -368,3 +368,246 @@ pub async fn starttls_client(
     assert!(client.cmd("EHLO client.example").await.starts_with("250-"));
     client
 }
+
+// ---- the real legacy servers and the real binary ----
+
+/// A free loopback port (bound, then released).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// The real Postfix and Dovecot started by `scripts/legacy.sh`, one instance per test
+/// binary, stopped by the script's watcher when this process exits.
+pub struct Legacy {
+    _dir: tempfile::TempDir,
+    pub smtp: SocketAddr,
+    pub imap: SocketAddr,
+    pub pop3: SocketAddr,
+    pub postfix_log: PathBuf,
+    pub dovecot_log: PathBuf,
+    pub maildir_alice: PathBuf,
+}
+
+pub fn legacy() -> &'static Legacy {
+    static LEGACY: OnceLock<Legacy> = OnceLock::new();
+    LEGACY.get_or_init(|| {
+        let dir = tempfile::Builder::new()
+            .prefix("mailmoat-legacy-")
+            .tempdir()
+            .unwrap();
+        let (smtp, imap, pop3) = (free_port(), free_port(), free_port());
+        let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/legacy.sh");
+        let output = std::process::Command::new("bash")
+            .arg(&script)
+            .arg("start")
+            .arg(dir.path())
+            .arg("--watch")
+            .arg(std::process::id().to_string())
+            .env("LEGACY_SMTP_PORT", smtp.to_string())
+            .env("LEGACY_IMAP_PORT", imap.to_string())
+            .env("LEGACY_POP3_PORT", pop3.to_string())
+            .output()
+            .expect("bash runs");
+        // A missing Postfix or Dovecot is a failure, never a skip: these tests are the
+        // proof that real clients and real legacy servers work through the proxy.
+        assert!(
+            output.status.success(),
+            "scripts/legacy.sh start failed (install the legacy servers with \
+             scripts/install-deps.sh):\n{}\n{}",
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        );
+        let env = std::fs::read_to_string(dir.path().join("legacy.env")).unwrap();
+        let var = |name: &str| {
+            env.lines()
+                .find_map(|l| l.strip_prefix(&format!("{name}=")))
+                .unwrap_or_else(|| panic!("{name} missing from legacy.env"))
+                .trim_matches('"')
+                .to_owned()
+        };
+        let addr = |port: u16| SocketAddr::from(([127, 0, 0, 1], port));
+        Legacy {
+            smtp: addr(smtp),
+            imap: addr(imap),
+            pop3: addr(pop3),
+            postfix_log: var("LEGACY_POSTFIX_LOG").into(),
+            dovecot_log: var("LEGACY_DOVECOT_LOG").into(),
+            maildir_alice: var("LEGACY_MAILDIR_ALICE").into(),
+            _dir: dir,
+        }
+    })
+}
+
+impl Legacy {
+    /// Waits (bounded) for a delivered message in alice's Maildir containing `tag`.
+    pub fn wait_for_delivery(&self, tag: &str) -> Vec<u8> {
+        self.wait_for_deliveries(tag, 1).pop().unwrap()
+    }
+
+    /// Waits (bounded) for `count` messages containing `tag`.
+    pub fn wait_for_deliveries(&self, tag: &str, count: usize) -> Vec<Vec<u8>> {
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        loop {
+            let mut found = Vec::new();
+            for sub in ["new", "cur"] {
+                let Ok(entries) = std::fs::read_dir(self.maildir_alice.join(sub)) else {
+                    continue;
+                };
+                for entry in entries.flatten() {
+                    let Ok(bytes) = std::fs::read(entry.path()) else {
+                        continue;
+                    };
+                    if memchr::memmem::find(&bytes, tag.as_bytes()).is_some() {
+                        found.push(bytes);
+                    }
+                }
+            }
+            if found.len() >= count {
+                return found;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{} of {count} messages tagged {tag} delivered",
+                found.len()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    pub fn logs(&self) -> String {
+        let mut all = std::fs::read_to_string(&self.postfix_log).unwrap_or_default();
+        all.push_str(&std::fs::read_to_string(&self.dovecot_log).unwrap_or_default());
+        all
+    }
+}
+
+/// The real `mailmoat` binary, logging at trace level to a file, killed on drop.
+pub struct Mailmoat {
+    child: std::process::Child,
+    _dir: tempfile::TempDir,
+    pub log: PathBuf,
+    pub ports: HashMap<String, u16>,
+}
+
+impl Mailmoat {
+    /// Starts the binary with `(name, protocol, tls, policy, upstream)` listeners on free
+    /// ports, and waits until every port accepts.
+    pub fn start(listeners: &[(&str, &str, &str, &str, SocketAddr)]) -> Mailmoat {
+        let certs = certs();
+        let dir = tempfile::tempdir().unwrap();
+        let mut ports = HashMap::new();
+        let mut yaml = format!(
+            "tls:\n  certificates:\n    - {{ cert: {}, key: {} }}\nlog: {{ level: trace }}\nlisteners:\n",
+            certs.default.0.display(),
+            certs.default.1.display()
+        );
+        for (name, protocol, tls, policy, upstream) in listeners {
+            let port = free_port();
+            ports.insert(name.to_string(), port);
+            yaml.push_str(&format!(
+                "  - {{ name: {name}, protocol: {protocol}, listen: \"127.0.0.1:{port}\", tls: {tls}, policy: {policy}, upstream: \"{upstream}\" }}\n"
+            ));
+        }
+        let config = dir.path().join("mailmoat.yaml");
+        std::fs::write(&config, yaml).unwrap();
+        let log = dir.path().join("mailmoat.log");
+        let child = std::process::Command::new(env!("CARGO_BIN_EXE_mailmoat"))
+            .args(["run", "-c"])
+            .arg(&config)
+            .env_remove("RUST_LOG")
+            .stdout(std::fs::File::create(dir.path().join("stdout")).unwrap())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap();
+        let mailmoat = Mailmoat {
+            child,
+            _dir: dir,
+            log,
+            ports,
+        };
+        for port in mailmoat.ports.values() {
+            let deadline = std::time::Instant::now() + Duration::from_secs(20);
+            while std::net::TcpStream::connect(("127.0.0.1", *port)).is_err() {
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "mailmoat did not listen"
+                );
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+        mailmoat
+    }
+
+    pub fn port(&self, name: &str) -> u16 {
+        self.ports[name]
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Mailmoat {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Runs a program to completion (bounded), returning (exit code, stdout, stderr).
+pub fn run_program(program: &str, args: &[&str]) -> (i32, String, String) {
+    let child = std::process::Command::new(program)
+        .args(args)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| {
+            panic!("{program} is not installed ({e}): run scripts/install-deps.sh")
+        });
+    let output = wait_bounded(child, Duration::from_secs(180));
+    (
+        output.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&output.stdout).into_owned(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
+}
+
+fn wait_bounded(mut child: std::process::Child, limit: Duration) -> std::process::Output {
+    let deadline = std::time::Instant::now() + limit;
+    loop {
+        if child.try_wait().unwrap().is_some() {
+            return child.wait_with_output().unwrap();
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("program ran longer than {limit:?}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// `python3 tests/clients/smtp_client.py ARGS`, parsed.
+pub fn smtp_client(args: &[&str]) -> serde_json::Value {
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/clients/smtp_client.py");
+    let mut all = vec![script];
+    all.extend_from_slice(args);
+    let (code, stdout, stderr) = run_program("python3", &all);
+    assert_eq!(code, 0, "smtp_client.py {args:?} failed:\n{stderr}");
+    serde_json::from_str(&stdout).unwrap_or_else(|e| panic!("{e}: {stdout}"))
+}
+
+/// A tag unique to this test run, for finding our messages and log lines.
+pub fn unique(prefix: &str) -> String {
+    static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .subsec_nanos();
+    format!("{prefix}-{}-{nanos:x}-{n}", std::process::id())
+}
