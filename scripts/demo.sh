@@ -1,0 +1,108 @@
+#!/usr/bin/env bash
+# The demo: a real legacy Postfix + Dovecot on loopback without TLS, and mailmoat in
+# front of it. Installs what it needs (Debian, as root), builds mailmoat, starts
+# everything, runs real sessions through each listener, then leaves it running.
+#
+#   scripts/demo.sh         set up, start, show
+#   scripts/demo.sh stop    stop mailmoat and the legacy servers
+set -euo pipefail
+cd "$(dirname "$0")/.."
+root=$(pwd)
+demo=${MAILMOAT_DEMO_DIR:-/tmp/mailmoat-demo}
+
+stop() {
+    if [ -f "$demo/mailmoat.pid" ]; then
+        kill "$(cat "$demo/mailmoat.pid")" 2>/dev/null || true
+        rm -f "$demo/mailmoat.pid"
+    fi
+    [ -d "$demo/legacy" ] && bash scripts/legacy.sh stop "$demo/legacy" || true
+}
+
+if [ "${1:-}" = stop ]; then
+    stop
+    echo "demo stopped"
+    exit 0
+fi
+
+step() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
+
+step "installing the legacy servers and clients (Debian packages)"
+if [ "$(id -u)" = 0 ]; then bash scripts/install-deps.sh; fi
+
+step "building mailmoat"
+cargo build --release --quiet
+
+stop
+mkdir -p "$demo"
+step "starting a legacy Postfix (SMTP 127.0.0.1:2525) and Dovecot, without TLS"
+bash scripts/legacy.sh start "$demo/legacy"
+# shellcheck disable=SC1091
+. "$demo/legacy/legacy.env"
+
+step "generating a test CA and a certificate for mail.example.test"
+bash scripts/gen-test-certs.sh "$demo/certs" mail.example.test >/dev/null
+
+cat > "$demo/mailmoat.yaml" <<YAML
+tls:
+  certificates:
+    - { cert: $demo/certs/mail.example.test.pem, key: $demo/certs/mail.example.test.key }
+listeners:
+  - { name: mx,         protocol: smtp, listen: "127.0.0.1:10025", tls: starttls, policy: auth_requires_tls, upstream: "127.0.0.1:$LEGACY_SMTP_PORT" }
+  - { name: submission, protocol: smtp, listen: "127.0.0.1:10587", tls: starttls, upstream: "127.0.0.1:$LEGACY_SMTP_PORT" }
+  - { name: smtps,      protocol: smtp, listen: "127.0.0.1:10465", tls: implicit, upstream: "127.0.0.1:$LEGACY_SMTP_PORT" }
+YAML
+step "starting mailmoat (config $demo/mailmoat.yaml, log $demo/mailmoat.log)"
+"$root/target/release/mailmoat" check -c "$demo/mailmoat.yaml"
+"$root/target/release/mailmoat" run -c "$demo/mailmoat.yaml" >"$demo/mailmoat.log" 2>&1 &
+echo $! >"$demo/mailmoat.pid"
+for _ in $(seq 50); do
+    (exec 3<>/dev/tcp/127.0.0.1/10587) 2>/dev/null && break
+    sleep 0.1
+done
+
+step "what the legacy Postfix itself offers (no STARTTLS, AUTH in the clear)"
+swaks --server 127.0.0.1:"$LEGACY_SMTP_PORT" --quit-after EHLO 2>&1 | grep -E '^ *<-'
+
+step "the same server through mailmoat's submission port: STARTTLS injected, AUTH hidden"
+swaks --server 127.0.0.1:10587 --quit-after EHLO 2>&1 | grep -E '^ *<-'
+
+step "a plaintext login attempt is refused by mailmoat and never reaches Postfix"
+exec 3<>/dev/tcp/127.0.0.1/10587
+read -r -t 5 greeting <&3; echo "<- $greeting"
+printf 'EHLO demo.example\r\n' >&3
+while read -r -t 5 line <&3; do echo "<- $line"; [[ $line == "250 "* ]] && break; done
+printf 'AUTH PLAIN AGFsaWNlQGV4YW1wbGUudGVzdABhbGljZS1zZWNyZXQtcHc=\r\n' >&3
+echo "-> AUTH PLAIN AGFsaWNl...(alice's password)"
+read -r -t 5 line <&3; echo "<- $line"
+printf 'QUIT\r\n' >&3; exec 3>&-
+
+step "STARTTLS, then AUTH and a message, through submission (swaks)"
+swaks --server 127.0.0.1:10587 --tls --auth PLAIN --auth-user alice@example.test \
+    --auth-password alice-secret-pw --from bob@example.test --to alice@example.test \
+    --header "Subject: hello through the moat" 2>&1 | grep -E '^ *(<-|->|<~|~>|===)' | head -40
+
+step "implicit TLS (smtps) and the public MX (plaintext mail allowed, no AUTH)"
+swaks --server 127.0.0.1:10465 --tls-on-connect --auth PLAIN --auth-user alice@example.test \
+    --auth-password alice-secret-pw --from bob@example.test --to alice@example.test \
+    --header "Subject: hello over smtps" 2>&1 | grep -E '^ *(<~|~>)' | tail -4
+swaks --server 127.0.0.1:10025 --from someone@remote.example --to alice@example.test \
+    --header "Subject: hello over the mx" 2>&1 | grep -E '^ *(<-|->)' | tail -4
+
+step "delivered to alice's Maildir by the legacy Postfix"
+ls -1 "$LEGACY_MAILDIR_ALICE/new" | tail -3
+
+step "mailmoat's security events"
+grep -E 'event="(credentials_exposed|plaintext_command_refused|tls_established|session_end)"' \
+    "$demo/mailmoat.log" | tail -6
+
+cat <<EOF
+
+mailmoat is running (pid $(cat "$demo/mailmoat.pid")) in front of the legacy Postfix:
+  MX          127.0.0.1:10025  STARTTLS, plaintext mail allowed, AUTH only after TLS
+  submission  127.0.0.1:10587  STARTTLS required before anything else
+  smtps       127.0.0.1:10465  implicit TLS
+Point a client at it: server 127.0.0.1, port 10587, STARTTLS, user alice@example.test,
+password alice-secret-pw; trust the test CA $demo/certs/ca.pem (name mail.example.test).
+  swaks --server 127.0.0.1:10587 --tls --auth-user alice@example.test --auth-password alice-secret-pw --to alice@example.test
+Log: $demo/mailmoat.log    Stop: scripts/demo.sh stop
+EOF

@@ -1,0 +1,77 @@
+#!/usr/bin/env bash
+# Install the legacy mail stack used by scripts/legacy.sh (Debian 12, run as root).
+# Idempotent: skips apt when everything is already there, and always makes sure the
+# system-wide postfix/dovecot are not left running on the standard ports.
+set -euo pipefail
+
+log() { echo "install-deps: $*" >&2; }
+
+if [ "$(id -u)" -ne 0 ]; then
+    log "must run as root"
+    exit 1
+fi
+
+PKGS=(postfix dovecot-core dovecot-imapd dovecot-pop3d swaks openssl curl ca-certificates python3)
+
+# Everything legacy.sh and the tests need; if all present, apt is skipped entirely.
+have_all() {
+    local b
+    for b in postfix postconf postsuper dovecot doveadm swaks openssl curl python3 setsid; do
+        command -v "$b" >/dev/null 2>&1 || return 1
+    done
+    # imap/pop3 come from separate packages; the binaries live outside $PATH.
+    [ -x /usr/lib/dovecot/imap ] && [ -x /usr/lib/dovecot/pop3 ] &&
+        [ -e /usr/lib/dovecot/modules/lib30_imap_zlib_plugin.so ] &&
+        [ -s /etc/ssl/certs/ca-certificates.crt ]
+}
+
+# Don't race another apt/dpkg run (e.g. one started in the background by a setup step).
+wait_for_apt() {
+    local i
+    for i in $(seq 1 600); do
+        if ! pgrep -x apt-get >/dev/null 2>&1 && ! pgrep -x apt >/dev/null 2>&1 &&
+            ! pgrep -x dpkg >/dev/null 2>&1; then
+            return 0
+        fi
+        [ "$i" = 1 ] && log "waiting for a running apt-get/dpkg to finish..."
+        sleep 1
+    done
+    log "timed out waiting for apt-get/dpkg"
+    return 1
+}
+
+if have_all; then
+    log "all packages already present, skipping apt"
+else
+    wait_for_apt
+    # A fresh postfix install asks debconf; "Local only" keeps it off the network even
+    # if something does start it.
+    printf '%s\n' \
+        "postfix postfix/main_mailer_type select Local only" \
+        "postfix postfix/mailname string localhost" |
+        debconf-set-selections
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get -o DPkg::Lock::Timeout=600 update
+    # --no-upgrade: only fill gaps, never upgrade already-installed libs (e.g. libssl)
+    # behind the back of whoever else uses this machine.
+    apt-get -o DPkg::Lock::Timeout=600 install -y --no-install-recommends --no-upgrade "${PKGS[@]}"
+    if ! have_all; then
+        log "packages installed but some binaries are still missing"
+        exit 1
+    fi
+fi
+
+# No systemd in the sandbox. The package scripts may or may not have started the
+# system instances (policy-rc.d usually forbids it); stop them if they run so they
+# don't sit on ports 25/110/143. Failures here are tolerated on purpose.
+if postfix status >/dev/null 2>&1; then
+    log "stopping system-wide postfix"
+    postfix stop >/dev/null 2>&1 || service postfix stop >/dev/null 2>&1 || true
+fi
+if [ -s /run/dovecot/master.pid ] && kill -0 "$(cat /run/dovecot/master.pid)" 2>/dev/null; then
+    log "stopping system-wide dovecot"
+    doveadm stop >/dev/null 2>&1 || service dovecot stop >/dev/null 2>&1 || true
+fi
+
+log "versions: postfix $(postconf -h mail_version), dovecot $(dovecot --version)"
+log "ok"

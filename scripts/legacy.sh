@@ -1,0 +1,555 @@
+#!/usr/bin/env bash
+# Private, plaintext-only ("legacy") Postfix + Dovecot instance on 127.0.0.1 for
+# mailmoat's end-to-end tests and demo. Everything lives under DIR, so several
+# instances (different DIRs and ports) can run side by side.
+#
+#   legacy.sh start DIR [--watch PID]   (re)start the instance, write DIR/legacy.env
+#   legacy.sh stop DIR                  stop it (tolerates already stopped)
+#
+# Ports: LEGACY_SMTP_PORT (2525), LEGACY_IMAP_PORT (1143), LEGACY_POP3_PORT (1110).
+# Users: alice@example.test / alice-secret-pw, bob@example.test / bob-secret-pw.
+set -euo pipefail
+
+PROG=$(basename "$0")
+SELF=$(readlink -f "$0")
+
+die() { echo "$PROG: $*" >&2; exit 1; }
+note() { echo "$PROG: $*" >&2; }
+
+usage() {
+    cat >&2 <<EOF
+usage: $PROG start DIR [--watch PID]
+       $PROG stop DIR
+env:   LEGACY_SMTP_PORT (2525) LEGACY_IMAP_PORT (1143) LEGACY_POP3_PORT (1110)
+EOF
+    exit 2
+}
+
+# ---------------------------------------------------------------- helpers
+
+# Unix socket paths are limited to 107 bytes; the deepest socket is Dovecot's
+# DIR/run/dovecot/token-login/imap-urlauth (DIR + 37), Postfix's are shorter.
+MAX_DIR_LEN=70
+
+set_paths() {
+    DIR=$1
+    case "$DIR" in
+        /*) ;;
+        *) die "DIR must be an absolute path: $DIR" ;;
+    esac
+    DIR=${DIR%/}
+    # The path goes unquoted into main.cf, dovecot.conf and legacy.env.
+    case "$DIR" in
+        *[!A-Za-z0-9._/+-]*) die "DIR may only contain [A-Za-z0-9._/+-]: $DIR" ;;
+    esac
+    [ "${#DIR}" -le "$MAX_DIR_LEN" ] ||
+        die "DIR is ${#DIR} chars; keep it <= $MAX_DIR_LEN (unix socket path limit): $DIR"
+    PF_CONF=$DIR/postfix
+    PF_QUEUE=$DIR/spool
+    PF_DATA=$DIR/data
+    DC_CONF_DIR=$DIR/dovecot
+    DC_CONF=$DC_CONF_DIR/dovecot.conf
+    DC_BASE=$DIR/run/dovecot
+    AUTH_SOCK=$DIR/run/auth-postfix
+    LOG_DIR=$DIR/log
+    PF_LOG=$LOG_DIR/postfix.log
+    DC_LOG=$LOG_DIR/dovecot.log
+    MAIL_DIR=$DIR/mail
+    WATCH_PID_FILE=$DIR/run/watch.pid
+    ENV_FILE=$DIR/legacy.env
+}
+
+# pid of a live process recorded in FILE (first line), or nothing.
+live_pid() {
+    local f=$1 pid
+    [ -s "$f" ] || return 1
+    pid=$(head -n1 "$f" | tr -dc '0-9')
+    [ -n "$pid" ] && kill -0 "$pid" 2>/dev/null || return 1
+    echo "$pid"
+}
+
+# Fields of /proc/PID/stat after the command name: "state ppid pgrp ...".
+# Pure bash (no forks) because it runs for every process on the box.
+stat_fields() {
+    local line
+    { IFS= read -r line <"/proc/$1/stat"; } 2>/dev/null || return 1
+    echo "${line##*) }"
+}
+
+# All descendants of PID, from /proc so we need no procps.
+descendants() {
+    local f pid fields st ppid rest todo=("$1") out=() p
+    declare -A kids=()
+    for f in /proc/[0-9]*; do
+        pid=${f#/proc/}
+        fields=$(stat_fields "$pid") || continue
+        read -r st ppid rest <<<"$fields"
+        kids[$ppid]+=" $pid"
+    done
+    while [ "${#todo[@]}" -gt 0 ]; do
+        p=${todo[0]}
+        todo=("${todo[@]:1}")
+        for pid in ${kids[$p]:-}; do
+            out+=("$pid")
+            todo+=("$pid")
+        done
+    done
+    echo "${out[@]:-}"
+}
+
+# "host port" answers with a banner starting with PREFIX?
+banner_ok() {
+    local port=$1 prefix=$2
+    timeout 3 bash -c '
+        exec 3<>"/dev/tcp/127.0.0.1/$1" || exit 1
+        IFS= read -r -t 2 line <&3 || exit 1
+        exec 3>&-
+        case "$line" in "$2"*) exit 0 ;; *) exit 1 ;; esac
+    ' _ "$port" "$prefix" 2>/dev/null
+}
+
+port_in_use() {
+    timeout 2 bash -c 'exec 3<>"/dev/tcp/127.0.0.1/$1"' _ "$1" 2>/dev/null
+}
+
+# Start time of a process (field 22 of /proc/PID/stat), to detect pid reuse.
+proc_start() {
+    local f
+    f=($(stat_fields "$1"))
+    [ "${#f[@]}" -gt 19 ] || return 1
+    echo "${f[19]}"
+}
+
+# Exists and is not a zombie (zombies re-parented to a non-reaping init linger).
+proc_running() {
+    local f
+    f=($(stat_fields "$1"))
+    [ "${#f[@]}" -gt 0 ] && [ "${f[0]}" != Z ]
+}
+
+proc_alive() { # PID STARTTIME
+    local f
+    f=($(stat_fields "$1"))
+    [ "${#f[@]}" -gt 19 ] || return 1
+    # A zombie has already exited; its parent just has not reaped it yet.
+    [ "${f[0]}" != Z ] && [ "${f[19]}" = "$2" ]
+}
+
+# ---------------------------------------------------------------- stop
+
+# Does /proc/PID/{environ,cmdline} contain ITEM as one NUL-separated entry?
+proc_has() {
+    local pid=$1 what=$2 item=$3 entry
+    [ -n "$pid" ] || return 1
+    while IFS= read -r -d '' entry; do
+        [ "$entry" = "$item" ] && return 0
+    done 2>/dev/null <"/proc/$pid/$what"
+    return 1
+}
+
+kill_watcher() {
+    local pid
+    pid=$(live_pid "$WATCH_PID_FILE") || { rm -f "$WATCH_PID_FILE"; return 0; }
+    proc_has "$pid" cmdline "__watch" || { rm -f "$WATCH_PID_FILE"; return 0; }
+    # The watcher runs "stop" itself; it must not kill itself half way.
+    if [ "$pid" != "${LEGACY_WATCHER_PID:-}" ]; then
+        kill "$pid" 2>/dev/null || true
+    fi
+    rm -f "$WATCH_PID_FILE"
+}
+
+do_stop() {
+    local pf_pid dc_pid pids=() p i
+    kill_watcher
+
+    # Remember every process of the instance before asking it to stop, so we can
+    # SIGKILL stragglers afterwards and guarantee nothing is left behind.
+    pf_pid=$(live_pid "$PF_QUEUE/pid/master.pid" || true)
+    dc_pid=$(live_pid "$DC_BASE/master.pid" || true)
+    # A stale pid file (e.g. after a container restart) may name an unrelated
+    # process now: only act on processes that really belong to this DIR.
+    proc_has "$pf_pid" environ "MAIL_CONFIG=$PF_CONF" || pf_pid=
+    proc_has "$dc_pid" cmdline "$DC_CONF" || dc_pid=
+    for p in $pf_pid $dc_pid; do
+        pids+=("$p")
+        for i in $(descendants "$p"); do pids+=("$i"); done
+    done
+
+    if [ -n "$pf_pid" ]; then
+        postfix -c "$PF_CONF" stop </dev/null >>"$LOG_DIR/control.log" 2>&1 ||
+            postfix -c "$PF_CONF" abort </dev/null >>"$LOG_DIR/control.log" 2>&1 || true
+    fi
+    if [ -n "$dc_pid" ]; then
+        # SIGTERM to the master is what "doveadm stop" does, minus its ~3 s wait;
+        # we wait below, in parallel with Postfix.
+        kill -TERM "$dc_pid" 2>/dev/null || true
+    fi
+
+    # Wait up to 10 s for a clean exit, then kill what is left.
+    local alive
+    for i in $(seq 1 100); do
+        alive=0
+        for p in "${pids[@]}"; do
+            proc_running "$p" && alive=1 && break
+        done
+        [ "$alive" = 0 ] && break
+        sleep 0.1
+    done
+    for p in "${pids[@]}"; do
+        kill -9 "$p" 2>/dev/null || true
+    done
+    rm -f "$AUTH_SOCK"
+}
+
+# ---------------------------------------------------------------- config
+
+write_configs() {
+    local mail_uid mail_gid
+    # Existing system user for the virtual mailboxes; Postfix's virtual(8) and
+    # Dovecot both need explicit minimum-uid settings because uid 8 is "low".
+    mail_uid=$(id -u mail) || die "no 'mail' user"
+    mail_gid=$(id -g mail)
+    MAIL_UID=$mail_uid
+
+    # data_directory and the queue subdirs are created (owned by postfix) by
+    # "postfix start" itself (post-install create-missing).
+    mkdir -p "$PF_CONF" "$PF_QUEUE" "$DC_CONF_DIR/state" "$DIR/run" "$LOG_DIR"
+    # Postfix (user postfix), Dovecot login/auth (dovenull/dovecot) and the mail
+    # uid all need to traverse DIR.
+    chmod 0755 "$DIR" "$DIR/run" "$LOG_DIR" "$DC_CONF_DIR"
+    chown root:root "$PF_QUEUE" && chmod 0755 "$PF_QUEUE"
+
+    # Maildirs in the layout Postfix virtual(8) delivers to (virtual_mailbox_base/<map value>).
+    local u
+    for u in alice bob; do
+        mkdir -p "$MAIL_DIR/example.test/$u/Maildir/"{cur,new,tmp}
+    done
+    chown -R "$mail_uid:$mail_gid" "$MAIL_DIR"
+    chmod 0755 "$MAIL_DIR"
+
+    # ---- Dovecot (2.3 setting names)
+    cat >"$DC_CONF_DIR/users" <<EOF
+alice@example.test:{PLAIN}alice-secret-pw:$mail_uid:$mail_gid::$MAIL_DIR/example.test/alice::
+bob@example.test:{PLAIN}bob-secret-pw:$mail_uid:$mail_gid::$MAIL_DIR/example.test/bob::
+EOF
+    # The auth process runs as "dovecot" and reads this itself.
+    chown root:dovecot "$DC_CONF_DIR/users"
+    chmod 0640 "$DC_CONF_DIR/users"
+
+    cat >"$DC_CONF" <<EOF
+# Generated by scripts/legacy.sh - plaintext legacy IMAP/POP3 for tests.
+instance_name = legacy-$IMAP_PORT
+base_dir = $DC_BASE
+state_dir = $DC_CONF_DIR/state
+protocols = imap pop3
+listen = 127.0.0.1
+
+ssl = no
+disable_plaintext_auth = no
+auth_mechanisms = plain login
+auth_verbose = yes
+log_path = $DC_LOG
+info_log_path = $DC_LOG
+
+first_valid_uid = $mail_uid
+first_valid_gid = $mail_gid
+mail_location = maildir:~/Maildir
+mail_plugins = \$mail_plugins zlib
+
+passdb {
+  driver = passwd-file
+  args = scheme=PLAIN username_format=%u $DC_CONF_DIR/users
+}
+userdb {
+  driver = passwd-file
+  args = username_format=%u $DC_CONF_DIR/users
+}
+
+protocol imap {
+  mail_plugins = \$mail_plugins imap_zlib
+}
+
+service imap-login {
+  inet_listener imap {
+    address = 127.0.0.1
+    port = $IMAP_PORT
+  }
+  inet_listener imaps {
+    port = 0
+  }
+}
+service pop3-login {
+  inet_listener pop3 {
+    address = 127.0.0.1
+    port = $POP3_PORT
+  }
+  inet_listener pop3s {
+    port = 0
+  }
+}
+# Not needed; keep them from listening anywhere.
+service submission-login {
+  inet_listener submission {
+    port = 0
+  }
+}
+service lmtp {
+  unix_listener lmtp {
+    mode = 0600
+  }
+}
+# SASL for Postfix smtpd (test instance, so world-connectable is fine).
+service auth {
+  unix_listener $AUTH_SOCK {
+    mode = 0666
+  }
+}
+EOF
+
+    # ---- Postfix
+    cat >"$PF_CONF/vmailbox" <<EOF
+alice@example.test example.test/alice/Maildir/
+bob@example.test   example.test/bob/Maildir/
+EOF
+
+    cat >"$PF_CONF/main.cf" <<EOF
+# Generated by scripts/legacy.sh - plaintext legacy SMTP for tests.
+compatibility_level = 3.6
+queue_directory = $PF_QUEUE
+data_directory = $PF_DATA
+# No syslog in the sandbox: log through postlogd (see master.cf) to a file.
+maillog_file = $PF_LOG
+maillog_file_prefixes = $LOG_DIR
+
+myhostname = legacy.example.test
+mydomain = example.test
+myorigin = \$myhostname
+mydestination =
+smtpd_banner = \$myhostname ESMTP legacy
+biff = no
+append_dot_mydomain = no
+inet_interfaces = 127.0.0.1
+inet_protocols = ipv4
+# Not loopback: the proxy connects from 127.0.0.1 and must not get open relay.
+mynetworks = 192.0.2.1/32
+smtpd_peername_lookup = no
+# Behind a proxy every client is 127.0.0.1: per-client connection and rate limits
+# (anvil) would count all clients together, so the proxy's address is exempt.
+smtpd_client_event_limit_exceptions = 127.0.0.0/8
+
+smtpd_tls_security_level = none
+smtp_tls_security_level = none
+smtpd_sasl_auth_enable = yes
+smtpd_sasl_type = dovecot
+smtpd_sasl_path = $AUTH_SOCK
+smtpd_relay_restrictions = permit_sasl_authenticated, reject_unauth_destination
+
+virtual_mailbox_domains = example.test
+virtual_mailbox_base = $MAIL_DIR
+virtual_mailbox_maps = texthash:$PF_CONF/vmailbox
+virtual_minimum_uid = $mail_uid
+virtual_uid_maps = static:$mail_uid
+virtual_gid_maps = static:$mail_gid
+virtual_mailbox_limit = 0
+mailbox_size_limit = 0
+message_size_limit = 52428800
+
+# Nothing ever leaves this instance: mail to foreign domains (authenticated relay)
+# bounces immediately instead of sitting in the queue doing DNS lookups.
+alias_maps =
+alias_database =
+local_recipient_maps =
+local_transport = error:local delivery disabled in legacy test instance
+default_transport = error:outbound mail disabled in legacy test instance
+relay_transport = error:outbound mail disabled in legacy test instance
+EOF
+
+    # chroot column is "n" everywhere: the queue lives under DIR, not /var/spool.
+    cat >"$PF_CONF/master.cf" <<EOF
+# service type  private unpriv  chroot  wakeup  maxproc command + args
+127.0.0.1:$SMTP_PORT inet n - n - - smtpd
+pickup    unix  n       -       n       60      1       pickup
+cleanup   unix  n       -       n       -       0       cleanup
+qmgr      unix  n       -       n       300     1       qmgr
+rewrite   unix  -       -       n       -       -       trivial-rewrite
+bounce    unix  -       -       n       -       0       bounce
+defer     unix  -       -       n       -       0       bounce
+trace     unix  -       -       n       -       0       bounce
+verify    unix  -       -       n       -       1       verify
+flush     unix  n       -       n       1000?   0       flush
+proxymap  unix  -       -       n       -       -       proxymap
+proxywrite unix -       -       n       -       1       proxymap
+showq     unix  n       -       n       -       -       showq
+error     unix  -       -       n       -       -       error
+retry     unix  -       -       n       -       -       error
+discard   unix  -       -       n       -       -       discard
+virtual   unix  -       n       n       -       -       virtual
+anvil     unix  -       -       n       -       1       anvil
+scache    unix  -       -       n       -       1       scache
+postlog   unix-dgram n  -       n       -       1       postlogd
+EOF
+}
+
+# ---------------------------------------------------------------- start
+
+print_logs() {
+    local f
+    for f in "$LOG_DIR/control.log" "$PF_LOG" "$DC_LOG"; do
+        [ -e "$f" ] || continue
+        echo "==== $f (last 60 lines)" >&2
+        tail -n 60 "$f" >&2 || true
+    done
+}
+
+do_start() {
+    local watch_pid=$1
+
+    # Fresh start: stop whatever this DIR was running before.
+    if [ -d "$DIR" ]; then
+        do_stop
+    fi
+    mkdir -p "$DIR"
+    mkdir -p "$LOG_DIR"
+    rm -f "$ENV_FILE"
+
+    # Daemons run as postfix/dovecot/dovenull/mail and must traverse every ancestor
+    # of DIR; temp dirs are often 0700 (e.g. Rust's tempfile), so add o+x (search only).
+    local d
+    d=$(dirname "$DIR") # DIR itself is chmod 0755 in write_configs
+    while [ "$d" != / ] && [ -n "$d" ]; do
+        if [ -d "$d" ] && [ "$(( 0$(stat -c %a "$d") & 1 ))" = 0 ]; then
+            note "adding o+x to $d so mail daemons can reach $DIR"
+            chmod o+x "$d"
+        fi
+        d=$(dirname "$d")
+    done
+
+    local p
+    for p in "$SMTP_PORT" "$IMAP_PORT" "$POP3_PORT"; do
+        if port_in_use "$p"; then
+            die "port 127.0.0.1:$p is already in use (another instance? set LEGACY_*_PORT)"
+        fi
+    done
+
+    write_configs
+    : >>"$PF_LOG"
+    : >>"$DC_LOG"
+    echo "---- start $(date -Is)" >>"$LOG_DIR/control.log"
+
+    # Stdio to a file: the daemons must not keep a caller's capture pipe open.
+    if ! dovecot -c "$DC_CONF" </dev/null >>"$LOG_DIR/control.log" 2>&1; then
+        note "dovecot failed to start"
+        print_logs
+        exit 1
+    fi
+    if ! postfix -c "$PF_CONF" start </dev/null >>"$LOG_DIR/control.log" 2>&1; then
+        note "postfix failed to start"
+        print_logs
+        do_stop
+        exit 1
+    fi
+
+    # Wait for all three banners.
+    local deadline=$((SECONDS + 30)) ok
+    while :; do
+        ok=1
+        banner_ok "$SMTP_PORT" "220 " || ok=0
+        [ "$ok" = 1 ] && { banner_ok "$IMAP_PORT" "* OK" || ok=0; }
+        [ "$ok" = 1 ] && { banner_ok "$POP3_PORT" "+OK" || ok=0; }
+        [ "$ok" = 1 ] && break
+        if [ "$SECONDS" -ge "$deadline" ]; then
+            note "timed out waiting for banners on ports $SMTP_PORT/$IMAP_PORT/$POP3_PORT"
+            print_logs
+            do_stop
+            exit 1
+        fi
+        sleep 0.2
+    done
+
+    cat >"$ENV_FILE.tmp" <<EOF
+LEGACY_SMTP_PORT=$SMTP_PORT
+LEGACY_IMAP_PORT=$IMAP_PORT
+LEGACY_POP3_PORT=$POP3_PORT
+LEGACY_POSTFIX_LOG=$PF_LOG
+LEGACY_DOVECOT_LOG=$DC_LOG
+LEGACY_MAILDIR_ALICE=$MAIL_DIR/example.test/alice/Maildir
+LEGACY_MAILDIR_BOB=$MAIL_DIR/example.test/bob/Maildir
+EOF
+    # Atomic, so a reader never sees a half-written file.
+    mv "$ENV_FILE.tmp" "$ENV_FILE"
+
+    if [ -n "$watch_pid" ]; then
+        local st
+        st=$(proc_start "$watch_pid" || true)
+        [ -n "$st" ] || { note "--watch: pid $watch_pid does not exist; stopping"; do_stop; exit 1; }
+        # Fully detached (new session, no inherited stdio) so a caller that captures
+        # our output does not wait for the watcher.
+        setsid -f bash "$SELF" __watch "$DIR" "$watch_pid" "$st" \
+            </dev/null >>"$LOG_DIR/watch.log" 2>&1
+        # Wait until the watcher has registered, so an immediate "stop" finds it.
+        local i
+        for i in $(seq 1 50); do
+            live_pid "$WATCH_PID_FILE" >/dev/null && break
+            sleep 0.1
+        done
+    fi
+
+    note "legacy instance up in $DIR (smtp $SMTP_PORT, imap $IMAP_PORT, pop3 $POP3_PORT)"
+}
+
+# Background watcher: stop the instance once PID has exited.
+do_watch() {
+    local pid=$1 st=$2
+    echo $$ >"$WATCH_PID_FILE"
+    echo "$(date -Is) watcher $$ watching pid $pid"
+    while proc_alive "$pid" "$st"; do
+        # A later start/stop of this DIR replaces or removes our registration:
+        # then this instance is no longer ours to stop.
+        if [ "$(cat "$WATCH_PID_FILE" 2>/dev/null)" != "$$" ]; then
+            echo "$(date -Is) watcher $$ superseded, exiting"
+            exit 0
+        fi
+        sleep 1
+    done
+    echo "$(date -Is) pid $pid gone, stopping instance"
+    LEGACY_WATCHER_PID=$$ do_stop
+    echo "$(date -Is) stopped"
+}
+
+# ---------------------------------------------------------------- main
+
+[ "$(id -u)" -eq 0 ] || die "must run as root (private postfix/dovecot instances)"
+[ $# -ge 2 ] || usage
+
+SMTP_PORT=${LEGACY_SMTP_PORT:-2525}
+IMAP_PORT=${LEGACY_IMAP_PORT:-1143}
+POP3_PORT=${LEGACY_POP3_PORT:-1110}
+
+cmd=$1
+set_paths "$2"
+shift 2
+
+case "$cmd" in
+    start)
+        watch=
+        if [ $# -gt 0 ]; then
+            [ "$1" = --watch ] && [ $# -eq 2 ] || usage
+            case "$2" in ''|*[!0-9]*) die "--watch needs a numeric PID" ;; esac
+            watch=$2
+        fi
+        do_start "$watch"
+        ;;
+    stop)
+        [ $# -eq 0 ] || usage
+        [ -d "$DIR" ] || exit 0
+        mkdir -p "$LOG_DIR"
+        do_stop
+        ;;
+    __watch)
+        [ $# -eq 2 ] || usage
+        do_watch "$1" "$2"
+        ;;
+    *)
+        usage
+        ;;
+esac
