@@ -456,3 +456,114 @@ async fn garbage_instead_of_a_client_hello_fails_the_handshake_and_others_carry_
     let mut tls = Client::new(tls_connect(tcp, "mail.example.test", &[]).await.unwrap());
     assert_eq!(tls.reply().await, "220 scripted.upstream ESMTP\r\n");
 }
+
+#[tokio::test]
+async fn a_unix_socket_upstream_works() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("smtp.sock");
+    let recording = scripted_unix_upstream(&path).await;
+    let proxy = proxy(
+        &[format!(
+            "{{ name: unix, protocol: smtp, listen: \"127.0.0.1:0\", upstream: \"unix:{}\" }}",
+            path.display()
+        )],
+        "",
+    )
+    .await;
+    let mut client = starttls_client(proxy.addr("unix")).await;
+    assert_eq!(client.cmd("NOOP").await, "250 2.0.0 Ok\r\n");
+    assert_eq!(
+        recording.lock().unwrap().commands,
+        ["EHLO client.example", "RSET", "EHLO client.example", "NOOP"]
+    );
+}
+
+async fn handshake_with(
+    addr: std::net::SocketAddr,
+    version: &'static rustls::SupportedProtocolVersion,
+) -> std::io::Result<String> {
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(certs().ca_der.clone()).unwrap();
+    let config = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::aws_lc_rs::default_provider(),
+    ))
+    .with_protocol_versions(&[version])
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    let connector = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config));
+    let tcp = tokio::net::TcpStream::connect(addr).await?;
+    let name = rustls_pki_types::ServerName::try_from("mail.example.test").unwrap();
+    let tls = within(connector.connect(name, tcp)).await?;
+    let mut client = Client::new(tls);
+    Ok(client.reply().await)
+}
+
+#[tokio::test]
+async fn tls_1_2_and_1_3_are_served_and_min_tls_version_1_3_refuses_1_2() {
+    let upstream = scripted_upstream(Behaviour::Esmtp).await;
+    let proxy = mx_and_submission(&upstream).await;
+    for version in [&rustls::version::TLS12, &rustls::version::TLS13] {
+        let greeting = handshake_with(proxy.addr("smtps"), version).await.unwrap();
+        assert_eq!(greeting, "220 scripted.upstream ESMTP\r\n");
+    }
+    let certs = certs();
+    let yaml = format!(
+        "tls:\n  min_tls_version: \"1.3\"\n  certificates:\n    - {{ cert: {}, key: {} }}\nlisteners:\n  - {}\n",
+        certs.default.0.display(),
+        certs.default.1.display(),
+        smtp_listener("strict", "implicit", "require_tls", upstream.addr)
+    );
+    let config = mailmoat::config::Config::from_yaml(&yaml, "strict.yaml").unwrap();
+    let server = mailmoat::listener::Server::bind(&config).await.unwrap();
+    let addr = server.local_addrs()[0].1;
+    let (_stop, stopped) = tokio::sync::watch::channel(false);
+    tokio::spawn(server.run(stopped));
+    assert!(handshake_with(addr, &rustls::version::TLS12).await.is_err());
+    assert!(handshake_with(addr, &rustls::version::TLS13).await.is_ok());
+}
+
+#[tokio::test]
+async fn a_client_that_never_starts_its_handshake_is_cut_at_the_deadline() {
+    let upstream = scripted_upstream(Behaviour::Esmtp).await;
+    let proxy = proxy(
+        &[smtp_listener(
+            "smtps",
+            "implicit",
+            "require_tls",
+            upstream.addr,
+        )],
+        "timeouts: { tls_handshake: 300ms }\n",
+    )
+    .await;
+    let mut silent = connect(proxy.addr("smtps")).await;
+    // Closed by the proxy's deadline: `rest` fails the test if the close never comes.
+    assert!(silent.rest().await.is_empty());
+    let tcp = tokio::net::TcpStream::connect(proxy.addr("smtps"))
+        .await
+        .unwrap();
+    let mut tls = Client::new(tls_connect(tcp, "mail.example.test", &[]).await.unwrap());
+    assert_eq!(tls.reply().await, "220 scripted.upstream ESMTP\r\n");
+}
+
+#[tokio::test]
+async fn a_client_that_pipelines_and_half_closes_gets_every_reply() {
+    let upstream = scripted_upstream(Behaviour::Esmtp).await;
+    let proxy = mx_and_submission(&upstream).await;
+    let mut client = connect(proxy.addr("mx")).await;
+    client.reply().await;
+    client.cmd("EHLO c").await;
+    client
+        .send(b"MAIL FROM:<a@example.test>\r\nRCPT TO:<b@example.test>\r\nDATA\r\n")
+        .await;
+    assert_eq!(client.reply().await, "250 2.0.0 Ok\r\n");
+    assert_eq!(client.reply().await, "250 2.0.0 Ok\r\n");
+    assert!(client.reply().await.starts_with("354 "));
+    client
+        .send(b"Subject: x\r\n\r\nbody\r\n.\r\nQUIT\r\n")
+        .await;
+    client.stream.get_mut().shutdown().await.unwrap();
+    assert_eq!(client.reply().await, "250 2.0.0 Ok: queued\r\n");
+    assert_eq!(client.reply().await, "221 2.0.0 Bye\r\n");
+    assert_eq!(upstream.recording.lock().unwrap().messages.len(), 1);
+}

@@ -129,14 +129,36 @@ pub async fn scripted_upstream(behaviour: Behaviour) -> Upstream {
     Upstream { addr, recording }
 }
 
-async fn serve_scripted(stream: TcpStream, behaviour: Behaviour, rec: Arc<Mutex<Recording>>) {
+/// The scripted upstream on a unix socket at `path`.
+pub async fn scripted_unix_upstream(path: &std::path::Path) -> Arc<Mutex<Recording>> {
+    let listener = tokio::net::UnixListener::bind(path).unwrap();
+    let recording = Arc::new(Mutex::new(Recording::default()));
+    let shared = Arc::clone(&recording);
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            shared.lock().unwrap().connections += 1;
+            tokio::spawn(serve_scripted(
+                stream,
+                Behaviour::Esmtp,
+                Arc::clone(&shared),
+            ));
+        }
+    });
+    recording
+}
+
+async fn serve_scripted<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(
+    stream: S,
+    behaviour: Behaviour,
+    rec: Arc<Mutex<Recording>>,
+) {
     if behaviour == Behaviour::Silent {
         let mut stream = stream;
         let mut sink = Vec::new();
         let _ = stream.read_to_end(&mut sink).await;
         return;
     }
-    let (read, mut write) = stream.into_split();
+    let (read, mut write) = tokio::io::split(stream);
     let mut read = BufReader::new(read);
     let _ = write.write_all(b"220 scripted.upstream ESMTP\r\n").await;
     let mut line = Vec::new();

@@ -200,6 +200,9 @@ pub struct Session {
     greeted_since_tls: bool,
     /// The client was shown STARTTLS in an EHLO reply.
     starttls_offered: bool,
+    /// The client closed its sending side; the session ends once the replies still
+    /// owed have been sent.
+    client_done: bool,
     actions: VecDeque<Action>,
     counters: Counters,
 }
@@ -225,6 +228,7 @@ impl Session {
             upstream_chunking: false,
             greeted_since_tls: false,
             starttls_offered: false,
+            client_done: false,
             actions: VecDeque::new(),
             counters: Counters::default(),
         }
@@ -597,6 +601,9 @@ impl Session {
                 let lines = std::mem::take(&mut self.reply_lines);
                 self.on_reply(code, lines);
                 self.flush_local_replies();
+                if self.client_done && self.slots.is_empty() {
+                    self.close();
+                }
             }
         }
     }
@@ -847,9 +854,20 @@ impl crate::proto::Session for Session {
     }
 
     fn on_client_eof(&mut self) {
-        // Mid-DATA this drops the upstream without an end-of-data: no partial message is
-        // ever delivered (DESIGN §9).
-        self.close();
+        self.client_done = true;
+        let owed = self
+            .slots
+            .iter()
+            .any(|slot| matches!(slot, Slot::Upstream { .. }));
+        match self.mode {
+            // Mid-DATA this drops the upstream without an end-of-data: no partial
+            // message is ever delivered (DESIGN §9).
+            Mode::Data(_) | Mode::Chunk { .. } | Mode::SaslResponse => self.close(),
+            // A client that pipelined its commands and half-closed still gets its
+            // replies (and its last message is not lost).
+            Mode::Command | Mode::Greeting if owed => {}
+            _ => self.close(),
+        }
     }
 
     fn on_upstream_eof(&mut self) {
@@ -887,7 +905,8 @@ impl crate::proto::Session for Session {
     }
 
     fn wants_client_data(&self) -> bool {
-        !matches!(self.mode, Mode::Closed | Mode::Closing | Mode::Handshake)
+        !self.client_done
+            && !matches!(self.mode, Mode::Closed | Mode::Closing | Mode::Handshake)
             && self.client_in.len() < self.config.max_held_bytes
     }
 
@@ -1510,6 +1529,34 @@ mod tests {
         client(&mut s, "EHLO c\r\n");
         let out = upstream(&mut s, "250-legacy\r\n250 AUTH PLAIN\r\n");
         assert_eq!(out.client, "250-legacy\r\n250 AUTH PLAIN\r\n");
+    }
+
+    #[test]
+    fn a_half_closed_client_still_gets_the_replies_it_is_owed() {
+        let mut s = after_tls(Policy::RequireTls);
+        s.on_client_data(b"MAIL FROM:<a@b>\r\nRCPT TO:<c@d>\r\nDATA\r\n");
+        s.on_client_eof();
+        let out = drain(&mut s);
+        assert_eq!(out.upstream, "MAIL FROM:<a@b>\r\nRCPT TO:<c@d>\r\nDATA\r\n");
+        assert!(!out.closed);
+        assert!(!s.wants_client_data());
+        let out = upstream(&mut s, "250 Ok\r\n250 Ok\r\n");
+        assert!(!out.closed);
+        // DATA's 354 starts a body that can never arrive: the upstream is dropped.
+        let out = upstream(&mut s, "354 go\r\n");
+        assert!(out.closed);
+    }
+
+    #[test]
+    fn a_client_gone_mid_body_closes_at_once() {
+        let mut s = after_tls(Policy::RequireTls);
+        client(&mut s, "DATA\r\n");
+        upstream(&mut s, "354 go\r\n");
+        client(&mut s, "Subject: half\r\n");
+        s.on_client_eof();
+        let out = drain(&mut s);
+        assert!(out.closed);
+        assert_eq!(out.upstream, "");
     }
 
     #[test]
