@@ -50,6 +50,10 @@ listeners:
   - { name: mx,         protocol: smtp, listen: "127.0.0.1:10025", tls: starttls, policy: auth_requires_tls, upstream: "127.0.0.1:$LEGACY_SMTP_PORT" }
   - { name: submission, protocol: smtp, listen: "127.0.0.1:10587", tls: starttls, upstream: "127.0.0.1:$LEGACY_SMTP_PORT" }
   - { name: smtps,      protocol: smtp, listen: "127.0.0.1:10465", tls: implicit, upstream: "127.0.0.1:$LEGACY_SMTP_PORT" }
+  - { name: imap,       protocol: imap, listen: "127.0.0.1:10143", tls: starttls, upstream: "127.0.0.1:$LEGACY_IMAP_PORT" }
+  - { name: imaps,      protocol: imap, listen: "127.0.0.1:10993", tls: implicit, upstream: "127.0.0.1:$LEGACY_IMAP_PORT" }
+  - { name: pop3,       protocol: pop3, listen: "127.0.0.1:10110", tls: starttls, upstream: "127.0.0.1:$LEGACY_POP3_PORT" }
+  - { name: pop3s,      protocol: pop3, listen: "127.0.0.1:10995", tls: implicit, upstream: "127.0.0.1:$LEGACY_POP3_PORT" }
 YAML
 step "starting mailmoat (config $demo/mailmoat.yaml, log $demo/mailmoat.log)"
 "$root/target/release/mailmoat" check -c "$demo/mailmoat.yaml"
@@ -88,6 +92,33 @@ swaks --server 127.0.0.1:10465 --tls-on-connect --auth PLAIN --auth-user alice@e
 swaks --server 127.0.0.1:10025 --from someone@remote.example --to alice@example.test \
     --header "Subject: hello over the mx" 2>&1 | grep -E '^ *(<-|->)' | tail -4
 
+# Sends each argument as a line to 127.0.0.1:PORT and prints the dialogue.
+talk() {
+    local port=$1 line
+    shift
+    exec 3<>"/dev/tcp/127.0.0.1/$port"
+    read -r -t 5 line <&3 && echo "<- ${line%$'\r'}"
+    for command in "$@"; do
+        printf '%s\r\n' "$command" >&3
+        echo "-> $command"
+        while read -r -t 1 line <&3; do echo "<- ${line%$'\r'}"; done
+    done
+    exec 3>&-
+}
+
+step "IMAP: the legacy Dovecot's own greeting, then the same through mailmoat"
+talk "$LEGACY_IMAP_PORT" "a LOGOUT" | head -1
+talk 10143 "a CAPABILITY" "b LOGIN alice@example.test alice-secret-pw" "c LOGOUT"
+
+step "IMAP: STARTTLS, login and a listing through mailmoat (curl --ssl-reqd)"
+curl -sS --ssl-reqd --cacert "$demo/certs/ca.pem" --resolve mail.example.test:10143:127.0.0.1 \
+    -u alice@example.test:alice-secret-pw 'imap://mail.example.test:10143/INBOX?ALL' -X 'EXAMINE INBOX' | head -5
+
+step "POP3: CAPA and a plaintext USER through mailmoat, then STLS and a listing (curl)"
+talk 10110 "CAPA" "USER alice@example.test" "QUIT"
+curl -sS --ssl-reqd --cacert "$demo/certs/ca.pem" --resolve mail.example.test:10110:127.0.0.1 \
+    -u alice@example.test:alice-secret-pw pop3://mail.example.test:10110/ | head -3
+
 step "delivered to alice's Maildir by the legacy Postfix"
 ls -1 "$LEGACY_MAILDIR_ALICE/new" | tail -3
 
@@ -101,6 +132,8 @@ mailmoat is running (pid $(cat "$demo/mailmoat.pid")) in front of the legacy Pos
   MX          127.0.0.1:10025  STARTTLS, plaintext mail allowed, AUTH only after TLS
   submission  127.0.0.1:10587  STARTTLS required before anything else
   smtps       127.0.0.1:10465  implicit TLS
+  imap / imaps  127.0.0.1:10143 (STARTTLS) / 10993 (implicit TLS), login only after TLS
+  pop3 / pop3s  127.0.0.1:10110 (STLS) / 10995 (implicit TLS), USER/PASS only after TLS
 Point a client at it: server 127.0.0.1, port 10587, STARTTLS, user alice@example.test,
 password alice-secret-pw; trust the test CA $demo/certs/ca.pem (name mail.example.test).
   swaks --server 127.0.0.1:10587 --tls --auth-user alice@example.test --auth-password alice-secret-pw --to alice@example.test

@@ -77,6 +77,10 @@ pub enum TlsVersion {
 pub enum Protocol {
     /// SMTP, submission and MX.
     Smtp,
+    /// IMAP4 (RFC 9051, RFC 3501).
+    Imap,
+    /// POP3 (RFC 1939).
+    Pop3,
 }
 
 impl Protocol {
@@ -84,6 +88,8 @@ impl Protocol {
     pub fn alpn_id(self) -> &'static [u8] {
         match self {
             Protocol::Smtp => b"smtp",
+            Protocol::Imap => b"imap",
+            Protocol::Pop3 => b"pop3",
         }
     }
 }
@@ -179,6 +185,9 @@ pub struct Limits {
     pub max_line_len: usize,
     /// Most connections open at once, all listeners together.
     pub max_connections: usize,
+    /// IMAP: the largest literal accepted before login (login names and passwords are
+    /// short; some legacy servers hand out a `+` for 100 MB, DESIGN §10).
+    pub max_literal_len: u64,
 }
 
 impl Default for Limits {
@@ -186,6 +195,7 @@ impl Default for Limits {
         Limits {
             max_line_len: 4096,
             max_connections: 10_000,
+            max_literal_len: 64 * 1024,
         }
     }
 }
@@ -401,6 +411,16 @@ impl Config {
                 problem(
                     &name_needle,
                     format!("{at}.listen: {} is used twice", listener.listen),
+                );
+            }
+            if listener.protocol != Protocol::Smtp && listener.policy != Policy::RequireTls {
+                problem(
+                    &name_needle,
+                    format!(
+                        "{at}.policy: {:?} is for SMTP MX listeners; IMAP and POP3 always \
+                         require TLS before login",
+                        listener.policy
+                    ),
                 );
             }
             if !listener.upstream.is_local() && !self.allow_remote_plaintext {

@@ -91,6 +91,7 @@ type ClientTls = TlsStream<Prefixed<TcpStream>>;
 enum Outcome<S> {
     Closed,
     StartTls { client: S, early: Bytes },
+    Relay { client: S },
 }
 
 /// Counters for the session summary.
@@ -194,6 +195,9 @@ async fn serve_inner<P: Session>(
             };
             match run(session, client, &mut upstream, context, traffic).await? {
                 Outcome::Closed => Ok(()),
+                Outcome::Relay { mut client } => {
+                    relay(&mut client, &mut upstream, context, traffic).await
+                }
                 Outcome::StartTls { client, early } => {
                     let Some(tls) = handshake(Prefixed::new(early, client), context, traffic).await
                     else {
@@ -222,8 +226,29 @@ async fn run_tls<P: Session>(
 ) -> io::Result<()> {
     match run(session, tls, upstream, context, traffic).await? {
         Outcome::Closed => Ok(()),
+        Outcome::Relay { mut client } => relay(&mut client, upstream, context, traffic).await,
         Outcome::StartTls { .. } => Err(io::Error::other("STARTTLS inside TLS")),
     }
+}
+
+/// After login: bytes cross unchanged until both sides close or the idle deadline.
+async fn relay<S: AsyncRead + AsyncWrite + Unpin>(
+    client: &mut S,
+    upstream: &mut upstream::Stream,
+    context: &ConnectionSettings,
+    traffic: &mut Traffic,
+) -> io::Result<()> {
+    match crate::relay::splice(client, upstream, context.timeouts.idle).await? {
+        crate::relay::End::Closed {
+            from_client,
+            to_client,
+        } => {
+            traffic.from_client += from_client;
+            traffic.to_client += to_client;
+        }
+        crate::relay::End::Idle => info!("relay idle deadline expired"),
+    }
+    Ok(())
 }
 
 /// A fatal `no_application_protocol` alert (RFC 7301 §3.2), as a plaintext record.
@@ -345,6 +370,11 @@ async fn run<P: Session, S: AsyncRead + AsyncWrite + Unpin>(
                     return Ok(Outcome::StartTls { client, early });
                 }
                 Action::Event(event) => telemetry::record(&event),
+                Action::Relay => {
+                    client.flush().await?;
+                    upstream.flush().await?;
+                    return Ok(Outcome::Relay { client });
+                }
                 Action::Close => {
                     let _ = client.flush().await;
                     let _ = client.shutdown().await;

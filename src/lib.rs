@@ -8,6 +8,7 @@
 //! - [`driver`]: runs a protocol session on a client and an upstream stream.
 //! - [`policy`]: pure rules: what may happen before TLS, user-name hashing.
 //! - [`proto`]: sans-I/O protocol sessions and the line framer.
+//! - [`relay`]: the blind byte splice after an IMAP or POP3 login.
 //! - [`telemetry`]: logging set-up and the security events.
 #![forbid(unsafe_code)]
 
@@ -16,6 +17,7 @@ pub mod driver;
 pub mod listener;
 pub mod policy;
 pub mod proto;
+pub mod relay;
 pub mod telemetry;
 pub mod tls;
 pub mod upstream;

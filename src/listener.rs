@@ -15,7 +15,7 @@ use tracing::{Instrument, error, info, info_span, warn};
 use crate::config::{Config, ListenerConfig, Protocol, TlsMode};
 use crate::driver::{self, ConnectionSettings};
 use crate::policy::UserHasher;
-use crate::proto::smtp;
+use crate::proto::{imap, pop3, smtp};
 use crate::tls;
 
 /// Why the server could not start.
@@ -36,12 +36,20 @@ pub enum Error {
     },
 }
 
+/// How each connection's protocol session is set up.
+#[derive(Debug, Clone)]
+enum SessionConfig {
+    Smtp(smtp::Config),
+    Imap(imap::Config),
+    Pop3(pop3::Config),
+}
+
 /// One bound listener and what its connections share.
 struct Bound {
     config: ListenerConfig,
     socket: TcpListener,
     settings: ConnectionSettings,
-    smtp: smtp::Config,
+    session: SessionConfig,
 }
 
 /// Every listener bound, ready to serve.
@@ -84,12 +92,25 @@ impl Server {
                     alpn: listener.protocol.alpn_id(),
                     timeouts: config.timeouts.clone(),
                 },
-                smtp: smtp::Config {
-                    policy: listener.policy,
-                    bare_newlines: listener.bare_newlines,
-                    max_line_len: config.limits.max_line_len,
-                    max_held_bytes: 64 * 1024,
-                    user_hasher: user_hasher.clone(),
+                session: match listener.protocol {
+                    Protocol::Smtp => SessionConfig::Smtp(smtp::Config {
+                        policy: listener.policy,
+                        bare_newlines: listener.bare_newlines,
+                        max_line_len: config.limits.max_line_len,
+                        max_held_bytes: MAX_HELD_BYTES,
+                        user_hasher: user_hasher.clone(),
+                    }),
+                    Protocol::Imap => SessionConfig::Imap(imap::Config {
+                        max_line_len: config.limits.max_line_len,
+                        max_literal_len: config.limits.max_literal_len,
+                        max_held_bytes: MAX_HELD_BYTES,
+                        user_hasher: user_hasher.clone(),
+                    }),
+                    Protocol::Pop3 => SessionConfig::Pop3(pop3::Config {
+                        max_line_len: config.limits.max_line_len,
+                        max_held_bytes: MAX_HELD_BYTES,
+                        user_hasher: user_hasher.clone(),
+                    }),
                 },
             });
         }
@@ -118,6 +139,10 @@ impl Server {
         while tasks.join_next().await.is_some() {}
     }
 }
+
+/// Client bytes a session may hold unprocessed (pipelined behind a command whose reply
+/// is awaited) before the driver stops reading the client.
+const MAX_HELD_BYTES: usize = 64 * 1024;
 
 static NEXT_SESSION: AtomicU64 = AtomicU64::new(0);
 
@@ -158,7 +183,7 @@ async fn accept_loop(
         };
         let Ok(permit) = Arc::clone(&connections).try_acquire_owned() else {
             warn!(event = "limit_exceeded", limit = "max_connections", client = %peer, "connection refused");
-            tokio::spawn(refuse_busy(client, bound.config.tls));
+            tokio::spawn(refuse_busy(client, bound.config.tls, bound.config.protocol));
             continue;
         };
         let span = info_span!(
@@ -172,17 +197,19 @@ async fn accept_loop(
         tokio::spawn(
             async move {
                 let _permit = permit;
-                match bound.config.protocol {
-                    Protocol::Smtp => {
-                        let session = smtp::Session::new(bound.smtp.clone(), false);
-                        driver::serve(
-                            client,
-                            &bound.config.upstream,
-                            &bound.settings,
-                            session,
-                            SMTP_UNAVAILABLE,
-                        )
-                        .await
+                let (upstream, settings) = (&bound.config.upstream, &bound.settings);
+                match &bound.session {
+                    SessionConfig::Smtp(config) => {
+                        let session = smtp::Session::new(config.clone(), false);
+                        driver::serve(client, upstream, settings, session, smtp::UNAVAILABLE).await
+                    }
+                    SessionConfig::Imap(config) => {
+                        let session = imap::Session::new(config.clone());
+                        driver::serve(client, upstream, settings, session, imap::UNAVAILABLE).await
+                    }
+                    SessionConfig::Pop3(config) => {
+                        let session = pop3::Session::new(config.clone());
+                        driver::serve(client, upstream, settings, session, pop3::UNAVAILABLE).await
                     }
                 }
             }
@@ -191,14 +218,15 @@ async fn accept_loop(
     }
 }
 
-const SMTP_UNAVAILABLE: &[u8] = b"421 4.3.0 Service temporarily unavailable, try again later\r\n";
-
 /// Over the connection cap: a plaintext client gets the protocol's temporary failure.
-async fn refuse_busy(mut client: TcpStream, tls: TlsMode) {
+async fn refuse_busy(mut client: TcpStream, tls: TlsMode, protocol: Protocol) {
     if tls == TlsMode::Starttls {
-        let _ = client
-            .write_all(b"421 4.3.2 Too many connections, try again later\r\n")
-            .await;
+        let reply: &[u8] = match protocol {
+            Protocol::Smtp => b"421 4.3.2 Too many connections, try again later\r\n",
+            Protocol::Imap => b"* BYE [UNAVAILABLE] Too many connections, try again later\r\n",
+            Protocol::Pop3 => b"-ERR [SYS/TEMP] Too many connections, try again later\r\n",
+        };
+        let _ = client.write_all(reply).await;
     }
     let _ = client.shutdown().await;
 }

@@ -54,5 +54,11 @@ pub fn record(event: &Event) {
         Event::UpstreamProtocolError { detail } => {
             warn!(event = name, detail, "upstream protocol error")
         }
+        Event::UpstreamPreauth => {
+            tracing::error!(
+                event = name,
+                "upstream greeted with PREAUTH: login cannot be enforced"
+            )
+        }
     }
 }

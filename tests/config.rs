@@ -61,7 +61,18 @@ fn the_example_config_parses_into_the_documented_shape() {
         );
     let config = Config::from_yaml(&text, "example.yaml").unwrap();
     let names: Vec<&str> = config.listeners.iter().map(|l| l.name.as_str()).collect();
-    assert_eq!(names, ["mx", "submission", "smtps"]);
+    assert_eq!(
+        names,
+        [
+            "mx",
+            "submission",
+            "smtps",
+            "imap",
+            "imaps",
+            "pop3",
+            "pop3s"
+        ]
+    );
     assert_eq!(
         config.listeners[0].policy,
         mailmoat::policy::Policy::AuthRequiresTls
@@ -71,7 +82,31 @@ fn the_example_config_parses_into_the_documented_shape() {
         mailmoat::policy::Policy::RequireTls
     );
     assert_eq!(config.listeners[2].tls, mailmoat::config::TlsMode::Implicit);
+    assert_eq!(
+        config.listeners[3].protocol,
+        mailmoat::config::Protocol::Imap
+    );
+    assert_eq!(
+        config.listeners[5].protocol,
+        mailmoat::config::Protocol::Pop3
+    );
     assert_eq!(config.timeouts.idle, std::time::Duration::from_secs(300));
+}
+
+#[test]
+fn imap_and_pop3_listeners_always_require_tls() {
+    let (text, _) = fixture("valid", "minimal.yaml");
+    let text = text.replace(
+        "protocol: smtp,",
+        "protocol: imap, policy: auth_requires_tls,",
+    );
+    let err = Config::from_yaml(&text, "imap.yaml")
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("listeners[0] (submission).policy: AuthRequiresTls is for SMTP MX listeners"),
+        "{err}"
+    );
 }
 
 #[test]

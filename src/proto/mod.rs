@@ -5,7 +5,10 @@
 //! never touches a socket, a clock or a logger, so every transcript can be replayed in a
 //! unit test, and every chunking of the same bytes must give the same actions.
 
+pub mod imap;
 pub mod line;
+pub mod pop3;
+pub mod sasl;
 pub mod smtp;
 
 use bytes::Bytes;
@@ -26,6 +29,9 @@ pub enum Action {
     },
     /// Record a security event.
     Event(Event),
+    /// From now on copy bytes blindly both ways (IMAP and POP3 after a successful
+    /// login, DESIGN §1.7). Every byte the session held was handed out before this.
+    Relay,
     /// Close both connections once everything before this action is written.
     Close,
 }
@@ -79,6 +85,9 @@ pub enum Event {
         /// What was wrong.
         detail: &'static str,
     },
+    /// An IMAP upstream greeted with `* PREAUTH`: the client would be logged in without
+    /// credentials, so nothing can be enforced (DESIGN §1.4).
+    UpstreamPreauth,
 }
 
 impl Event {
@@ -93,6 +102,7 @@ impl Event {
             Event::BareNewlineNormalized { .. } => "bare_newline_normalized",
             Event::LimitExceeded { .. } => "limit_exceeded",
             Event::UpstreamProtocolError { .. } => "upstream_protocol_error",
+            Event::UpstreamPreauth => "upstream_preauth",
         }
     }
 }
@@ -133,4 +143,77 @@ pub trait Session {
     fn next_action(&mut self) -> Option<Action>;
     /// The Postfix-style summary of the session's commands (`ehlo=1 starttls=1/1 ...`).
     fn summary(&self) -> String;
+}
+
+/// Per-command counts for the session summary, in the spirit of Postfix's `disconnect`
+/// line: `ehlo=1 starttls=1/1 auth=0/1 mail=1`.
+#[derive(Debug, Clone)]
+pub struct Tally {
+    /// (name, accepted, total), in a fixed order: the known names first, others as seen.
+    counts: Vec<(&'static str, u32, u32)>,
+    /// Names always shown as `ok/total`, because a refusal matters (`auth=0/1`).
+    ratios: &'static [&'static str],
+}
+
+impl Tally {
+    /// A tally that lists `order` first, and shows `ratios` always as `ok/total`.
+    pub fn new(order: &[&'static str], ratios: &'static [&'static str]) -> Self {
+        Tally {
+            counts: order.iter().map(|&name| (name, 0, 0)).collect(),
+            ratios,
+        }
+    }
+
+    /// One command, accepted or not.
+    pub fn record(&mut self, name: &'static str, accepted: bool) {
+        let index = match self.counts.iter().position(|(n, _, _)| *n == name) {
+            Some(index) => index,
+            None => {
+                self.counts.push((name, 0, 0));
+                self.counts.len() - 1
+            }
+        };
+        let (_, ok, total) = &mut self.counts[index];
+        *ok += u32::from(accepted);
+        *total += 1;
+    }
+
+    /// `name=n` when all were accepted, `name=ok/total` otherwise; unused names omitted.
+    pub fn summary(&self) -> String {
+        let mut out = String::new();
+        for &(name, ok, total) in &self.counts {
+            if total == 0 {
+                continue;
+            }
+            if !out.is_empty() {
+                out.push(' ');
+            }
+            if ok == total && !self.ratios.contains(&name) {
+                out.push_str(&format!("{name}={total}"));
+            } else {
+                out.push_str(&format!("{name}={ok}/{total}"));
+            }
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tally_lists_known_names_in_order_and_refusals_as_ratios() {
+        let mut tally = Tally::new(&["ehlo", "starttls", "auth", "mail"], &["starttls", "auth"]);
+        tally.record("mail", true);
+        tally.record("ehlo", true);
+        tally.record("auth", false);
+        tally.record("starttls", true);
+        tally.record("xyz", false);
+        tally.record("mail", false);
+        assert_eq!(
+            tally.summary(),
+            "ehlo=1 starttls=1/1 auth=0/1 mail=1/2 xyz=0/1"
+        );
+    }
 }

@@ -6,3 +6,6 @@ pub mod parse;
 mod session;
 
 pub use session::{Config, Session};
+
+/// The reply when the upstream cannot be reached (DESIGN §1.2).
+pub const UNAVAILABLE: &[u8] = b"421 4.3.0 Service temporarily unavailable, try again later\r\n";

@@ -16,7 +16,7 @@ use super::body::{Body, Progress};
 use super::parse::{self, Verb};
 use crate::policy::{BareNewlines, Policy, UserHasher, is_channel_binding_mechanism};
 use crate::proto::line::{Framer, Line};
-use crate::proto::{Action, Event, Phase};
+use crate::proto::{Action, Event, Phase, Tally};
 
 /// Replies the proxy gives itself (DESIGN §3, §4, §9).
 mod reply {
@@ -124,59 +124,29 @@ enum Slot {
     },
 }
 
-/// Per-verb counts for the summary: (accepted, total).
-#[derive(Debug, Default)]
-struct Counters {
-    counts: [(u32, u32); COUNTED.len()],
-}
-
-const COUNTED: [(Verb, &str); 15] = [
-    (Verb::Ehlo, "ehlo"),
-    (Verb::Helo, "helo"),
-    (Verb::StartTls, "starttls"),
-    (Verb::Auth, "auth"),
-    (Verb::Mail, "mail"),
-    (Verb::Rcpt, "rcpt"),
-    (Verb::Data, "data"),
-    (Verb::Bdat, "bdat"),
-    (Verb::Rset, "rset"),
-    (Verb::Noop, "noop"),
-    (Verb::Vrfy, "vrfy"),
-    (Verb::Etrn, "etrn"),
-    (Verb::Quit, "quit"),
-    (Verb::XClient, "xclient"),
-    (Verb::Other, "unknown"),
+/// Summary order, as in Postfix's `disconnect` line.
+const TALLY_ORDER: &[&str] = &[
+    "ehlo", "helo", "starttls", "auth", "mail", "rcpt", "data", "bdat", "rset", "noop", "vrfy",
+    "etrn", "quit", "xclient", "unknown",
 ];
 
-impl Counters {
-    fn record(&mut self, verb: Verb, accepted: bool) {
-        let index = COUNTED
-            .iter()
-            .position(|(v, _)| *v == verb)
-            .unwrap_or(COUNTED.len() - 1);
-        let (ok, total) = &mut self.counts[index];
-        *ok += u32::from(accepted);
-        *total += 1;
-    }
-
-    /// `ehlo=1 starttls=1/1 auth=0/1 ...` like Postfix's `disconnect` line: `n` when all
-    /// were accepted, `ok/total` otherwise, verbs never sent left out.
-    fn summary(&self) -> String {
-        let mut out = String::new();
-        for ((_, name), (ok, total)) in COUNTED.iter().zip(self.counts) {
-            if total == 0 {
-                continue;
-            }
-            if !out.is_empty() {
-                out.push(' ');
-            }
-            if ok == total && *name != "starttls" && *name != "auth" {
-                out.push_str(&format!("{name}={total}"));
-            } else {
-                out.push_str(&format!("{name}={ok}/{total}"));
-            }
-        }
-        out
+fn tally_name(verb: Verb) -> &'static str {
+    match verb {
+        Verb::Ehlo => "ehlo",
+        Verb::Helo => "helo",
+        Verb::StartTls => "starttls",
+        Verb::Auth => "auth",
+        Verb::Mail => "mail",
+        Verb::Rcpt => "rcpt",
+        Verb::Data => "data",
+        Verb::Bdat => "bdat",
+        Verb::Rset => "rset",
+        Verb::Noop => "noop",
+        Verb::Vrfy => "vrfy",
+        Verb::Etrn => "etrn",
+        Verb::Quit => "quit",
+        Verb::XClient => "xclient",
+        Verb::Expn | Verb::Help | Verb::XForward | Verb::Other => "unknown",
     }
 }
 
@@ -204,7 +174,7 @@ pub struct Session {
     /// owed have been sent.
     client_done: bool,
     actions: VecDeque<Action>,
-    counters: Counters,
+    counters: Tally,
 }
 
 impl Session {
@@ -230,7 +200,7 @@ impl Session {
             starttls_offered: false,
             client_done: false,
             actions: VecDeque::new(),
-            counters: Counters::default(),
+            counters: Tally::new(TALLY_ORDER, &["starttls", "auth"]),
         }
     }
 
@@ -275,7 +245,7 @@ impl Session {
             let Some(Slot::Local { verb, reply, close }) = self.slots.pop_front() else {
                 unreachable!("front is Local")
             };
-            self.counters.record(verb, reply[0] < b'4');
+            self.counters.record(tally_name(verb), reply[0] < b'4');
             if close {
                 self.close_with(reply);
                 return;
@@ -511,9 +481,9 @@ impl Session {
             return;
         };
         let user = if mechanism.eq_ignore_ascii_case(b"PLAIN") {
-            parse::plain_authcid(initial_response)
+            crate::proto::sasl::plain_authcid(initial_response)
         } else if mechanism.eq_ignore_ascii_case(b"LOGIN") {
-            parse::login_username(initial_response)
+            crate::proto::sasl::login_username(initial_response)
         } else {
             None
         };
@@ -682,7 +652,7 @@ impl Session {
             }
             Awaiting::TlsRset => return self.on_tls_rset_reply(positive),
             Awaiting::Quit => {
-                self.counters.record(verb, positive);
+                self.counters.record(tally_name(verb), positive);
                 self.relay(&lines);
                 return self.close();
             }
@@ -691,7 +661,7 @@ impl Session {
         if matches!(verb, Verb::Ehlo | Verb::Helo) && positive && self.tls_active {
             self.greeted_since_tls = true;
         }
-        self.counters.record(verb, positive);
+        self.counters.record(tally_name(verb), positive);
     }
 
     fn relay(&mut self, lines: &[Line]) {
@@ -762,12 +732,12 @@ impl Session {
             self.event(Event::StarttlsInjection { bytes: early.len() });
         }
         if !positive {
-            self.counters.record(Verb::StartTls, false);
+            self.counters.record(tally_name(Verb::StartTls), false);
             self.mode = Mode::Command;
             self.send_client(reply::TLS_UNAVAILABLE);
             return;
         }
-        self.counters.record(Verb::StartTls, true);
+        self.counters.record(tally_name(Verb::StartTls), true);
         self.send_client(reply::READY_TLS);
         self.mode = Mode::Handshake;
         self.actions.push_back(Action::StartTls { early });
@@ -884,7 +854,11 @@ impl crate::proto::Session for Session {
         self.greeted_since_tls = false;
         self.upstream_pipelining = false;
         self.upstream_chunking = false;
-        self.mode = Mode::Command;
+        // On an implicit-TLS listener this comes before the greeting, which is still
+        // awaited: the mode stays.
+        if matches!(self.mode, Mode::Handshake) {
+            self.mode = Mode::Command;
+        }
         self.process_client();
     }
 
@@ -951,6 +925,7 @@ mod tests {
                 Action::Event(e) => out.events.push(e),
                 Action::StartTls { early } => out.starttls = Some(early.to_vec()),
                 Action::Close => out.closed = true,
+                Action::Relay => panic!("SMTP never goes blind (DESIGN §1.7)"),
             }
         }
         out
@@ -1525,7 +1500,13 @@ mod tests {
     fn implicit_tls_sessions_start_with_tls_active() {
         let mut s = Session::new(config(Policy::RequireTls), false);
         s.on_tls_established();
-        upstream(&mut s, "220 legacy\r\n");
+        // Still nothing is read before the upstream's greeting.
+        assert_eq!(client(&mut s, "EHLO early\r\n").upstream, "");
+        assert_eq!(
+            upstream(&mut s, "220 legacy\r\n").upstream,
+            "EHLO early\r\n"
+        );
+        upstream(&mut s, "250 legacy\r\n");
         client(&mut s, "EHLO c\r\n");
         let out = upstream(&mut s, "250-legacy\r\n250 AUTH PLAIN\r\n");
         assert_eq!(out.client, "250-legacy\r\n250 AUTH PLAIN\r\n");

@@ -1,0 +1,1278 @@
+//! The IMAP session before login: capabilities rewritten wherever they appear,
+//! LOGINDISABLED enforced, STARTTLS owned by the proxy, literals tracked so their octets
+//! are never read as commands, and a blind relay once the upstream accepts the login
+//! (DESIGN §1-§4, §10).
+//!
+//! Before login one command is handled at a time: a forwarded command's tagged response
+//! is awaited before the next client line is read, so local replies and upstream
+//! responses can never cross, and bytes a client pipelines behind LOGIN or AUTHENTICATE
+//! are held until the upstream has answered (Courier drops early input, DESIGN §10).
+
+use bytes::{BufMut, Bytes, BytesMut};
+
+use super::parse::{self, Astring, Literal, Response, Status, Verb};
+use crate::policy::{UserHasher, is_channel_binding_mechanism};
+use crate::proto::line::{Framer, Line};
+use crate::proto::{Action, Event, Phase, Tally};
+
+/// Replies the proxy gives itself. Tagged ones follow `TAG`.
+mod reply {
+    pub const PRIVACY_REQUIRED: &[u8] =
+        b" NO [PRIVACYREQUIRED] TLS is required before authentication, use STARTTLS\r\n";
+    pub const NOT_ALLOWED: &[u8] = b" BAD Command not allowed before STARTTLS\r\n";
+    pub const BEGIN_TLS: &[u8] = b" OK Begin TLS negotiation now\r\n";
+    pub const TLS_ACTIVE: &[u8] = b" BAD TLS is already active\r\n";
+    pub const STARTTLS_ARGUMENTS: &[u8] = b" BAD STARTTLS takes no arguments\r\n";
+    pub const ID_COMPLETED: &[u8] = b" OK ID completed\r\n";
+    pub const ID_NIL: &[u8] = b"* ID NIL\r\n";
+    pub const TOO_BIG: &[u8] = b" NO [TOOBIG] Literal too large\r\n";
+    pub const TOO_BIG_FATAL: &[u8] = b" BAD [TOOBIG] Literal too large\r\n";
+    pub const NON_SYNC_UNSUPPORTED: &[u8] =
+        b" BAD Non-synchronizing literals are not supported by this server\r\n";
+    pub const MISSING_COMMAND: &[u8] = b" BAD Missing command\r\n";
+    pub const BAD_LINE: &[u8] = b"* BAD Invalid tag or command line\r\n";
+    pub const LINE_TOO_LONG: &[u8] = b"* BYE Command line too long\r\n";
+    pub const PREAUTH: &[u8] =
+        b"* BYE [UNAVAILABLE] Server misconfigured: login cannot be required, closing\r\n";
+    pub const UPSTREAM_UNAVAILABLE: &[u8] =
+        b"* BYE [UNAVAILABLE] Service temporarily unavailable, closing connection\r\n";
+    pub const UPSTREAM_BROKEN: &[u8] = b"* BYE [UNAVAILABLE] Upstream protocol error, closing\r\n";
+    pub const IDLE_TIMEOUT: &[u8] = b"* BYE Autologout; idle for too long\r\n";
+}
+
+/// Longest upstream response line accepted before login.
+const MAX_UPSTREAM_LINE_LEN: usize = 64 * 1024;
+/// RFC 7888 §3: LITERAL- allows non-synchronising literals up to 4096 octets.
+const LITERAL_MINUS_MAX: u64 = 4096;
+
+/// How a session is set up, from its listener's configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Longest client command line, CRLF included.
+    pub max_line_len: usize,
+    /// Largest literal accepted before login.
+    pub max_literal_len: u64,
+    /// Most client bytes held unprocessed before the driver stops reading.
+    pub max_held_bytes: usize,
+    /// Hashes user names for `credentials_exposed`.
+    pub user_hasher: UserHasher,
+}
+
+/// The command being read from the client or awaited from the upstream.
+#[derive(Debug)]
+struct Command {
+    tag: Bytes,
+    verb: Verb,
+    /// `None`: forwarded. `Some(reply)`: answered by the proxy once the client has sent
+    /// the whole command (or at once, when the client waits for a `+` that never comes).
+    local_reply: Option<Bytes>,
+    /// Some of it already went to the upstream.
+    forwarded: bool,
+    /// A refused LOGIN whose user name was a literal: the password may still arrive.
+    password_may_follow: bool,
+}
+
+/// What the session is doing.
+#[derive(Debug)]
+enum Mode {
+    /// Waiting for the upstream's greeting; nothing from the client is read.
+    Greeting,
+    /// Ready for the next command.
+    Command,
+    /// The next client line continues `Command` after one of its literals.
+    Continuation(Command),
+    /// `remaining` literal octets of the command come from the client: forwarded, or
+    /// dropped when the command is answered locally.
+    Literal { command: Command, remaining: u64 },
+    /// A forwarded line ended in a synchronising literal: the upstream's `+` is awaited
+    /// before the client may send the octets.
+    AwaitContinuation { command: Command, len: u64 },
+    /// A whole command was forwarded; its tagged response is awaited.
+    AwaitResponse(Command),
+    /// AUTHENTICATE: the upstream sent a challenge; the next client line is SASL data.
+    SaslResponse(Command),
+    /// The driver runs the TLS handshake.
+    Handshake,
+    /// Logged in: the driver relays blindly.
+    Relayed,
+    /// The session is over.
+    Closed,
+}
+
+/// The sans-I/O IMAP session.
+#[derive(Debug)]
+pub struct Session {
+    config: Config,
+    tls_active: bool,
+    mode: Mode,
+    client_in: BytesMut,
+    client_lines: Framer,
+    upstream_in: BytesMut,
+    upstream_lines: Framer,
+    /// Octets of a literal inside the current upstream response still to relay.
+    upstream_literal: u64,
+    /// The next upstream line continues a response after its literal.
+    upstream_continues: bool,
+    /// The upstream advertised LITERAL+ / LITERAL- (RFC 7888).
+    literal_plus: bool,
+    literal_minus: bool,
+    /// The client was shown STARTTLS in a capability list.
+    starttls_offered: bool,
+    actions: std::collections::VecDeque<Action>,
+    counters: Tally,
+}
+
+fn tally_name(verb: Verb) -> &'static str {
+    match verb {
+        Verb::Capability => "capability",
+        Verb::Noop => "noop",
+        Verb::Logout => "logout",
+        Verb::StartTls => "starttls",
+        Verb::Id => "id",
+        Verb::Login => "login",
+        Verb::Authenticate => "authenticate",
+        Verb::Other => "other",
+    }
+}
+
+fn verb_label(verb: Verb) -> &'static str {
+    match verb {
+        Verb::Capability => "CAPABILITY",
+        Verb::Noop => "NOOP",
+        Verb::Logout => "LOGOUT",
+        Verb::StartTls => "STARTTLS",
+        Verb::Id => "ID",
+        Verb::Login => "LOGIN",
+        Verb::Authenticate => "AUTHENTICATE",
+        Verb::Other => "unknown",
+    }
+}
+
+fn tagged(tag: &[u8], text: &[u8]) -> Bytes {
+    let mut out = BytesMut::with_capacity(tag.len() + text.len());
+    out.put_slice(tag);
+    out.put_slice(text);
+    out.freeze()
+}
+
+impl Session {
+    /// A session for a new connection, TLS off (implicit-TLS listeners call
+    /// `on_tls_established` before the greeting arrives).
+    pub fn new(config: Config) -> Self {
+        let client_lines = Framer::new(config.max_line_len);
+        Session {
+            config,
+            tls_active: false,
+            mode: Mode::Greeting,
+            client_in: BytesMut::new(),
+            client_lines,
+            upstream_in: BytesMut::new(),
+            upstream_lines: Framer::new(MAX_UPSTREAM_LINE_LEN),
+            upstream_literal: 0,
+            upstream_continues: false,
+            literal_plus: false,
+            literal_minus: false,
+            starttls_offered: false,
+            actions: std::collections::VecDeque::new(),
+            counters: Tally::new(
+                &[
+                    "capability",
+                    "id",
+                    "starttls",
+                    "login",
+                    "authenticate",
+                    "noop",
+                    "logout",
+                    "other",
+                ],
+                &["starttls", "login", "authenticate"],
+            ),
+        }
+    }
+
+    fn send_client(&mut self, bytes: impl Into<Bytes>) {
+        self.actions.push_back(Action::ToClient(bytes.into()));
+    }
+
+    fn send_upstream(&mut self, bytes: impl Into<Bytes>) {
+        self.actions.push_back(Action::ToUpstream(bytes.into()));
+    }
+
+    fn event(&mut self, event: Event) {
+        self.actions.push_back(Action::Event(event));
+    }
+
+    /// Replies (unless mid-handshake), closes, and returns the closed mode.
+    fn close_with(&mut self, reply: &[u8]) -> Mode {
+        if !matches!(self.mode, Mode::Handshake) {
+            self.send_client(Bytes::copy_from_slice(reply));
+        }
+        self.actions.push_back(Action::Close);
+        Mode::Closed
+    }
+
+    fn forward_line(&mut self, line: &Line) {
+        let mut out = BytesMut::with_capacity(line.text.len() + 2);
+        out.put_slice(&line.text);
+        out.put_slice(b"\r\n");
+        self.send_upstream(out.freeze());
+    }
+
+    // ---- client side ----
+
+    fn process_client(&mut self) {
+        loop {
+            let mode = std::mem::replace(&mut self.mode, Mode::Closed);
+            let (next, progressed) = match mode {
+                Mode::Command => match self.next_client_line() {
+                    Ok(Some(line)) => (self.on_command_line(line), true),
+                    Ok(None) => (Mode::Command, false),
+                    Err(mode) => (mode, false),
+                },
+                Mode::Continuation(command) => match self.next_client_line() {
+                    Ok(Some(line)) => (self.on_continuation_line(command, line), true),
+                    Ok(None) => (Mode::Continuation(command), false),
+                    Err(mode) => (mode, false),
+                },
+                Mode::Literal { command, remaining } if !self.client_in.is_empty() => {
+                    let n = usize::try_from(remaining)
+                        .unwrap_or(usize::MAX)
+                        .min(self.client_in.len());
+                    let octets = self.client_in.split_to(n).freeze();
+                    if command.local_reply.is_none() {
+                        self.send_upstream(octets);
+                    }
+                    let remaining = remaining - n as u64;
+                    if remaining == 0 {
+                        (Mode::Continuation(command), true)
+                    } else {
+                        (Mode::Literal { command, remaining }, true)
+                    }
+                }
+                Mode::SaslResponse(command) => match self.next_client_line() {
+                    Ok(Some(line)) => {
+                        // RFC 9051 §6.2.2: base64 data or `*`, never a command.
+                        self.forward_line(&line);
+                        (Mode::AwaitResponse(command), true)
+                    }
+                    Ok(None) => (Mode::SaslResponse(command), false),
+                    Err(mode) => (mode, false),
+                },
+                other => (other, false),
+            };
+            self.mode = next;
+            if !progressed {
+                return;
+            }
+        }
+    }
+
+    /// The next client line; on an over-long line, the goodbye and the closed mode.
+    fn next_client_line(&mut self) -> Result<Option<Line>, Mode> {
+        self.client_lines
+            .next_line(&mut self.client_in)
+            .map_err(|_| {
+                self.client_in.clear();
+                self.event(Event::LimitExceeded {
+                    limit: "line_length",
+                });
+                self.close_with(reply::LINE_TOO_LONG)
+            })
+    }
+
+    fn on_command_line(&mut self, line: Line) -> Mode {
+        let start = match parse::command_start(&line.text) {
+            Ok(start) => start,
+            Err(parse::Error::MissingCommand) => {
+                let tag = line.text.split(|&b| b == b' ').next().unwrap_or_default();
+                self.send_client(tagged(tag, reply::MISSING_COMMAND));
+                return Mode::Command;
+            }
+            Err(_) => {
+                self.send_client(reply::BAD_LINE);
+                return Mode::Command;
+            }
+        };
+        let tag = line.text.slice_ref(start.tag);
+        let literal = parse::trailing_literal(&line.text);
+        if start.verb == Verb::StartTls {
+            return self.on_starttls(tag, start.args.is_empty());
+        }
+        let mut command = Command {
+            tag,
+            verb: start.verb,
+            local_reply: None,
+            forwarded: false,
+            password_may_follow: false,
+        };
+        if !self.tls_active {
+            command.local_reply = match start.verb {
+                Verb::Capability | Verb::Noop | Verb::Logout => None,
+                // RFC 2971: answered by the proxy, so nothing about the client reaches
+                // the upstream before TLS.
+                Verb::Id => Some(self.id_reply(&command.tag)),
+                Verb::Login | Verb::Authenticate => {
+                    self.event(Event::PlaintextCommandRefused {
+                        verb: verb_label(start.verb),
+                    });
+                    if self.starttls_offered {
+                        self.event(Event::StarttlsStrippingSuspected {
+                            reason: "auth_after_starttls_offered",
+                        });
+                    }
+                    if start.verb == Verb::Login {
+                        command.password_may_follow = self.note_plaintext_login(start.args);
+                    } else {
+                        self.note_plaintext_authenticate(start.args);
+                    }
+                    Some(tagged(&command.tag, reply::PRIVACY_REQUIRED))
+                }
+                Verb::Other | Verb::StartTls => {
+                    if is_mangled_starttls(start.name) {
+                        self.event(Event::StarttlsStrippingSuspected {
+                            reason: "mangled_verb",
+                        });
+                    }
+                    self.event(Event::PlaintextCommandRefused { verb: "unknown" });
+                    Some(tagged(&command.tag, reply::NOT_ALLOWED))
+                }
+            };
+        }
+        self.command_part(command, &line, literal)
+    }
+
+    fn on_continuation_line(&mut self, mut command: Command, line: Line) -> Mode {
+        if command.password_may_follow {
+            // The user name was a literal; what follows it is the password.
+            command.password_may_follow = false;
+            let args = parse::login_args(line.text.trim_ascii_start());
+            if matches!(
+                args.user,
+                Some(Astring::Inline(_)) | Some(Astring::Literal(Literal { non_sync: true, .. }))
+            ) {
+                self.event(Event::CredentialsExposed {
+                    mechanism: "LOGIN".into(),
+                    user_hash: None,
+                });
+            }
+        }
+        let literal = parse::trailing_literal(&line.text);
+        self.command_part(command, &line, literal)
+    }
+
+    /// One line of a command (the first, or one after a literal), ending in `literal`.
+    fn command_part(
+        &mut self,
+        mut command: Command,
+        line: &Line,
+        literal: Option<Literal>,
+    ) -> Mode {
+        let too_big = literal.is_some_and(|l| l.len > self.config.max_literal_len);
+        match (command.local_reply.is_some(), literal) {
+            (true, None)
+            | (
+                true,
+                Some(Literal {
+                    non_sync: false, ..
+                }),
+            ) => {
+                // The client waits for a `+` before sending a synchronising literal: the
+                // refusal comes first, so the octets (a password) are never sent.
+                self.finish_local(command);
+                Mode::Command
+            }
+            (
+                false,
+                Some(Literal {
+                    non_sync: false, ..
+                }),
+            ) if too_big && !command.forwarded => {
+                // DESIGN §9: refused before the `+`, so the octets are never sent.
+                self.event(Event::LimitExceeded {
+                    limit: "literal_size",
+                });
+                self.counters.record(tally_name(command.verb), false);
+                self.send_client(tagged(&command.tag, reply::TOO_BIG));
+                Mode::Command
+            }
+            (_, Some(_)) if too_big => {
+                // The octets are on their way (or the upstream holds half a command):
+                // nothing can be resynchronised (RFC 7888 §4 allows closing).
+                self.event(Event::LimitExceeded {
+                    limit: "literal_size",
+                });
+                self.close_with(&tagged(&command.tag, reply::TOO_BIG_FATAL))
+            }
+            (true, Some(Literal { len, .. })) => Mode::Literal {
+                command,
+                remaining: len,
+            },
+            (false, None) => {
+                self.forward_line(line);
+                command.forwarded = true;
+                Mode::AwaitResponse(command)
+            }
+            (
+                false,
+                Some(Literal {
+                    len,
+                    non_sync: false,
+                }),
+            ) => {
+                self.forward_line(line);
+                command.forwarded = true;
+                Mode::AwaitContinuation { command, len }
+            }
+            (
+                false,
+                Some(Literal {
+                    len,
+                    non_sync: true,
+                }),
+            ) => {
+                let allowed = self.literal_plus || (self.literal_minus && len <= LITERAL_MINUS_MAX);
+                if allowed {
+                    self.forward_line(line);
+                    command.forwarded = true;
+                    Mode::Literal {
+                        command,
+                        remaining: len,
+                    }
+                } else if !command.forwarded {
+                    // DESIGN §2: honoured only if the upstream advertised it. The octets
+                    // follow at once; read and drop them, then refuse.
+                    command.local_reply = Some(tagged(&command.tag, reply::NON_SYNC_UNSUPPORTED));
+                    Mode::Literal {
+                        command,
+                        remaining: len,
+                    }
+                } else {
+                    self.close_with(&tagged(&command.tag, reply::NON_SYNC_UNSUPPORTED))
+                }
+            }
+        }
+    }
+
+    fn finish_local(&mut self, command: Command) {
+        let accepted = command.verb == Verb::Id;
+        self.counters.record(tally_name(command.verb), accepted);
+        if let Some(reply) = command.local_reply {
+            self.send_client(reply);
+        }
+    }
+
+    fn id_reply(&self, tag: &[u8]) -> Bytes {
+        let mut out = BytesMut::from(reply::ID_NIL);
+        out.put_slice(tag);
+        out.put_slice(reply::ID_COMPLETED);
+        out.freeze()
+    }
+
+    /// A LOGIN before TLS: a password that arrived is exposed. Returns whether the
+    /// password may still follow (the user name was a non-synchronising literal).
+    fn note_plaintext_login(&mut self, args: &[u8]) -> bool {
+        let login = parse::login_args(args);
+        let user_hash = match &login.user {
+            Some(Astring::Inline(user)) => Some(self.config.user_hasher.hash(user)),
+            _ => None,
+        };
+        let exposed = matches!(
+            login.password,
+            Some(Astring::Inline(_)) | Some(Astring::Literal(Literal { non_sync: true, .. }))
+        );
+        if exposed {
+            self.event(Event::CredentialsExposed {
+                mechanism: "LOGIN".into(),
+                user_hash,
+            });
+        }
+        matches!(
+            login.user,
+            Some(Astring::Literal(Literal { non_sync: true, .. }))
+        )
+    }
+
+    /// An AUTHENTICATE before TLS with an initial response (RFC 4959): exposed.
+    fn note_plaintext_authenticate(&mut self, args: &[u8]) {
+        let Some((mechanism, Some(response))) = parse::authenticate_args(args) else {
+            return;
+        };
+        let user = if mechanism.eq_ignore_ascii_case(b"PLAIN") {
+            crate::proto::sasl::plain_authcid(response)
+        } else {
+            None
+        };
+        let mechanism = if mechanism.len() <= 20
+            && mechanism
+                .iter()
+                .all(|b| b.is_ascii_alphanumeric() || *b == b'-' || *b == b'_')
+        {
+            String::from_utf8_lossy(mechanism).to_ascii_uppercase()
+        } else {
+            "unknown".to_owned()
+        };
+        self.event(Event::CredentialsExposed {
+            mechanism,
+            user_hash: user.map(|u| self.config.user_hasher.hash(&u)),
+        });
+    }
+
+    fn on_starttls(&mut self, tag: Bytes, no_arguments: bool) -> Mode {
+        if self.tls_active {
+            self.counters.record("starttls", false);
+            self.send_client(tagged(&tag, reply::TLS_ACTIVE));
+            return Mode::Command;
+        }
+        if !no_arguments {
+            self.counters.record("starttls", false);
+            self.send_client(tagged(&tag, reply::STARTTLS_ARGUMENTS));
+            return Mode::Command;
+        }
+        self.counters.record("starttls", true);
+        self.send_client(tagged(&tag, reply::BEGIN_TLS));
+        // RFC 9051 §6.2.1 option 1 (DESIGN §4): whatever follows is the TLS handshake.
+        let early = self.client_in.split().freeze();
+        self.client_lines.reset();
+        if !early.is_empty() && early[0] != 0x16 {
+            self.event(Event::StarttlsInjection { bytes: early.len() });
+        }
+        self.actions.push_back(Action::StartTls { early });
+        Mode::Handshake
+    }
+
+    // ---- upstream side ----
+
+    fn process_upstream(&mut self) {
+        loop {
+            if matches!(self.mode, Mode::Closed | Mode::Relayed) {
+                return;
+            }
+            if self.upstream_literal > 0 {
+                if self.upstream_in.is_empty() {
+                    return;
+                }
+                let n = usize::try_from(self.upstream_literal)
+                    .unwrap_or(usize::MAX)
+                    .min(self.upstream_in.len());
+                let octets = self.upstream_in.split_to(n).freeze();
+                self.send_client(octets);
+                self.upstream_literal -= n as u64;
+                self.upstream_continues = self.upstream_literal == 0;
+                continue;
+            }
+            let line = match self.upstream_lines.next_line(&mut self.upstream_in) {
+                Ok(Some(line)) => line,
+                Ok(None) => return,
+                Err(_) => return self.upstream_broken("response line too long"),
+            };
+            let literal = parse::trailing_literal(&line.text);
+            if std::mem::take(&mut self.upstream_continues) {
+                self.send_client(line.raw.clone());
+            } else {
+                self.on_response(&line);
+            }
+            if let Some(literal) = literal {
+                self.upstream_literal = literal.len;
+            }
+        }
+    }
+
+    fn upstream_broken(&mut self, detail: &'static str) {
+        self.event(Event::UpstreamProtocolError { detail });
+        self.mode = self.close_with(reply::UPSTREAM_BROKEN);
+    }
+
+    fn on_response(&mut self, line: &Line) {
+        let Some(response) = parse::response(&line.text) else {
+            return self.upstream_broken("malformed response line");
+        };
+        let mode = std::mem::replace(&mut self.mode, Mode::Closed);
+        self.mode = match (mode, response) {
+            (Mode::Greeting, Response::Untagged { rest }) => self.on_greeting(line, rest),
+            (Mode::Greeting, _) => {
+                self.event(Event::UpstreamProtocolError {
+                    detail: "greeting is not untagged",
+                });
+                self.close_with(reply::UPSTREAM_BROKEN)
+            }
+            (mode, Response::Untagged { .. }) => {
+                self.relay_rewritten(line);
+                mode
+            }
+            (Mode::AwaitContinuation { command, len }, Response::Continuation) => {
+                self.send_client(line.raw.clone());
+                Mode::Literal {
+                    command,
+                    remaining: len,
+                }
+            }
+            (Mode::AwaitResponse(command), Response::Continuation)
+                if command.verb == Verb::Authenticate =>
+            {
+                self.send_client(line.raw.clone());
+                Mode::SaslResponse(command)
+            }
+            (
+                Mode::AwaitResponse(command) | Mode::AwaitContinuation { command, .. },
+                Response::Tagged { tag, status, .. },
+            ) if tag == &command.tag[..] => {
+                self.relay_rewritten(line);
+                let accepted = status == Status::Ok;
+                self.counters.record(tally_name(command.verb), accepted);
+                if accepted && matches!(command.verb, Verb::Login | Verb::Authenticate) {
+                    self.go_blind()
+                } else if command.verb == Verb::Logout {
+                    // RFC 9051 §6.1.3: the upstream closes now; nothing more is owed.
+                    self.actions.push_back(Action::Close);
+                    Mode::Closed
+                } else {
+                    Mode::Command
+                }
+            }
+            (mode, _) => {
+                // Anything else (a stray continuation, another tag) is the upstream's
+                // business with the client: relayed unchanged.
+                self.send_client(line.raw.clone());
+                mode
+            }
+        };
+    }
+
+    fn on_greeting(&mut self, line: &Line, rest: &[u8]) -> Mode {
+        let word = rest.split(|&b| b == b' ').next().unwrap_or_default();
+        if word.eq_ignore_ascii_case(b"OK") {
+            self.relay_rewritten(line);
+            Mode::Command
+        } else if word.eq_ignore_ascii_case(b"PREAUTH") {
+            // DESIGN §1.4: the client would be logged in without credentials.
+            self.event(Event::UpstreamPreauth);
+            self.close_with(reply::PREAUTH)
+        } else {
+            // `* BYE`: the upstream refuses service; the client hears it.
+            self.send_client(line.raw.clone());
+            self.actions.push_back(Action::Close);
+            Mode::Closed
+        }
+    }
+
+    /// After the upstream accepted the login: hand out everything held, then relay.
+    fn go_blind(&mut self) -> Mode {
+        if !self.client_in.is_empty() {
+            let held = self.client_in.split().freeze();
+            self.send_upstream(held);
+        }
+        if !self.upstream_in.is_empty() {
+            let rest = self.upstream_in.split().freeze();
+            self.send_client(rest);
+        }
+        self.actions.push_back(Action::Relay);
+        Mode::Relayed
+    }
+
+    /// Relays a response line, its capability list rewritten per DESIGN §2 if it has one.
+    fn relay_rewritten(&mut self, line: &Line) {
+        let Some(span) = parse::capability_span(&line.text) else {
+            return self.send_client(line.raw.clone());
+        };
+        let rewritten = self.rewrite_capabilities(&line.text[span.clone()]);
+        let mut out = BytesMut::with_capacity(line.text.len() + 32);
+        out.put_slice(&line.text[..span.start]);
+        out.put_slice(&rewritten);
+        out.put_slice(&line.text[span.end..]);
+        out.put_slice(b"\r\n");
+        self.send_client(out.freeze());
+    }
+
+    /// The upstream's capabilities in its order, tokens only removed or appended.
+    fn rewrite_capabilities(&mut self, list: &[u8]) -> Vec<u8> {
+        let before_tls = !self.tls_active;
+        let mut kept: Vec<&[u8]> = Vec::new();
+        for token in list.split(|&b| b == b' ').filter(|t| !t.is_empty()) {
+            let is = |name: &[u8]| token.eq_ignore_ascii_case(name);
+            self.literal_plus |= is(b"LITERAL+");
+            self.literal_minus |= is(b"LITERAL-");
+            let auth = token.len() > 5 && token[..5].eq_ignore_ascii_case(b"AUTH=");
+            let drop = is(b"STARTTLS")
+                || is(b"LOGINDISABLED")
+                || (auth && (before_tls || is_channel_binding_mechanism(&token[5..])))
+                || (before_tls && is(b"SASL-IR"));
+            if !drop {
+                kept.push(token);
+            }
+        }
+        if before_tls {
+            kept.push(b"STARTTLS");
+            kept.push(b"LOGINDISABLED");
+            self.starttls_offered = true;
+        }
+        kept.join(&b' ')
+    }
+}
+
+/// `XXXXXXXX`, `STARTTLX`...: what in-path boxes that strip STARTTLS leave behind.
+fn is_mangled_starttls(name: &[u8]) -> bool {
+    let all_x = name.len() == 8 && name.iter().all(|b| b.eq_ignore_ascii_case(&b'X'));
+    let one_off = name.len() == 8
+        && name
+            .iter()
+            .zip(b"STARTTLS")
+            .filter(|(a, b)| !a.eq_ignore_ascii_case(b))
+            .count()
+            == 1;
+    all_x || one_off
+}
+
+impl crate::proto::Session for Session {
+    fn on_client_data(&mut self, data: &[u8]) {
+        if matches!(self.mode, Mode::Closed | Mode::Relayed) {
+            return;
+        }
+        self.client_in.extend_from_slice(data);
+        self.process_client();
+    }
+
+    fn on_upstream_data(&mut self, data: &[u8]) {
+        if matches!(self.mode, Mode::Closed | Mode::Relayed) {
+            return;
+        }
+        self.upstream_in.extend_from_slice(data);
+        self.process_upstream();
+        self.process_client();
+    }
+
+    fn on_client_eof(&mut self) {
+        if !matches!(self.mode, Mode::Closed) {
+            self.mode = Mode::Closed;
+            self.actions.push_back(Action::Close);
+        }
+    }
+
+    fn on_upstream_eof(&mut self) {
+        match self.mode {
+            Mode::Closed => {}
+            Mode::Handshake => {
+                self.mode = Mode::Closed;
+                self.actions.push_back(Action::Close);
+            }
+            _ => self.mode = self.close_with(reply::UPSTREAM_UNAVAILABLE),
+        }
+    }
+
+    fn on_tls_established(&mut self) {
+        self.tls_active = true;
+        self.starttls_offered = false;
+        // On an implicit-TLS listener this comes before the greeting: the mode stays.
+        if matches!(self.mode, Mode::Handshake) {
+            self.mode = Mode::Command;
+        }
+        self.process_client();
+    }
+
+    fn on_timeout(&mut self) {
+        let reply = match self.mode {
+            Mode::Greeting => reply::UPSTREAM_UNAVAILABLE,
+            _ => reply::IDLE_TIMEOUT,
+        };
+        if !matches!(self.mode, Mode::Closed) {
+            self.mode = self.close_with(reply);
+        }
+    }
+
+    fn phase(&self) -> Phase {
+        match self.mode {
+            Mode::Greeting => Phase::Greeting,
+            Mode::Handshake => Phase::Handshake,
+            _ => Phase::Command,
+        }
+    }
+
+    fn wants_client_data(&self) -> bool {
+        !matches!(self.mode, Mode::Closed | Mode::Handshake | Mode::Relayed)
+            && self.client_in.len() < self.config.max_held_bytes
+    }
+
+    fn next_action(&mut self) -> Option<Action> {
+        self.actions.pop_front()
+    }
+
+    fn summary(&self) -> String {
+        self.counters.summary()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::proto::Session as _;
+    use proptest::prelude::*;
+
+    const GREETING: &str = "* OK [CAPABILITY IMAP4rev1 SASL-IR LOGIN-REFERRALS ID ENABLE IDLE LITERAL+ \
+AUTH=PLAIN AUTH=LOGIN AUTH=SCRAM-SHA-256-PLUS starttls] Dovecot (Debian) ready.\r\n";
+    const GREETING_BEFORE_TLS: &str = "* OK [CAPABILITY IMAP4rev1 LOGIN-REFERRALS ID ENABLE IDLE \
+LITERAL+ STARTTLS LOGINDISABLED] Dovecot (Debian) ready.\r\n";
+    const PRIVACY: &str =
+        " NO [PRIVACYREQUIRED] TLS is required before authentication, use STARTTLS\r\n";
+
+    #[derive(Debug, Default, PartialEq)]
+    struct Out {
+        client: String,
+        upstream: String,
+        events: Vec<Event>,
+        starttls: Option<Vec<u8>>,
+        relay: bool,
+        closed: bool,
+    }
+
+    fn drain(session: &mut Session) -> Out {
+        let mut out = Out::default();
+        while let Some(action) = session.next_action() {
+            match action {
+                Action::ToClient(b) => out.client.push_str(&String::from_utf8_lossy(&b)),
+                Action::ToUpstream(b) => out.upstream.push_str(&String::from_utf8_lossy(&b)),
+                Action::Event(e) => out.events.push(e),
+                Action::StartTls { early } => out.starttls = Some(early.to_vec()),
+                Action::Relay => out.relay = true,
+                Action::Close => out.closed = true,
+            }
+        }
+        out
+    }
+
+    fn config() -> Config {
+        Config {
+            max_line_len: 1024,
+            max_literal_len: 1000,
+            max_held_bytes: 64 * 1024,
+            user_hasher: UserHasher::new(b"test key"),
+        }
+    }
+
+    fn client(s: &mut Session, bytes: &str) -> Out {
+        s.on_client_data(bytes.as_bytes());
+        drain(s)
+    }
+
+    fn upstream(s: &mut Session, bytes: &str) -> Out {
+        s.on_upstream_data(bytes.as_bytes());
+        drain(s)
+    }
+
+    fn greeted() -> Session {
+        let mut s = Session::new(config());
+        assert_eq!(upstream(&mut s, GREETING).client, GREETING_BEFORE_TLS);
+        s
+    }
+
+    fn after_tls() -> Session {
+        let mut s = greeted();
+        let out = client(&mut s, "t STARTTLS\r\n");
+        assert_eq!(out.client, "t OK Begin TLS negotiation now\r\n");
+        assert_eq!(out.starttls, Some(vec![]));
+        assert_eq!(out.upstream, "");
+        s.on_tls_established();
+        s
+    }
+
+    fn names(events: &[Event]) -> Vec<&'static str> {
+        events.iter().map(Event::name).collect()
+    }
+
+    #[test]
+    fn nothing_is_read_before_the_greeting_and_its_capabilities_are_rewritten() {
+        let mut s = Session::new(config());
+        assert_eq!(client(&mut s, "a CAPABILITY\r\n"), Out::default());
+        let out = upstream(&mut s, GREETING);
+        assert_eq!(out.client, GREETING_BEFORE_TLS);
+        assert_eq!(out.upstream, "a CAPABILITY\r\n");
+    }
+
+    #[test]
+    fn capability_before_and_after_tls() {
+        let mut s = greeted();
+        assert_eq!(
+            client(&mut s, "a CAPABILITY\r\n").upstream,
+            "a CAPABILITY\r\n"
+        );
+        let out = upstream(
+            &mut s,
+            "* CAPABILITY IMAP4rev1 SASL-IR STARTTLS AUTH=PLAIN LITERAL+ LITERAL+\r\na OK Pre-login capabilities listed, post-login capabilities have more.\r\n",
+        );
+        assert_eq!(
+            out.client,
+            "* CAPABILITY IMAP4rev1 LITERAL+ LITERAL+ STARTTLS LOGINDISABLED\r\n\
+a OK Pre-login capabilities listed, post-login capabilities have more.\r\n"
+        );
+        let mut s = after_tls();
+        client(&mut s, "b CAPABILITY\r\n");
+        let out = upstream(
+            &mut s,
+            "* CAPABILITY IMAP4rev1 SASL-IR LOGINDISABLED starttls AUTH=PLAIN AUTH=SCRAM-SHA-1-PLUS ID\r\nb OK done\r\n",
+        );
+        assert_eq!(
+            out.client,
+            "* CAPABILITY IMAP4rev1 SASL-IR AUTH=PLAIN ID\r\nb OK done\r\n"
+        );
+    }
+
+    #[test]
+    fn login_before_tls_is_refused_and_never_forwarded() {
+        for (line, exposed) in [
+            ("a LOGIN alice secret\r\n", true),
+            ("a login \"alice\" \"secret\"\r\n", true),
+            ("a LOGIN alice\r\n", false),
+            ("a AUTHENTICATE PLAIN\r\n", false),
+            ("a AUTHENTICATE PLAIN AGFsaWNlAHNlY3JldA==\r\n", true),
+        ] {
+            let mut s = greeted();
+            let out = client(&mut s, line);
+            assert_eq!(out.client, format!("a{PRIVACY}"), "{line:?}");
+            assert_eq!(out.upstream, "");
+            let events = names(&out.events);
+            assert!(events.contains(&"plaintext_command_refused"));
+            assert!(events.contains(&"starttls_stripping_suspected"));
+            assert_eq!(events.contains(&"credentials_exposed"), exposed, "{line:?}");
+            assert!(!format!("{:?}", out.events).contains("secret"));
+        }
+    }
+
+    #[test]
+    fn a_synchronising_literal_password_is_refused_before_the_continuation() {
+        let mut s = greeted();
+        let out = client(&mut s, "a LOGIN alice {6}\r\n");
+        assert_eq!(out.client, format!("a{PRIVACY}"));
+        assert!(!out.client.contains('+'));
+        assert!(!names(&out.events).contains(&"credentials_exposed"));
+        // A client that sends the octets anyway: they are read as (refused) commands,
+        // nothing reaches the upstream.
+        let out = client(&mut s, "secret\r\n");
+        assert_eq!(out.client, "* BAD Invalid tag or command line\r\n");
+        assert_eq!(out.upstream, "");
+    }
+
+    #[test]
+    fn a_non_synchronising_literal_is_swallowed_then_refused_and_the_next_command_works() {
+        let mut s = greeted();
+        let out = client(
+            &mut s,
+            "a LOGIN {5+}\r\nalice {6+}\r\nsecret\r\nb CAPABILITY\r\n",
+        );
+        assert_eq!(out.client, format!("a{PRIVACY}"));
+        assert_eq!(out.upstream, "b CAPABILITY\r\n");
+        assert_eq!(
+            out.events
+                .iter()
+                .filter(|e| e.name() == "credentials_exposed")
+                .count(),
+            1
+        );
+    }
+
+    #[test]
+    fn other_commands_before_tls() {
+        let mut s = greeted();
+        assert_eq!(
+            client(&mut s, "a SELECT INBOX\r\n").client,
+            "a BAD Command not allowed before STARTTLS\r\n"
+        );
+        assert_eq!(
+            client(&mut s, "b ID (\"name\" \"x\")\r\n").client,
+            "* ID NIL\r\nb OK ID completed\r\n"
+        );
+        assert_eq!(client(&mut s, "c NOOP\r\n").upstream, "c NOOP\r\n");
+        upstream(&mut s, "c OK NOOP completed.\r\n");
+        assert_eq!(
+            client(&mut s, "d STARTTLS now\r\n").client,
+            "d BAD STARTTLS takes no arguments\r\n"
+        );
+        assert_eq!(
+            client(&mut s, "NOOP\r\n").client,
+            "* BAD Invalid tag or command line\r\n"
+        );
+        assert_eq!(
+            client(&mut s, "e\r\n").client,
+            "* BAD Invalid tag or command line\r\n"
+        );
+        let out = client(&mut s, "f XXXXXXXX\r\n");
+        assert_eq!(
+            names(&out.events),
+            vec!["starttls_stripping_suspected", "plaintext_command_refused"]
+        );
+        assert_eq!(s.summary(), "id=1 starttls=0/1 noop=1 other=0/2");
+    }
+
+    #[test]
+    fn injected_commands_behind_starttls_go_to_the_tls_engine() {
+        for payload in [
+            "a STARTTLS\r\nb NOOP\r\n",
+            "A STARTTLS\r\nB LOGIN attacker pw\r\nC APPEND INBOX {400}\r\n",
+            "A STARTTLS\r\nB LOGIN attacker pw\r\nC APPEND INBOX {400+}\r\n",
+        ] {
+            let mut s = greeted();
+            let out = client(&mut s, payload);
+            let tag = &payload[..1];
+            assert_eq!(
+                out.client,
+                format!("{tag} OK Begin TLS negotiation now\r\n")
+            );
+            assert_eq!(out.upstream, "");
+            let early = &payload.as_bytes()[payload.find("\r\n").unwrap() + 2..];
+            assert_eq!(out.starttls.as_deref(), Some(early));
+            assert_eq!(
+                out.events,
+                vec![Event::StarttlsInjection { bytes: early.len() }]
+            );
+        }
+    }
+
+    #[test]
+    fn starttls_inside_tls_is_bad() {
+        let mut s = after_tls();
+        assert_eq!(
+            client(&mut s, "x STARTTLS\r\n").client,
+            "x BAD TLS is already active\r\n"
+        );
+    }
+
+    #[test]
+    fn a_successful_login_hands_out_held_bytes_then_relays() {
+        let mut s = after_tls();
+        let out = client(&mut s, "a LOGIN alice secret\r\nb SELECT INBOX\r\n");
+        assert_eq!(out.upstream, "a LOGIN alice secret\r\n");
+        let out = upstream(
+            &mut s,
+            "a OK [CAPABILITY IMAP4rev1 STARTTLS IDLE COMPRESS=DEFLATE] Logged in\r\n* 1 EXISTS\r\n",
+        );
+        assert_eq!(
+            out.client,
+            "a OK [CAPABILITY IMAP4rev1 IDLE COMPRESS=DEFLATE] Logged in\r\n* 1 EXISTS\r\n"
+        );
+        assert_eq!(out.upstream, "b SELECT INBOX\r\n");
+        assert!(out.relay);
+        assert!(!s.wants_client_data());
+        assert_eq!(s.summary(), "starttls=1/1 login=1/1");
+    }
+
+    #[test]
+    fn a_failed_login_keeps_the_session_in_the_proxy() {
+        let mut s = after_tls();
+        client(&mut s, "a LOGIN alice wrong\r\nb NOOP\r\n");
+        let out = upstream(
+            &mut s,
+            "a NO [AUTHENTICATIONFAILED] Authentication failed.\r\n",
+        );
+        assert_eq!(
+            out.client,
+            "a NO [AUTHENTICATIONFAILED] Authentication failed.\r\n"
+        );
+        assert_eq!(out.upstream, "b NOOP\r\n");
+        assert!(!out.relay);
+    }
+
+    #[test]
+    fn synchronising_literals_after_tls_wait_for_the_upstreams_continuation() {
+        let mut s = after_tls();
+        let out = client(&mut s, "a LOGIN {5}\r\n");
+        assert_eq!(out.upstream, "a LOGIN {5}\r\n");
+        let out = client(&mut s, "alice {6}\r\n");
+        assert_eq!(out.upstream, "", "octets wait for the upstream's +");
+        let out = upstream(&mut s, "+ OK\r\n");
+        assert_eq!(out.client, "+ OK\r\n");
+        assert_eq!(out.upstream, "alice {6}\r\n");
+        let out = upstream(&mut s, "+ \r\n");
+        assert_eq!(out.client, "+ \r\n");
+        let out = client(&mut s, "secret\r\n");
+        assert_eq!(out.upstream, "secret\r\n");
+        let out = upstream(&mut s, "a OK Logged in\r\n");
+        assert!(out.relay);
+    }
+
+    #[test]
+    fn literals_above_the_bound_are_refused_before_the_continuation() {
+        let mut s = after_tls();
+        let out = client(&mut s, "a LOGIN alice {1001}\r\n");
+        assert_eq!(out.client, "a NO [TOOBIG] Literal too large\r\n");
+        assert_eq!(out.upstream, "");
+        assert_eq!(names(&out.events), vec!["limit_exceeded"]);
+        let out = client(&mut s, "b LOGIN alice {1001+}\r\n");
+        assert_eq!(out.client, "b BAD [TOOBIG] Literal too large\r\n");
+        assert!(out.closed);
+    }
+
+    #[test]
+    fn non_synchronising_literals_need_the_upstreams_literal_plus() {
+        let mut s = Session::new(config());
+        upstream(&mut s, "* OK [CAPABILITY IMAP4rev1] legacy ready\r\n");
+        client(&mut s, "t STARTTLS\r\n");
+        s.on_tls_established();
+        let out = client(&mut s, "a LOGIN alice {6+}\r\nsecret\r\nb NOOP\r\n");
+        assert_eq!(
+            out.client,
+            "a BAD Non-synchronizing literals are not supported by this server\r\n"
+        );
+        assert_eq!(out.upstream, "b NOOP\r\n");
+        // With LITERAL+ (learned from the greeting) they pass straight through.
+        let mut s = after_tls();
+        let out = client(&mut s, "a LOGIN alice {6+}\r\nsecret\r\n");
+        assert_eq!(out.upstream, "a LOGIN alice {6+}\r\nsecret\r\n");
+    }
+
+    #[test]
+    fn authenticate_after_tls_relays_the_sasl_exchange() {
+        let mut s = after_tls();
+        assert_eq!(
+            client(&mut s, "a AUTHENTICATE PLAIN\r\n").upstream,
+            "a AUTHENTICATE PLAIN\r\n"
+        );
+        let out = upstream(&mut s, "+ \r\n");
+        assert_eq!(out.client, "+ \r\n");
+        // The SASL response is data even when it looks like a command.
+        assert_eq!(client(&mut s, "b LOGOUT\r\n").upstream, "b LOGOUT\r\n");
+        let out = upstream(&mut s, "a OK Logged in\r\n");
+        assert!(out.relay);
+    }
+
+    #[test]
+    fn logout_before_tls_is_relayed_and_ends_the_session() {
+        let mut s = greeted();
+        assert_eq!(client(&mut s, "z LOGOUT\r\n").upstream, "z LOGOUT\r\n");
+        let out = upstream(&mut s, "* BYE Logging out\r\nz OK Logout completed.\r\n");
+        assert_eq!(
+            out.client,
+            "* BYE Logging out\r\nz OK Logout completed.\r\n"
+        );
+        assert!(out.closed);
+        s.on_upstream_eof();
+        assert_eq!(drain(&mut s), Out::default());
+    }
+
+    #[test]
+    fn a_preauth_greeting_closes_with_bye() {
+        let mut s = Session::new(config());
+        let out = upstream(
+            &mut s,
+            "* PREAUTH [CAPABILITY IMAP4rev1] logged in as alice\r\n",
+        );
+        assert_eq!(
+            out.client,
+            "* BYE [UNAVAILABLE] Server misconfigured: login cannot be required, closing\r\n"
+        );
+        assert_eq!(out.events, vec![Event::UpstreamPreauth]);
+        assert!(out.closed);
+    }
+
+    #[test]
+    fn upstream_literals_and_bare_lf_lines_are_relayed_unchanged() {
+        let mut s = after_tls();
+        client(&mut s, "a ID NIL\r\n");
+        let out = upstream(
+            &mut s,
+            "* ID (\"name\" {14}\r\na OK injected\n)\r\na OK ID completed\n",
+        );
+        assert_eq!(
+            out.client,
+            "* ID (\"name\" {14}\r\na OK injected\n)\r\na OK ID completed\n"
+        );
+        assert_eq!(client(&mut s, "b NOOP\r\n").upstream, "b NOOP\r\n");
+    }
+
+    #[test]
+    fn upstream_failures_get_bye() {
+        let mut s = Session::new(config());
+        s.on_upstream_eof();
+        assert_eq!(
+            drain(&mut s).client,
+            "* BYE [UNAVAILABLE] Service temporarily unavailable, closing connection\r\n"
+        );
+        let mut s = greeted();
+        let out = upstream(&mut s, "garbage\r\n");
+        assert_eq!(
+            out.client,
+            "* BYE [UNAVAILABLE] Upstream protocol error, closing\r\n"
+        );
+        assert!(out.closed);
+        let mut s = greeted();
+        s.on_timeout();
+        assert_eq!(
+            drain(&mut s).client,
+            "* BYE Autologout; idle for too long\r\n"
+        );
+    }
+
+    #[test]
+    fn an_over_long_line_is_refused_with_bye() {
+        let mut s = greeted();
+        let out = client(&mut s, &"a".repeat(2000));
+        assert_eq!(out.client, "* BYE Command line too long\r\n");
+        assert!(out.closed);
+        assert_eq!(out.upstream, "");
+    }
+
+    #[test]
+    fn implicit_tls_waits_for_the_greeting_and_shows_auth() {
+        let mut s = Session::new(config());
+        s.on_tls_established();
+        assert_eq!(client(&mut s, "a CAPABILITY\r\n").upstream, "");
+        let out = upstream(&mut s, GREETING);
+        assert_eq!(
+            out.client,
+            "* OK [CAPABILITY IMAP4rev1 SASL-IR LOGIN-REFERRALS ID ENABLE IDLE LITERAL+ AUTH=PLAIN \
+AUTH=LOGIN] Dovecot (Debian) ready.\r\n"
+        );
+        assert_eq!(out.upstream, "a CAPABILITY\r\n");
+    }
+
+    /// Runs a fixed dialogue with the client's bytes cut at `cuts`; the upstream answers
+    /// each forwarded command as soon as it is complete.
+    fn run_chunked(client_stream: &[u8], cuts: &[usize]) -> Out {
+        let mut s = Session::new(config());
+        let mut total = drain(&mut s);
+        let merge = |total: &mut Out, out: Out| {
+            total.client.push_str(&out.client);
+            total.upstream.push_str(&out.upstream);
+            total.events.extend(out.events);
+            total.starttls = total.starttls.take().or(out.starttls);
+            total.relay |= out.relay;
+            total.closed |= out.closed;
+        };
+        merge(&mut total, upstream(&mut s, GREETING));
+        let mut answered = 0;
+        let mut start = 0;
+        for &cut in cuts.iter().chain(std::iter::once(&client_stream.len())) {
+            s.on_client_data(&client_stream[start..cut]);
+            start = cut;
+            merge(&mut total, drain(&mut s));
+            for (tag, response) in [
+                (
+                    "a CAPABILITY\r\n",
+                    "* CAPABILITY IMAP4rev1 AUTH=PLAIN\r\na OK done\r\n",
+                ),
+                ("d NOOP\r\n", "d OK done\r\n"),
+            ] {
+                if total.upstream.contains(tag)
+                    && answered < 2
+                    && !total.client.contains(&response[response.len() - 11..])
+                {
+                    answered += 1;
+                    merge(&mut total, upstream(&mut s, response));
+                }
+            }
+        }
+        total
+    }
+
+    proptest! {
+        #[test]
+        fn any_chunking_gives_the_same_bytes_and_events(
+            cuts in proptest::collection::vec(0usize..120, 0..8),
+        ) {
+            // Up to STARTTLS: later bytes go to the TLS engine, not to the session.
+            let stream = b"a CAPABILITY\r\nb LOGIN alice {6+}\r\nsecret\r\nc ID NIL\r\nd NOOP\r\ne SELECT INBOX\r\nf STARTTLS\r\n";
+            let mut cuts: Vec<usize> = cuts.into_iter().map(|c| c.min(stream.len())).collect();
+            cuts.sort_unstable();
+            let expected = run_chunked(stream, &[]);
+            prop_assert_eq!(&expected.upstream, "a CAPABILITY\r\nd NOOP\r\n");
+            prop_assert!(expected.starttls.is_some());
+            prop_assert_eq!(run_chunked(stream, &cuts), expected);
+        }
+    }
+}

@@ -1,0 +1,43 @@
+//! SASL initial responses (RFC 4422): just enough to name the user in a
+//! `credentials_exposed` event. The secret is never returned.
+
+/// The authentication identity in a PLAIN initial response:
+/// `message = [authzid] UTF8NUL authcid UTF8NUL passwd` (RFC 4616 §2), base64-encoded.
+/// Returns `None` when it does not decode; the password is never returned.
+pub fn plain_authcid(initial_response: &[u8]) -> Option<String> {
+    use base64::Engine as _;
+    let decoded = base64::engine::general_purpose::STANDARD
+        .decode(initial_response)
+        .ok()?;
+    let mut parts = decoded.split(|&b| b == 0);
+    let _authzid = parts.next()?;
+    let authcid = parts.next()?;
+    parts.next()?;
+    String::from_utf8(authcid.to_vec()).ok()
+}
+
+/// The user name in a LOGIN initial response (base64 of the name).
+pub fn login_username(initial_response: &[u8]) -> Option<String> {
+    use base64::Engine as _;
+    let decoded = base64::engine::general_purpose::STANDARD
+        .decode(initial_response)
+        .ok()?;
+    String::from_utf8(decoded).ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sasl_identities_are_extracted_without_the_secret() {
+        // "\0alice@example.test\0alice-secret-pw"
+        assert_eq!(
+            plain_authcid(b"AGFsaWNlQGV4YW1wbGUudGVzdABhbGljZS1zZWNyZXQtcHc=").as_deref(),
+            Some("alice@example.test")
+        );
+        assert_eq!(plain_authcid(b"not base64!"), None);
+        assert_eq!(plain_authcid(b"YWxpY2U="), None);
+        assert_eq!(login_username(b"YWxpY2U=").as_deref(), Some("alice"));
+    }
+}
