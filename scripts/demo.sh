@@ -83,7 +83,7 @@ printf 'QUIT\r\n' >&3; exec 3>&-
 step "STARTTLS, then AUTH and a message, through submission (swaks)"
 swaks --server 127.0.0.1:10587 --tls --auth PLAIN --auth-user alice@example.test \
     --auth-password alice-secret-pw --from bob@example.test --to alice@example.test \
-    --header "Subject: hello through the moat" 2>&1 | grep -E '^ *(<-|->|<~|~>|===)' | head -40
+    --header "Subject: hello through the moat" 2>&1 | grep -E '^ *(<-|->|<~|~>|===)' | sed -n '1,40p'
 
 step "implicit TLS (smtps) and the public MX (plaintext mail allowed, no AUTH)"
 swaks --server 127.0.0.1:10465 --tls-on-connect --auth PLAIN --auth-user alice@example.test \
@@ -107,17 +107,17 @@ talk() {
 }
 
 step "IMAP: the legacy Dovecot's own greeting, then the same through mailmoat"
-talk "$LEGACY_IMAP_PORT" "a LOGOUT" | head -1
+talk "$LEGACY_IMAP_PORT" "a LOGOUT"
 talk 10143 "a CAPABILITY" "b LOGIN alice@example.test alice-secret-pw" "c LOGOUT"
 
 step "IMAP: STARTTLS, login and a listing through mailmoat (curl --ssl-reqd)"
 curl -sS --ssl-reqd --cacert "$demo/certs/ca.pem" --resolve mail.example.test:10143:127.0.0.1 \
-    -u alice@example.test:alice-secret-pw 'imap://mail.example.test:10143/INBOX?ALL' -X 'EXAMINE INBOX' | head -5
+    -u alice@example.test:alice-secret-pw 'imap://mail.example.test:10143/INBOX?ALL' -X 'EXAMINE INBOX' | sed -n '1,5p'
 
 step "POP3: CAPA and a plaintext USER through mailmoat, then STLS and a listing (curl)"
 talk 10110 "CAPA" "USER alice@example.test" "QUIT"
 curl -sS --ssl-reqd --cacert "$demo/certs/ca.pem" --resolve mail.example.test:10110:127.0.0.1 \
-    -u alice@example.test:alice-secret-pw pop3://mail.example.test:10110/ | head -3
+    -u alice@example.test:alice-secret-pw pop3://mail.example.test:10110/ | sed -n '1,3p'
 
 step "delivered to alice's Maildir by the legacy Postfix"
 ls -1 "$LEGACY_MAILDIR_ALICE/new" | tail -3
