@@ -11,12 +11,13 @@ if [ "$(id -u)" -ne 0 ]; then
     exit 1
 fi
 
-PKGS=(postfix dovecot-core dovecot-imapd dovecot-pop3d swaks openssl curl ca-certificates python3)
+# fetchmail and isync (mbsync): real POP3 and IMAP clients for tests/e2e_dovecot.rs.
+PKGS=(postfix dovecot-core dovecot-imapd dovecot-pop3d swaks openssl curl ca-certificates python3 fetchmail isync)
 
 # Everything legacy.sh and the tests need; if all present, apt is skipped entirely.
 have_all() {
     local b
-    for b in postfix postconf postsuper dovecot doveadm swaks openssl curl python3 setsid; do
+    for b in postfix postconf postsuper dovecot doveadm swaks openssl curl python3 setsid fetchmail mbsync; do
         command -v "$b" >/dev/null 2>&1 || return 1
     done
     # imap/pop3 come from separate packages; the binaries live outside $PATH.
@@ -74,4 +75,5 @@ if [ -s /run/dovecot/master.pid ] && kill -0 "$(cat /run/dovecot/master.pid)" 2>
 fi
 
 log "versions: postfix $(postconf -h mail_version), dovecot $(dovecot --version)"
+log "clients: $(curl --version | head -n1 | cut -d' ' -f1-2), $(mbsync --version), fetchmail $(fetchmail --version 2>/dev/null | sed -n 's/^This is fetchmail release \([^+ ]*\).*/\1/p')"
 log "ok"
