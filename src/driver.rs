@@ -315,7 +315,10 @@ async fn accept(
     let foreign = start.client_hello().alpn().and_then(|mut offered| {
         let mut names = Vec::new();
         let ours = offered.any(|id| {
-            names.push(String::from_utf8_lossy(id).into_owned());
+            // Enough to recognise the client in a log line, bounded whatever it sends.
+            if names.len() < 8 {
+                names.push(String::from_utf8_lossy(&id[..id.len().min(32)]).into_owned());
+            }
             id == context.alpn
         });
         (!ours).then_some(names)

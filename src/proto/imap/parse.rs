@@ -254,18 +254,23 @@ pub fn response(line: &[u8]) -> Option<Response<'_>> {
 }
 
 /// The span of a `CAPABILITY` list in a response: after `* CAPABILITY ` (an untagged
-/// `capability-data`), or inside a `[CAPABILITY ...]` response code. Returns the byte
-/// range of the space-separated capabilities within `line`.
+/// `capability-data`), or in a `[CAPABILITY ...]` code right after an `OK` status,
+/// untagged or tagged (`resp-cond-state`, `resp-text-code`, RFC 9051 §7.1). Text
+/// elsewhere (a `BAD` that echoes the client's line) is never read as capabilities.
 pub fn capability_span(line: &[u8]) -> Option<std::ops::Range<usize>> {
     const DATA: &[u8] = b"* CAPABILITY ";
-    if line.len() >= DATA.len() && line[..DATA.len()].eq_ignore_ascii_case(DATA) {
+    const CODE: &[u8] = b"OK [CAPABILITY ";
+    let starts = |at: usize, prefix: &[u8]| {
+        line.len() >= at + prefix.len() && line[at..at + prefix.len()].eq_ignore_ascii_case(prefix)
+    };
+    if starts(0, DATA) {
         return Some(DATA.len()..line.len());
     }
-    const CODE: &[u8] = b"[CAPABILITY ";
-    let start = line
-        .windows(CODE.len())
-        .position(|w| w.eq_ignore_ascii_case(CODE))?
-        + CODE.len();
+    let status_at = line.iter().position(|&b| b == b' ')? + 1;
+    if !starts(status_at, CODE) {
+        return None;
+    }
+    let start = status_at + CODE.len();
     let end = start + line[start..].iter().position(|&b| b == b']')?;
     Some(start..end)
 }
@@ -441,6 +446,9 @@ mod tests {
         let line = b"a OK [capability IMAP4rev1] Logged in";
         assert_eq!(&line[capability_span(line).unwrap()], b"IMAP4rev1");
         assert_eq!(capability_span(b"* OK ready"), None);
+        assert_eq!(capability_span(b"a BAD echo [CAPABILITY LITERAL+]"), None);
+        assert_eq!(capability_span(b"* NO [CAPABILITY LITERAL+] x"), None);
+        assert_eq!(capability_span(b"* OK text [CAPABILITY LITERAL+]"), None);
         assert_eq!(capability_span(b"* OK [CAPABILITY IMAP4rev1"), None);
     }
 }

@@ -528,6 +528,13 @@ impl Session {
             self.send_client(tagged(&tag, reply::STARTTLS_ARGUMENTS));
             return Mode::Command;
         }
+        if !self.upstream_in.is_empty() || self.upstream_literal > 0 || self.upstream_continues {
+            // Half an unsolicited response would arrive inside TLS (DESIGN §9).
+            self.event(Event::UpstreamProtocolError {
+                detail: "upstream data pending at STARTTLS",
+            });
+            return self.close_with(reply::UPSTREAM_BROKEN);
+        }
         self.counters.record("starttls", true);
         self.send_client(tagged(&tag, reply::BEGIN_TLS));
         // RFC 9051 §6.2.1 option 1 (DESIGN §4): whatever follows is the TLS handshake.
@@ -544,7 +551,8 @@ impl Session {
 
     fn process_upstream(&mut self) {
         loop {
-            if matches!(self.mode, Mode::Closed | Mode::Relayed) {
+            // During the handshake upstream bytes wait; `on_tls_established` refuses them.
+            if matches!(self.mode, Mode::Closed | Mode::Relayed | Mode::Handshake) {
                 return;
             }
             if self.upstream_literal > 0 {
@@ -565,14 +573,20 @@ impl Session {
                 Ok(None) => return,
                 Err(_) => return self.upstream_broken("response line too long"),
             };
-            let literal = parse::trailing_literal(&line.text);
-            if std::mem::take(&mut self.upstream_continues) {
+            let continuing = std::mem::take(&mut self.upstream_continues);
+            // Literals belong to untagged data (`* ID (... {7}`); a tagged or
+            // continuation line that ends in `{n}` may echo the client's text.
+            let literal = parse::trailing_literal(&line.text)
+                .filter(|_| continuing || line.text.starts_with(b"* "));
+            if continuing {
                 self.send_client(line.raw.clone());
             } else {
                 self.on_response(&line);
             }
-            if let Some(literal) = literal {
-                self.upstream_literal = literal.len;
+            match literal {
+                Some(Literal { len: 0, .. }) => self.upstream_continues = true,
+                Some(literal) => self.upstream_literal = literal.len,
+                None => {}
             }
         }
     }
@@ -764,6 +778,9 @@ impl crate::proto::Session for Session {
         // On an implicit-TLS listener this comes before the greeting: the mode stays.
         if matches!(self.mode, Mode::Handshake) {
             self.mode = Mode::Command;
+            if !self.upstream_in.is_empty() {
+                return self.upstream_broken("upstream spoke during the TLS handshake");
+            }
         }
         self.process_client();
     }
@@ -1173,6 +1190,58 @@ a OK Pre-login capabilities listed, post-login capabilities have more.\r\n"
             "* ID (\"name\" {14}\r\na OK injected\n)\r\na OK ID completed\n"
         );
         assert_eq!(client(&mut s, "b NOOP\r\n").upstream, "b NOOP\r\n");
+    }
+
+    #[test]
+    fn echoed_client_text_in_upstream_lines_is_not_structure() {
+        let mut s = Session::new(config());
+        upstream(&mut s, "* OK [CAPABILITY IMAP4rev1] legacy ready\r\n");
+        client(&mut s, "a NOOP {20}\r\n");
+        // A tagged BAD that ends in `{5}` and mentions LITERAL+: neither a literal
+        // nor a capability list.
+        let out = upstream(
+            &mut s,
+            "a BAD Unknown command [CAPABILITY LITERAL+] {5}\r\n",
+        );
+        assert_eq!(
+            out.client,
+            "a BAD Unknown command [CAPABILITY LITERAL+] {5}\r\n"
+        );
+        client(&mut s, "t STARTTLS\r\n");
+        s.on_tls_established();
+        let out = client(&mut s, "b LOGIN alice {6+}\r\nsecret\r\n");
+        assert_eq!(
+            out.client,
+            "b BAD Non-synchronizing literals are not supported by this server\r\n"
+        );
+        assert_eq!(out.upstream, "");
+    }
+
+    #[test]
+    fn an_empty_upstream_literal_continues_the_response() {
+        let mut s = greeted();
+        client(&mut s, "a NOOP\r\n");
+        let out = upstream(&mut s, "* 1 FETCH (BODY[] {0}\r\n)\r\na OK done\r\n");
+        assert_eq!(out.client, "* 1 FETCH (BODY[] {0}\r\n)\r\na OK done\r\n");
+        assert!(!out.closed);
+    }
+
+    #[test]
+    fn upstream_bytes_never_cross_into_tls() {
+        let mut s = greeted();
+        upstream(&mut s, "* OK half a line");
+        let out = client(&mut s, "t STARTTLS\r\n");
+        assert_eq!(
+            out.client,
+            "* BYE [UNAVAILABLE] Upstream protocol error, closing\r\n"
+        );
+        assert!(out.closed && out.starttls.is_none());
+        let mut s = greeted();
+        client(&mut s, "t STARTTLS\r\n");
+        assert_eq!(upstream(&mut s, "* OK late\r\n"), Out::default());
+        s.on_tls_established();
+        let out = drain(&mut s);
+        assert!(out.closed && !out.client.contains("late"));
     }
 
     #[test]

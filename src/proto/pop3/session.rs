@@ -429,7 +429,11 @@ impl Session {
             // The session stays usable in plaintext (DESIGN §9).
             return self.reply_local(Keyword::Stls, reply::STLS_ARGUMENTS);
         }
-        // Commands go one at a time, so every earlier reply is out already.
+        // Commands go one at a time, so every earlier reply is out already; anything
+        // still buffered would arrive inside TLS (DESIGN §9).
+        if !self.upstream_in.is_empty() {
+            return self.upstream_broken("upstream data pending at STLS");
+        }
         self.counters.record(tally_name(Keyword::Stls), true);
         self.send_client(reply::BEGIN_TLS);
         // DESIGN §4: whatever the client queued behind STLS is the start of the
@@ -464,7 +468,8 @@ impl Session {
     // ---- upstream side ----
 
     fn process_upstream(&mut self) {
-        while !matches!(self.mode, Mode::Closed | Mode::Relay) {
+        // During the handshake upstream bytes wait; `on_tls_established` refuses them.
+        while !matches!(self.mode, Mode::Closed | Mode::Relay | Mode::Handshake) {
             if let Owed::Body {
                 keyword,
                 body: Body::Data { at_line_start },
@@ -806,6 +811,9 @@ impl crate::proto::Session for Session {
         // awaited: the mode stays.
         if self.mode == Mode::Handshake {
             self.mode = Mode::Command;
+            if !self.upstream_in.is_empty() {
+                return self.upstream_broken("upstream spoke during the TLS handshake");
+            }
         }
         self.process_client();
     }
@@ -926,6 +934,21 @@ AUTH-RESP-CODE\r\nUSER\r\nSASL PLAIN LOGIN\r\n.\r\n";
         let mut session = Session::new(config());
         assert_eq!(upstream(&mut session, GREETING).client, GREETING);
         session
+    }
+
+    #[test]
+    fn upstream_bytes_never_cross_into_tls() {
+        let mut s = greeted();
+        upstream(&mut s, "+OK half a line");
+        let out = client(&mut s, "STLS\r\n");
+        assert!(out.client.starts_with("-ERR [SYS/TEMP]"), "{out:?}");
+        assert!(out.closed && out.starttls.is_none());
+        let mut s = greeted();
+        client(&mut s, "STLS\r\n");
+        assert_eq!(upstream(&mut s, "+OK late\r\n"), Out::default());
+        s.on_tls_established();
+        let out = drain(&mut s);
+        assert!(out.closed && !out.client.contains("late"));
     }
 
     /// A session after STLS and the handshake.

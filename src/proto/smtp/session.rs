@@ -32,6 +32,7 @@ mod reply {
     pub const NOT_AUTHORIZED: &[u8] = b"550 5.7.0 Error: insufficient authorization\r\n";
     pub const BDAT_SYNTAX: &[u8] = b"501 5.5.4 Syntax: BDAT count [LAST]\r\n";
     pub const BDAT_UNAVAILABLE: &[u8] = b"502 5.5.1 Error: command not implemented\r\n";
+    pub const CHUNK_TOO_LARGE: &[u8] = b"552 5.3.4 Error: chunk too large, closing connection\r\n";
     pub const BARE_NEWLINE: &[u8] = b"521 5.5.2 Error: bare CR or LF received\r\n";
     pub const UPSTREAM_UNAVAILABLE: &[u8] =
         b"421 4.3.0 Service temporarily unavailable, closing connection\r\n";
@@ -43,6 +44,11 @@ mod reply {
 const MAX_REPLY_LINES: usize = 256;
 /// Longest upstream reply line accepted.
 const MAX_UPSTREAM_LINE_LEN: usize = 8192;
+/// Largest BDAT chunk: what a 32-bit size field (Exim's) can express.
+const MAX_CHUNK_LEN: u64 = u32::MAX as u64;
+/// Most replies owed to the client at once; past this, nothing more is read until some
+/// arrive (a flood of refused lines behind a slow upstream reply would grow the queue).
+const MAX_QUEUED_REPLIES: usize = 64;
 
 /// How a session is set up, from its listener's configuration.
 #[derive(Debug, Clone)]
@@ -233,10 +239,13 @@ impl Session {
 
     /// True while a reply that changes how to read the client is outstanding.
     fn blocked(&self) -> bool {
-        self.slots.iter().any(|slot| match slot {
-            Slot::Upstream { awaiting, .. } => awaiting.is_barrier() || !self.upstream_pipelining,
-            Slot::Local { .. } => false,
-        })
+        self.slots.len() >= MAX_QUEUED_REPLIES
+            || self.slots.iter().any(|slot| match slot {
+                Slot::Upstream { awaiting, .. } => {
+                    awaiting.is_barrier() || !self.upstream_pipelining
+                }
+                Slot::Local { .. } => false,
+            })
     }
 
     /// Sends every proxy-made reply that is now at the head of the queue.
@@ -264,10 +273,12 @@ impl Session {
         self.flush_local_replies();
     }
 
-    fn forward(&mut self, verb: Verb, line: &Line, awaiting: Awaiting) {
-        // Canonical CRLF towards the upstream, whatever the client ended the line with.
-        let mut out = BytesMut::with_capacity(line.text.len() + 2);
-        out.put_slice(&line.text);
+    fn forward(&mut self, verb: Verb, line: &[u8], awaiting: Awaiting) {
+        // The verb at column 0 and CRLF at the end, whatever the client sent: Exim, for
+        // one, reads a command only at column 0, and the two must classify it alike.
+        let line = line.trim_ascii_start();
+        let mut out = BytesMut::with_capacity(line.len() + 2);
+        out.put_slice(line);
         out.put_slice(b"\r\n");
         self.send_upstream(out.freeze());
         self.slots.push_back(Slot::Upstream { verb, awaiting });
@@ -347,7 +358,12 @@ impl Session {
                 Mode::SaslResponse => match self.next_client_line() {
                     Some(line) => {
                         self.mode = Mode::Command;
-                        self.forward(Verb::Auth, &line, Awaiting::Auth);
+                        // A SASL response is data: verbatim (RFC 4954 §4).
+                        self.send_upstream(Bytes::from([&line.text[..], b"\r\n"].concat()));
+                        self.slots.push_back(Slot::Upstream {
+                            verb: Verb::Auth,
+                            awaiting: Awaiting::Auth,
+                        });
                     }
                     None => return,
                 },
@@ -402,7 +418,7 @@ impl Session {
             self.event(Event::ForbiddenCommand {
                 verb: verb_label(verb),
             });
-            return self.reply_local(verb, reply::NOT_AUTHORIZED);
+            return self.refuse(&command, reply::NOT_AUTHORIZED);
         }
 
         if !self.tls_active {
@@ -410,13 +426,7 @@ impl Session {
                 self.event(Event::PlaintextCommandRefused {
                     verb: verb_label(verb),
                 });
-                if verb == Verb::Bdat {
-                    // The chunk's bytes follow the refused command; they are not commands.
-                    if let Ok((size, _)) = parse::bdat_args(command.args) {
-                        self.skip_chunk(size);
-                    }
-                }
-                return self.reply_local(verb, refusal);
+                return self.refuse(&command, refusal);
             }
         } else if !self.greeted_since_tls
             && !matches!(
@@ -425,7 +435,7 @@ impl Session {
             )
         {
             // RFC 3207 §4.2: after TLS the client must start over with EHLO.
-            return self.reply_local(verb, reply::HELO_FIRST);
+            return self.refuse(&command, reply::HELO_FIRST);
         }
 
         let awaiting = match verb {
@@ -436,10 +446,21 @@ impl Session {
             Verb::Data => Awaiting::Data,
             Verb::Auth => Awaiting::Auth,
             Verb::Quit => Awaiting::Quit,
-            Verb::Bdat => return self.on_bdat(&line, command.args),
+            Verb::Bdat => return self.on_bdat(&command),
             _ => Awaiting::Reply,
         };
-        self.forward(verb, &line, awaiting);
+        self.forward(verb, &line.text, awaiting);
+    }
+
+    /// Answers a command locally. A refused BDAT's chunk follows it all the same: its
+    /// octets are read and dropped, never taken for commands.
+    fn refuse(&mut self, command: &parse::Command<'_>, reply: &'static [u8]) {
+        if command.verb == Verb::Bdat
+            && let Ok((size, _)) = parse::bdat_args(command.args)
+        {
+            self.skip_chunk(size);
+        }
+        self.reply_local(command.verb, reply);
     }
 
     /// Why a command may not be forwarded before TLS, if it may not (DESIGN §3).
@@ -516,17 +537,32 @@ impl Session {
         self.mode = Mode::TlsPending { rset_sent: false };
     }
 
-    fn on_bdat(&mut self, line: &Line, args: &[u8]) {
-        let Ok((size, _last)) = parse::bdat_args(args) else {
+    fn on_bdat(&mut self, command: &parse::Command<'_>) {
+        let Ok((size, last)) = parse::bdat_args(command.args) else {
             // Without a size nobody can know where the chunk ends; the upstream would
             // read it as commands too, so the two stay in step.
             return self.reply_local(Verb::Bdat, reply::BDAT_SYNTAX);
         };
-        if !self.upstream_chunking {
-            self.skip_chunk(size);
-            return self.reply_local(Verb::Bdat, reply::BDAT_UNAVAILABLE);
+        if size > MAX_CHUNK_LEN {
+            // Exim reads the size into 32 bits: past that the two would disagree on
+            // where the chunk ends, and skipping gigabytes is no service either.
+            self.event(Event::LimitExceeded {
+                limit: "chunk_size",
+            });
+            self.slots.push_back(Slot::Local {
+                verb: Verb::Bdat,
+                reply: reply::CHUNK_TOO_LARGE,
+                close: true,
+            });
+            self.mode = Mode::Closing;
+            return self.flush_local_replies();
         }
-        self.forward(Verb::Bdat, line, Awaiting::Reply);
+        if !self.upstream_chunking {
+            return self.refuse(command, reply::BDAT_UNAVAILABLE);
+        }
+        // Rebuilt from the parsed values, never the client's spelling (RFC 3030 §4).
+        let canonical = format!("BDAT {size}{}", if last { " LAST" } else { "" });
+        self.forward(Verb::Bdat, canonical.as_bytes(), Awaiting::Reply);
         if size > 0 {
             self.mode = Mode::Chunk {
                 remaining: size,
@@ -548,7 +584,8 @@ impl Session {
     // ---- upstream side ----
 
     fn process_upstream(&mut self) {
-        while !matches!(self.mode, Mode::Closed) {
+        // During the handshake upstream bytes wait; `on_tls_established` refuses them.
+        while !matches!(self.mode, Mode::Closed | Mode::Handshake) {
             let line = match self.upstream_lines.next_line(&mut self.upstream_in) {
                 Ok(Some(line)) => line,
                 Ok(None) => return,
@@ -731,6 +768,11 @@ impl Session {
             // engine (it fails there), never read as a command.
             self.event(Event::StarttlsInjection { bytes: early.len() });
         }
+        if !self.upstream_in.is_empty() || !self.reply_lines.is_empty() {
+            // More than the RSET's reply: replies out of step (DESIGN §9: nothing
+            // before TLS may survive into it).
+            return self.upstream_broken("data after the reply to RSET");
+        }
         if !positive {
             self.counters.record(tally_name(Verb::StartTls), false);
             self.mode = Mode::Command;
@@ -858,6 +900,9 @@ impl crate::proto::Session for Session {
         // awaited: the mode stays.
         if matches!(self.mode, Mode::Handshake) {
             self.mode = Mode::Command;
+            if !self.upstream_in.is_empty() {
+                return self.upstream_broken("upstream spoke during the TLS handshake");
+            }
         }
         self.process_client();
     }
@@ -1426,6 +1471,90 @@ mod tests {
         assert_eq!(
             out.client,
             "250 2.0.0 13 octets\r\n250 2.0.0 Ok: queued\r\n"
+        );
+    }
+
+    #[test]
+    fn bdat_is_forwarded_in_canonical_form_whatever_the_clients_spelling() {
+        for line in ["BDAT\t5 LAST", "  bdat 5   last", "BDAT 5 LAST"] {
+            let mut s = after_tls(Policy::RequireTls);
+            let out = client(&mut s, &format!("{line}\r\nab\r\n.NOOP\r\n"));
+            assert_eq!(out.upstream, "BDAT 5 LAST\r\nab\r\n.NOOP\r\n", "{line:?}");
+        }
+    }
+
+    #[test]
+    fn a_chunk_size_beyond_32_bits_closes_the_connection() {
+        let mut s = after_tls(Policy::RequireTls);
+        let out = client(&mut s, "BDAT 4294967306 LAST\r\n0123456789AUTH PLAIN x\r\n");
+        assert_eq!(
+            out.client,
+            "552 5.3.4 Error: chunk too large, closing connection\r\n"
+        );
+        assert_eq!(out.upstream, "");
+        assert!(out.closed);
+    }
+
+    #[test]
+    fn a_bdat_refused_for_want_of_ehlo_after_tls_skips_its_chunk() {
+        let mut s = greeted(Policy::RequireTls);
+        client(&mut s, "STARTTLS\r\n");
+        upstream(&mut s, "250 Ok\r\n");
+        s.on_tls_established();
+        let out = client(
+            &mut s,
+            "BDAT 30 LAST\r\nMAIL FROM:<ceo@bank.example>\r\nNOOP\r\n",
+        );
+        assert_eq!(out.client, "503 5.5.1 Error: send HELO/EHLO first\r\n");
+        assert_eq!(out.upstream, "NOOP\r\n");
+    }
+
+    #[test]
+    fn commands_reach_the_upstream_at_column_zero() {
+        let mut s = greeted(Policy::AuthRequiresTls);
+        assert_eq!(client(&mut s, " \tNOOP\r\n").upstream, "NOOP\r\n");
+    }
+
+    #[test]
+    fn upstream_bytes_after_the_rset_reply_never_cross_into_tls() {
+        let mut s = greeted(Policy::RequireTls);
+        client(&mut s, "STARTTLS\r\n");
+        let out = upstream(&mut s, "250 2.0.0 Ok\r\n250 smuggled\r\n");
+        assert_eq!(
+            out.client,
+            "421 4.3.0 Upstream protocol error, closing connection\r\n"
+        );
+        assert_eq!(out.starttls, None);
+        assert!(out.closed);
+        // And bytes arriving during the handshake are refused once it completes.
+        let mut s = greeted(Policy::RequireTls);
+        client(&mut s, "STARTTLS\r\n");
+        upstream(&mut s, "250 2.0.0 Ok\r\n");
+        assert_eq!(upstream(&mut s, "250 late\r\n"), Out::default());
+        s.on_tls_established();
+        let out = drain(&mut s);
+        assert!(out.closed);
+        assert!(!out.client.contains("250 late"));
+    }
+
+    #[test]
+    fn replies_owed_to_the_client_are_bounded() {
+        let mut s = greeted(Policy::AuthRequiresTls);
+        client(&mut s, "EHLO c\r\n");
+        upstream(&mut s, "250-legacy\r\n250 PIPELINING\r\n");
+        let out = client(
+            &mut s,
+            &format!("MAIL FROM:<a@b>\r\n{}", "X\r\n".repeat(200)),
+        );
+        assert_eq!(out.upstream, "MAIL FROM:<a@b>\r\n");
+        assert!(s.slots.len() <= MAX_QUEUED_REPLIES);
+        let out = upstream(&mut s, "250 2.1.0 Ok\r\n");
+        assert!(out.client.starts_with("250 2.1.0 Ok\r\n500 5.5.2"));
+        assert_eq!(
+            out.client
+                .matches("500 5.5.2 Error: command not recognized")
+                .count(),
+            200
         );
     }
 
