@@ -188,6 +188,11 @@ pub struct Limits {
     /// IMAP: the largest literal accepted before login (login names and passwords are
     /// short; some legacy servers hand out a `+` for 100 MB, DESIGN §10).
     pub max_literal_len: u64,
+    /// Commands a client may send before TLS on listeners that require it (the upgrade
+    /// dialogue needs two or three); more closes the connection.
+    pub max_plaintext_commands: u32,
+    /// Connections open at once from one client address (IPv6: one /64).
+    pub max_connections_per_client: usize,
 }
 
 impl Default for Limits {
@@ -196,6 +201,8 @@ impl Default for Limits {
             max_line_len: 4096,
             max_connections: 10_000,
             max_literal_len: 64 * 1024,
+            max_plaintext_commands: 20,
+            max_connections_per_client: 200,
         }
     }
 }
@@ -219,6 +226,10 @@ pub struct Timeouts {
     /// Silence inside a message body.
     #[serde(deserialize_with = "de_duration")]
     pub data: Duration,
+    /// Silence in both directions after an IMAP or POP3 login (IMAP IDLE clients renew
+    /// within 29 minutes, RFC 2177).
+    #[serde(deserialize_with = "de_duration")]
+    pub idle_after_login: Duration,
 }
 
 impl Default for Timeouts {
@@ -229,6 +240,7 @@ impl Default for Timeouts {
             tls_handshake: Duration::from_secs(10),
             idle: Duration::from_secs(300),
             data: Duration::from_secs(600),
+            idle_after_login: Duration::from_secs(30 * 60),
         }
     }
 }
@@ -444,6 +456,18 @@ impl Config {
                 ),
             );
         }
+        if self.limits.max_plaintext_commands == 0 {
+            problem(
+                "max_plaintext_commands",
+                "limits.max_plaintext_commands: must be at least 1 (STARTTLS itself counts)".into(),
+            );
+        }
+        if self.limits.max_connections_per_client == 0 {
+            problem(
+                "max_connections_per_client",
+                "limits.max_connections_per_client: must be at least 1".into(),
+            );
+        }
         if self.limits.max_connections == 0 {
             problem(
                 "max_connections",
@@ -456,6 +480,7 @@ impl Config {
             ("tls_handshake", self.timeouts.tls_handshake),
             ("idle", self.timeouts.idle),
             ("data", self.timeouts.data),
+            ("idle_after_login", self.timeouts.idle_after_login),
         ] {
             if value.is_zero() {
                 problem(name, format!("timeouts.{name}: must be longer than 0"));

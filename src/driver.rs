@@ -238,7 +238,7 @@ async fn relay<S: AsyncRead + AsyncWrite + Unpin>(
     context: &ConnectionSettings,
     traffic: &mut Traffic,
 ) -> io::Result<()> {
-    match crate::relay::splice(client, upstream, context.timeouts.idle).await? {
+    match crate::relay::splice(client, upstream, context.timeouts.idle_after_login).await? {
         crate::relay::End::Closed {
             from_client,
             to_client,

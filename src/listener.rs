@@ -1,9 +1,11 @@
 //! Binds every listener, accepts connections, caps how many are open, and runs each in
 //! its own task inside a span that carries the session id.
 
+use std::collections::HashMap;
 use std::io;
-use std::net::SocketAddr;
+use std::net::{IpAddr, Ipv6Addr, SocketAddr};
 use std::sync::Arc;
+use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
@@ -56,6 +58,60 @@ struct Bound {
 pub struct Server {
     listeners: Vec<Bound>,
     connections: Arc<Semaphore>,
+    per_client: Arc<PerClient>,
+}
+
+/// Connections open per client address, all listeners together.
+#[derive(Debug)]
+struct PerClient {
+    max: usize,
+    open: Mutex<HashMap<IpAddr, usize>>,
+}
+
+/// One open connection of a client address; dropping it frees the place.
+struct ClientPermit {
+    table: Arc<PerClient>,
+    key: IpAddr,
+}
+
+impl PerClient {
+    fn try_acquire(self: &Arc<Self>, ip: IpAddr) -> Option<ClientPermit> {
+        let key = client_key(ip);
+        let mut open = self.open.lock().unwrap_or_else(|e| e.into_inner());
+        let count = open.entry(key).or_insert(0);
+        if *count >= self.max {
+            return None;
+        }
+        *count += 1;
+        Some(ClientPermit {
+            table: Arc::clone(self),
+            key,
+        })
+    }
+}
+
+impl Drop for ClientPermit {
+    fn drop(&mut self) {
+        let mut open = self.table.open.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(count) = open.get_mut(&self.key) {
+            *count -= 1;
+            if *count == 0 {
+                open.remove(&self.key);
+            }
+        }
+    }
+}
+
+/// The address a client is counted under: IPv4 as is (also when mapped into IPv6), IPv6
+/// by its /64, the smallest block a single subscriber is usually given (RFC 6177).
+fn client_key(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V4(v4) => IpAddr::V4(v4),
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => IpAddr::V6(Ipv6Addr::from(u128::from(v6) & !((1u128 << 64) - 1))),
+        },
+    }
 }
 
 impl Server {
@@ -98,17 +154,20 @@ impl Server {
                         bare_newlines: listener.bare_newlines,
                         max_line_len: config.limits.max_line_len,
                         max_held_bytes: MAX_HELD_BYTES,
+                        max_plaintext_commands: config.limits.max_plaintext_commands,
                         user_hasher: user_hasher.clone(),
                     }),
                     Protocol::Imap => SessionConfig::Imap(imap::Config {
                         max_line_len: config.limits.max_line_len,
                         max_literal_len: config.limits.max_literal_len,
                         max_held_bytes: MAX_HELD_BYTES,
+                        max_plaintext_commands: config.limits.max_plaintext_commands,
                         user_hasher: user_hasher.clone(),
                     }),
                     Protocol::Pop3 => SessionConfig::Pop3(pop3::Config {
                         max_line_len: config.limits.max_line_len,
                         max_held_bytes: MAX_HELD_BYTES,
+                        max_plaintext_commands: config.limits.max_plaintext_commands,
                         user_hasher: user_hasher.clone(),
                     }),
                 },
@@ -117,6 +176,10 @@ impl Server {
         Ok(Server {
             listeners,
             connections: Arc::new(Semaphore::new(config.limits.max_connections)),
+            per_client: Arc::new(PerClient {
+                max: config.limits.max_connections_per_client,
+                open: Mutex::new(HashMap::new()),
+            }),
         })
     }
 
@@ -133,8 +196,14 @@ impl Server {
         let mut tasks = tokio::task::JoinSet::new();
         for bound in self.listeners {
             let connections = Arc::clone(&self.connections);
+            let per_client = Arc::clone(&self.per_client);
             let shutdown = shutdown.clone();
-            tasks.spawn(accept_loop(Arc::new(bound), connections, shutdown));
+            tasks.spawn(accept_loop(
+                Arc::new(bound),
+                connections,
+                per_client,
+                shutdown,
+            ));
         }
         while tasks.join_next().await.is_some() {}
     }
@@ -163,6 +232,7 @@ fn session_id() -> String {
 async fn accept_loop(
     bound: Arc<Bound>,
     connections: Arc<Semaphore>,
+    per_client: Arc<PerClient>,
     mut shutdown: watch::Receiver<bool>,
 ) {
     let local = bound.socket.local_addr().ok();
@@ -186,6 +256,11 @@ async fn accept_loop(
             tokio::spawn(refuse_busy(client, bound.config.tls, bound.config.protocol));
             continue;
         };
+        let Some(client_permit) = per_client.try_acquire(peer.ip()) else {
+            warn!(event = "limit_exceeded", limit = "max_connections_per_client", client = %peer, "connection refused");
+            tokio::spawn(refuse_busy(client, bound.config.tls, bound.config.protocol));
+            continue;
+        };
         let span = info_span!(
             "session",
             id = %session_id(),
@@ -196,7 +271,7 @@ async fn accept_loop(
         let bound = Arc::clone(&bound);
         tokio::spawn(
             async move {
-                let _permit = permit;
+                let _permits = (permit, client_permit);
                 let (upstream, settings) = (&bound.config.upstream, &bound.settings);
                 match &bound.session {
                     SessionConfig::Smtp(config) => {
@@ -229,4 +304,38 @@ async fn refuse_busy(mut client: TcpStream, tls: TlsMode, protocol: Protocol) {
         let _ = client.write_all(reply).await;
     }
     let _ = client.shutdown().await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn clients_are_counted_per_ipv4_address_and_per_ipv6_64() {
+        let key = |s: &str| client_key(s.parse().unwrap());
+        assert_eq!(key("192.0.2.7"), key("192.0.2.7"));
+        assert_ne!(key("192.0.2.7"), key("192.0.2.8"));
+        assert_eq!(key("::ffff:192.0.2.7"), key("192.0.2.7"));
+        assert_eq!(
+            key("2001:db8:1:2::1"),
+            key("2001:db8:1:2:ffff:ffff:ffff:ffff")
+        );
+        assert_ne!(key("2001:db8:1:2::1"), key("2001:db8:1:3::1"));
+    }
+
+    #[test]
+    fn per_client_permits_are_capped_and_freed_on_drop() {
+        let table = Arc::new(PerClient {
+            max: 2,
+            open: Mutex::new(HashMap::new()),
+        });
+        let a = "2001:db8::1".parse().unwrap();
+        let b = "2001:db8::2".parse().unwrap();
+        let first = table.try_acquire(a).unwrap();
+        let _second = table.try_acquire(b).unwrap();
+        assert!(table.try_acquire(a).is_none(), "same /64");
+        assert!(table.try_acquire("192.0.2.1".parse().unwrap()).is_some());
+        drop(first);
+        assert!(table.try_acquire(a).is_some());
+    }
 }

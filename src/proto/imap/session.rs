@@ -38,6 +38,7 @@ mod reply {
         b"* BYE [UNAVAILABLE] Service temporarily unavailable, closing connection\r\n";
     pub const UPSTREAM_BROKEN: &[u8] = b"* BYE [UNAVAILABLE] Upstream protocol error, closing\r\n";
     pub const IDLE_TIMEOUT: &[u8] = b"* BYE Autologout; idle for too long\r\n";
+    pub const TOO_MANY_PLAINTEXT: &[u8] = b"* BYE Too many commands before STARTTLS\r\n";
 }
 
 /// Longest upstream response line accepted before login.
@@ -54,6 +55,8 @@ pub struct Config {
     pub max_literal_len: u64,
     /// Most client bytes held unprocessed before the driver stops reading.
     pub max_held_bytes: usize,
+    /// Commands accepted before TLS before the connection closes.
+    pub max_plaintext_commands: u32,
     /// Hashes user names for `credentials_exposed`.
     pub user_hasher: UserHasher,
 }
@@ -118,6 +121,8 @@ pub struct Session {
     literal_minus: bool,
     /// The client was shown STARTTLS in a capability list.
     starttls_offered: bool,
+    /// Commands read before TLS.
+    plaintext_commands: u32,
     actions: std::collections::VecDeque<Action>,
     counters: Tally,
 }
@@ -173,6 +178,7 @@ impl Session {
             literal_plus: false,
             literal_minus: false,
             starttls_offered: false,
+            plaintext_commands: 0,
             actions: std::collections::VecDeque::new(),
             counters: Tally::new(
                 &[
@@ -281,6 +287,15 @@ impl Session {
     }
 
     fn on_command_line(&mut self, line: Line) -> Mode {
+        if !self.tls_active {
+            self.plaintext_commands += 1;
+            if self.plaintext_commands > self.config.max_plaintext_commands {
+                self.event(Event::LimitExceeded {
+                    limit: "plaintext_commands",
+                });
+                return self.close_with(reply::TOO_MANY_PLAINTEXT);
+            }
+        }
         let start = match parse::command_start(&line.text) {
             Ok(start) => start,
             Err(parse::Error::MissingCommand) => {
@@ -860,8 +875,19 @@ LITERAL+ STARTTLS LOGINDISABLED] Dovecot (Debian) ready.\r\n";
             max_line_len: 1024,
             max_literal_len: 1000,
             max_held_bytes: 64 * 1024,
+            max_plaintext_commands: 20,
             user_hasher: UserHasher::new(b"test key"),
         }
+    }
+
+    #[test]
+    fn the_plaintext_command_budget_closes_a_chatty_client() {
+        let mut s = greeted();
+        let out = client(&mut s, &"a ID NIL\r\n".repeat(20));
+        assert!(!out.closed);
+        let out = client(&mut s, "b ID NIL\r\n");
+        assert_eq!(out.client, "* BYE Too many commands before STARTTLS\r\n");
+        assert!(out.closed);
     }
 
     fn client(s: &mut Session, bytes: &str) -> Out {

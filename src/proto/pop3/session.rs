@@ -57,6 +57,7 @@ mod reply {
     pub const UPSTREAM_BROKEN: &[u8] =
         b"-ERR [SYS/TEMP] Upstream protocol error, closing connection\r\n";
     pub const IDLE_TIMEOUT: &[u8] = b"-ERR Disconnected for inactivity\r\n";
+    pub const TOO_MANY_PLAINTEXT: &[u8] = b"-ERR Too many commands before STLS\r\n";
 }
 
 /// Longest upstream status or CAPA line accepted (bodies are streamed, not framed).
@@ -70,6 +71,8 @@ pub struct Config {
     /// Most client bytes held unprocessed (pipelined behind an outstanding reply) before
     /// the driver stops reading.
     pub max_held_bytes: usize,
+    /// Commands accepted before TLS before the connection closes.
+    pub max_plaintext_commands: u32,
     /// Hashes user names for `credentials_exposed`.
     pub user_hasher: UserHasher,
 }
@@ -185,6 +188,8 @@ pub struct Session {
     client_out: BytesMut,
     /// The client was shown STLS in a CAPA reply.
     starttls_offered: bool,
+    /// Commands read before TLS.
+    plaintext_commands: u32,
     /// Keyed hash of the name in a refused plaintext USER, for a PASS that follows.
     plaintext_user: Option<String>,
     actions: VecDeque<Action>,
@@ -207,6 +212,7 @@ impl Session {
             upstream_lines: Framer::new(MAX_UPSTREAM_LINE_LEN),
             client_out: BytesMut::new(),
             starttls_offered: false,
+            plaintext_commands: 0,
             plaintext_user: None,
             actions: VecDeque::new(),
             counters: Tally::new(
@@ -303,6 +309,15 @@ impl Session {
     }
 
     fn on_command(&mut self, line: Line) {
+        if !self.tls_active {
+            self.plaintext_commands += 1;
+            if self.plaintext_commands > self.config.max_plaintext_commands {
+                self.event(Event::LimitExceeded {
+                    limit: "plaintext_commands",
+                });
+                return self.close_with(reply::TOO_MANY_PLAINTEXT);
+            }
+        }
         let command = match parse::command(&line.text) {
             Ok(command) => command,
             Err(_) => return self.reply_local(Keyword::Other, reply::BAD_SYNTAX),
@@ -907,6 +922,7 @@ AUTH-RESP-CODE\r\nUSER\r\nSASL PLAIN LOGIN\r\n.\r\n";
         Config {
             max_line_len: 512,
             max_held_bytes: 64 * 1024,
+            max_plaintext_commands: 20,
             user_hasher: UserHasher::new(b"test key"),
         }
     }
@@ -934,6 +950,17 @@ AUTH-RESP-CODE\r\nUSER\r\nSASL PLAIN LOGIN\r\n.\r\n";
         let mut session = Session::new(config());
         assert_eq!(upstream(&mut session, GREETING).client, GREETING);
         session
+    }
+
+    #[test]
+    fn the_plaintext_command_budget_closes_a_chatty_client() {
+        let mut s = greeted();
+        let out = client(&mut s, &"STAT\r\n".repeat(20));
+        assert!(!out.closed);
+        let out = client(&mut s, "STAT\r\n");
+        assert_eq!(out.client, "-ERR Too many commands before STLS\r\n");
+        assert!(out.closed);
+        assert_eq!(names(&out.events), vec!["limit_exceeded"]);
     }
 
     #[test]
@@ -1737,6 +1764,7 @@ lang=0/1 utf8=0/1 quit=1 xclient=0/1 unknown=0/3"
     fn held_bytes_are_bounded() {
         let mut s = Session::new(Config {
             max_held_bytes: 1024,
+            max_plaintext_commands: 1000,
             ..config()
         });
         assert!(s.wants_client_data());

@@ -38,6 +38,8 @@ mod reply {
         b"421 4.3.0 Service temporarily unavailable, closing connection\r\n";
     pub const UPSTREAM_BROKEN: &[u8] = b"421 4.3.0 Upstream protocol error, closing connection\r\n";
     pub const IDLE_TIMEOUT: &[u8] = b"421 4.4.2 Timeout exceeded, closing connection\r\n";
+    pub const TOO_MANY_PLAINTEXT: &[u8] =
+        b"421 4.7.0 Too many commands before STARTTLS, closing connection\r\n";
 }
 
 /// An upstream reply may have at most this many lines (an EHLO reply has a dozen).
@@ -62,6 +64,8 @@ pub struct Config {
     /// Most client bytes held unprocessed (pipelined behind a barrier) before the driver
     /// stops reading.
     pub max_held_bytes: usize,
+    /// Commands accepted before TLS under `require_tls` before the connection closes.
+    pub max_plaintext_commands: u32,
     /// Hashes user names for `credentials_exposed`.
     pub user_hasher: UserHasher,
 }
@@ -176,6 +180,8 @@ pub struct Session {
     greeted_since_tls: bool,
     /// The client was shown STARTTLS in an EHLO reply.
     starttls_offered: bool,
+    /// Commands read before TLS.
+    plaintext_commands: u32,
     /// The client closed its sending side; the session ends once the replies still
     /// owed have been sent.
     client_done: bool,
@@ -204,6 +210,7 @@ impl Session {
             upstream_chunking: false,
             greeted_since_tls: false,
             starttls_offered: false,
+            plaintext_commands: 0,
             client_done: false,
             actions: VecDeque::new(),
             counters: Tally::new(TALLY_ORDER, &["starttls", "auth"]),
@@ -404,6 +411,23 @@ impl Session {
     }
 
     fn on_command(&mut self, line: Line) {
+        if !self.tls_active && self.config.policy == Policy::RequireTls {
+            self.plaintext_commands += 1;
+            if self.plaintext_commands > self.config.max_plaintext_commands {
+                // Only the upgrade dialogue belongs here; a client that keeps talking is
+                // probing (DESIGN §8, pre-TLS command budget).
+                self.event(Event::LimitExceeded {
+                    limit: "plaintext_commands",
+                });
+                self.slots.push_back(Slot::Local {
+                    verb: Verb::Other,
+                    reply: reply::TOO_MANY_PLAINTEXT,
+                    close: true,
+                });
+                self.mode = Mode::Closing;
+                return self.flush_local_replies();
+            }
+        }
         let command = match parse::command(&line.text) {
             Ok(command) => command,
             Err(_) => return self.reply_local(Verb::Other, reply::BAD_SYNTAX),
@@ -982,8 +1006,30 @@ mod tests {
             bare_newlines: BareNewlines::Normalize,
             max_line_len: 512,
             max_held_bytes: 64 * 1024,
+            max_plaintext_commands: 20,
             user_hasher: UserHasher::new(b"test key"),
         }
+    }
+
+    #[test]
+    fn the_plaintext_command_budget_closes_a_chatty_client() {
+        let mut s = greeted(Policy::RequireTls);
+        let out = client(&mut s, &"NOOP\r\n".repeat(20));
+        assert_eq!(out.upstream, "NOOP\r\n");
+        for _ in 0..20 {
+            upstream(&mut s, "250 2.0.0 Ok\r\n");
+        }
+        let out = client(&mut s, "NOOP\r\n");
+        assert_eq!(
+            out.client,
+            "421 4.7.0 Too many commands before STARTTLS, closing connection\r\n"
+        );
+        assert!(out.closed);
+        assert_eq!(names(&out.events), vec!["limit_exceeded"]);
+        // The MX policy lets mail flow in plaintext: no budget there.
+        let mut s = greeted(Policy::AuthRequiresTls);
+        let out = client(&mut s, &"RSET\r\n".repeat(30));
+        assert!(!out.closed);
     }
 
     /// A session past the greeting.

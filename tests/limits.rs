@@ -1,0 +1,222 @@
+//! Every bound and every per-phase deadline, over real sockets: the exact goodbye, and a
+//! well-behaved session that completes meanwhile.
+
+mod common;
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use common::*;
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+
+/// A complete plaintext mail transaction on an MX listener.
+async fn well_behaved(addr: SocketAddr) {
+    let mut client = connect(addr).await;
+    assert!(client.reply().await.starts_with("220 "));
+    assert!(
+        client
+            .cmd("EHLO good.example")
+            .await
+            .ends_with("250 STARTTLS\r\n")
+    );
+    assert_eq!(
+        client.cmd("MAIL FROM:<a@example.test>").await,
+        "250 2.0.0 Ok\r\n"
+    );
+    assert_eq!(
+        client.cmd("RCPT TO:<b@example.test>").await,
+        "250 2.0.0 Ok\r\n"
+    );
+    assert!(client.cmd("DATA").await.starts_with("354 "));
+    assert_eq!(
+        client.cmd("Subject: fine\r\n\r\nbody\r\n.").await,
+        "250 2.0.0 Ok: queued\r\n"
+    );
+    assert_eq!(client.cmd("QUIT").await, "221 2.0.0 Bye\r\n");
+}
+
+async fn smtp_proxy(upstream: &Upstream, extra: &str) -> Proxy {
+    proxy(
+        &[
+            smtp_listener("mx", "starttls", "auth_requires_tls", upstream.addr),
+            smtp_listener("submission", "starttls", "require_tls", upstream.addr),
+        ],
+        extra,
+    )
+    .await
+}
+
+#[tokio::test]
+async fn connections_per_client_address_are_capped() {
+    let upstream = scripted_upstream(Behaviour::Esmtp).await;
+    let proxy = smtp_proxy(&upstream, "limits: { max_connections_per_client: 2 }\n").await;
+    let mut first = connect(proxy.addr("mx")).await;
+    first.reply().await;
+    let mut second = connect(proxy.addr("submission")).await;
+    second.reply().await;
+    let mut third = connect(proxy.addr("mx")).await;
+    assert_eq!(
+        third.reply().await,
+        "421 4.3.2 Too many connections, try again later\r\n"
+    );
+    assert!(third.rest().await.is_empty());
+    // The two admitted sessions carry on; a place freed is a place taken.
+    assert_eq!(first.cmd("NOOP").await, "250 2.0.0 Ok\r\n");
+    drop(second);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    well_behaved(proxy.addr("mx")).await;
+}
+
+#[tokio::test]
+async fn connections_in_total_are_capped_with_the_protocols_goodbye() {
+    let upstream = scripted_upstream(Behaviour::Esmtp).await;
+    let imap_upstream = scripted_upstream(Behaviour::Silent).await;
+    let proxy = proxy(
+        &[
+            smtp_listener("mx", "starttls", "auth_requires_tls", upstream.addr),
+            format!(
+                "{{ name: imap, protocol: imap, listen: \"127.0.0.1:0\", upstream: \"{}\" }}",
+                imap_upstream.addr
+            ),
+        ],
+        "limits: { max_connections: 1 }\n",
+    )
+    .await;
+    let mut held = connect(proxy.addr("mx")).await;
+    held.reply().await;
+    let mut refused = tokio::net::TcpStream::connect(proxy.addr("imap"))
+        .await
+        .unwrap();
+    let mut reply = String::new();
+    within(refused.read_to_string(&mut reply)).await.unwrap();
+    assert_eq!(
+        reply,
+        "* BYE [UNAVAILABLE] Too many connections, try again later\r\n"
+    );
+    assert_eq!(held.cmd("NOOP").await, "250 2.0.0 Ok\r\n");
+}
+
+#[tokio::test]
+async fn an_idle_client_gets_421_while_others_complete() {
+    let upstream = scripted_upstream(Behaviour::Esmtp).await;
+    let proxy = smtp_proxy(&upstream, "timeouts: { idle: 400ms }\n").await;
+    let mut idle = connect(proxy.addr("submission")).await;
+    idle.reply().await;
+    well_behaved(proxy.addr("mx")).await;
+    assert_eq!(
+        idle.reply().await,
+        "421 4.4.2 Timeout exceeded, closing connection\r\n"
+    );
+    assert!(idle.rest().await.is_empty());
+}
+
+#[tokio::test]
+async fn a_stalled_message_body_gets_421_and_nothing_is_delivered() {
+    let upstream = scripted_upstream(Behaviour::Esmtp).await;
+    let proxy = smtp_proxy(&upstream, "timeouts: { data: 400ms }\n").await;
+    let mut stalled = connect(proxy.addr("mx")).await;
+    stalled.reply().await;
+    stalled.cmd("EHLO slow.example").await;
+    stalled.cmd("MAIL FROM:<a@example.test>").await;
+    stalled.cmd("RCPT TO:<b@example.test>").await;
+    assert!(stalled.cmd("DATA").await.starts_with("354 "));
+    stalled.send(b"Subject: half\r\n\r\nhalf a bo").await;
+    well_behaved(proxy.addr("mx")).await;
+    assert_eq!(
+        stalled.reply().await,
+        "421 4.4.2 Timeout exceeded, closing connection\r\n"
+    );
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let recording = upstream.recording.lock().unwrap();
+    assert_eq!(recording.aborted_bodies, 1);
+    assert_eq!(recording.messages.len(), 1, "only the well-behaved message");
+}
+
+#[tokio::test]
+async fn a_client_chatting_before_starttls_is_cut_off() {
+    let upstream = scripted_upstream(Behaviour::Esmtp).await;
+    let proxy = smtp_proxy(&upstream, "limits: { max_plaintext_commands: 5 }\n").await;
+    let mut chatty = connect(proxy.addr("submission")).await;
+    chatty.reply().await;
+    for _ in 0..5 {
+        assert_eq!(chatty.cmd("NOOP").await, "250 2.0.0 Ok\r\n");
+    }
+    assert_eq!(
+        chatty.cmd("NOOP").await,
+        "421 4.7.0 Too many commands before STARTTLS, closing connection\r\n"
+    );
+    assert!(chatty.rest().await.is_empty());
+    well_behaved(proxy.addr("mx")).await;
+}
+
+/// An IMAP upstream that accepts any LOGIN and then says nothing more.
+async fn quiet_imap_upstream() -> SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let (read, mut write) = stream.into_split();
+                let mut read = BufReader::new(read);
+                let _ = write
+                    .write_all(b"* OK [CAPABILITY IMAP4rev1 IDLE] quiet ready\r\n")
+                    .await;
+                let mut line = String::new();
+                while read.read_line(&mut line).await.unwrap_or(0) > 0 {
+                    let tag = line.split_whitespace().next().unwrap_or("*").to_owned();
+                    let _ = write
+                        .write_all(format!("{tag} OK done\r\n").as_bytes())
+                        .await;
+                    line.clear();
+                }
+            });
+        }
+    });
+    addr
+}
+
+#[tokio::test]
+async fn silence_after_login_ends_the_relay_while_a_busy_relay_continues() {
+    let upstream = quiet_imap_upstream().await;
+    let proxy = proxy(
+        &[format!(
+            "{{ name: imaps, protocol: imap, listen: \"127.0.0.1:0\", tls: implicit, upstream: \"{upstream}\" }}"
+        )],
+        "timeouts: { idle_after_login: 500ms }\n",
+    )
+    .await;
+    let mut sessions = Vec::new();
+    for _ in 0..2 {
+        let tcp = tokio::net::TcpStream::connect(proxy.addr("imaps"))
+            .await
+            .unwrap();
+        let mut tls = BufReader::new(tls_connect(tcp, "mail.example.test", &[]).await.unwrap());
+        let mut line = String::new();
+        within(tls.read_line(&mut line)).await.unwrap();
+        tls.get_mut()
+            .write_all(b"a LOGIN alice secret\r\n")
+            .await
+            .unwrap();
+        line.clear();
+        within(tls.read_line(&mut line)).await.unwrap();
+        assert_eq!(line, "a OK done\r\n");
+        sessions.push(tls);
+    }
+    let (mut silent, mut busy) = (sessions.remove(0), sessions.remove(0));
+    // The busy one talks every 200 ms for 1.2 s; the silent one says nothing.
+    for n in 0..6 {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        busy.get_mut()
+            .write_all(format!("n{n} NOOP\r\n").as_bytes())
+            .await
+            .unwrap();
+        let mut line = String::new();
+        within(busy.read_line(&mut line)).await.unwrap();
+        assert_eq!(line, format!("n{n} OK done\r\n"));
+    }
+    // The silent one was closed by the deadline (`within` fails the test if the read
+    // never ends), with nothing sent: a blind relay has no protocol goodbye to give.
+    let mut rest = Vec::new();
+    let _ = within(silent.read_to_end(&mut rest)).await;
+    assert!(rest.is_empty());
+}
