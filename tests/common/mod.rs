@@ -519,6 +519,11 @@ impl Mailmoat {
     /// Starts the binary with `(name, protocol, tls, policy, upstream)` listeners on free
     /// ports, and waits until every port accepts.
     pub fn start(listeners: &[(&str, &str, &str, &str, SocketAddr)]) -> Mailmoat {
+        Self::start_with(listeners, "")
+    }
+
+    /// As `start`, with extra top-level YAML (`limits: ...`).
+    pub fn start_with(listeners: &[(&str, &str, &str, &str, SocketAddr)], extra: &str) -> Mailmoat {
         let certs = certs();
         let dir = tempfile::tempdir().unwrap();
         let mut ports = HashMap::new();
@@ -534,6 +539,7 @@ impl Mailmoat {
                 "  - {{ name: {name}, protocol: {protocol}, listen: \"127.0.0.1:{port}\", tls: {tls}, policy: {policy}, upstream: \"{upstream}\" }}\n"
             ));
         }
+        yaml.push_str(extra);
         let config = dir.path().join("mailmoat.yaml");
         std::fs::write(&config, yaml).unwrap();
         let log = dir.path().join("mailmoat.log");
@@ -566,6 +572,10 @@ impl Mailmoat {
 
     pub fn port(&self, name: &str) -> u16 {
         self.ports[name]
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
     }
 
     pub fn log_text(&self) -> String {

@@ -1715,6 +1715,78 @@ mod tests {
         assert_eq!(out.upstream, "");
     }
 
+    /// Runs a whole dialogue with the client's bytes cut at `cuts`. A legacy upstream
+    /// without PIPELINING answers each line the proxy forwards, as soon as it is whole.
+    fn run_chunked(client_stream: &[u8], cuts: &[usize]) -> Out {
+        let mut s = greeted(Policy::AuthRequiresTls);
+        let mut total = Out::default();
+        let mut forwarded = String::new();
+        let mut answered = 0;
+        let mut in_body = false;
+        let mut start = 0;
+        for &cut in cuts.iter().chain(std::iter::once(&client_stream.len())) {
+            s.on_client_data(&client_stream[start..cut]);
+            start = cut;
+            loop {
+                let out = drain(&mut s);
+                forwarded.push_str(&out.upstream);
+                total.client.push_str(&out.client);
+                total.upstream.push_str(&out.upstream);
+                total.events.extend(out.events);
+                total.starttls = total.starttls.take().or(out.starttls);
+                total.closed |= out.closed;
+                let Some(end) = forwarded[answered..].find("\r\n") else {
+                    break;
+                };
+                let line = forwarded[answered..answered + end].to_owned();
+                answered += end + 2;
+                let reply = if in_body {
+                    if line != "." {
+                        continue;
+                    }
+                    in_body = false;
+                    "250 2.0.0 Ok: queued\r\n"
+                } else if line.starts_with("EHLO") {
+                    "250-legacy\r\n250 SIZE 1000\r\n"
+                } else if line == "DATA" {
+                    in_body = true;
+                    "354 go ahead\r\n"
+                } else {
+                    "250 2.0.0 Ok\r\n"
+                };
+                s.on_upstream_data(reply.as_bytes());
+            }
+        }
+        total
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn any_chunking_gives_the_same_bytes_and_events(
+            cuts in proptest::collection::vec(0usize..170, 0..10),
+        ) {
+            let stream: &[u8] = b"EHLO c\r\nMAIL FROM:<a@b>\r\nRCPT TO:<c@d>\r\nDATA\r\n\
+    Subject: x\r\n\r\nline\nbare\r\n.\nMAIL FROM:<evil@x>\r\n.\r\nAUTH PLAIN eHl6\r\nXCLIENT ADDR=1.2.3.4\r\n\
+    NOOP\r\nSTARTTLS\r\n";
+            let mut cuts: Vec<usize> = cuts.into_iter().map(|c| c.min(stream.len())).collect();
+            cuts.sort_unstable();
+            let expected = run_chunked(stream, &[]);
+            proptest::prop_assert!(expected.upstream.ends_with("NOOP\r\nRSET\r\n"));
+            proptest::prop_assert!(expected.upstream.contains("\r\n..\r\nMAIL FROM:<evil@x>\r\n.\r\n"));
+            proptest::prop_assert_eq!(
+                names(&expected.events),
+                vec![
+                    "bare_newline_normalized",
+                    "starttls_stripping_suspected",
+                    "credentials_exposed",
+                    "plaintext_command_refused",
+                    "forbidden_command",
+                ]
+            );
+            proptest::prop_assert_eq!(run_chunked(stream, &cuts), expected);
+        }
+    }
+
     #[test]
     fn a_silent_client_gets_a_timeout_goodbye() {
         let mut s = greeted(Policy::RequireTls);
