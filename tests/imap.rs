@@ -233,6 +233,12 @@ async fn starttls_injection_is_never_answered_never_forwarded_and_a_later_login_
         "v2 OK [CAPABILITY IMAP4rev1 IDLE COMPRESS=DEFLATE] Logged in\r\n"
     );
     assert!(upstream.raw().ends_with("v2 LOGIN alice secret\r\n"));
+    assert_no_secret_logged(&[
+        "alice secret",
+        "secret one",
+        "secret two",
+        "AGFsaWNlAHNlY3JldCB0aHJlZQ==",
+    ]);
 }
 
 #[tokio::test]
@@ -280,6 +286,12 @@ async fn credentials_before_tls_never_reach_the_upstream() {
     );
     tokio::time::sleep(Duration::from_millis(20)).await;
     assert_eq!(upstream.raw(), "g CAPABILITY\r\n");
+    assert_no_secret_logged(&[
+        "alice secret",
+        "secret one",
+        "secret two",
+        "AGFsaWNlAHNlY3JldCB0aHJlZQ==",
+    ]);
 }
 
 #[tokio::test]
@@ -304,6 +316,12 @@ async fn a_large_literal_before_login_is_refused_before_the_continuation() {
     send(&mut tls, b"secret\r\n").await;
     assert!(response(&mut tls, Some("c")).await.starts_with("c OK "));
     assert!(!upstream.raw().contains("100000000"));
+    assert_no_secret_logged(&[
+        "alice secret",
+        "secret one",
+        "secret two",
+        "AGFsaWNlAHNlY3JldCB0aHJlZQ==",
+    ]);
 }
 
 #[tokio::test]
@@ -367,6 +385,12 @@ async fn after_login_bytes_are_relayed_blindly_over_starttls_and_implicit_tls() 
             "* BYE Logging out\r\no OK Logout completed\r\n"
         );
     }
+    assert_no_secret_logged(&[
+        "alice secret",
+        "secret one",
+        "secret two",
+        "AGFsaWNlAHNlY3JldCB0aHJlZQ==",
+    ]);
 }
 
 #[tokio::test]

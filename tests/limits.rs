@@ -220,3 +220,94 @@ async fn silence_after_login_ends_the_relay_while_a_busy_relay_continues() {
     let _ = within(silent.read_to_end(&mut rest)).await;
     assert!(rest.is_empty());
 }
+
+#[tokio::test]
+async fn an_upstream_that_dies_mid_reply_gets_the_client_a_421() {
+    // Greets, then answers EHLO with half a multi-line reply and hangs up.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let dying = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let _ = stream.write_all(b"220 dying ESMTP\r\n").await;
+                let mut buf = [0u8; 64];
+                let _ = stream.read(&mut buf).await;
+                let _ = stream.write_all(b"250-dying\r\n250-PIPELI").await;
+            });
+        }
+    });
+    let upstream = scripted_upstream(Behaviour::Esmtp).await;
+    let proxy = proxy(
+        &[
+            smtp_listener("dying", "starttls", "require_tls", dying),
+            smtp_listener("mx", "starttls", "auth_requires_tls", upstream.addr),
+        ],
+        "",
+    )
+    .await;
+    let mut client = connect(proxy.addr("dying")).await;
+    assert_eq!(client.reply().await, "220 dying ESMTP\r\n");
+    assert_eq!(
+        client.cmd("EHLO c").await,
+        "421 4.3.0 Service temporarily unavailable, closing connection\r\n"
+    );
+    well_behaved(proxy.addr("mx")).await;
+}
+
+fn rss_bytes(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .unwrap()
+        * 1024
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_never_reads_its_replies_stays_bounded_and_is_cut_off() {
+    let upstream = scripted_upstream(Behaviour::Esmtp).await;
+    let mailmoat = Mailmoat::start_with(
+        &[("mx", "smtp", "starttls", "auth_requires_tls", upstream.addr)],
+        "timeouts: { idle: 1s }\n",
+    );
+    let addr: SocketAddr = ([127, 0, 0, 1], mailmoat.port("mx")).into();
+    well_behaved(addr).await;
+    let before = rss_bytes(mailmoat.pid());
+
+    // 6 MB of pipelined NOOPs (15 MB of replies, more than socket buffers hold),
+    // replies never read.
+    // A small receive window, so the proxy's writes block early.
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    let mut flooder = within(socket.connect(addr)).await.unwrap();
+    let chunk = "NOOP\r\n".repeat(10_000);
+    let sent = 100 * 10_000;
+    let flood = tokio::spawn(async move {
+        for _ in 0..100 {
+            if flooder.write_all(chunk.as_bytes()).await.is_err() {
+                break;
+            }
+        }
+        flooder
+    });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    // Meanwhile the proxy serves others, and holds no more than socket buffers.
+    well_behaved(addr).await;
+    let during = rss_bytes(mailmoat.pid());
+    assert!(
+        during.saturating_sub(before) < 8 * 1024 * 1024,
+        "resident memory grew by {} KiB",
+        (during - before) / 1024
+    );
+    // The write deadline cut the flooder off before it was answered in full.
+    let mut flooder = within(flood).await.unwrap();
+    let mut replies = Vec::new();
+    let _ = within(flooder.read_to_end(&mut replies)).await;
+    let answered = replies.windows(4).filter(|w| w == b"250 ").count();
+    assert!(
+        answered < sent,
+        "all {sent} NOOPs were answered: the client was never cut off"
+    );
+    well_behaved(addr).await;
+}

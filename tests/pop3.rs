@@ -8,7 +8,7 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use common::{Proxy, certs, proxy, tls_connect, within};
+use common::{Proxy, assert_no_secret_logged, certs, proxy, tls_connect, within};
 use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
 use tokio::net::tcp::OwnedReadHalf;
 use tokio::net::{TcpListener, TcpStream};
@@ -378,6 +378,7 @@ async fn stls_command_injection_is_never_answered_and_never_forwarded() {
             );
         }
     }
+    assert_no_secret_logged(&["PASS secret", PLAIN_IR]);
 }
 
 #[tokio::test]
@@ -410,6 +411,7 @@ async fn credentials_before_tls_are_refused_and_never_reach_the_upstream() {
     assert_eq!(upstream.commands(), ["NOOP", "QUIT"]);
     let raw = String::from_utf8(upstream.recording.lock().unwrap().raw.clone()).unwrap();
     assert!(!raw.contains("alice") && !raw.contains("secret"));
+    assert_no_secret_logged(&["PASS secret", PLAIN_IR]);
 }
 
 #[tokio::test]
@@ -443,6 +445,7 @@ async fn a_full_stls_session_reads_mail_through_tls() {
             "QUIT"
         ]
     );
+    assert_no_secret_logged(&["PASS secret", PLAIN_IR]);
 }
 
 #[tokio::test]
@@ -478,6 +481,7 @@ async fn commands_pipelined_behind_the_login_reach_the_upstream_after_its_reply(
             "QUIT"
         ]
     );
+    assert_no_secret_logged(&["PASS secret", PLAIN_IR]);
 }
 
 #[tokio::test]
@@ -510,6 +514,7 @@ async fn auth_plain_through_tls_then_blind_relay() {
             "QUIT"
         ]
     );
+    assert_no_secret_logged(&["PASS secret", PLAIN_IR]);
 }
 
 #[tokio::test]

@@ -88,6 +88,7 @@ async fn starttls_command_injection_is_never_answered_and_never_forwarded() {
             }
         }
     }
+    assert_no_secret_logged(&[PLAIN_IR, "alice-secret-pw"]);
 }
 
 #[tokio::test]
@@ -141,6 +142,7 @@ async fn a_full_starttls_session_hides_auth_until_tls_then_relays_it() {
             "QUIT".to_owned(),
         ]
     );
+    assert_no_secret_logged(&[PLAIN_IR, "alice-secret-pw"]);
 }
 
 #[tokio::test]
@@ -224,6 +226,7 @@ async fn bdat_chunks_cross_by_exact_count() {
         upstream.recording.lock().unwrap().messages,
         vec![chunk.to_vec()]
     );
+    assert_no_secret_logged(&[PLAIN_IR, "alice-secret-pw"]);
 }
 
 #[tokio::test]
@@ -388,6 +391,7 @@ async fn implicit_tls_serves_the_same_session_with_tls_from_the_start() {
         tls.cmd(&format!("AUTH PLAIN {PLAIN_IR}")).await,
         "235 2.7.0 Authentication successful\r\n"
     );
+    assert_no_secret_logged(&[PLAIN_IR, "alice-secret-pw"]);
 }
 
 #[tokio::test]

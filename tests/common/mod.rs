@@ -260,6 +260,7 @@ impl Proxy {
 /// Starts the proxy with these `listeners:` entries (YAML flow maps, one per line) and
 /// any extra top-level YAML.
 pub async fn proxy(listeners: &[String], extra: &str) -> Proxy {
+    capture_logs();
     let certs = certs();
     let mut yaml = format!(
         "tls:\n  certificates:\n    - {{ cert: {}, key: {} }}\n    - {{ cert: {}, key: {} }}\nlisteners:\n",
@@ -642,4 +643,56 @@ pub fn unique(prefix: &str) -> String {
         .unwrap()
         .subsec_nanos();
     format!("{prefix}-{}-{nanos:x}-{n}", std::process::id())
+}
+
+// ---- log capture: every line the in-process proxy logs, at trace level ----
+
+/// Everything logged by the in-process proxy of this test binary, at trace level.
+static LOGS: Mutex<Vec<u8>> = Mutex::new(Vec::new());
+
+struct LogWriter;
+
+impl std::io::Write for LogWriter {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        LOGS.lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Installs (once) a trace-level subscriber that keeps every log line in memory.
+pub fn capture_logs() {
+    static INSTALLED: OnceLock<()> = OnceLock::new();
+    INSTALLED.get_or_init(|| {
+        let _ = tracing_subscriber::fmt()
+            .with_max_level(tracing::Level::TRACE)
+            .with_ansi(false)
+            .with_writer(|| LogWriter)
+            .try_init();
+    });
+}
+
+/// Fails if any of `secrets` appears in any log line captured so far.
+pub fn assert_no_secret_logged(secrets: &[&str]) {
+    let logs = LOGS.lock().unwrap_or_else(|e| e.into_inner());
+    assert!(
+        !logs.is_empty(),
+        "no log line was captured: is capture_logs() called?"
+    );
+    let text = String::from_utf8_lossy(&logs);
+    for secret in secrets {
+        let lines: Vec<&str> = text
+            .lines()
+            .filter(|l| l.contains(secret))
+            .take(3)
+            .collect();
+        assert!(
+            lines.is_empty(),
+            "{secret:?} appears in log lines: {lines:#?}"
+        );
+    }
 }
