@@ -350,10 +350,16 @@ async fn run<P: Session, S: AsyncRead + AsyncWrite + Unpin>(
 ) -> io::Result<Outcome<S>> {
     let mut client_buf = vec![0u8; READ_CHUNK];
     let mut upstream_buf = vec![0u8; READ_CHUNK];
+    // The phase deadline restarts when the session moves something (a reply, a forwarded
+    // command or body bytes) or changes phase, not on every read: a client trickling a
+    // command line byte by byte (slowloris) is cut off like a silent one.
+    let mut phase = session.phase();
+    let mut deadline_at = tokio::time::Instant::now() + deadline(phase, &context.timeouts);
     loop {
         // A client that never reads its replies is cut off after the idle deadline.
         let write_deadline = context.timeouts.idle;
         let mut wrote_client = false;
+        let mut moved = false;
         while let Some(action) = session.next_action() {
             match action {
                 Action::ToClient(bytes) => {
@@ -362,11 +368,13 @@ async fn run<P: Session, S: AsyncRead + AsyncWrite + Unpin>(
                         .map_err(|_| io::Error::from(io::ErrorKind::TimedOut))??;
                     traffic.to_client += bytes.len() as u64;
                     wrote_client = true;
+                    moved = true;
                 }
                 Action::ToUpstream(bytes) => {
                     tokio::time::timeout(write_deadline, upstream.write_all(&bytes))
                         .await
                         .map_err(|_| io::Error::from(io::ErrorKind::TimedOut))??;
+                    moved = true;
                 }
                 Action::StartTls { early } => {
                     client.flush().await?;
@@ -388,6 +396,10 @@ async fn run<P: Session, S: AsyncRead + AsyncWrite + Unpin>(
         if wrote_client {
             client.flush().await?;
         }
+        if moved || session.phase() != phase {
+            phase = session.phase();
+            deadline_at = tokio::time::Instant::now() + deadline(phase, &context.timeouts);
+        }
         let wants_client = session.wants_client_data();
         tokio::select! {
             read = client.read(&mut client_buf), if wants_client => match read {
@@ -406,7 +418,7 @@ async fn run<P: Session, S: AsyncRead + AsyncWrite + Unpin>(
                 Ok(0) | Err(_) => session.on_upstream_eof(),
                 Ok(n) => session.on_upstream_data(&upstream_buf[..n]),
             },
-            () = tokio::time::sleep(deadline(session.phase(), &context.timeouts)) => {
+            () = tokio::time::sleep_until(deadline_at) => {
                 info!(phase = ?session.phase(), "deadline expired");
                 session.on_timeout();
             }

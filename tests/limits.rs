@@ -311,3 +311,27 @@ async fn a_client_that_never_reads_its_replies_stays_bounded_and_is_cut_off() {
     );
     well_behaved(addr).await;
 }
+
+#[tokio::test]
+async fn a_client_trickling_a_command_byte_by_byte_is_cut_off_like_a_silent_one() {
+    let upstream = scripted_upstream(Behaviour::Esmtp).await;
+    let proxy = smtp_proxy(&upstream, "timeouts: { idle: 600ms }\n").await;
+    let mut slow = connect(proxy.addr("submission")).await;
+    slow.reply().await;
+    // One byte every 150 ms, never a line end: reads keep coming, progress never does.
+    let trickle = tokio::spawn(async move {
+        for _ in 0..40 {
+            if slow.stream.get_mut().write_all(b"N").await.is_err() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(150)).await;
+        }
+        slow
+    });
+    well_behaved(proxy.addr("mx")).await;
+    let mut slow = within(trickle).await.unwrap();
+    assert_eq!(
+        slow.reply().await,
+        "421 4.4.2 Timeout exceeded, closing connection\r\n"
+    );
+}
