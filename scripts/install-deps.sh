@@ -12,18 +12,35 @@ if [ "$(id -u)" -ne 0 ]; then
 fi
 
 # fetchmail and isync (mbsync): real POP3 and IMAP clients for tests/e2e_dovecot.rs.
-PKGS=(postfix dovecot-core dovecot-imapd dovecot-pop3d swaks openssl curl ca-certificates python3 fetchmail isync)
+# testssl.sh (command `testssl`) and gnutls-bin (gnutls-cli): scripts/testssl.sh and
+# tests/e2e_attack_tools.rs. python3-pip: for command-injection-tester below.
+PKGS=(postfix dovecot-core dovecot-imapd dovecot-pop3d swaks openssl curl ca-certificates python3 fetchmail isync
+    testssl.sh gnutls-bin python3-pip)
+
+# command-injection-tester (PyPI): the STARTTLS command injection tester published with
+# the NO STARTTLS paper, used by tests/e2e_attack_tools.rs. One stdlib-only script, no
+# dependencies; pinned to the version and the wheel's hash.
+CIT_VERSION=0.0.2
+CIT_SHA256=762ebeefba7255c3f69e5311df0dad033186e4d2c4f119a23120e3f75209c364
 
 # Everything legacy.sh and the tests need; if all present, apt is skipped entirely.
 have_all() {
     local b
-    for b in postfix postconf postsuper dovecot doveadm swaks openssl curl python3 setsid fetchmail mbsync; do
+    for b in postfix postconf postsuper dovecot doveadm swaks openssl curl python3 setsid fetchmail mbsync \
+        testssl gnutls-cli stdbuf; do
         command -v "$b" >/dev/null 2>&1 || return 1
     done
     # imap/pop3 come from separate packages; the binaries live outside $PATH.
     [ -x /usr/lib/dovecot/imap ] && [ -x /usr/lib/dovecot/pop3 ] &&
         [ -e /usr/lib/dovecot/modules/lib30_imap_zlib_plugin.so ] &&
-        [ -s /etc/ssl/certs/ca-certificates.crt ]
+        [ -s /etc/ssl/certs/ca-certificates.crt ] &&
+        python3 -m pip --version >/dev/null 2>&1
+}
+
+# The pinned command-injection-tester, on $PATH, for the python3 the tests run.
+have_cit() {
+    command -v command-injection-tester >/dev/null 2>&1 &&
+        [ "$(python3 -m pip show command-injection-tester 2>/dev/null | sed -n 's/^Version: //p')" = "$CIT_VERSION" ]
 }
 
 # Don't race another apt/dpkg run (e.g. one started in the background by a setup step).
@@ -62,6 +79,27 @@ else
     fi
 fi
 
+if have_cit; then
+    log "command-injection-tester $CIT_VERSION already installed"
+else
+    req=$(mktemp)
+    echo "command-injection-tester==$CIT_VERSION --hash=sha256:$CIT_SHA256" >"$req"
+    # Debian's python3 is "externally managed" (PEP 668): pip installs into it (under
+    # /usr/local) only when told to. Options given as PIP_* variables are ignored by a
+    # pip too old to know them, and understood by any newer one.
+    PIP_BREAK_SYSTEM_PACKAGES=1 PIP_ROOT_USER_ACTION=ignore PIP_DISABLE_PIP_VERSION_CHECK=1 \
+        timeout 600 python3 -m pip install --no-input --no-deps --only-binary :all: \
+        --require-hashes -r "$req"
+    rm -f "$req"
+    # pyenv (if that is the python3 on $PATH) needs a shim for the new script.
+    if command -v pyenv >/dev/null 2>&1; then pyenv rehash || true; fi
+    if ! have_cit; then
+        log "command-injection-tester installed but not found on PATH" \
+            "(scripts directory: $(python3 -c 'import sysconfig; print(sysconfig.get_path("scripts"))'))"
+        exit 1
+    fi
+fi
+
 # No systemd in the sandbox. The package scripts may or may not have started the
 # system instances (policy-rc.d usually forbids it); stop them if they run so they
 # don't sit on ports 25/110/143. Failures here are tolerated on purpose.
@@ -76,4 +114,5 @@ fi
 
 log "versions: postfix $(postconf -h mail_version), dovecot $(dovecot --version)"
 log "clients: $(curl --version | head -n1 | cut -d' ' -f1-2), $(mbsync --version), fetchmail $(fetchmail --version 2>/dev/null | sed -n 's/^This is fetchmail release \([^+ ]*\).*/\1/p')"
+log "attack tools: testssl $(dpkg-query -W -f='${Version}' testssl.sh 2>/dev/null), $(gnutls-cli --version | head -n1), command-injection-tester $CIT_VERSION"
 log "ok"

@@ -355,6 +355,9 @@ async fn run<P: Session, S: AsyncRead + AsyncWrite + Unpin>(
     // command line byte by byte (slowloris) is cut off like a silent one.
     let mut phase = session.phase();
     let mut deadline_at = tokio::time::Instant::now() + deadline(phase, &context.timeouts);
+    // rustls may queue records while reading (the alert that refuses a renegotiation, a
+    // KeyUpdate): only a flush sends them, so every read is followed by one.
+    let mut client_read = false;
     loop {
         // A client that never reads its replies is cut off after the idle deadline.
         let write_deadline = context.timeouts.idle;
@@ -393,7 +396,7 @@ async fn run<P: Session, S: AsyncRead + AsyncWrite + Unpin>(
                 }
             }
         }
-        if wrote_client {
+        if wrote_client || std::mem::take(&mut client_read) {
             client.flush().await?;
         }
         if moved || session.phase() != phase {
@@ -406,6 +409,7 @@ async fn run<P: Session, S: AsyncRead + AsyncWrite + Unpin>(
                 Ok(0) => session.on_client_eof(),
                 Ok(n) => {
                     traffic.from_client += n as u64;
+                    client_read = true;
                     session.on_client_data(&client_buf[..n]);
                 }
                 // A TLS stream cut without close_notify, a reset: the client is gone.

@@ -1,0 +1,57 @@
+//! Inputs the fuzz targets of `tests/fuzz/` (issue 5) found, replayed through the very
+//! harness the targets run (`tests/fuzz/src/session_script.rs`, included below), after a
+//! plain transcript of the same bug.
+//!
+//! To replay one by hand with the trace of every event and action:
+//! `MAILMOAT_FUZZ_TRACE=1 RUSTC_BOOTSTRAP=1 cargo fuzz run --fuzz-dir tests/fuzz -s none TARGET FILE`.
+
+#[allow(dead_code)]
+#[path = "fuzz/src/session_script.rs"]
+mod session_script;
+
+use mailmoat::policy::UserHasher;
+use mailmoat::proto::{Action, Session, imap};
+use session_script::{Protocol, run};
+
+/// `imap_session` (minimised): the greeting, then `a NOOP` followed straight away by a
+/// byte that is neither SP nor the line end.
+///
+/// Bug: `proto::imap::parse::command_start` reads the command name as the longest run of
+/// ATOM-CHARs and then takes an optional SP, so `a NOOP\xce` (or `a NOOP(x)`,
+/// `a CAPABILITY"x"`) is classified as NOOP and forwarded to the upstream before TLS,
+/// although its command name, as RFC 9051 §9 and the upstream read it (`tag SP
+/// command-name [SP ...] CRLF`), is `NOOP\xce`: not one of the upgrade dialogue's. The
+/// allow-list of DESIGN §3 is then decided on a name the upstream never sees.
+#[test]
+fn imap_command_name_glued_to_a_non_sp_byte_is_not_forwarded_before_tls() {
+    let mut session = imap::Session::new(imap::Config {
+        max_line_len: 512,
+        max_literal_len: 64 * 1024,
+        max_held_bytes: 64 * 1024,
+        max_plaintext_commands: 20,
+        user_hasher: UserHasher::new(b"key"),
+    });
+    session.on_upstream_data(b"* OK hi\r\n");
+    while session.next_action().is_some() {}
+    for line in [
+        &b"a NOOP\xce\r\n"[..],
+        b"b NOOP(x)\r\n",
+        b"c CAPABILITY\"x\"\r\n",
+    ] {
+        session.on_client_data(line);
+        while let Some(action) = session.next_action() {
+            assert!(
+                !matches!(action, Action::ToUpstream(_)),
+                "{:?} went upstream before TLS as {action:?}",
+                String::from_utf8_lossy(line)
+            );
+        }
+    }
+
+    // The fuzz input: flags 0 (STARTTLS listener, defaults), upstream "* OK hi\r\n",
+    // client "a NOOP\xce\r\n".
+    run(
+        Protocol::Imap,
+        b"\x00\x05\x09* OK hi\r\n\x00\x0ba NOOP\xce\r\n",
+    );
+}
