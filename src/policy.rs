@@ -34,6 +34,21 @@ pub fn is_channel_binding_mechanism(mechanism: &[u8]) -> bool {
     mechanism.len() >= 5 && mechanism[mechanism.len() - 5..].eq_ignore_ascii_case(b"-PLUS")
 }
 
+/// `XXXXXXXX`, `STARTTLX`, `XXXX`, `STLX`...: what in-path boxes that strip the upgrade
+/// command leave behind: as long as `upgrade`, and all `X` or one letter off.
+pub fn is_mangled_upgrade_verb(verb: &[u8], upgrade: &[u8]) -> bool {
+    if verb.len() != upgrade.len() {
+        return false;
+    }
+    let all_x = verb.iter().all(|b| b.eq_ignore_ascii_case(&b'X'));
+    let differing = verb
+        .iter()
+        .zip(upgrade)
+        .filter(|(a, b)| !a.eq_ignore_ascii_case(b))
+        .count();
+    all_x || differing == 1
+}
+
 /// Turns user names into keyed hashes for logs, so that sessions of the same user can be
 /// joined without the name (or anything else the client typed) being written down.
 #[derive(Clone)]
@@ -84,6 +99,25 @@ mod tests {
         assert!(!is_channel_binding_mechanism(b"SCRAM-SHA-256"));
         assert!(!is_channel_binding_mechanism(b"PLUS"));
         assert!(!is_channel_binding_mechanism(b"PLAIN"));
+    }
+
+    #[test]
+    fn mangled_upgrade_verbs() {
+        for verb in [&b"XXXXXXXX"[..], b"xxxxxxxx", b"STARTTLX", b"STARXTLS"] {
+            assert!(is_mangled_upgrade_verb(verb, b"STARTTLS"), "{verb:?}");
+        }
+        for verb in [
+            &b"STARTTLS"[..],
+            b"STARTTL",
+            b"XXXXXXX",
+            b"STARTXXX",
+            b"NOOP",
+        ] {
+            assert!(!is_mangled_upgrade_verb(verb, b"STARTTLS"), "{verb:?}");
+        }
+        assert!(is_mangled_upgrade_verb(b"XXXX", b"STLS"));
+        assert!(is_mangled_upgrade_verb(b"STLX", b"STLS"));
+        assert!(!is_mangled_upgrade_verb(b"STLS", b"STLS"));
     }
 
     #[test]

@@ -25,9 +25,32 @@ pub fn login_username(initial_response: &[u8]) -> Option<String> {
     String::from_utf8(decoded).ok()
 }
 
+/// The mechanism name for logs, if it looks like one (RFC 4422 §3.1: upper-case
+/// letters, digits, hyphen, underscore, at most 20), else `unknown`: it is client text.
+pub fn mechanism_label(mechanism: &[u8]) -> String {
+    let looks_right = mechanism.len() <= 20
+        && mechanism
+            .iter()
+            .all(|b| b.is_ascii_alphanumeric() || *b == b'-' || *b == b'_');
+    if looks_right {
+        String::from_utf8_lossy(mechanism).to_ascii_uppercase()
+    } else {
+        "unknown".to_owned()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn mechanism_labels_carry_no_client_text() {
+        assert_eq!(mechanism_label(b"plain"), "PLAIN");
+        assert_eq!(mechanism_label(b"SCRAM-SHA-256"), "SCRAM-SHA-256");
+        assert_eq!(mechanism_label(b"pass word"), "unknown");
+        assert_eq!(mechanism_label(b"AGFsaWNlAHNlY3JldA=="), "unknown");
+        assert_eq!(mechanism_label(&[b'A'; 21]), "unknown");
+    }
 
     #[test]
     fn sasl_identities_are_extracted_without_the_secret() {

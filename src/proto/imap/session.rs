@@ -11,7 +11,7 @@
 use bytes::{BufMut, Bytes, BytesMut};
 
 use super::parse::{self, Astring, Literal, Response, Status, Verb};
-use crate::policy::{UserHasher, is_channel_binding_mechanism};
+use crate::policy::{UserHasher, is_channel_binding_mechanism, is_mangled_upgrade_verb};
 use crate::proto::line::{Framer, Line};
 use crate::proto::{Action, Event, Phase, Tally};
 
@@ -343,7 +343,7 @@ impl Session {
                     Some(tagged(&command.tag, reply::PRIVACY_REQUIRED))
                 }
                 Verb::Other | Verb::StartTls => {
-                    if is_mangled_starttls(start.name) {
+                    if is_mangled_upgrade_verb(start.name, b"STARTTLS") {
                         self.event(Event::StarttlsStrippingSuspected {
                             reason: "mangled_verb",
                         });
@@ -517,15 +517,7 @@ impl Session {
         } else {
             None
         };
-        let mechanism = if mechanism.len() <= 20
-            && mechanism
-                .iter()
-                .all(|b| b.is_ascii_alphanumeric() || *b == b'-' || *b == b'_')
-        {
-            String::from_utf8_lossy(mechanism).to_ascii_uppercase()
-        } else {
-            "unknown".to_owned()
-        };
+        let mechanism = crate::proto::sasl::mechanism_label(mechanism);
         self.event(Event::CredentialsExposed {
             mechanism,
             user_hash: user.map(|u| self.config.user_hasher.hash(&u)),
@@ -736,19 +728,6 @@ impl Session {
         }
         kept.join(&b' ')
     }
-}
-
-/// `XXXXXXXX`, `STARTTLX`...: what in-path boxes that strip STARTTLS leave behind.
-fn is_mangled_starttls(name: &[u8]) -> bool {
-    let all_x = name.len() == 8 && name.iter().all(|b| b.eq_ignore_ascii_case(&b'X'));
-    let one_off = name.len() == 8
-        && name
-            .iter()
-            .zip(b"STARTTLS")
-            .filter(|(a, b)| !a.eq_ignore_ascii_case(b))
-            .count()
-            == 1;
-    all_x || one_off
 }
 
 impl crate::proto::Session for Session {

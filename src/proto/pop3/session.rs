@@ -36,7 +36,7 @@ use std::collections::VecDeque;
 use bytes::{BufMut, Bytes, BytesMut};
 
 use super::parse::{self, Keyword, Status};
-use crate::policy::{UserHasher, is_channel_binding_mechanism};
+use crate::policy::{UserHasher, is_channel_binding_mechanism, is_mangled_upgrade_verb};
 use crate::proto::line::{Framer, Line};
 use crate::proto::sasl::{login_username, plain_authcid};
 use crate::proto::{Action, Event, Phase, Tally};
@@ -372,7 +372,9 @@ impl Session {
                 self.reply_local(keyword, reply::AUTH_REQUIRES_TLS);
             }
             _ => {
-                if keyword == Keyword::Other && is_mangled_stls(command.keyword_text) {
+                if keyword == Keyword::Other
+                    && is_mangled_upgrade_verb(command.keyword_text, b"STLS")
+                {
                     self.event(Event::StarttlsStrippingSuspected {
                         reason: "mangled_verb",
                     });
@@ -427,7 +429,7 @@ impl Session {
                 };
                 let user_hash = user.map(|user| self.config.user_hasher.hash(&user));
                 self.event(Event::CredentialsExposed {
-                    mechanism: format!("AUTH {}", mechanism_label(mechanism)),
+                    mechanism: format!("AUTH {}", crate::proto::sasl::mechanism_label(mechanism)),
                     user_hash,
                 });
             }
@@ -751,34 +753,6 @@ fn sasl_without_channel_binding(line: &Line, tag: &[u8], params: &[u8]) -> Optio
     }
     out.put_slice(if line.bare_lf { b"\n" } else { b"\r\n" });
     Some(out.freeze())
-}
-
-/// `XXXX`, `STLX`, `SLTS`...: what in-path boxes that strip STLS leave behind.
-fn is_mangled_stls(keyword: &[u8]) -> bool {
-    if keyword.len() != 4 {
-        return false;
-    }
-    let all_x = keyword.iter().all(|b| b.eq_ignore_ascii_case(&b'X'));
-    let differing = keyword
-        .iter()
-        .zip(b"STLS")
-        .filter(|(a, b)| !a.eq_ignore_ascii_case(b))
-        .count();
-    all_x || differing == 1
-}
-
-/// The mechanism name for logs, if it looks like one (RFC 4422 §3.1: upper-case
-/// letters, digits, hyphen, underscore, at most 20): it is the client's text.
-fn mechanism_label(mechanism: &[u8]) -> String {
-    let looks_right = mechanism.len() <= 20
-        && mechanism
-            .iter()
-            .all(|b| b.is_ascii_alphanumeric() || *b == b'-' || *b == b'_');
-    if looks_right {
-        String::from_utf8_lossy(mechanism).to_ascii_uppercase()
-    } else {
-        "unknown".to_owned()
-    }
 }
 
 impl crate::proto::Session for Session {

@@ -14,7 +14,9 @@ use bytes::{Buf, BufMut, Bytes, BytesMut};
 
 use super::body::{Body, Progress};
 use super::parse::{self, Verb};
-use crate::policy::{BareNewlines, Policy, UserHasher, is_channel_binding_mechanism};
+use crate::policy::{
+    BareNewlines, Policy, UserHasher, is_channel_binding_mechanism, is_mangled_upgrade_verb,
+};
 use crate::proto::line::{Framer, Line};
 use crate::proto::{Action, Event, Phase, Tally};
 
@@ -494,7 +496,7 @@ impl Session {
             self.note_plaintext_credentials(command.args);
             return Some(reply::MUST_STARTTLS);
         }
-        if verb == Verb::Other && is_mangled_starttls(command.verb_text) {
+        if verb == Verb::Other && is_mangled_upgrade_verb(command.verb_text, b"STARTTLS") {
             self.event(Event::StarttlsStrippingSuspected {
                 reason: "mangled_verb",
             });
@@ -532,18 +534,7 @@ impl Session {
         } else {
             None
         };
-        let mechanism = String::from_utf8_lossy(mechanism).to_ascii_uppercase();
-        // The mechanism name is the client's text: log it only if it looks like one
-        // (RFC 4422 §3.1: upper-case letters, digits, hyphen, underscore, <= 20 chars).
-        let mechanism = if mechanism.len() <= 20
-            && mechanism
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
-        {
-            mechanism
-        } else {
-            "unknown".to_owned()
-        };
+        let mechanism = crate::proto::sasl::mechanism_label(mechanism);
         self.event(Event::CredentialsExposed {
             mechanism,
             user_hash: user.map(|user| self.config.user_hasher.hash(&user)),
@@ -831,21 +822,6 @@ fn auth_without_channel_binding(text: &Bytes) -> Option<Bytes> {
         out.put_slice(mechanism);
     }
     Some(out.freeze())
-}
-
-/// `XXXXXXXX`, `STARTTLX`, `STARTTL`... : what in-path boxes that strip STARTTLS leave.
-fn is_mangled_starttls(verb: &[u8]) -> bool {
-    let all_x = verb.len() == 8 && verb.iter().all(|b| b.eq_ignore_ascii_case(&b'X'));
-    let near = |target: &[u8]| {
-        verb.len() == target.len()
-            && verb
-                .iter()
-                .zip(target)
-                .filter(|(a, b)| !a.eq_ignore_ascii_case(b))
-                .count()
-                == 1
-    };
-    all_x || near(b"STARTTLS")
 }
 
 fn verb_label(verb: Verb) -> &'static str {
