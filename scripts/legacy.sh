@@ -7,6 +7,8 @@
 #   legacy.sh stop DIR                  stop it (tolerates already stopped)
 #
 # Ports: LEGACY_SMTP_PORT (2525), LEGACY_IMAP_PORT (1143), LEGACY_POP3_PORT (1110).
+# Extra settings: LEGACY_POSTFIX_EXTRA (appended to main.cf), LEGACY_DOVECOT_EXTRA
+# (appended to dovecot.conf; later settings override earlier ones).
 # Users: alice@example.test / alice-secret-pw, bob@example.test / bob-secret-pw.
 set -euo pipefail
 
@@ -21,6 +23,8 @@ usage() {
 usage: $PROG start DIR [--watch PID]
        $PROG stop DIR
 env:   LEGACY_SMTP_PORT (2525) LEGACY_IMAP_PORT (1143) LEGACY_POP3_PORT (1110)
+       LEGACY_POSTFIX_EXTRA (lines appended to main.cf)
+       LEGACY_DOVECOT_EXTRA (lines appended to dovecot.conf)
 EOF
     exit 2
 }
@@ -305,6 +309,9 @@ service auth {
   }
 }
 EOF
+    if [ -n "${LEGACY_DOVECOT_EXTRA:-}" ]; then
+        printf '# LEGACY_DOVECOT_EXTRA\n%s\n' "$LEGACY_DOVECOT_EXTRA" >>"$DC_CONF"
+    fi
 
     # ---- Postfix
     cat >"$PF_CONF/vmailbox" <<EOF
@@ -363,6 +370,10 @@ local_transport = error:local delivery disabled in legacy test instance
 default_transport = error:outbound mail disabled in legacy test instance
 relay_transport = error:outbound mail disabled in legacy test instance
 EOF
+    # Test-specific settings (e.g. an open-relay mynetworks, PROXY protocol, XCLIENT).
+    if [ -n "${LEGACY_POSTFIX_EXTRA:-}" ]; then
+        printf '# LEGACY_POSTFIX_EXTRA\n%s\n' "$LEGACY_POSTFIX_EXTRA" >>"$PF_CONF/main.cf"
+    fi
 
     # chroot column is "n" everywhere: the queue lives under DIR, not /var/spool.
     cat >"$PF_CONF/master.cf" <<EOF

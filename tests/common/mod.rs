@@ -417,7 +417,26 @@ pub struct Legacy {
 
 pub fn legacy() -> &'static Legacy {
     static LEGACY: OnceLock<Legacy> = OnceLock::new();
-    LEGACY.get_or_init(|| {
+    LEGACY.get_or_init(|| Legacy::start("", ""))
+}
+
+/// An instance made by [`Legacy::start`] (not the shared one, which lives as long as the
+/// test binary) is stopped when dropped, before its directory goes.
+impl Drop for Legacy {
+    fn drop(&mut self) {
+        let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/legacy.sh");
+        let _ = std::process::Command::new("bash")
+            .arg(&script)
+            .arg("stop")
+            .arg(self._dir.path())
+            .output();
+    }
+}
+
+impl Legacy {
+    /// A private instance with `postfix_extra` appended to main.cf and `dovecot_extra`
+    /// to dovecot.conf (e.g. an open-relay `mynetworks`, PROXY protocol, XCLIENT).
+    pub fn start(postfix_extra: &str, dovecot_extra: &str) -> Legacy {
         let dir = tempfile::Builder::new()
             .prefix("mailmoat-legacy-")
             .tempdir()
@@ -433,6 +452,8 @@ pub fn legacy() -> &'static Legacy {
             .env("LEGACY_SMTP_PORT", smtp.to_string())
             .env("LEGACY_IMAP_PORT", imap.to_string())
             .env("LEGACY_POP3_PORT", pop3.to_string())
+            .env("LEGACY_POSTFIX_EXTRA", postfix_extra)
+            .env("LEGACY_DOVECOT_EXTRA", dovecot_extra)
             .output()
             .expect("bash runs");
         // A missing Postfix or Dovecot is a failure, never a skip: these tests are the
@@ -462,7 +483,7 @@ pub fn legacy() -> &'static Legacy {
             maildir_alice: var("LEGACY_MAILDIR_ALICE").into(),
             _dir: dir,
         }
-    })
+    }
 }
 
 impl Legacy {
