@@ -230,6 +230,10 @@ pub struct Timeouts {
     /// within 29 minutes, RFC 2177).
     #[serde(deserialize_with = "de_duration")]
     pub idle_after_login: Duration,
+    /// On SIGTERM: how long sessions may take to reach a command boundary (or, relayed,
+    /// to finish) before the process exits anyway. `0s` ends them at once.
+    #[serde(deserialize_with = "de_duration")]
+    pub shutdown_grace: Duration,
 }
 
 impl Default for Timeouts {
@@ -241,6 +245,7 @@ impl Default for Timeouts {
             idle: Duration::from_secs(300),
             data: Duration::from_secs(600),
             idle_after_login: Duration::from_secs(30 * 60),
+            shutdown_grace: Duration::from_secs(30),
         }
     }
 }

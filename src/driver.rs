@@ -12,6 +12,7 @@ use bytes::{Buf, Bytes};
 use rustls::ServerConfig;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
+use tokio::sync::watch;
 use tokio_rustls::LazyConfigAcceptor;
 use tokio_rustls::server::TlsStream;
 use tracing::{info, warn};
@@ -35,6 +36,8 @@ pub struct ConnectionSettings {
     pub alpn: &'static [u8],
     /// Deadlines.
     pub timeouts: Timeouts,
+    /// Turns true when the server shuts down: sessions say goodbye at a command boundary.
+    pub draining: watch::Receiver<bool>,
 }
 
 /// A stream that yields `prefix` before reading from `inner`: the bytes a client sent
@@ -358,7 +361,13 @@ async fn run<P: Session, S: AsyncRead + AsyncWrite + Unpin>(
     // rustls may queue records while reading (the alert that refuses a renegotiation, a
     // KeyUpdate): only a flush sends them, so every read is followed by one.
     let mut client_read = false;
+    let mut drain = context.draining.clone();
+    let mut draining = false;
+    let mut drain_open = true;
     loop {
+        if draining {
+            session.close_if_idle();
+        }
         // A client that never reads its replies is cut off after the idle deadline.
         let write_deadline = context.timeouts.idle;
         let mut wrote_client = false;
@@ -421,6 +430,11 @@ async fn run<P: Session, S: AsyncRead + AsyncWrite + Unpin>(
             read = upstream.read(&mut upstream_buf) => match read {
                 Ok(0) | Err(_) => session.on_upstream_eof(),
                 Ok(n) => session.on_upstream_data(&upstream_buf[..n]),
+            },
+            stop = drain.wait_for(|stop| *stop), if drain_open && !draining => match stop {
+                Ok(_) => draining = true,
+                // The server is gone without a shutdown: nothing to wait for.
+                Err(_) => drain_open = false,
             },
             () = tokio::time::sleep_until(deadline_at) => {
                 info!(phase = ?session.phase(), "deadline expired");

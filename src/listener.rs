@@ -6,12 +6,13 @@ use std::io;
 use std::net::{IpAddr, Ipv6Addr, SocketAddr};
 use std::sync::Arc;
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Semaphore, watch};
+use tokio_util::task::TaskTracker;
 use tracing::{Instrument, error, info, info_span, warn};
 
 use crate::config::{Config, ListenerConfig, Protocol, TlsMode};
@@ -46,25 +47,64 @@ enum SessionConfig {
     Pop3(pop3::Config),
 }
 
-/// One bound listener and what its connections share.
-struct Bound {
+/// What a listener's new connections are served with; replaced whole on reload, while
+/// sessions in flight keep the one they started with.
+struct ListenerState {
     config: ListenerConfig,
-    socket: TcpListener,
     settings: ConnectionSettings,
     session: SessionConfig,
 }
 
-/// Every listener bound, ready to serve.
-pub struct Server {
-    listeners: Vec<Bound>,
+/// A listener accepting in its own task.
+struct Running {
+    name: String,
+    local: SocketAddr,
+    state: watch::Sender<Arc<ListenerState>>,
+    stop: watch::Sender<bool>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+/// What every listener's connections share, across reloads.
+struct Shared {
     connections: Arc<Semaphore>,
+    cap: Mutex<ConnectionCap>,
     per_client: Arc<PerClient>,
+    /// Every session task, so that shutdown can wait for them.
+    sessions: TaskTracker,
+}
+
+/// `limits.max_connections`, and how many permits `connections` holds in all (free or
+/// in use): more than `max` after a reload lowered it while sessions were open.
+struct ConnectionCap {
+    max: usize,
+    permits: usize,
+}
+
+/// Every listener bound and accepting.
+pub struct Server {
+    listeners: Vec<Running>,
+    shared: Arc<Shared>,
+    draining: watch::Sender<bool>,
+    user_hasher: UserHasher,
+    user_hash_key: Option<String>,
+    shutdown_grace: Duration,
+}
+
+/// What a reload changed.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Reloaded {
+    /// Listeners that started accepting, by name.
+    pub added: Vec<String>,
+    /// Listeners that stopped accepting (their sessions carry on), by name.
+    pub removed: Vec<String>,
+    /// Listeners whose new connections now get the new settings and certificates.
+    pub updated: Vec<String>,
 }
 
 /// Connections open per client address, all listeners together.
 #[derive(Debug)]
 struct PerClient {
-    max: usize,
+    max: AtomicUsize,
     open: Mutex<HashMap<IpAddr, usize>>,
 }
 
@@ -79,7 +119,10 @@ impl PerClient {
         let key = client_key(ip);
         let mut open = self.open.lock().unwrap_or_else(|e| e.into_inner());
         let count = open.entry(key).or_insert(0);
-        if *count >= self.max {
+        if *count >= self.max.load(Ordering::Relaxed) {
+            if *count == 0 {
+                open.remove(&key);
+            }
             return None;
         }
         *count += 1;
@@ -114,72 +157,114 @@ fn client_key(ip: IpAddr) -> IpAddr {
     }
 }
 
+/// Builds what each listener of `config` serves new connections with: certificates are
+/// loaded here, so a bad one fails before anything changes.
+fn prepare(
+    config: &Config,
+    user_hasher: &UserHasher,
+    draining: &watch::Receiver<bool>,
+) -> Result<Vec<ListenerState>, Error> {
+    let provider = tls::provider();
+    let resolver = Arc::new(tls::SniResolver::load(&config.tls, &provider)?);
+    let mut states = Vec::new();
+    for listener in &config.listeners {
+        let server_config = tls::server_config(
+            &config.tls,
+            listener.protocol,
+            Arc::clone(&resolver),
+            Arc::clone(&provider),
+        )?;
+        states.push(ListenerState {
+            config: listener.clone(),
+            settings: ConnectionSettings {
+                tls_mode: listener.tls,
+                tls: server_config,
+                alpn: listener.protocol.alpn_id(),
+                timeouts: config.timeouts.clone(),
+                draining: draining.clone(),
+            },
+            session: session_config(config, listener, user_hasher),
+        });
+    }
+    Ok(states)
+}
+
+fn session_config(
+    config: &Config,
+    listener: &ListenerConfig,
+    user_hasher: &UserHasher,
+) -> SessionConfig {
+    let limits = &config.limits;
+    match listener.protocol {
+        Protocol::Smtp => SessionConfig::Smtp(smtp::Config {
+            policy: listener.policy,
+            bare_newlines: listener.bare_newlines,
+            max_line_len: limits.max_line_len,
+            max_held_bytes: MAX_HELD_BYTES,
+            max_plaintext_commands: limits.max_plaintext_commands,
+            user_hasher: user_hasher.clone(),
+        }),
+        Protocol::Imap => SessionConfig::Imap(imap::Config {
+            max_line_len: limits.max_line_len,
+            max_literal_len: limits.max_literal_len,
+            max_held_bytes: MAX_HELD_BYTES,
+            max_plaintext_commands: limits.max_plaintext_commands,
+            user_hasher: user_hasher.clone(),
+        }),
+        Protocol::Pop3 => SessionConfig::Pop3(pop3::Config {
+            max_line_len: limits.max_line_len,
+            max_held_bytes: MAX_HELD_BYTES,
+            max_plaintext_commands: limits.max_plaintext_commands,
+            user_hasher: user_hasher.clone(),
+        }),
+    }
+}
+
+async fn bind_socket(listener: &ListenerConfig) -> Result<TcpListener, Error> {
+    TcpListener::bind(listener.listen)
+        .await
+        .map_err(|source| Error::Bind {
+            name: listener.name.clone(),
+            addr: listener.listen,
+            source,
+        })
+}
+
 impl Server {
-    /// Loads certificates and binds every listener of a validated config.
+    /// Loads certificates, binds every listener of a validated config and starts
+    /// accepting.
     pub async fn bind(config: &Config) -> Result<Server, Error> {
-        let provider = tls::provider();
-        let resolver = Arc::new(tls::SniResolver::load(&config.tls, &provider)?);
-        let user_hasher = config
-            .user_hash_key
-            .as_deref()
-            .map_or_else(UserHasher::random, |key| UserHasher::new(key.as_bytes()));
-        let mut listeners = Vec::new();
-        for listener in &config.listeners {
-            let server_config = tls::server_config(
-                &config.tls,
-                listener.protocol,
-                Arc::clone(&resolver),
-                Arc::clone(&provider),
-            )?;
-            let socket =
-                TcpListener::bind(listener.listen)
-                    .await
-                    .map_err(|source| Error::Bind {
-                        name: listener.name.clone(),
-                        addr: listener.listen,
-                        source,
-                    })?;
-            listeners.push(Bound {
-                config: listener.clone(),
-                socket,
-                settings: ConnectionSettings {
-                    tls_mode: listener.tls,
-                    tls: server_config,
-                    alpn: listener.protocol.alpn_id(),
-                    timeouts: config.timeouts.clone(),
-                },
-                session: match listener.protocol {
-                    Protocol::Smtp => SessionConfig::Smtp(smtp::Config {
-                        policy: listener.policy,
-                        bare_newlines: listener.bare_newlines,
-                        max_line_len: config.limits.max_line_len,
-                        max_held_bytes: MAX_HELD_BYTES,
-                        max_plaintext_commands: config.limits.max_plaintext_commands,
-                        user_hasher: user_hasher.clone(),
-                    }),
-                    Protocol::Imap => SessionConfig::Imap(imap::Config {
-                        max_line_len: config.limits.max_line_len,
-                        max_literal_len: config.limits.max_literal_len,
-                        max_held_bytes: MAX_HELD_BYTES,
-                        max_plaintext_commands: config.limits.max_plaintext_commands,
-                        user_hasher: user_hasher.clone(),
-                    }),
-                    Protocol::Pop3 => SessionConfig::Pop3(pop3::Config {
-                        max_line_len: config.limits.max_line_len,
-                        max_held_bytes: MAX_HELD_BYTES,
-                        max_plaintext_commands: config.limits.max_plaintext_commands,
-                        user_hasher: user_hasher.clone(),
-                    }),
-                },
-            });
+        let user_hasher = hasher_for(config.user_hash_key.as_deref());
+        let (draining, draining_rx) = watch::channel(false);
+        let states = prepare(config, &user_hasher, &draining_rx)?;
+        let mut sockets = Vec::new();
+        for state in &states {
+            sockets.push(bind_socket(&state.config).await?);
         }
-        Ok(Server {
-            listeners,
+        let shared = Arc::new(Shared {
             connections: Arc::new(Semaphore::new(config.limits.max_connections)),
+            cap: Mutex::new(ConnectionCap {
+                max: config.limits.max_connections,
+                permits: config.limits.max_connections,
+            }),
             per_client: Arc::new(PerClient {
-                max: config.limits.max_connections_per_client,
+                max: AtomicUsize::new(config.limits.max_connections_per_client),
                 open: Mutex::new(HashMap::new()),
             }),
+            sessions: TaskTracker::new(),
+        });
+        let listeners = states
+            .into_iter()
+            .zip(sockets)
+            .map(|(state, socket)| start(state, socket, &shared))
+            .collect();
+        Ok(Server {
+            listeners,
+            shared,
+            draining,
+            user_hasher,
+            user_hash_key: config.user_hash_key.clone(),
+            shutdown_grace: config.timeouts.shutdown_grace,
         })
     }
 
@@ -187,25 +272,142 @@ impl Server {
     pub fn local_addrs(&self) -> Vec<(String, SocketAddr)> {
         self.listeners
             .iter()
-            .filter_map(|l| Some((l.config.name.clone(), l.socket.local_addr().ok()?)))
+            .map(|l| (l.name.clone(), l.local))
             .collect()
     }
 
-    /// Accepts on every listener until `shutdown` turns true.
-    pub async fn run(self, shutdown: watch::Receiver<bool>) {
-        let mut tasks = tokio::task::JoinSet::new();
-        for bound in self.listeners {
-            let connections = Arc::clone(&self.connections);
-            let per_client = Arc::clone(&self.per_client);
-            let shutdown = shutdown.clone();
-            tasks.spawn(accept_loop(
-                Arc::new(bound),
-                connections,
-                per_client,
-                shutdown,
-            ));
+    /// Swaps in a new validated config (SIGHUP): certificates, settings and limits for new
+    /// connections; listeners added or removed, matched by listen address. Everything is
+    /// prepared (certificates loaded, new ports bound) before anything changes, so on an
+    /// error the running config stays whole. Sessions in flight are untouched.
+    pub async fn reload(&mut self, config: &Config) -> Result<Reloaded, Error> {
+        if config.user_hash_key != self.user_hash_key {
+            // A random key (no key configured) is kept, so hashes still join.
+            self.user_hasher = hasher_for(config.user_hash_key.as_deref());
+            self.user_hash_key = config.user_hash_key.clone();
         }
-        while tasks.join_next().await.is_some() {}
+        let states = prepare(config, &self.user_hasher, &self.draining.subscribe())?;
+        let mut fresh = Vec::new();
+        for state in &states {
+            if !self
+                .listeners
+                .iter()
+                .any(|l| l.local == state.config.listen)
+                && !fresh.iter().any(|(addr, _)| *addr == state.config.listen)
+            {
+                fresh.push((state.config.listen, bind_socket(&state.config).await?));
+            }
+        }
+
+        // Nothing can fail from here on.
+        let mut reloaded = Reloaded::default();
+        let mut kept = Vec::new();
+        for state in states {
+            let listen = state.config.listen;
+            let name = state.config.name.clone();
+            if let Some(index) = self.listeners.iter().position(|l| l.local == listen) {
+                let running = self.listeners.swap_remove(index);
+                running.state.send_replace(Arc::new(state));
+                kept.push(Running {
+                    name: name.clone(),
+                    ..running
+                });
+                reloaded.updated.push(name);
+            } else if let Some(index) = fresh.iter().position(|(addr, _)| *addr == listen) {
+                let (_, socket) = fresh.swap_remove(index);
+                kept.push(start(state, socket, &self.shared));
+                reloaded.added.push(name);
+            }
+        }
+        for running in std::mem::replace(&mut self.listeners, kept) {
+            reloaded.removed.push(running.name.clone());
+            running.stop_accepting().await;
+        }
+        self.resize_limits(&config.limits);
+        self.shutdown_grace = config.timeouts.shutdown_grace;
+        Ok(reloaded)
+    }
+
+    fn resize_limits(&self, limits: &crate::config::Limits) {
+        let shared = &self.shared;
+        shared
+            .per_client
+            .max
+            .store(limits.max_connections_per_client, Ordering::Relaxed);
+        let mut cap = shared.cap.lock().unwrap_or_else(|e| e.into_inner());
+        cap.max = limits.max_connections;
+        if cap.max > cap.permits {
+            shared.connections.add_permits(cap.max - cap.permits);
+            cap.permits = cap.max;
+        } else {
+            // Only free places can be withdrawn now; the others are withdrawn as the
+            // sessions holding them end (see `release`).
+            cap.permits -= shared.connections.forget_permits(cap.permits - cap.max);
+            if cap.permits > cap.max {
+                warn!(
+                    over = cap.permits - cap.max,
+                    "max_connections lowered below the sessions open: it takes effect as they end"
+                );
+            }
+        }
+    }
+
+    /// Accepts until `shutdown` turns true, then shuts down (see [`Server::shut_down`]).
+    pub async fn run(self, mut shutdown: watch::Receiver<bool>) {
+        let _ = shutdown.wait_for(|stop| *stop).await;
+        self.shut_down().await;
+    }
+
+    /// SIGTERM (DESIGN §8): stops accepting, tells every session to say its protocol's
+    /// goodbye at its next command boundary, and waits for them for the grace period.
+    pub async fn shut_down(self) {
+        for running in self.listeners {
+            running.stop_accepting().await;
+        }
+        let _ = self.draining.send(true);
+        let sessions = &self.shared.sessions;
+        sessions.close();
+        info!(sessions = sessions.len(), grace = ?self.shutdown_grace, "draining");
+        if tokio::time::timeout(self.shutdown_grace, sessions.wait())
+            .await
+            .is_err()
+        {
+            warn!(
+                sessions = sessions.len(),
+                "grace period over: closing the sessions still open"
+            );
+        } else {
+            info!("drained");
+        }
+    }
+}
+
+fn hasher_for(key: Option<&str>) -> UserHasher {
+    key.map_or_else(UserHasher::random, |key| UserHasher::new(key.as_bytes()))
+}
+
+impl Running {
+    /// Stops the accept loop and closes the listening socket.
+    async fn stop_accepting(self) {
+        let _ = self.stop.send(true);
+        let _ = self.task.await;
+        info!(listener = %self.name, addr = %self.local, "stopped listening");
+    }
+}
+
+/// Starts accepting on `socket`.
+fn start(state: ListenerState, socket: TcpListener, shared: &Arc<Shared>) -> Running {
+    let name = state.config.name.clone();
+    let local = socket.local_addr().unwrap_or(state.config.listen);
+    let (state, state_rx) = watch::channel(Arc::new(state));
+    let (stop, stop_rx) = watch::channel(false);
+    let task = tokio::spawn(accept_loop(socket, state_rx, Arc::clone(shared), stop_rx));
+    Running {
+        name,
+        local,
+        state,
+        stop,
+        task,
     }
 }
 
@@ -230,66 +432,92 @@ fn session_id() -> String {
 }
 
 async fn accept_loop(
-    bound: Arc<Bound>,
-    connections: Arc<Semaphore>,
-    per_client: Arc<PerClient>,
-    mut shutdown: watch::Receiver<bool>,
+    socket: TcpListener,
+    state: watch::Receiver<Arc<ListenerState>>,
+    shared: Arc<Shared>,
+    mut stop: watch::Receiver<bool>,
 ) {
-    let local = bound.socket.local_addr().ok();
-    info!(listener = %bound.config.name, addr = ?local, protocol = ?bound.config.protocol, tls = ?bound.config.tls, "listening");
+    {
+        let current = state.borrow();
+        info!(listener = %current.config.name, addr = ?socket.local_addr().ok(), protocol = ?current.config.protocol, tls = ?current.config.tls, "listening");
+    }
     loop {
         let accepted = tokio::select! {
-            accepted = bound.socket.accept() => accepted,
-            _ = shutdown.wait_for(|stop| *stop) => return,
+            accepted = socket.accept() => accepted,
+            _ = stop.wait_for(|stop| *stop) => return,
         };
+        let current = Arc::clone(&state.borrow());
         let (client, peer) = match accepted {
             Ok(pair) => pair,
             Err(err) => {
                 // Out of descriptors and the like: back off instead of spinning.
-                error!(%err, listener = %bound.config.name, "accept failed");
+                error!(%err, listener = %current.config.name, "accept failed");
                 tokio::time::sleep(Duration::from_millis(100)).await;
                 continue;
             }
         };
-        let Ok(permit) = Arc::clone(&connections).try_acquire_owned() else {
+        let Ok(permit) = Arc::clone(&shared.connections).try_acquire_owned() else {
             warn!(event = "limit_exceeded", limit = "max_connections", client = %peer, "connection refused");
-            tokio::spawn(refuse_busy(client, bound.config.tls, bound.config.protocol));
+            tokio::spawn(refuse_busy(
+                client,
+                current.config.tls,
+                current.config.protocol,
+            ));
             continue;
         };
-        let Some(client_permit) = per_client.try_acquire(peer.ip()) else {
+        let Some(client_permit) = shared.per_client.try_acquire(peer.ip()) else {
             warn!(event = "limit_exceeded", limit = "max_connections_per_client", client = %peer, "connection refused");
-            tokio::spawn(refuse_busy(client, bound.config.tls, bound.config.protocol));
+            tokio::spawn(refuse_busy(
+                client,
+                current.config.tls,
+                current.config.protocol,
+            ));
             continue;
         };
         let span = info_span!(
             "session",
             id = %session_id(),
-            listener = %bound.config.name,
+            listener = %current.config.name,
             client = %peer,
             upstream_port = tracing::field::Empty,
         );
-        let bound = Arc::clone(&bound);
-        tokio::spawn(
+        let shared_by_session = Arc::clone(&shared);
+        shared.sessions.spawn(
             async move {
-                let _permits = (permit, client_permit);
-                let (upstream, settings) = (&bound.config.upstream, &bound.settings);
-                match &bound.session {
-                    SessionConfig::Smtp(config) => {
-                        let session = smtp::Session::new(config.clone(), false);
-                        driver::serve(client, upstream, settings, session, smtp::UNAVAILABLE).await
-                    }
-                    SessionConfig::Imap(config) => {
-                        let session = imap::Session::new(config.clone());
-                        driver::serve(client, upstream, settings, session, imap::UNAVAILABLE).await
-                    }
-                    SessionConfig::Pop3(config) => {
-                        let session = pop3::Session::new(config.clone());
-                        driver::serve(client, upstream, settings, session, pop3::UNAVAILABLE).await
-                    }
-                }
+                serve(client, &current).await;
+                drop(client_permit);
+                release(permit, &shared_by_session);
             }
             .instrument(span),
         );
+    }
+}
+
+/// Returns a connection place, unless a reload lowered the cap below the sessions open:
+/// then the place is withdrawn instead.
+fn release(permit: tokio::sync::OwnedSemaphorePermit, shared: &Shared) {
+    let mut cap = shared.cap.lock().unwrap_or_else(|e| e.into_inner());
+    if cap.permits > cap.max {
+        permit.forget();
+        cap.permits -= 1;
+    }
+}
+
+async fn serve(client: TcpStream, state: &ListenerState) {
+    let (upstream, settings) = (&state.config.upstream, &state.settings);
+    match &state.session {
+        SessionConfig::Smtp(config) => {
+            let session = smtp::Session::new(config.clone(), false);
+            driver::serve(client, upstream, settings, session, smtp::UNAVAILABLE).await
+        }
+        SessionConfig::Imap(config) => {
+            let session = imap::Session::new(config.clone());
+            driver::serve(client, upstream, settings, session, imap::UNAVAILABLE).await
+        }
+        SessionConfig::Pop3(config) => {
+            let session = pop3::Session::new(config.clone());
+            driver::serve(client, upstream, settings, session, pop3::UNAVAILABLE).await
+        }
     }
 }
 
@@ -326,7 +554,7 @@ mod tests {
     #[test]
     fn per_client_permits_are_capped_and_freed_on_drop() {
         let table = Arc::new(PerClient {
-            max: 2,
+            max: AtomicUsize::new(2),
             open: Mutex::new(HashMap::new()),
         });
         let a = "2001:db8::1".parse().unwrap();

@@ -78,7 +78,8 @@ fn main() -> ExitCode {
             }
         }
         Command::Run { config, log_format } => {
-            let config = match load(&config) {
+            let config_path = config;
+            let config = match load(&config_path) {
                 Ok(config) => config,
                 Err(code) => return code,
             };
@@ -86,37 +87,76 @@ fn main() -> ExitCode {
                 log_format.unwrap_or(config.log.format),
                 config.log.level.as_deref(),
             );
-            runtime.block_on(async {
-                let server = match Server::bind(&config).await {
-                    Ok(server) => server,
-                    Err(err) => {
-                        eprintln!("{err}");
-                        return ExitCode::from(EXIT_CONFIG);
-                    }
-                };
-                let (stop, stopped) = tokio::sync::watch::channel(false);
-                tokio::spawn(async move {
-                    wait_for_signal().await;
-                    tracing::info!("stopping");
-                    let _ = stop.send(true);
-                });
-                server.run(stopped).await;
-                ExitCode::SUCCESS
-            })
+            runtime.block_on(serve(config_path, config))
         }
     }
 }
 
-async fn wait_for_signal() {
+/// Serves until SIGTERM or SIGINT, reloading on SIGHUP (DESIGN §8).
+async fn serve(path: PathBuf, config: Config) -> ExitCode {
     use tokio::signal::unix::{SignalKind, signal};
-    let (Ok(mut term), Ok(mut int)) = (
+    let (mut hangup, mut terminate, mut interrupt) = match (
+        signal(SignalKind::hangup()),
         signal(SignalKind::terminate()),
         signal(SignalKind::interrupt()),
-    ) else {
-        return std::future::pending().await;
+    ) {
+        (Ok(hangup), Ok(terminate), Ok(interrupt)) => (hangup, terminate, interrupt),
+        _ => {
+            eprintln!("cannot install signal handlers");
+            return ExitCode::FAILURE;
+        }
     };
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = int.recv() => {}
+    let mut server = match Server::bind(&config).await {
+        Ok(server) => server,
+        Err(err) => {
+            eprintln!("{err}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    notify_systemd(&[sd_notify::NotifyState::Ready]);
+    loop {
+        tokio::select! {
+            _ = hangup.recv() => reload(&path, &mut server).await,
+            _ = terminate.recv() => break,
+            _ = interrupt.recv() => break,
+        }
+    }
+    tracing::info!("stopping");
+    notify_systemd(&[sd_notify::NotifyState::Stopping]);
+    server.shut_down().await;
+    ExitCode::SUCCESS
+}
+
+/// SIGHUP: a config that does not load, validate or bind leaves the running one whole.
+async fn reload(path: &std::path::Path, server: &mut Server) {
+    // systemd's notify-reload protocol: RELOADING=1 with the time, then READY=1.
+    let mut reloading = vec![sd_notify::NotifyState::Reloading];
+    reloading.extend(sd_notify::NotifyState::monotonic_usec_now().ok());
+    notify_systemd(&reloading);
+    let result = match Config::from_file(path) {
+        Ok(config) => server.reload(&config).await.map_err(|err| err.to_string()),
+        Err(err) => Err(err.to_string()),
+    };
+    match result {
+        Ok(reloaded) => tracing::info!(
+            event = "config_reloaded",
+            added = ?reloaded.added,
+            removed = ?reloaded.removed,
+            updated = ?reloaded.updated,
+            "configuration reloaded"
+        ),
+        Err(err) => tracing::error!(
+            event = "config_reload_failed",
+            error = %err,
+            "configuration not reloaded; the running one stays"
+        ),
+    }
+    notify_systemd(&[sd_notify::NotifyState::Ready]);
+}
+
+/// Tells systemd (Type=notify) about readiness; a no-op outside systemd.
+fn notify_systemd(states: &[sd_notify::NotifyState]) {
+    if let Err(err) = sd_notify::notify(states) {
+        tracing::debug!(%err, "sd_notify failed");
     }
 }

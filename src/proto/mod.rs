@@ -143,6 +143,12 @@ pub trait Session {
     fn next_action(&mut self) -> Option<Action>;
     /// The Postfix-style summary of the session's commands (`ehlo=1 starttls=1/1 ...`).
     fn summary(&self) -> String;
+    /// The server is shutting down (DESIGN §8). At a command boundary (nothing owed by
+    /// either side, no command or message half read) the session queues the protocol's
+    /// goodbye and a close, and returns true; otherwise it returns false and the driver
+    /// asks again after the next step. A blindly relayed session is never at a boundary
+    /// the proxy can see: it runs until the grace period ends.
+    fn close_if_idle(&mut self) -> bool;
 }
 
 /// Per-command counts for the session summary, in the spirit of Postfix's `disconnect`

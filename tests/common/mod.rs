@@ -534,6 +534,7 @@ pub struct Mailmoat {
     child: std::process::Child,
     _dir: tempfile::TempDir,
     pub log: PathBuf,
+    pub config: PathBuf,
     pub ports: HashMap<String, u16>,
 }
 
@@ -546,6 +547,15 @@ impl Mailmoat {
 
     /// As `start`, with extra top-level YAML (`limits: ...`).
     pub fn start_with(listeners: &[(&str, &str, &str, &str, SocketAddr)], extra: &str) -> Mailmoat {
+        Self::start_with_env(listeners, extra, &[])
+    }
+
+    /// As `start_with`, with extra environment variables for the process.
+    pub fn start_with_env(
+        listeners: &[(&str, &str, &str, &str, SocketAddr)],
+        extra: &str,
+        env: &[(&str, &str)],
+    ) -> Mailmoat {
         let certs = certs();
         let dir = tempfile::tempdir().unwrap();
         let mut ports = HashMap::new();
@@ -569,6 +579,7 @@ impl Mailmoat {
             .args(["run", "-c"])
             .arg(&config)
             .env_remove("RUST_LOG")
+            .envs(env.iter().copied())
             .stdout(std::fs::File::create(dir.path().join("stdout")).unwrap())
             .stderr(std::fs::File::create(&log).unwrap())
             .spawn()
@@ -577,6 +588,7 @@ impl Mailmoat {
             child,
             _dir: dir,
             log,
+            config,
             ports,
         };
         for port in mailmoat.ports.values() {
@@ -602,6 +614,53 @@ impl Mailmoat {
 
     pub fn log_text(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Sends a signal (`HUP`, `TERM`, ...) to the process.
+    pub fn signal(&self, name: &str) {
+        let status = std::process::Command::new("kill")
+            .args(["-s", name, &self.pid().to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success(), "kill -s {name} failed");
+    }
+
+    /// Waits (bounded) until the log holds `count` lines containing `needle`; returns the
+    /// last of them.
+    pub fn wait_for_log(&self, needle: &str, count: usize) -> String {
+        let deadline = std::time::Instant::now() + STEP;
+        loop {
+            let text = self.log_text();
+            let lines: Vec<&str> = text.lines().filter(|l| l.contains(needle)).collect();
+            if lines.len() >= count {
+                return lines[count - 1].to_owned();
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "no {needle:?} (x{count}) in the log:\n{text}"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Waits (bounded) for the process to exit.
+    pub fn wait_exit(&mut self) -> std::process::ExitStatus {
+        let deadline = std::time::Instant::now() + STEP;
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "mailmoat did not exit"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Whether the process is still running.
+    pub fn is_running(&mut self) -> bool {
+        self.child.try_wait().unwrap().is_none()
     }
 }
 

@@ -38,6 +38,8 @@ mod reply {
         b"* BYE [UNAVAILABLE] Service temporarily unavailable, closing connection\r\n";
     pub const UPSTREAM_BROKEN: &[u8] = b"* BYE [UNAVAILABLE] Upstream protocol error, closing\r\n";
     pub const IDLE_TIMEOUT: &[u8] = b"* BYE Autologout; idle for too long\r\n";
+    /// RFC 9051 §7.1.5 BYE; RFC 5530 UNAVAILABLE: try again later.
+    pub const SHUTTING_DOWN: &[u8] = b"* BYE [UNAVAILABLE] Server shutting down\r\n";
     pub const TOO_MANY_PLAINTEXT: &[u8] = b"* BYE Too many commands before STARTTLS\r\n";
 }
 
@@ -806,6 +808,19 @@ impl crate::proto::Session for Session {
         self.actions.pop_front()
     }
 
+    fn close_if_idle(&mut self) -> bool {
+        let idle = match self.mode {
+            Mode::Greeting => true,
+            // `Command`: no command is in flight; an empty buffer: none half read.
+            Mode::Command => self.client_in.is_empty(),
+            _ => false,
+        };
+        if idle {
+            self.mode = self.close_with(reply::SHUTTING_DOWN);
+        }
+        idle
+    }
+
     fn summary(&self) -> String {
         self.counters.summary()
     }
@@ -877,6 +892,22 @@ LITERAL+ STARTTLS LOGINDISABLED] Dovecot (Debian) ready.\r\n";
     fn upstream(s: &mut Session, bytes: &str) -> Out {
         s.on_upstream_data(bytes.as_bytes());
         drain(s)
+    }
+
+    #[test]
+    fn shutdown_waits_for_the_tagged_response_then_says_bye() {
+        let mut s = greeted();
+        client(&mut s, "a1 NOOP\r\n");
+        assert!(!s.close_if_idle(), "a1 is in flight");
+        upstream(&mut s, "a1 OK NOOP completed\r\n");
+        client(&mut s, "a2 NO");
+        assert!(!s.close_if_idle(), "half a command line is held");
+        client(&mut s, "OP\r\n");
+        upstream(&mut s, "a2 OK NOOP completed\r\n");
+        assert!(s.close_if_idle());
+        let out = drain(&mut s);
+        assert_eq!(out.client, "* BYE [UNAVAILABLE] Server shutting down\r\n");
+        assert_eq!((out.upstream.as_str(), out.closed), ("", true));
     }
 
     fn greeted() -> Session {

@@ -57,6 +57,8 @@ mod reply {
     pub const UPSTREAM_BROKEN: &[u8] =
         b"-ERR [SYS/TEMP] Upstream protocol error, closing connection\r\n";
     pub const IDLE_TIMEOUT: &[u8] = b"-ERR Disconnected for inactivity\r\n";
+    /// RFC 3206 SYS/TEMP: a temporary condition, try again later.
+    pub const SHUTTING_DOWN: &[u8] = b"-ERR [SYS/TEMP] Server shutting down\r\n";
     pub const TOO_MANY_PLAINTEXT: &[u8] = b"-ERR Too many commands before STLS\r\n";
 }
 
@@ -840,6 +842,18 @@ impl crate::proto::Session for Session {
         self.actions.pop_front()
     }
 
+    fn close_if_idle(&mut self) -> bool {
+        let idle = match self.mode {
+            Mode::Greeting => true,
+            Mode::Command => self.owed == Owed::Nothing && self.client_in.is_empty(),
+            _ => false,
+        };
+        if idle {
+            self.close_with(reply::SHUTTING_DOWN);
+        }
+        idle
+    }
+
     fn summary(&self) -> String {
         self.counters.summary()
     }
@@ -920,6 +934,20 @@ AUTH-RESP-CODE\r\nUSER\r\nSASL PLAIN LOGIN\r\n.\r\n";
     }
 
     /// A session past the greeting.
+    #[test]
+    fn shutdown_waits_for_the_reply_then_says_err() {
+        let mut s = greeted();
+        client(&mut s, "CAPA\r\n");
+        assert!(!s.close_if_idle(), "the CAPA reply is owed");
+        upstream(&mut s, "+OK\r\nTOP\r\n");
+        assert!(!s.close_if_idle(), "mid multi-line reply");
+        upstream(&mut s, ".\r\n");
+        assert!(s.close_if_idle());
+        let out = drain(&mut s);
+        assert_eq!(out.client, "-ERR [SYS/TEMP] Server shutting down\r\n");
+        assert_eq!((out.upstream.as_str(), out.closed), ("", true));
+    }
+
     fn greeted() -> Session {
         let mut session = Session::new(config());
         assert_eq!(upstream(&mut session, GREETING).client, GREETING);

@@ -40,6 +40,8 @@ mod reply {
         b"421 4.3.0 Service temporarily unavailable, closing connection\r\n";
     pub const UPSTREAM_BROKEN: &[u8] = b"421 4.3.0 Upstream protocol error, closing connection\r\n";
     pub const IDLE_TIMEOUT: &[u8] = b"421 4.4.2 Timeout exceeded, closing connection\r\n";
+    /// RFC 5321 §3.8: a server shutting down answers 421 and closes.
+    pub const SHUTTING_DOWN: &[u8] = b"421 4.3.2 Service shutting down, closing connection\r\n";
     pub const TOO_MANY_PLAINTEXT: &[u8] =
         b"421 4.7.0 Too many commands before STARTTLS, closing connection\r\n";
 }
@@ -933,6 +935,20 @@ impl crate::proto::Session for Session {
         self.actions.pop_front()
     }
 
+    fn close_if_idle(&mut self) -> bool {
+        match self.mode {
+            // The 421 takes the place of the greeting (RFC 5321 §3.1).
+            Mode::Greeting => {}
+            Mode::Command if self.slots.is_empty() && self.client_in.is_empty() => {
+                // Nothing is in flight upstream: end its side cleanly too.
+                self.send_upstream(&b"QUIT\r\n"[..]);
+            }
+            _ => return false,
+        }
+        self.close_with(reply::SHUTTING_DOWN);
+        true
+    }
+
     fn summary(&self) -> String {
         self.counters.summary()
     }
@@ -985,6 +1001,43 @@ mod tests {
             max_plaintext_commands: 20,
             user_hasher: UserHasher::new(b"test key"),
         }
+    }
+
+    #[test]
+    fn shutdown_waits_for_the_command_boundary_then_says_421() {
+        // Before the greeting the 421 takes its place; nothing goes upstream.
+        let mut s = Session::new(config(Policy::RequireTls), false);
+        assert!(s.close_if_idle());
+        let out = drain(&mut s);
+        assert_eq!(
+            out.client,
+            "421 4.3.2 Service shutting down, closing connection\r\n"
+        );
+        assert_eq!((out.upstream.as_str(), out.closed), ("", true));
+
+        let mut s = greeted(Policy::AuthRequiresTls);
+        client(&mut s, "MAIL FROM:<a@example.test>\r\n");
+        assert!(!s.close_if_idle(), "a reply is owed");
+        upstream(&mut s, "250 2.1.0 Ok\r\n");
+        client(&mut s, "RCPT TO:<b@example.test>\r\nDATA\r\n");
+        upstream(
+            &mut s,
+            "250 2.1.5 Ok\r\n354 End data with <CR><LF>.<CR><LF>\r\n",
+        );
+        client(&mut s, "Subject: x\r\n\r\nbody\r\n");
+        assert!(!s.close_if_idle(), "mid-DATA");
+        client(&mut s, ".\r\nNO");
+        upstream(&mut s, "250 2.0.0 Ok: queued\r\n");
+        assert!(!s.close_if_idle(), "half a command line is held");
+        client(&mut s, "OP\r\n");
+        upstream(&mut s, "250 2.0.0 Ok\r\n");
+        assert!(s.close_if_idle());
+        let out = drain(&mut s);
+        assert_eq!(
+            out.client,
+            "421 4.3.2 Service shutting down, closing connection\r\n"
+        );
+        assert_eq!((out.upstream.as_str(), out.closed), ("QUIT\r\n", true));
     }
 
     #[test]
