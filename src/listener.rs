@@ -12,13 +12,14 @@ use std::time::Duration;
 use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Semaphore, watch};
-use tracing::{Instrument, error, info, info_span, warn};
+use tracing::{Instrument, error, info, info_span};
 
 use crate::config::{Config, ListenerConfig, Protocol, TlsMode};
 use crate::driver::{self, ConnectionSettings};
+use crate::metrics::ListenerMetrics;
 use crate::policy::UserHasher;
 use crate::proto::{imap, pop3, smtp};
-use crate::tls;
+use crate::{telemetry, tls};
 
 /// Why the server could not start.
 #[derive(Debug, thiserror::Error)]
@@ -147,6 +148,7 @@ impl Server {
                     tls: server_config,
                     alpn: listener.protocol.alpn_id(),
                     timeouts: config.timeouts.clone(),
+                    metrics: ListenerMetrics::new(&listener.name, listener.protocol),
                 },
                 session: match listener.protocol {
                     Protocol::Smtp => SessionConfig::Smtp(smtp::Config {
@@ -251,13 +253,15 @@ async fn accept_loop(
                 continue;
             }
         };
+        let metrics = &bound.settings.metrics;
+        metrics.connection_accepted();
         let Ok(permit) = Arc::clone(&connections).try_acquire_owned() else {
-            warn!(event = "limit_exceeded", limit = "max_connections", client = %peer, "connection refused");
+            telemetry::connection_refused(metrics, "max_connections", peer);
             tokio::spawn(refuse_busy(client, bound.config.tls, bound.config.protocol));
             continue;
         };
         let Some(client_permit) = per_client.try_acquire(peer.ip()) else {
-            warn!(event = "limit_exceeded", limit = "max_connections_per_client", client = %peer, "connection refused");
+            telemetry::connection_refused(metrics, "max_connections_per_client", peer);
             tokio::spawn(refuse_busy(client, bound.config.tls, bound.config.protocol));
             continue;
         };
