@@ -94,10 +94,18 @@ fn main() -> ExitCode {
                         return ExitCode::from(EXIT_CONFIG);
                     }
                 };
+                if let Some(metrics) = &config.metrics
+                    && let Err(err) = mailmoat::metrics::start(metrics.listen).await
+                {
+                    eprintln!("metrics: cannot listen on {}: {err}", metrics.listen);
+                    return ExitCode::from(EXIT_CONFIG);
+                }
+                mailmoat::metrics::global().set_ready(true);
                 let (stop, stopped) = tokio::sync::watch::channel(false);
                 tokio::spawn(async move {
                     wait_for_signal().await;
                     tracing::info!("stopping");
+                    mailmoat::metrics::global().set_ready(false);
                     let _ = stop.send(true);
                 });
                 server.run(stopped).await;
