@@ -5,7 +5,7 @@
 //! line except through [`crate::proto::Event`]'s vetted fields.
 //!
 //! Every event is also counted in [`crate::metrics`], by the same call that logs it, so
-//! logs and metrics cannot disagree: [`record`] for session events, [`security_event!`]
+//! logs and metrics cannot disagree: [`record`] for session events, `security_event!`
 //! for those the driver sees, [`connection_refused`] for the listener's limits.
 
 use tracing::warn;

@@ -477,3 +477,33 @@ fn the_metrics_key_is_validated_with_its_line() {
     .unwrap_err();
     assert!(err.to_string().contains("unknown field `path`"), "{err}");
 }
+
+#[test]
+fn a_metrics_address_in_use_is_a_config_error_exit_64() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let certs = certs();
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("mailmoat.yaml");
+    std::fs::write(
+        &config,
+        format!(
+            "tls:\n  certificates:\n    - {{ cert: {}, key: {} }}\nlisteners:\n  - {{ name: mx, protocol: smtp, listen: \"127.0.0.1:0\", upstream: \"127.0.0.1:25\" }}\nmetrics: {{ listen: \"{}\" }}\n",
+            certs.default.0.display(),
+            certs.default.1.display(),
+            taken.local_addr().unwrap()
+        ),
+    )
+    .unwrap();
+    let (code, _, stderr) = run_program(
+        env!("CARGO_BIN_EXE_mailmoat"),
+        &["run", "-c", config.to_str().unwrap()],
+    );
+    assert_eq!(code, 64, "{stderr}");
+    assert!(
+        stderr.contains(&format!(
+            "metrics: cannot listen on {}",
+            taken.local_addr().unwrap()
+        )),
+        "{stderr}"
+    );
+}
