@@ -28,6 +28,9 @@ pub struct Config {
     /// Logging.
     #[serde(default)]
     pub log: LogConfig,
+    /// The Prometheus endpoint; absent, none is served (metrics are still kept).
+    #[serde(default)]
+    pub metrics: Option<MetricsConfig>,
     /// Key for the keyed hash of user names in `credentials_exposed` events. Without it a
     /// random key is drawn at start-up (hashes then only join within one process).
     #[serde(default)]
@@ -260,6 +263,16 @@ pub struct LogConfig {
     pub level: Option<String>,
 }
 
+/// The `metrics` section.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MetricsConfig {
+    /// Address of the HTTP endpoint serving `/metrics` and `/healthz`, such as
+    /// `127.0.0.1:9925`.
+    #[serde(deserialize_with = "de_socket_addr")]
+    pub listen: SocketAddr,
+}
+
 /// Log line format.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "snake_case")]
@@ -450,6 +463,18 @@ impl Config {
                     ),
                 );
             }
+        }
+        if let Some(metrics) = &self.metrics
+            && metrics.listen.port() != 0
+            && self.listeners.iter().any(|l| l.listen == metrics.listen)
+        {
+            problem(
+                "metrics",
+                format!(
+                    "metrics.listen: {} is also a listener's address",
+                    metrics.listen
+                ),
+            );
         }
         if !(512..=16_000).contains(&self.limits.max_line_len) {
             problem(

@@ -15,11 +15,12 @@ use tokio::net::TcpStream;
 use tokio::sync::watch;
 use tokio_rustls::LazyConfigAcceptor;
 use tokio_rustls::server::TlsStream;
-use tracing::{info, warn};
+use tracing::info;
 
 use crate::config::{Timeouts, TlsMode};
+use crate::metrics::ListenerMetrics;
 use crate::proto::{Action, Phase, Session};
-use crate::telemetry;
+use crate::telemetry::{self, security_event};
 use crate::upstream;
 
 /// Size of each read from either side.
@@ -38,6 +39,8 @@ pub struct ConnectionSettings {
     pub timeouts: Timeouts,
     /// Turns true when the server shuts down: sessions say goodbye at a command boundary.
     pub draining: watch::Receiver<bool>,
+    /// The listener's metrics.
+    pub metrics: ListenerMetrics,
 }
 
 /// A stream that yields `prefix` before reading from `inner`: the bytes a client sent
@@ -117,6 +120,7 @@ pub async fn serve<P: Session>(
     temporary_failure: &'static [u8],
 ) {
     let started = Instant::now();
+    let _active = context.metrics.session_started();
     let mut traffic = Traffic::default();
     let result = serve_inner(
         client,
@@ -134,8 +138,15 @@ pub async fn serve<P: Session>(
         .tls
         .clone()
         .unwrap_or_else(|| ("none".into(), "none".into()));
-    info!(
-        event = "session_end",
+    // Counted by the TLS state the session ended in: a STARTTLS listener's session that
+    // never upgraded is `none`, like an implicit one whose handshake failed.
+    context
+        .metrics
+        .session_ended(traffic.tls.is_some().then_some(context.tls_mode));
+    security_event!(
+        context.metrics,
+        info,
+        "session_end",
         commands = %session.summary(),
         bytes_in = traffic.from_client,
         bytes_out = traffic.to_client,
@@ -163,11 +174,11 @@ async fn serve_inner<P: Session>(
     {
         Ok(Ok(upstream)) => Some(upstream),
         Ok(Err(err)) => {
-            warn!(event = "upstream_unavailable", upstream = %upstream_addr, %err, "upstream unavailable");
+            security_event!(context.metrics, warn, "upstream_unavailable", upstream = %upstream_addr, %err, "upstream unavailable");
             None
         }
         Err(_) => {
-            warn!(event = "upstream_unavailable", upstream = %upstream_addr, "upstream connect timed out");
+            security_event!(context.metrics, warn, "upstream_unavailable", upstream = %upstream_addr, "upstream connect timed out");
             None
         }
     };
@@ -241,7 +252,8 @@ async fn relay<S: AsyncRead + AsyncWrite + Unpin>(
     context: &ConnectionSettings,
     traffic: &mut Traffic,
 ) -> io::Result<()> {
-    match crate::relay::splice(client, upstream, context.timeouts.idle_after_login).await? {
+    let idle = context.timeouts.idle_after_login;
+    match crate::relay::splice(client, upstream, idle, context.metrics.bytes()).await? {
         crate::relay::End::Closed {
             from_client,
             to_client,
@@ -288,19 +300,23 @@ async fn handshake(
             let cipher = connection
                 .negotiated_cipher_suite()
                 .map_or("unknown".into(), |s| format!("{:?}", s.suite()));
-            info!(
-                event = "tls_established",
+            let elapsed = started.elapsed();
+            context.metrics.tls_handshake(elapsed);
+            security_event!(
+                context.metrics,
+                info,
+                "tls_established",
                 version = %version,
                 cipher = %cipher,
                 sni = connection.server_name().unwrap_or(""),
-                handshake_us = started.elapsed().as_micros() as u64,
+                handshake_us = elapsed.as_micros() as u64,
                 "tls established"
             );
             traffic.tls = Some((version, cipher));
             Some(tls)
         }
         Err(err) => {
-            warn!(event = "tls_handshake_failed", %err, "tls handshake failed");
+            security_event!(context.metrics, warn, "tls_handshake_failed", %err, "tls handshake failed");
             None
         }
     }
@@ -379,6 +395,11 @@ async fn run<P: Session, S: AsyncRead + AsyncWrite + Unpin>(
                         .await
                         .map_err(|_| io::Error::from(io::ErrorKind::TimedOut))??;
                     traffic.to_client += bytes.len() as u64;
+                    context
+                        .metrics
+                        .bytes()
+                        .upstream_to_client
+                        .inc_by(bytes.len() as u64);
                     wrote_client = true;
                     moved = true;
                 }
@@ -392,7 +413,7 @@ async fn run<P: Session, S: AsyncRead + AsyncWrite + Unpin>(
                     client.flush().await?;
                     return Ok(Outcome::StartTls { client, early });
                 }
-                Action::Event(event) => telemetry::record(&event),
+                Action::Event(event) => telemetry::record(&event, &context.metrics),
                 Action::Relay => {
                     client.flush().await?;
                     upstream.flush().await?;
@@ -418,6 +439,7 @@ async fn run<P: Session, S: AsyncRead + AsyncWrite + Unpin>(
                 Ok(0) => session.on_client_eof(),
                 Ok(n) => {
                     traffic.from_client += n as u64;
+                    context.metrics.bytes().client_to_upstream.inc_by(n as u64);
                     client_read = true;
                     session.on_client_data(&client_buf[..n]);
                 }

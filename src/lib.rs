@@ -8,6 +8,7 @@
 //! - [`driver`]: runs a protocol session on a client and an upstream stream.
 //! - [`policy`]: pure rules: what may happen before TLS, user-name hashing.
 //! - [`proto`]: sans-I/O protocol sessions and the line framer.
+//! - [`metrics`]: Prometheus metrics and the `/metrics`, `/healthz` endpoint.
 //! - [`relay`]: the blind byte splice after an IMAP or POP3 login.
 //! - [`telemetry`]: logging set-up and the security events.
 #![forbid(unsafe_code)]
@@ -15,6 +16,7 @@
 pub mod config;
 pub mod driver;
 pub mod listener;
+pub mod metrics;
 pub mod policy;
 pub mod proto;
 pub mod relay;

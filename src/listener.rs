@@ -17,9 +17,10 @@ use tracing::{Instrument, error, info, info_span, warn};
 
 use crate::config::{Config, ListenerConfig, Protocol, TlsMode};
 use crate::driver::{self, ConnectionSettings};
+use crate::metrics::ListenerMetrics;
 use crate::policy::UserHasher;
 use crate::proto::{imap, pop3, smtp};
-use crate::tls;
+use crate::{telemetry, tls};
 
 /// Why the server could not start.
 #[derive(Debug, thiserror::Error)]
@@ -182,6 +183,7 @@ fn prepare(
                 alpn: listener.protocol.alpn_id(),
                 timeouts: config.timeouts.clone(),
                 draining: draining.clone(),
+                metrics: ListenerMetrics::new(&listener.name, listener.protocol),
             },
             session: session_config(config, listener, user_hasher),
         });
@@ -456,8 +458,10 @@ async fn accept_loop(
                 continue;
             }
         };
+        let metrics = &current.settings.metrics;
+        metrics.connection_accepted();
         let Ok(permit) = Arc::clone(&shared.connections).try_acquire_owned() else {
-            warn!(event = "limit_exceeded", limit = "max_connections", client = %peer, "connection refused");
+            telemetry::connection_refused(metrics, "max_connections", peer);
             tokio::spawn(refuse_busy(
                 client,
                 current.config.tls,
@@ -466,7 +470,7 @@ async fn accept_loop(
             continue;
         };
         let Some(client_permit) = shared.per_client.try_acquire(peer.ip()) else {
-            warn!(event = "limit_exceeded", limit = "max_connections_per_client", client = %peer, "connection refused");
+            telemetry::connection_refused(metrics, "max_connections_per_client", peer);
             tokio::spawn(refuse_busy(
                 client,
                 current.config.tls,

@@ -113,6 +113,13 @@ async fn serve(path: PathBuf, config: Config) -> ExitCode {
             return ExitCode::from(EXIT_CONFIG);
         }
     };
+    if let Some(metrics) = &config.metrics
+        && let Err(err) = mailmoat::metrics::start(metrics.listen).await
+    {
+        eprintln!("metrics: cannot listen on {}: {err}", metrics.listen);
+        return ExitCode::from(EXIT_CONFIG);
+    }
+    mailmoat::metrics::global().set_ready(true);
     notify_systemd(&[sd_notify::NotifyState::Ready]);
     loop {
         tokio::select! {
@@ -122,6 +129,7 @@ async fn serve(path: PathBuf, config: Config) -> ExitCode {
         }
     }
     tracing::info!("stopping");
+    mailmoat::metrics::global().set_ready(false);
     notify_systemd(&[sd_notify::NotifyState::Stopping]);
     server.shut_down().await;
     ExitCode::SUCCESS

@@ -11,7 +11,10 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
+use prometheus_client::metrics::counter::Counter;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+
+use crate::metrics::RelayedBytes;
 
 /// Milliseconds since `epoch` of the last byte read on either side.
 #[derive(Debug)]
@@ -32,10 +35,11 @@ impl Activity {
     }
 }
 
-/// A stream that records when it last delivered bytes.
+/// A stream that records when it last delivered bytes, and counts them.
 struct Watched<'a, S> {
     inner: &'a mut S,
     activity: Arc<Activity>,
+    read_bytes: &'a Counter,
 }
 
 impl<S: AsyncRead + Unpin> AsyncRead for Watched<'_, S> {
@@ -47,8 +51,10 @@ impl<S: AsyncRead + Unpin> AsyncRead for Watched<'_, S> {
         let this = self.get_mut();
         let before = buf.filled().len();
         let result = Pin::new(&mut *this.inner).poll_read(cx, buf);
-        if buf.filled().len() > before {
+        let read = buf.filled().len().saturating_sub(before);
+        if read > 0 {
             this.activity.touch();
+            this.read_bytes.inc_by(read as u64);
         }
         result
     }
@@ -79,8 +85,14 @@ pub enum End {
     Idle,
 }
 
-/// Copies both ways until both sides close or `idle` passes without a byte.
-pub async fn splice<C, U>(client: &mut C, upstream: &mut U, idle: Duration) -> io::Result<End>
+/// Copies both ways until both sides close or `idle` passes without a byte; `bytes`
+/// counts what is read from each side as it arrives (a relay can last hours).
+pub async fn splice<C, U>(
+    client: &mut C,
+    upstream: &mut U,
+    idle: Duration,
+    bytes: &RelayedBytes,
+) -> io::Result<End>
 where
     C: AsyncRead + AsyncWrite + Unpin,
     U: AsyncRead + AsyncWrite + Unpin,
@@ -92,10 +104,12 @@ where
     let mut client = Watched {
         inner: client,
         activity: Arc::clone(&activity),
+        read_bytes: &bytes.client_to_upstream,
     };
     let mut upstream = Watched {
         inner: upstream,
         activity: Arc::clone(&activity),
+        read_bytes: &bytes.upstream_to_client,
     };
     let copy = tokio::io::copy_bidirectional(&mut client, &mut upstream);
     tokio::pin!(copy);
@@ -124,11 +138,14 @@ mod tests {
     async fn bytes_cross_unchanged_both_ways_until_both_close() {
         let (mut client_far, mut client_near) = duplex(64);
         let (mut upstream_near, mut upstream_far) = duplex(64);
+        let bytes = RelayedBytes::default();
+        let counted = bytes.clone();
         let relay = tokio::spawn(async move {
             splice(
                 &mut client_near,
                 &mut upstream_near,
                 Duration::from_secs(60),
+                &counted,
             )
             .await
         });
@@ -155,6 +172,8 @@ mod tests {
                 to_client: 7
             }
         );
+        assert_eq!(bytes.client_to_upstream.get(), 100_000);
+        assert_eq!(bytes.upstream_to_client.get(), 7);
     }
 
     #[tokio::test(start_paused = true)]
@@ -166,6 +185,7 @@ mod tests {
                 &mut client_near,
                 &mut upstream_near,
                 Duration::from_secs(60),
+                &RelayedBytes::default(),
             )
             .await
         });

@@ -3,12 +3,38 @@
 //! Every event is one `tracing` record with a stable `event` field, inside the session's
 //! span (session id, listener, client address). Nothing the client typed reaches a log
 //! line except through [`crate::proto::Event`]'s vetted fields.
+//!
+//! Every event is also counted in [`crate::metrics`], by the same call that logs it, so
+//! logs and metrics cannot disagree: [`record`] for session events, `security_event!`
+//! for those the driver sees, [`connection_refused`] for the listener's limits.
 
 use tracing::warn;
 use tracing_subscriber::EnvFilter;
 
 use crate::config::LogFormat;
+use crate::metrics::ListenerMetrics;
 use crate::proto::Event;
+
+/// Logs a security event at `level` with an `event` field and counts it:
+/// `security_event!(metrics, warn, "upstream_unavailable", %err, "upstream unavailable")`.
+macro_rules! security_event {
+    ($metrics:expr, $level:ident, $name:literal, $($fields:tt)+) => {{
+        $metrics.event($name);
+        tracing::$level!(event = $name, $($fields)+);
+    }};
+}
+pub(crate) use security_event;
+
+/// A new connection refused because `limit` (a connection cap) is reached: logged and
+/// counted as `limit_exceeded`.
+pub fn connection_refused(
+    metrics: &ListenerMetrics,
+    limit: &'static str,
+    client: std::net::SocketAddr,
+) {
+    metrics.limit_exceeded(limit);
+    security_event!(metrics, warn, "limit_exceeded", limit, %client, "connection refused");
+}
 
 /// Installs the global subscriber: `format`, and `level` unless `RUST_LOG` is set.
 pub fn init(format: LogFormat, level: Option<&str>) {
@@ -24,9 +50,13 @@ pub fn init(format: LogFormat, level: Option<&str>) {
     };
 }
 
-/// Logs one security event.
-pub fn record(event: &Event) {
+/// Logs and counts one security event of a session.
+pub fn record(event: &Event, metrics: &ListenerMetrics) {
     let name = event.name();
+    metrics.event(name);
+    if let Event::LimitExceeded { limit } = event {
+        metrics.limit_exceeded(limit);
+    }
     match event {
         Event::PlaintextCommandRefused { verb } => {
             warn!(event = name, verb, "command refused before tls")
