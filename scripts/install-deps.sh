@@ -13,9 +13,10 @@ fi
 
 # fetchmail and isync (mbsync): real POP3 and IMAP clients for tests/e2e_dovecot.rs.
 # testssl.sh (command `testssl`) and gnutls-bin (gnutls-cli): scripts/testssl.sh and
-# tests/e2e_attack_tools.rs. python3-pip: for command-injection-tester below.
+# tests/e2e_attack_tools.rs. python3-pip: for command-injection-tester below. systemd:
+# systemd-analyze, for tests/systemd_unit.rs (nothing is started).
 PKGS=(postfix dovecot-core dovecot-imapd dovecot-pop3d swaks openssl curl ca-certificates python3 fetchmail isync
-    testssl.sh gnutls-bin python3-pip)
+    testssl.sh gnutls-bin python3-pip systemd)
 
 # command-injection-tester (PyPI): the STARTTLS command injection tester published with
 # the NO STARTTLS paper, used by tests/e2e_attack_tools.rs. One stdlib-only script, no
@@ -27,7 +28,7 @@ CIT_SHA256=762ebeefba7255c3f69e5311df0dad033186e4d2c4f119a23120e3f75209c364
 have_all() {
     local b
     for b in postfix postconf postsuper dovecot doveadm swaks openssl curl python3 setsid fetchmail mbsync \
-        testssl gnutls-cli stdbuf; do
+        testssl gnutls-cli stdbuf systemd-analyze; do
         command -v "$b" >/dev/null 2>&1 || return 1
     done
     # imap/pop3 come from separate packages; the binaries live outside $PATH.
