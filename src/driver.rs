@@ -2,6 +2,8 @@
 //! the client stream to TLS when the session says so, enforces the phase deadlines.
 //! Never parses.
 
+use std::cell::RefCell;
+use std::future::Future;
 use std::io;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -10,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use bytes::{Buf, Bytes};
 use rustls::ServerConfig;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::sync::watch;
 use tokio_rustls::LazyConfigAcceptor;
@@ -367,8 +369,6 @@ async fn run<P: Session, S: AsyncRead + AsyncWrite + Unpin>(
     context: &ConnectionSettings,
     traffic: &mut Traffic,
 ) -> io::Result<Outcome<S>> {
-    let mut client_buf = vec![0u8; READ_CHUNK];
-    let mut upstream_buf = vec![0u8; READ_CHUNK];
     // The phase deadline restarts when the session moves something (a reply, a forwarded
     // command or body bytes) or changes phase, not on every read: a client trickling a
     // command line byte by byte (slowloris) is cut off like a silent one.
@@ -380,6 +380,7 @@ async fn run<P: Session, S: AsyncRead + AsyncWrite + Unpin>(
     let mut drain = context.draining.clone();
     let mut draining = false;
     let mut drain_open = true;
+    let mut client_first = false;
     loop {
         if draining {
             session.close_if_idle();
@@ -434,34 +435,113 @@ async fn run<P: Session, S: AsyncRead + AsyncWrite + Unpin>(
             deadline_at = tokio::time::Instant::now() + deadline(phase, &context.timeouts);
         }
         let wants_client = session.wants_client_data();
-        tokio::select! {
-            read = client.read(&mut client_buf), if wants_client => match read {
-                Ok(0) => session.on_client_eof(),
-                Ok(n) => {
-                    traffic.from_client += n as u64;
-                    context.metrics.bytes().client_to_upstream.inc_by(n as u64);
-                    client_read = true;
-                    session.on_client_data(&client_buf[..n]);
+        let listen_for_drain = drain_open && !draining;
+        let mut stop = std::pin::pin!(drain.wait_for(|stop| *stop));
+        let mut sleep = std::pin::pin!(tokio::time::sleep_until(deadline_at));
+        // Alternate which side is read first, so neither can starve the other.
+        client_first = !client_first;
+        let order = if client_first {
+            [Side::Client, Side::Upstream]
+        } else {
+            [Side::Upstream, Side::Client]
+        };
+        let woke = std::future::poll_fn(|cx| {
+            for side in order {
+                let read = match side {
+                    Side::Client if wants_client => poll_read_scratch(&mut client, cx, |read| {
+                        match read {
+                            Ok([]) => session.on_client_eof(),
+                            Ok(data) => {
+                                traffic.from_client += data.len() as u64;
+                                context
+                                    .metrics
+                                    .bytes()
+                                    .client_to_upstream
+                                    .inc_by(data.len() as u64);
+                                client_read = true;
+                                session.on_client_data(data);
+                            }
+                            // A TLS stream cut without close_notify, a reset: the client
+                            // is gone.
+                            Err(err) => {
+                                info!(%err, "client read failed");
+                                session.on_client_eof();
+                            }
+                        }
+                    }),
+                    Side::Client => Poll::Pending,
+                    Side::Upstream => poll_read_scratch(upstream, cx, |read| match read {
+                        Ok([]) | Err(_) => session.on_upstream_eof(),
+                        Ok(data) => session.on_upstream_data(data),
+                    }),
+                };
+                if read.is_ready() {
+                    return Poll::Ready(Woke::Read);
                 }
-                // A TLS stream cut without close_notify, a reset: the client is gone.
-                Err(err) => {
-                    info!(%err, "client read failed");
-                    session.on_client_eof();
-                }
-            },
-            read = upstream.read(&mut upstream_buf) => match read {
-                Ok(0) | Err(_) => session.on_upstream_eof(),
-                Ok(n) => session.on_upstream_data(&upstream_buf[..n]),
-            },
-            stop = drain.wait_for(|stop| *stop), if drain_open && !draining => match stop {
-                Ok(_) => draining = true,
-                // The server is gone without a shutdown: nothing to wait for.
-                Err(_) => drain_open = false,
-            },
-            () = tokio::time::sleep_until(deadline_at) => {
+            }
+            if listen_for_drain && let Poll::Ready(stop) = stop.as_mut().poll(cx) {
+                return Poll::Ready(Woke::Drain(stop.is_ok()));
+            }
+            if sleep.as_mut().poll(cx).is_ready() {
+                return Poll::Ready(Woke::Deadline);
+            }
+            Poll::Pending
+        })
+        .await;
+        match woke {
+            Woke::Read => {}
+            Woke::Drain(true) => draining = true,
+            // The server is gone without a shutdown: nothing to wait for.
+            Woke::Drain(false) => drain_open = false,
+            Woke::Deadline => {
                 info!(phase = ?session.phase(), "deadline expired");
                 session.on_timeout();
             }
         }
     }
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Side {
+    Client,
+    Upstream,
+}
+
+/// What ended a wait of the command loop.
+enum Woke {
+    /// A read from either side, already handed to the session.
+    Read,
+    /// The shutdown signal (true), or its sender gone (false).
+    Drain(bool),
+    Deadline,
+}
+
+thread_local! {
+    /// Every session's reads on this thread land here first.
+    static SCRATCH: RefCell<Box<[u8]>> = RefCell::new(vec![0; READ_CHUNK].into_boxed_slice());
+}
+
+/// Polls one read of `stream` into this thread's scratch buffer and hands the result to
+/// `consume` within the same poll (an empty slice is the end of the stream). So an idle
+/// connection holds no read buffer of its own: thousands of idle sessions cost only
+/// their TLS state (issue 7).
+fn poll_read_scratch<S: AsyncRead + Unpin>(
+    stream: &mut S,
+    cx: &mut Context<'_>,
+    consume: impl FnOnce(io::Result<&[u8]>),
+) -> Poll<()> {
+    SCRATCH.with_borrow_mut(|scratch| {
+        let mut buf = ReadBuf::new(scratch);
+        match Pin::new(stream).poll_read(cx, &mut buf) {
+            Poll::Pending => Poll::Pending,
+            Poll::Ready(Ok(())) => {
+                consume(Ok(buf.filled()));
+                Poll::Ready(())
+            }
+            Poll::Ready(Err(err)) => {
+                consume(Err(err));
+                Poll::Ready(())
+            }
+        }
+    })
 }

@@ -37,7 +37,10 @@ fn the_unit_is_hardened() {
     assert_eq!(code, 0, "{out}{err}");
     let level: f64 = out
         .lines()
-        .find_map(|l| l.split("Overall exposure level for mailmoat.service: ").nth(1))
+        .find_map(|l| {
+            l.split("Overall exposure level for mailmoat.service: ")
+                .nth(1)
+        })
         .and_then(|rest| rest.split_whitespace().next())
         .and_then(|n| n.parse().ok())
         .unwrap_or_else(|| panic!("no exposure level in:\n{out}"));
