@@ -10,12 +10,18 @@
 //! - [`proto`]: sans-I/O protocol sessions and the line framer.
 //! - [`relay`]: the blind byte splice after an IMAP or POP3 login.
 //! - [`telemetry`]: logging set-up and the security events.
+//! - [`probe`]: probes an upstream: protocol, capabilities, the open-relay trap.
+//! - [`check`]: `mailmoat check`: configuration, certificates, upstreams, all at once.
+//! - [`explain`]: `mailmoat explain`: the dialogue a client sees, before and after TLS.
 #![forbid(unsafe_code)]
 
+pub mod check;
 pub mod config;
 pub mod driver;
+pub mod explain;
 pub mod listener;
 pub mod policy;
+pub mod probe;
 pub mod proto;
 pub mod relay;
 pub mod telemetry;

@@ -1,4 +1,4 @@
-//! The `mailmoat` command: `run` and `check`.
+//! The `mailmoat` command: `run`, `check` and `explain`.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -29,8 +29,28 @@ enum Command {
         #[arg(long, value_enum)]
         log_format: Option<LogFormat>,
     },
-    /// Validate the configuration and load the certificates, then exit.
+    /// Check everything, like `nginx -t`: the configuration, the certificates (keys,
+    /// expiry, names) and each listener's upstream (reachable, speaking the listener's
+    /// protocol, not an open relay for mailmoat's address). Binds nothing.
+    ///
+    /// Prints every problem as `error:` / `warning:` with its YAML line. Exit 0 when
+    /// there is no error (warnings allowed), 1 when a certificate or upstream check
+    /// failed, 64 when the configuration file is invalid.
     Check {
+        /// Configuration file.
+        #[arg(short, long, default_value = "/etc/mailmoat/mailmoat.yaml")]
+        config: PathBuf,
+        /// Do not connect to the upstreams: check the configuration and certificates only.
+        #[arg(long)]
+        offline: bool,
+    },
+    /// Show, per listener, the exact dialogue a client sees before and after TLS, next
+    /// to what the upstream itself said, by running the real protocol session against
+    /// the real upstream with a scripted client. Binds nothing.
+    ///
+    /// Exit 0, 1 when an upstream could not be reached or answered unexpectedly, 64 when
+    /// the configuration file is invalid.
+    Explain {
         /// Configuration file.
         #[arg(short, long, default_value = "/etc/mailmoat/mailmoat.yaml")]
         config: PathBuf,
@@ -59,23 +79,17 @@ fn main() -> ExitCode {
         }
     };
     match cli.command {
-        Command::Check { config } => {
+        Command::Check { config, offline } => {
+            // Binding would clash with a running instance: nothing is bound.
+            let options = mailmoat::check::Options { offline };
+            ExitCode::from(runtime.block_on(mailmoat::check::run(&config, options)))
+        }
+        Command::Explain { config } => {
             let config = match load(&config) {
                 Ok(config) => config,
                 Err(code) => return code,
             };
-            // Binding would clash with a running instance; load certificates only.
-            let provider = mailmoat::tls::provider();
-            match mailmoat::tls::SniResolver::load(&config.tls, &provider) {
-                Ok(_) => {
-                    println!("configuration ok: {} listener(s)", config.listeners.len());
-                    ExitCode::SUCCESS
-                }
-                Err(err) => {
-                    eprintln!("tls: {err}");
-                    ExitCode::from(EXIT_CONFIG)
-                }
-            }
+            ExitCode::from(runtime.block_on(mailmoat::explain::run(&config)))
         }
         Command::Run { config, log_format } => {
             let config = match load(&config) {
