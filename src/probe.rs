@@ -754,6 +754,143 @@ mod tests {
         assert!(!is_relay_denial(&reply("550 no such user")));
     }
 
+    /// A one-connection upstream: sends `greeting`, then answers each line it reads with
+    /// the next of `replies` (matched by order, not content), then closes.
+    async fn canned_upstream(greeting: &'static [u8], replies: Vec<&'static [u8]>) -> UpstreamAddr {
+        use tokio::io::AsyncBufReadExt;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            let (stream, _) = listener.accept().await.unwrap();
+            let (read, mut write) = stream.into_split();
+            let mut read = tokio::io::BufReader::new(read);
+            let _ = write.write_all(greeting).await;
+            for reply in replies {
+                let mut line = String::new();
+                if read.read_line(&mut line).await.unwrap_or(0) == 0 {
+                    return;
+                }
+                let _ = write.write_all(reply).await;
+            }
+        });
+        UpstreamAddr::Tcp(addr)
+    }
+
+    fn listener(protocol: Protocol, upstream: UpstreamAddr) -> ListenerConfig {
+        ListenerConfig {
+            name: "test".into(),
+            protocol,
+            listen: "127.0.0.1:0".parse().unwrap(),
+            tls: crate::config::TlsMode::Starttls,
+            policy: crate::policy::Policy::RequireTls,
+            upstream,
+            bare_newlines: crate::policy::BareNewlines::Normalize,
+        }
+    }
+
+    fn timeouts() -> Timeouts {
+        Timeouts {
+            greeting: Duration::from_secs(5),
+            ..Timeouts::default()
+        }
+    }
+
+    #[tokio::test]
+    async fn an_imap_preauth_greeting_is_refused() {
+        let upstream =
+            canned_upstream(b"* PREAUTH [CAPABILITY IMAP4rev1] logged in\r\n", vec![]).await;
+        let err = probe(&listener(Protocol::Imap, upstream), &timeouts())
+            .await
+            .unwrap_err();
+        assert!(err.to_string().contains("PREAUTH"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn a_helo_only_upstream_is_probed_with_helo_and_warned_about() {
+        let upstream = canned_upstream(
+            b"220 old ready\r\n",
+            vec![
+                b"502 5.5.2 Error: command not recognized\r\n",
+                b"250 old\r\n",
+                b"250 ok\r\n",
+                b"550 relaying denied\r\n",
+                b"250 reset\r\n",
+                b"221 bye\r\n",
+            ],
+        )
+        .await;
+        let found = probe(&listener(Protocol::Smtp, upstream), &timeouts())
+            .await
+            .unwrap();
+        assert!(found.helo_only);
+        assert_eq!(found.warnings.len(), 1, "{:?}", found.warnings);
+        assert!(matches!(found.relay, Some(RelayVerdict::Refused(_))));
+        assert_eq!(
+            found.transcript[..4],
+            [
+                "S: 220 old ready",
+                "C: EHLO check.mailmoat.invalid",
+                "S: 502 5.5.2 Error: command not recognized",
+                "C: HELO check.mailmoat.invalid"
+            ]
+        );
+        assert!(!found.transcript.iter().any(|l| l.starts_with("C: DATA")));
+    }
+
+    #[tokio::test]
+    async fn a_refused_sender_or_a_temporary_refusal_is_inconclusive() {
+        let upstream = canned_upstream(
+            b"220 mx\r\n",
+            vec![
+                b"250 mx\r\n",
+                b"553 5.7.1 sender rejected\r\n",
+                b"250 ok\r\n",
+                b"221 bye\r\n",
+            ],
+        )
+        .await;
+        let found = probe(&listener(Protocol::Smtp, upstream), &timeouts())
+            .await
+            .unwrap();
+        assert!(matches!(found.relay, Some(RelayVerdict::SenderRefused(_))));
+        let upstream = canned_upstream(
+            b"220 mx\r\n",
+            vec![
+                b"250 mx\r\n",
+                b"250 ok\r\n",
+                b"450 4.7.1 try later\r\n",
+                b"250 ok\r\n",
+                b"221 bye\r\n",
+            ],
+        )
+        .await;
+        let found = probe(&listener(Protocol::Smtp, upstream), &timeouts())
+            .await
+            .unwrap();
+        assert!(matches!(found.relay, Some(RelayVerdict::Inconclusive(_))));
+    }
+
+    #[tokio::test]
+    async fn an_endless_line_and_an_endless_reply_are_bounded() {
+        let endless_line: &'static [u8] =
+            Box::leak(vec![b'2'; MAX_LINE_LEN + 10].into_boxed_slice());
+        let upstream = canned_upstream(endless_line, vec![]).await;
+        let err = probe(&listener(Protocol::Smtp, upstream), &timeouts())
+            .await
+            .unwrap_err();
+        assert!(matches!(err, Error::TooLarge(_)), "{err}");
+        let endless_reply: &'static [u8] = Box::leak(
+            b"220-hello\r\n"
+                .repeat(MAX_REPLY_LINES + 1)
+                .into_boxed_slice(),
+        );
+        let upstream = canned_upstream(endless_reply, vec![]).await;
+        let err = probe(&listener(Protocol::Smtp, upstream), &timeouts())
+            .await
+            .unwrap_err();
+        assert!(matches!(err, Error::TooLarge(_)), "{err}");
+    }
+
     #[test]
     fn greetings_name_their_protocol() {
         assert_eq!(greeting_protocol("220 mx ESMTP"), Some(Protocol::Smtp));
