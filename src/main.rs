@@ -29,13 +29,14 @@ enum Command {
         #[arg(long, value_enum)]
         log_format: Option<LogFormat>,
     },
-    /// Check everything, like `nginx -t`: the configuration, the certificates (keys,
-    /// expiry, names) and each listener's upstream (reachable, speaking the listener's
-    /// protocol, not an open relay for mailmoat's address). Binds nothing.
+    /// Check the configuration, certificates and upstreams, like `nginx -t`.
     ///
-    /// Prints every problem as `error:` / `warning:` with its YAML line. Exit 0 when
-    /// there is no error (warnings allowed), 1 when a certificate or upstream check
-    /// failed, 64 when the configuration file is invalid.
+    /// Checks the configuration, the certificates (key matches, validity, expiry within
+    /// 30 days, names) and each listener's upstream (reachable, speaking the listener's
+    /// protocol, and for SMTP not an open relay for the address mailmoat connects from).
+    /// Binds nothing. Prints every problem as `error:` / `warning:` with its YAML line,
+    /// then a summary. Exit 0 when there is no error (warnings allowed), 1 when a
+    /// certificate or upstream check failed, 64 when the configuration file is invalid.
     Check {
         /// Configuration file.
         #[arg(short, long, default_value = "/etc/mailmoat/mailmoat.yaml")]
@@ -44,12 +45,13 @@ enum Command {
         #[arg(long)]
         offline: bool,
     },
-    /// Show, per listener, the exact dialogue a client sees before and after TLS, next
-    /// to what the upstream itself said, by running the real protocol session against
-    /// the real upstream with a scripted client. Binds nothing.
+    /// Show the dialogue clients see before and after TLS, per listener.
     ///
-    /// Exit 0, 1 when an upstream could not be reached or answered unexpectedly, 64 when
-    /// the configuration file is invalid.
+    /// Runs the real protocol session against the real upstream with a scripted client
+    /// (greeting, EHLO / CAPABILITY / CAPA, STARTTLS / STLS, the same again after TLS)
+    /// and prints what the upstream said and what the client sees. The TLS handshake
+    /// itself is skipped. Binds nothing. Exit 0, 1 when an upstream could not be reached
+    /// or answered unexpectedly, 64 when the configuration file is invalid.
     Explain {
         /// Configuration file.
         #[arg(short, long, default_value = "/etc/mailmoat/mailmoat.yaml")]

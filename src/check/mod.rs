@@ -7,6 +7,9 @@
 //! `FILE:LINE:` where the finding belongs to a line of the file, guidance indented below
 //! it, then one summary line. Problems go to stderr, `ok:` lines and the summary to
 //! stdout. Exit codes: [`EXIT_OK`], [`EXIT_FAILED`], [`EXIT_CONFIG`].
+//!
+//! Deadlines: each upstream connect within `timeouts.upstream_connect`, each of its
+//! replies within `timeouts.greeting`.
 
 pub mod certificates;
 
