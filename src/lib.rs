@@ -11,13 +11,19 @@
 //! - [`metrics`]: Prometheus metrics and the `/metrics`, `/healthz` endpoint.
 //! - [`relay`]: the blind byte splice after an IMAP or POP3 login.
 //! - [`telemetry`]: logging set-up and the security events.
+//! - [`probe`]: probes an upstream: protocol, capabilities, the open-relay trap.
+//! - [`check`]: `mailmoat check`: configuration, certificates, upstreams, all at once.
+//! - [`explain`]: `mailmoat explain`: the dialogue a client sees, before and after TLS.
 #![forbid(unsafe_code)]
 
+pub mod check;
 pub mod config;
 pub mod driver;
+pub mod explain;
 pub mod listener;
 pub mod metrics;
 pub mod policy;
+pub mod probe;
 pub mod proto;
 pub mod relay;
 pub mod telemetry;

@@ -1,4 +1,4 @@
-//! The `mailmoat` command: `run` and `check`.
+//! The `mailmoat` command: `run`, `check` and `explain`.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -29,8 +29,30 @@ enum Command {
         #[arg(long, value_enum)]
         log_format: Option<LogFormat>,
     },
-    /// Validate the configuration and load the certificates, then exit.
+    /// Check the configuration, certificates and upstreams, like `nginx -t`.
+    ///
+    /// Checks the configuration, the certificates (key matches, validity, expiry within
+    /// 30 days, names) and each listener's upstream (reachable, speaking the listener's
+    /// protocol, and for SMTP not an open relay for the address mailmoat connects from).
+    /// Binds nothing. Prints every problem as `error:` / `warning:` with its YAML line,
+    /// then a summary. Exit 0 when there is no error (warnings allowed), 1 when a
+    /// certificate or upstream check failed, 64 when the configuration file is invalid.
     Check {
+        /// Configuration file.
+        #[arg(short, long, default_value = "/etc/mailmoat/mailmoat.yaml")]
+        config: PathBuf,
+        /// Do not connect to the upstreams: check the configuration and certificates only.
+        #[arg(long)]
+        offline: bool,
+    },
+    /// Show the dialogue clients see before and after TLS, per listener.
+    ///
+    /// Runs the real protocol session against the real upstream with a scripted client
+    /// (greeting, EHLO / CAPABILITY / CAPA, STARTTLS / STLS, the same again after TLS)
+    /// and prints what the upstream said and what the client sees. The TLS handshake
+    /// itself is skipped. Binds nothing. Exit 0, 1 when an upstream could not be reached
+    /// or answered unexpectedly, 64 when the configuration file is invalid.
+    Explain {
         /// Configuration file.
         #[arg(short, long, default_value = "/etc/mailmoat/mailmoat.yaml")]
         config: PathBuf,
@@ -59,23 +81,17 @@ fn main() -> ExitCode {
         }
     };
     match cli.command {
-        Command::Check { config } => {
+        Command::Check { config, offline } => {
+            // Binding would clash with a running instance: nothing is bound.
+            let options = mailmoat::check::Options { offline };
+            ExitCode::from(runtime.block_on(mailmoat::check::run(&config, options)))
+        }
+        Command::Explain { config } => {
             let config = match load(&config) {
                 Ok(config) => config,
                 Err(code) => return code,
             };
-            // Binding would clash with a running instance; load certificates only.
-            let provider = mailmoat::tls::provider();
-            match mailmoat::tls::SniResolver::load(&config.tls, &provider) {
-                Ok(_) => {
-                    println!("configuration ok: {} listener(s)", config.listeners.len());
-                    ExitCode::SUCCESS
-                }
-                Err(err) => {
-                    eprintln!("tls: {err}");
-                    ExitCode::from(EXIT_CONFIG)
-                }
-            }
+            ExitCode::from(runtime.block_on(mailmoat::explain::run(&config)))
         }
         Command::Run { config, log_format } => {
             let config_path = config;
