@@ -16,9 +16,11 @@ use tracing::{Instrument, error, info, info_span, warn};
 
 use crate::config::{Config, ListenerConfig, Protocol, TlsMode};
 use crate::driver::{self, ConnectionSettings};
+use crate::identity::{self, Origin};
 use crate::policy::UserHasher;
 use crate::proto::{imap, pop3, smtp};
 use crate::tls;
+use crate::upstream;
 
 /// Why the server could not start.
 #[derive(Debug, thiserror::Error)]
@@ -256,26 +258,54 @@ async fn accept_loop(
             tokio::spawn(refuse_busy(client, bound.config.tls, bound.config.protocol));
             continue;
         };
-        let Some(client_permit) = per_client.try_acquire(peer.ip()) else {
-            warn!(event = "limit_exceeded", limit = "max_connections_per_client", client = %peer, "connection refused");
-            tokio::spawn(refuse_busy(client, bound.config.tls, bound.config.protocol));
-            continue;
+        // Behind a load balancer every connection comes from the balancer's address:
+        // such clients are counted by the address their PROXY header names, once read.
+        let from_balancer = bound
+            .config
+            .proxy_protocol_from
+            .iter()
+            .any(|net| net.contains(peer.ip()));
+        let client_permit = if from_balancer {
+            None
+        } else {
+            let Some(client_permit) = per_client.try_acquire(peer.ip()) else {
+                warn!(event = "limit_exceeded", limit = "max_connections_per_client", client = %peer, "connection refused");
+                tokio::spawn(refuse_busy(client, bound.config.tls, bound.config.protocol));
+                continue;
+            };
+            Some(client_permit)
         };
         let span = info_span!(
             "session",
             id = %session_id(),
             listener = %bound.config.name,
-            client = %peer,
+            client = tracing::field::Empty,
+            via = tracing::field::Empty,
             upstream_port = tracing::field::Empty,
         );
+        if !from_balancer {
+            span.record("client", tracing::field::display(peer));
+        }
         let bound = Arc::clone(&bound);
+        let per_client = Arc::clone(&per_client);
         tokio::spawn(
             async move {
-                let _permits = (permit, client_permit);
-                let (upstream, settings) = (&bound.config.upstream, &bound.settings);
+                let _permit = permit;
+                let Some((client, origin, _client_permit)) =
+                    identify(client, peer, client_permit, &bound, &per_client).await
+                else {
+                    return;
+                };
+                let (upstream, settings) = (&bound.route(&origin), &bound.settings);
                 match &bound.session {
                     SessionConfig::Smtp(config) => {
-                        let session = smtp::Session::new(config.clone(), false);
+                        let mut session = smtp::Session::new(config.clone(), false);
+                        if bound.config.xclient {
+                            session = session.with_xclient(smtp::xclient::Identity {
+                                client: origin.client,
+                                destination: origin.destination,
+                            });
+                        }
                         driver::serve(client, upstream, settings, session, smtp::UNAVAILABLE).await
                     }
                     SessionConfig::Imap(config) => {
@@ -291,6 +321,61 @@ async fn accept_loop(
             .instrument(span),
         );
     }
+}
+
+impl Bound {
+    /// How this connection reaches the upstream, carrying `origin` in a PROXY header
+    /// when configured.
+    fn route(&self, origin: &Origin) -> upstream::Route {
+        upstream::Route {
+            addr: self.config.upstream.clone(),
+            source_address: self.config.source_address,
+            proxy_header: self
+                .config
+                .upstream_proxy_protocol
+                .map(|version| identity::upstream_header(version, origin)),
+        }
+    }
+}
+
+/// Who the client is. A connection from a trusted balancer (`client_permit` is `None`)
+/// must begin with a PROXY header (read within the handshake deadline, else the
+/// connection closes with a `proxy_protocol_error` event); its client is then counted by
+/// the address the header names. Others are who they connect from.
+async fn identify(
+    mut client: TcpStream,
+    peer: SocketAddr,
+    client_permit: Option<ClientPermit>,
+    bound: &Bound,
+    per_client: &Arc<PerClient>,
+) -> Option<(TcpStream, Origin, ClientPermit)> {
+    let local = client.local_addr().unwrap_or(bound.config.listen);
+    let direct = Origin::direct(peer, local);
+    if let Some(permit) = client_permit {
+        return Some((client, direct, permit));
+    }
+    let deadline = bound.settings.timeouts.tls_handshake;
+    let origin = match identity::read_header(&mut client, direct, deadline).await {
+        Ok(origin) => origin,
+        Err(err) => {
+            tracing::Span::current().record("client", tracing::field::display(peer));
+            warn!(event = "proxy_protocol_error", reason = err.reason(), %err, "connection closed");
+            return None;
+        }
+    };
+    let span = tracing::Span::current();
+    span.record("client", tracing::field::display(origin.client));
+    span.record("via", tracing::field::display(peer));
+    let Some(permit) = per_client.try_acquire(origin.client.ip()) else {
+        warn!(
+            event = "limit_exceeded",
+            limit = "max_connections_per_client",
+            "connection refused"
+        );
+        refuse_busy(client, bound.config.tls, bound.config.protocol).await;
+        return None;
+    };
+    Some((client, origin, permit))
 }
 
 /// Over the connection cap: a plaintext client gets the protocol's temporary failure.
