@@ -697,6 +697,11 @@ pub fn capture_logs() {
     });
 }
 
+/// Every log line the in-process proxy wrote so far.
+pub fn captured_logs() -> String {
+    String::from_utf8_lossy(&LOGS.lock().unwrap_or_else(|e| e.into_inner())).into_owned()
+}
+
 /// Fails if any of `secrets` appears in any log line captured so far.
 pub fn assert_no_secret_logged(secrets: &[&str]) {
     let logs = LOGS.lock().unwrap_or_else(|e| e.into_inner());
