@@ -1,5 +1,10 @@
 //! Binds every listener, accepts connections, caps how many are open, and runs each in
 //! its own task inside a span that carries the session id.
+//!
+//! Behind a load balancer (`proxy_protocol_from`), the per-client cap counts the client
+//! the PROXY header names, not the balancer: a connection from a trusted network is
+//! counted only once its header is read (the global cap still applies at accept). The
+//! session span's `client` is then the real client and `via` the balancer.
 
 use std::collections::HashMap;
 use std::io;

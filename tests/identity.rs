@@ -362,3 +362,31 @@ async fn source_address_is_the_upstream_connections_local_address() {
     assert_eq!(peers.len(), 1);
     assert_eq!(peers[0].ip().to_string(), "127.0.0.2");
 }
+
+#[tokio::test]
+async fn on_an_implicit_tls_listener_the_header_comes_before_the_handshake() {
+    let upstream = recorder(true, false).await;
+    let proxy = proxy(
+        &[format!(
+            "{{ name: smtps, protocol: smtp, listen: \"127.0.0.1:0\", tls: implicit, upstream: \"{}\", proxy_protocol_from: [127.0.0.0/8], upstream_proxy_protocol: v1 }}",
+            upstream.addr
+        )],
+        "",
+    )
+    .await;
+    let mut tcp = within(TcpStream::connect(proxy.addr("smtps")))
+        .await
+        .unwrap();
+    tcp.write_all(b"PROXY TCP4 203.0.113.7 192.0.2.1 51234 465\r\n")
+        .await
+        .unwrap();
+    let tls = tls_connect(tcp, "mail.example.test", &[]).await.unwrap();
+    let mut client = Client::new(tls);
+    assert_eq!(client.reply().await, "220 upstream ESMTP\r\n");
+    assert!(client.cmd("EHLO client.example").await.starts_with("250-"));
+    assert!(client.cmd("QUIT").await.starts_with("221 "));
+    assert_eq!(
+        upstream.headers(),
+        [b"PROXY TCP4 203.0.113.7 192.0.2.1 51234 465\r\n".to_vec()]
+    );
+}
