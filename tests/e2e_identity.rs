@@ -174,6 +174,8 @@ async fn postfix_logs_the_real_client_sent_with_xclient_also_after_starttls() {
     let log = &legacy.legacy.postfix_log;
     log_line(log, &["client=unknown[203.0.113.8]"]).await;
     log_line(log, &["disconnect from unknown[203.0.113.8]"]).await;
+    // The XCLIENT was accepted (a refusal would have been logged and the greeting kept).
+    assert!(!captured_logs().contains("xclient_unavailable"));
     let delivered = legacy.legacy.wait_for_delivery(&tag);
     let delivered = String::from_utf8_lossy(&delivered);
     assert!(
