@@ -7,8 +7,10 @@
 #   legacy.sh stop DIR                  stop it (tolerates already stopped)
 #
 # Ports: LEGACY_SMTP_PORT (2525), LEGACY_IMAP_PORT (1143), LEGACY_POP3_PORT (1110).
-# Extra settings: LEGACY_POSTFIX_EXTRA (appended to main.cf), LEGACY_DOVECOT_EXTRA
-# (appended to dovecot.conf; later settings override earlier ones).
+# Extra settings: LEGACY_POSTFIX_EXTRA (appended to main.cf), LEGACY_POSTFIX_MASTER_EXTRA
+# (appended to master.cf: more smtpd services, e.g. one with PROXY protocol on, so the
+# banner check on the main port still works), LEGACY_DOVECOT_EXTRA (appended to
+# dovecot.conf; later settings override earlier ones).
 # Users: alice@example.test / alice-secret-pw, bob@example.test / bob-secret-pw.
 set -euo pipefail
 
@@ -24,6 +26,7 @@ usage: $PROG start DIR [--watch PID]
        $PROG stop DIR
 env:   LEGACY_SMTP_PORT (2525) LEGACY_IMAP_PORT (1143) LEGACY_POP3_PORT (1110)
        LEGACY_POSTFIX_EXTRA (lines appended to main.cf)
+       LEGACY_POSTFIX_MASTER_EXTRA (lines appended to master.cf)
        LEGACY_DOVECOT_EXTRA (lines appended to dovecot.conf)
 EOF
     exit 2
@@ -399,6 +402,9 @@ anvil     unix  -       -       n       -       1       anvil
 scache    unix  -       -       n       -       1       scache
 postlog   unix-dgram n  -       n       -       1       postlogd
 EOF
+    if [ -n "${LEGACY_POSTFIX_MASTER_EXTRA:-}" ]; then
+        printf '# LEGACY_POSTFIX_MASTER_EXTRA\n%s\n' "$LEGACY_POSTFIX_MASTER_EXTRA" >>"$PF_CONF/master.cf"
+    fi
 }
 
 # ---------------------------------------------------------------- start

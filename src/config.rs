@@ -3,12 +3,13 @@
 //! its YAML line.
 
 use std::fmt;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde::{Deserialize, Deserializer};
 
+use crate::identity::{Cidr, ProxyVersion};
 use crate::policy::{BareNewlines, Policy};
 
 /// The whole configuration.
@@ -177,6 +178,26 @@ pub struct ListenerConfig {
     /// SMTP: `normalize` (default) or `reject` bare CR/LF in message bodies.
     #[serde(default)]
     pub bare_newlines: BareNewlines,
+    /// Networks of trusted load balancers (`[10.0.0.0/24, 2001:db8::/64]`). A connection
+    /// from one of them must begin with a PROXY protocol v1 or v2 header naming the real
+    /// client, or it is closed; from anywhere else no header is read (a `PROXY` line is
+    /// then an unknown command). Empty (the default): no PROXY header is accepted.
+    #[serde(default)]
+    pub proxy_protocol_from: Vec<Cidr>,
+    /// `v1` or `v2`: begin every upstream connection with a PROXY protocol header that
+    /// names the real client (Postfix `smtpd_upstream_proxy_protocol = haproxy`, Dovecot
+    /// `haproxy = yes`). Unset (the default): no header.
+    #[serde(default)]
+    pub upstream_proxy_protocol: Option<ProxyVersion>,
+    /// SMTP: tell a Postfix upstream the real client with XCLIENT (only the attributes it
+    /// announces) before the client's dialogue begins (needs
+    /// `smtpd_authorized_xclient_hosts` to include mailmoat's address).
+    #[serde(default)]
+    pub xclient: bool,
+    /// Local IP address the upstream TCP connection is made from, e.g. a loopback
+    /// address of its own (`127.0.0.2`) that the upstream does not trust.
+    #[serde(default)]
+    pub source_address: Option<IpAddr>,
 }
 
 /// Bounds on client input.
@@ -463,6 +484,9 @@ impl Config {
                     ),
                 );
             }
+            for message in listener.identity_problems(self.allow_remote_plaintext) {
+                problem(&name_needle, format!("{at}.{message}"));
+            }
         }
         if let Some(metrics) = &self.metrics
             && metrics.listen.port() != 0
@@ -517,6 +541,50 @@ impl Config {
             }
         }
         problems.sort_by_key(|p| p.line);
+        problems
+    }
+}
+
+impl ListenerConfig {
+    /// What is wrong with the client-identity keys (DESIGN §7), each message starting
+    /// with the key's name.
+    fn identity_problems(&self, allow_remote_plaintext: bool) -> Vec<String> {
+        let mut problems = Vec::new();
+        if self.xclient && self.protocol != Protocol::Smtp {
+            problems.push(
+                "xclient: XCLIENT is an SMTP extension (Postfix); use \
+                 upstream_proxy_protocol for IMAP and POP3"
+                    .to_owned(),
+            );
+        }
+        if self.xclient && self.upstream_proxy_protocol.is_some() {
+            problems.push(
+                "xclient: choose either xclient or upstream_proxy_protocol; both carry the \
+                 client's address, and behind PROXY Postfix checks \
+                 smtpd_authorized_xclient_hosts against the client, not mailmoat"
+                    .to_owned(),
+            );
+        }
+        if let Some(source) = self.source_address {
+            match &self.upstream {
+                UpstreamAddr::Unix(_) => problems.push(format!(
+                    "source_address: {source} is meaningless for the unix socket upstream {}",
+                    self.upstream
+                )),
+                UpstreamAddr::Tcp(upstream) if upstream.is_ipv4() != source.is_ipv4() => problems
+                    .push(format!(
+                        "source_address: {source} and the upstream {upstream} are of \
+                         different address families"
+                    )),
+                UpstreamAddr::Tcp(_) => {}
+            }
+            if !source.is_loopback() && !allow_remote_plaintext {
+                problems.push(format!(
+                    "source_address: {source} is not a loopback address; plaintext would \
+                     cross the network (set allow_remote_plaintext: true to accept)"
+                ));
+            }
+        }
         problems
     }
 }

@@ -116,7 +116,7 @@ struct Traffic {
 /// (DESIGN §1.2).
 pub async fn serve<P: Session>(
     client: TcpStream,
-    upstream_addr: &crate::config::UpstreamAddr,
+    upstream_addr: &upstream::Route,
     context: &ConnectionSettings,
     mut session: P,
     temporary_failure: &'static [u8],
@@ -161,7 +161,7 @@ pub async fn serve<P: Session>(
 
 async fn serve_inner<P: Session>(
     client: TcpStream,
-    upstream_addr: &crate::config::UpstreamAddr,
+    upstream_addr: &upstream::Route,
     context: &ConnectionSettings,
     session: &mut P,
     temporary_failure: &'static [u8],

@@ -14,18 +14,17 @@ use std::time::Duration;
 use bytes::BytesMut;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use crate::config::{Config, ListenerConfig, Protocol, TlsMode};
+use crate::config::{Config, ListenerConfig, TlsMode};
+use crate::identity::Origin;
+use crate::listener::{SessionConfig, session_config};
 use crate::policy::{Policy, UserHasher};
 use crate::probe::{self, Assembler, Expect, MAX_LINE_LEN, MAX_TOTAL_BYTES, Reply};
 use crate::proto::line::Framer;
 use crate::proto::{Action, Session, imap, pop3, smtp};
-use crate::upstream;
+use crate::upstream::{self, Route};
 
 /// The name the scripted client gives in EHLO.
 pub const EXPLAIN_HELO_NAME: &str = "explain.invalid";
-
-/// Client bytes a session may hold (the daemon's value; the script never comes close).
-const MAX_HELD_BYTES: usize = 64 * 1024;
 
 /// Why a dialogue stopped early.
 #[derive(Debug, thiserror::Error)]
@@ -74,9 +73,11 @@ pub async fn run(config: &Config) -> u8 {
 /// Runs the scripted dialogue for one listener.
 pub async fn explain(config: &Config, listener: &ListenerConfig) -> Explanation {
     let mut explanation = Explanation::default();
+    // Presents itself as a client from outside would be presented (DESIGN §7).
+    let origin = Origin::outside(listener.listen);
     let connected = tokio::time::timeout(
         config.timeouts.upstream_connect,
-        upstream::connect(&listener.upstream),
+        upstream::connect(&Route::for_listener(listener, &origin)),
     )
     .await;
     let stream = match connected {
@@ -99,22 +100,16 @@ pub async fn explain(config: &Config, listener: &ListenerConfig) -> Explanation 
             return explanation;
         }
     };
-    let hasher = UserHasher::random();
-    let limits = &config.limits;
     let reply_timeout = config.timeouts.greeting;
-    let result = match listener.protocol {
-        Protocol::Smtp => {
-            let session = smtp::Session::new(
-                smtp::Config {
-                    policy: listener.policy,
-                    bare_newlines: listener.bare_newlines,
-                    max_line_len: limits.max_line_len,
-                    max_held_bytes: MAX_HELD_BYTES,
-                    max_plaintext_commands: limits.max_plaintext_commands,
-                    user_hasher: hasher,
-                },
-                false,
-            );
+    let result = match session_config(config, listener, &UserHasher::random()) {
+        SessionConfig::Smtp(config) => {
+            let mut session = smtp::Session::new(config, false);
+            if listener.xclient {
+                session = session.with_xclient(smtp::xclient::Identity {
+                    client: origin.client,
+                    destination: origin.destination,
+                });
+            }
             let ehlo = format!("EHLO {EXPLAIN_HELO_NAME}");
             let script = Script {
                 greeting: Expect::Smtp,
@@ -128,14 +123,8 @@ pub async fn explain(config: &Config, listener: &ListenerConfig) -> Explanation 
             dialogue.finish(&mut explanation);
             result
         }
-        Protocol::Imap => {
-            let session = imap::Session::new(imap::Config {
-                max_line_len: limits.max_line_len,
-                max_literal_len: limits.max_literal_len,
-                max_held_bytes: MAX_HELD_BYTES,
-                max_plaintext_commands: limits.max_plaintext_commands,
-                user_hasher: hasher,
-            });
+        SessionConfig::Imap(config) => {
+            let session = imap::Session::new(config);
             let script = Script {
                 greeting: Expect::ImapGreeting,
                 ask: [("a CAPABILITY", Expect::ImapTagged("a".into()))],
@@ -148,13 +137,8 @@ pub async fn explain(config: &Config, listener: &ListenerConfig) -> Explanation 
             dialogue.finish(&mut explanation);
             result
         }
-        Protocol::Pop3 => {
-            let session = pop3::Session::new(pop3::Config {
-                max_line_len: limits.max_line_len,
-                max_held_bytes: MAX_HELD_BYTES,
-                max_plaintext_commands: limits.max_plaintext_commands,
-                user_hasher: hasher,
-            });
+        SessionConfig::Pop3(config) => {
+            let session = pop3::Session::new(config);
             let script = Script {
                 greeting: Expect::Pop3Status,
                 ask: [("CAPA", Expect::Pop3Multiline)],

@@ -5,6 +5,7 @@
 //! - [`listener`]: binds listeners, accepts, caps connections, one task and span each.
 //! - [`tls`]: rustls server configs from PEM, SNI certificate choice, strict ALPN.
 //! - [`upstream`]: connects to the legacy server over loopback TCP or a unix socket.
+//! - [`identity`]: PROXY protocol in and out, trusted networks (client identity).
 //! - [`driver`]: runs a protocol session on a client and an upstream stream.
 //! - [`policy`]: pure rules: what may happen before TLS, user-name hashing.
 //! - [`proto`]: sans-I/O protocol sessions and the line framer.
@@ -20,6 +21,7 @@ pub mod check;
 pub mod config;
 pub mod driver;
 pub mod explain;
+pub mod identity;
 pub mod listener;
 pub mod metrics;
 pub mod policy;

@@ -1,5 +1,10 @@
 //! Binds every listener, accepts connections, caps how many are open, and runs each in
 //! its own task inside a span that carries the session id.
+//!
+//! Behind a load balancer (`proxy_protocol_from`), the per-client cap counts the client
+//! the PROXY header names, not the balancer: a connection from a trusted network is
+//! counted only once its header is read (the global cap still applies at accept). The
+//! session span's `client` is then the real client and `via` the balancer.
 
 use std::collections::HashMap;
 use std::io;
@@ -17,10 +22,11 @@ use tracing::{Instrument, error, info, info_span, warn};
 
 use crate::config::{Config, ListenerConfig, Protocol, TlsMode};
 use crate::driver::{self, ConnectionSettings};
+use crate::identity::{self, Origin};
 use crate::metrics::ListenerMetrics;
 use crate::policy::UserHasher;
 use crate::proto::{imap, pop3, smtp};
-use crate::{telemetry, tls};
+use crate::{telemetry, tls, upstream};
 
 /// Why the server could not start.
 #[derive(Debug, thiserror::Error)]
@@ -42,7 +48,7 @@ pub enum Error {
 
 /// How each connection's protocol session is set up.
 #[derive(Debug, Clone)]
-enum SessionConfig {
+pub enum SessionConfig {
     Smtp(smtp::Config),
     Imap(imap::Config),
     Pop3(pop3::Config),
@@ -191,7 +197,8 @@ fn prepare(
     Ok(states)
 }
 
-fn session_config(
+/// The session settings of `listener`: also what `mailmoat explain` runs.
+pub fn session_config(
     config: &Config,
     listener: &ListenerConfig,
     user_hasher: &UserHasher,
@@ -469,32 +476,99 @@ async fn accept_loop(
             ));
             continue;
         };
-        let Some(client_permit) = shared.per_client.try_acquire(peer.ip()) else {
-            telemetry::connection_refused(metrics, "max_connections_per_client", peer);
-            tokio::spawn(refuse_busy(
-                client,
-                current.config.tls,
-                current.config.protocol,
-            ));
-            continue;
+        // Behind a load balancer every connection comes from the balancer's address:
+        // such clients are counted by the address their PROXY header names, once read.
+        let from_balancer = current
+            .config
+            .proxy_protocol_from
+            .iter()
+            .any(|net| net.contains(peer.ip()));
+        let client_permit = if from_balancer {
+            None
+        } else {
+            let Some(client_permit) = shared.per_client.try_acquire(peer.ip()) else {
+                telemetry::connection_refused(metrics, "max_connections_per_client", peer);
+                tokio::spawn(refuse_busy(
+                    client,
+                    current.config.tls,
+                    current.config.protocol,
+                ));
+                continue;
+            };
+            Some(client_permit)
         };
         let span = info_span!(
             "session",
             id = %session_id(),
             listener = %current.config.name,
-            client = %peer,
+            client = tracing::field::Empty,
+            via = tracing::field::Empty,
             upstream_port = tracing::field::Empty,
         );
+        if !from_balancer {
+            span.record("client", tracing::field::display(peer));
+        }
         let shared_by_session = Arc::clone(&shared);
         shared.sessions.spawn(
             async move {
-                serve(client, &current).await;
-                drop(client_permit);
+                let identified =
+                    identify(client, peer, client_permit, &current, &shared_by_session).await;
+                if let Some((client, origin, client_permit)) = identified {
+                    serve(client, &origin, &current).await;
+                    drop(client_permit);
+                }
                 release(permit, &shared_by_session);
             }
             .instrument(span),
         );
     }
+}
+
+/// Who the client is. A connection from a trusted balancer (`client_permit` is `None`)
+/// must begin with a PROXY header (read within the handshake deadline, else the
+/// connection closes with a `proxy_protocol_error` event); its client is then counted by
+/// the address the header names. Others are who they connect from.
+async fn identify(
+    mut client: TcpStream,
+    peer: SocketAddr,
+    client_permit: Option<ClientPermit>,
+    state: &ListenerState,
+    shared: &Shared,
+) -> Option<(TcpStream, Origin, ClientPermit)> {
+    let local = client.local_addr().unwrap_or(state.config.listen);
+    let direct = Origin::direct(peer, local);
+    if let Some(permit) = client_permit {
+        return Some((client, direct, permit));
+    }
+    let deadline = state.settings.timeouts.tls_handshake;
+    let origin = match identity::read_header(&mut client, direct, deadline).await {
+        Ok(origin) => origin,
+        Err(err) => {
+            tracing::Span::current().record("client", tracing::field::display(peer));
+            telemetry::security_event!(
+                &state.settings.metrics,
+                warn,
+                "proxy_protocol_error",
+                reason = err.reason(),
+                %err,
+                "connection closed"
+            );
+            return None;
+        }
+    };
+    let span = tracing::Span::current();
+    span.record("client", tracing::field::display(origin.client));
+    span.record("via", tracing::field::display(peer));
+    let Some(permit) = shared.per_client.try_acquire(origin.client.ip()) else {
+        telemetry::connection_refused(
+            &state.settings.metrics,
+            "max_connections_per_client",
+            origin.client,
+        );
+        refuse_busy(client, state.config.tls, state.config.protocol).await;
+        return None;
+    };
+    Some((client, origin, permit))
 }
 
 /// Returns a connection place, unless a reload lowered the cap below the sessions open:
@@ -507,11 +581,20 @@ fn release(permit: tokio::sync::OwnedSemaphorePermit, shared: &Shared) {
     }
 }
 
-async fn serve(client: TcpStream, state: &ListenerState) {
-    let (upstream, settings) = (&state.config.upstream, &state.settings);
+async fn serve(client: TcpStream, origin: &Origin, state: &ListenerState) {
+    let (upstream, settings) = (
+        &upstream::Route::for_listener(&state.config, origin),
+        &state.settings,
+    );
     match &state.session {
         SessionConfig::Smtp(config) => {
-            let session = smtp::Session::new(config.clone(), false);
+            let mut session = smtp::Session::new(config.clone(), false);
+            if state.config.xclient {
+                session = session.with_xclient(smtp::xclient::Identity {
+                    client: origin.client,
+                    destination: origin.destination,
+                });
+            }
             driver::serve(client, upstream, settings, session, smtp::UNAVAILABLE).await
         }
         SessionConfig::Imap(config) => {

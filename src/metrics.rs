@@ -48,6 +48,8 @@ pub const EVENTS: &[&str] = &[
     "forbidden_command",
     "upstream_protocol_error",
     "upstream_preauth",
+    "proxy_protocol_error",
+    "xclient_unavailable",
 ];
 
 /// The limits every listener can hit (`limit_exceeded`'s `limit` field).

@@ -13,8 +13,9 @@ use bytes::BytesMut;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::config::{ListenerConfig, Protocol, Timeouts, UpstreamAddr};
+use crate::identity::Origin;
 use crate::proto::line::Framer;
-use crate::upstream;
+use crate::upstream::{self, Route};
 
 /// Longest line read from an upstream, CRLF included.
 pub const MAX_LINE_LEN: usize = 8192;
@@ -255,16 +256,16 @@ pub struct Conversation {
 impl Conversation {
     /// Connects within `timeouts.upstream_connect`; replies are awaited for at most
     /// `timeouts.greeting` each.
-    pub async fn open(addr: &UpstreamAddr, timeouts: &Timeouts) -> Result<Self, Error> {
+    pub async fn open(route: &Route, timeouts: &Timeouts) -> Result<Self, Error> {
         // Connects exactly as a client session does, so from the same source address.
-        let stream = tokio::time::timeout(timeouts.upstream_connect, upstream::connect(addr))
+        let stream = tokio::time::timeout(timeouts.upstream_connect, upstream::connect(route))
             .await
             .map_err(|_| Error::Timeout {
                 waiting_for: "connection",
                 after: timeouts.upstream_connect,
             })?
             .map_err(|source| Error::Connect {
-                addr: addr.clone(),
+                addr: route.addr.clone(),
                 source,
             })?;
         Ok(Self::new(stream, timeouts.greeting))
@@ -403,13 +404,16 @@ pub struct Findings {
 
 /// Probes the upstream of `listener`.
 pub async fn probe(listener: &ListenerConfig, timeouts: &Timeouts) -> Result<Findings, Error> {
-    let mut conversation = Conversation::open(&listener.upstream, timeouts).await?;
+    // Connects as a session of this listener would, for a client from outside: from
+    // its source_address, with its PROXY header (DESIGN §7).
+    let route = Route::for_listener(listener, &Origin::outside(listener.listen));
+    let mut conversation = Conversation::open(&route, timeouts).await?;
     let mut findings = Findings {
         source: conversation.source(),
         ..Findings::default()
     };
     let result = match listener.protocol {
-        Protocol::Smtp => probe_smtp(&mut conversation, &mut findings).await,
+        Protocol::Smtp => probe_smtp(&mut conversation, &mut findings, listener.xclient).await,
         Protocol::Imap => probe_imap(&mut conversation, &mut findings).await,
         Protocol::Pop3 => probe_pop3(&mut conversation, &mut findings).await,
     };
@@ -451,7 +455,11 @@ pub fn protocol_name(protocol: Protocol) -> &'static str {
     }
 }
 
-async fn probe_smtp(conversation: &mut Conversation, findings: &mut Findings) -> Result<(), Error> {
+async fn probe_smtp(
+    conversation: &mut Conversation,
+    findings: &mut Findings,
+    xclient: bool,
+) -> Result<(), Error> {
     let greeting = greeting(conversation, Protocol::Smtp, Expect::Smtp).await?;
     // RFC 5321 §3.1: 220 is the only greeting that opens a session; 554 refuses it.
     if greeting.smtp_code() != Some(220) {
@@ -493,11 +501,60 @@ async fn probe_smtp(conversation: &mut Conversation, findings: &mut Findings) ->
         ));
         helo
     };
+    if xclient {
+        present_outside_client(conversation, findings).await?;
+    }
     findings.relay = Some(relay_probe(conversation).await?);
     // Leave cleanly; a failure here changes nothing that was learnt.
     let _ = conversation
         .command("QUIT", Expect::Smtp, "the QUIT reply")
         .await;
+    Ok(())
+}
+
+/// A listener with `xclient: true` tells the upstream who each client is; the probe does
+/// the same for a client from outside (Postfix XCLIENT_README), so that the relay trap
+/// tests what a stranger would be allowed.
+async fn present_outside_client(
+    conversation: &mut Conversation,
+    findings: &mut Findings,
+) -> Result<(), Error> {
+    let announced = findings.capabilities.lines.iter().any(|line| {
+        line.get(4..)
+            .and_then(|keyword| keyword.split_whitespace().next())
+            .is_some_and(|keyword| keyword.eq_ignore_ascii_case("XCLIENT"))
+    });
+    if !announced {
+        findings.warnings.push(
+            "xclient is configured but the upstream does not announce XCLIENT: sessions \
+             reach it as mailmoat's own address"
+                .into(),
+        );
+        return Ok(());
+    }
+    let client = Origin::outside(std::net::SocketAddr::from(([0, 0, 0, 0], 0))).client;
+    let reply = conversation
+        .command(
+            &format!("XCLIENT ADDR={}", client.ip()),
+            Expect::Smtp,
+            "the XCLIENT reply",
+        )
+        .await?;
+    // A 220 is a new greeting; the session starts over with EHLO.
+    if reply.smtp_code() != Some(220) {
+        findings.warnings.push(format!(
+            "the upstream refused XCLIENT ({}): sessions reach it as mailmoat's own address",
+            quoted(&reply.one_line())
+        ));
+        return Ok(());
+    }
+    conversation
+        .command(
+            &format!("EHLO {PROBE_HELO_NAME}"),
+            Expect::Smtp,
+            "the EHLO reply after XCLIENT",
+        )
+        .await?;
     Ok(())
 }
 
@@ -785,6 +842,10 @@ mod tests {
             policy: crate::policy::Policy::RequireTls,
             upstream,
             bare_newlines: crate::policy::BareNewlines::Normalize,
+            proxy_protocol_from: Vec::new(),
+            upstream_proxy_protocol: None,
+            xclient: false,
+            source_address: None,
         }
     }
 

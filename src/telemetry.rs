@@ -84,6 +84,10 @@ pub fn record(event: &Event, metrics: &ListenerMetrics) {
         Event::UpstreamProtocolError { detail } => {
             warn!(event = name, detail, "upstream protocol error")
         }
+        Event::XclientUnavailable { reason } => warn!(
+            event = name,
+            reason, "xclient unavailable: the upstream sees mailmoat's address"
+        ),
         Event::UpstreamPreauth => {
             tracing::error!(
                 event = name,

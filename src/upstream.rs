@@ -1,13 +1,18 @@
-//! The connection to the legacy server: loopback TCP or a unix socket.
+//! The connection to the legacy server: loopback TCP or a unix socket, made from a
+//! chosen local address and begun with a PROXY protocol header when configured
+//! (DESIGN §7).
 
+use std::fmt;
 use std::io;
+use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::net::{TcpStream, UnixStream};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::net::{TcpSocket, TcpStream, UnixStream};
 
-use crate::config::UpstreamAddr;
+use crate::config::{ListenerConfig, UpstreamAddr};
+use crate::identity::Origin;
 
 /// A connected upstream.
 #[derive(Debug)]
@@ -28,16 +33,73 @@ impl Stream {
     }
 }
 
-/// Connects to the upstream.
-pub async fn connect(addr: &UpstreamAddr) -> io::Result<Stream> {
-    match addr {
-        UpstreamAddr::Tcp(addr) => {
-            let tcp = TcpStream::connect(addr).await?;
-            tcp.set_nodelay(true)?;
-            Ok(Stream::Tcp(tcp))
+/// How one session reaches its upstream.
+#[derive(Debug, Clone)]
+pub struct Route {
+    /// Where.
+    pub addr: UpstreamAddr,
+    /// The local address to connect from (TCP only; validated in the config).
+    pub source_address: Option<IpAddr>,
+    /// A PROXY protocol header to send before anything else.
+    pub proxy_header: Option<Vec<u8>>,
+}
+
+impl Route {
+    /// How a session of `listener` reaches its upstream: from its `source_address`,
+    /// carrying `origin` in a PROXY header when configured.
+    pub fn for_listener(listener: &ListenerConfig, origin: &Origin) -> Route {
+        Route {
+            addr: listener.upstream.clone(),
+            source_address: listener.source_address,
+            proxy_header: listener
+                .upstream_proxy_protocol
+                .map(|version| crate::identity::upstream_header(version, origin)),
         }
-        UpstreamAddr::Unix(path) => Ok(Stream::Unix(UnixStream::connect(path).await?)),
     }
+
+    /// A plain connection to `addr`.
+    pub fn to(addr: &UpstreamAddr) -> Route {
+        Route {
+            addr: addr.clone(),
+            source_address: None,
+            proxy_header: None,
+        }
+    }
+}
+
+impl fmt::Display for Route {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.addr)
+    }
+}
+
+/// Connects to the upstream: binds the source address if any, then sends the PROXY
+/// header if any, so the upstream reads it before its first command (proxy-protocol.txt
+/// §2: the header comes first, in one piece).
+pub async fn connect(route: &Route) -> io::Result<Stream> {
+    let mut stream = match &route.addr {
+        UpstreamAddr::Tcp(addr) => {
+            let tcp = match route.source_address {
+                Some(source) => {
+                    let socket = if addr.is_ipv4() {
+                        TcpSocket::new_v4()?
+                    } else {
+                        TcpSocket::new_v6()?
+                    };
+                    socket.bind(SocketAddr::new(source, 0))?;
+                    socket.connect(*addr).await?
+                }
+                None => TcpStream::connect(addr).await?,
+            };
+            tcp.set_nodelay(true)?;
+            Stream::Tcp(tcp)
+        }
+        UpstreamAddr::Unix(path) => Stream::Unix(UnixStream::connect(path).await?),
+    };
+    if let Some(header) = &route.proxy_header {
+        stream.write_all(header).await?;
+    }
+    Ok(stream)
 }
 
 impl AsyncRead for Stream {

@@ -290,8 +290,9 @@ fn an_open_relay_postfix_is_caught_with_guidance() {
     // the trap of DESIGN §7. Mail to other domains is discarded, never sent: the probe
     // sends no DATA anyway.
     let open = common::Legacy::start(
-        "mynetworks = 127.0.0.0/8\n\
+        "mynetworks = 127.0.0.1/32\n\
          smtpd_relay_restrictions = permit_mynetworks, permit_sasl_authenticated, reject_unauth_destination\n\
+         smtpd_authorized_xclient_hosts = 127.0.0.1/32\n\
          default_transport = discard:open relay test",
         "",
     );
@@ -309,11 +310,31 @@ fn an_open_relay_postfix_is_caught_with_guidance() {
                 &open.imap.to_string(),
             ),
             listener("submission", "smtp", "starttls", "require_tls", &smtp),
+            // The ways out of the trap (DESIGN §7), probed as a session would connect:
+            // the client's address by XCLIENT, or a source address the upstream does not
+            // trust.
+            listener("xclient", "smtp", "starttls", "require_tls", &smtp)
+                .replace(" }", ", xclient: true }"),
+            listener("source", "smtp", "starttls", "require_tls", &smtp)
+                .replace(" }", ", source_address: 127.0.0.2 }"),
         ],
         "",
     );
     let checked = check(&path, &[]);
     assert_eq!(checked.code, Some(1), "{}", checked.both());
+    for name in ["xclient", "source"] {
+        assert!(
+            checked
+                .stdout
+                .lines()
+                .any(|line| line.starts_with("ok: listeners[")
+                    && line.contains(&format!("({name}): "))
+                    && line.contains("refuses to relay")
+                    && line.contains("Relay access denied")),
+            "{}",
+            checked.both()
+        );
+    }
     let origin = path.display();
     for (index, name, line) in [(0, "mx", 5), (2, "submission", 7)] {
         let expected = format!(

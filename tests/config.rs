@@ -249,3 +249,72 @@ fn a_key_that_does_not_match_its_certificate_is_refused() {
         assert!(String::from_utf8_lossy(&output.stderr).contains("does not match"));
     }
 }
+
+#[test]
+fn client_identity_keys_are_typed_and_validated_with_their_line() {
+    let (text, _) = fixture("valid", "client-identity.yaml");
+    let config = Config::from_yaml(&text, "x").unwrap();
+    let mx = &config.listeners[0];
+    assert_eq!(mx.proxy_protocol_from.len(), 2);
+    assert!(mx.proxy_protocol_from[0].contains("10.0.0.77".parse().unwrap()));
+    assert_eq!(
+        mx.upstream_proxy_protocol,
+        Some(mailmoat::identity::ProxyVersion::V1)
+    );
+    assert!(config.listeners[1].xclient);
+    assert_eq!(
+        config.listeners[1].source_address,
+        Some("127.0.0.2".parse().unwrap())
+    );
+
+    let certs = common::certs();
+    let refused = |listener: &str| -> String {
+        let yaml = format!(
+            "tls:\n  certificates:\n    - {{ cert: {}, key: {} }}\nlisteners:\n  - {{ name: a, protocol: smtp, listen: \"127.0.0.1:0\", upstream: \"127.0.0.1:2525\" }}\n  - {{ name: b, listen: \"127.0.0.1:0\", {listener} }}\n",
+            certs.default.0.display(),
+            certs.default.1.display()
+        );
+        Config::from_yaml(&yaml, "id.yaml").unwrap_err().to_string()
+    };
+    let cases = [
+        (
+            "protocol: smtp, upstream: \"127.0.0.1:2525\", proxy_protocol_from: [10.0.0.1/8]",
+            "id.yaml:6: listeners[1].proxy_protocol_from: `10.0.0.1/8`: host bits are set (did you mean 10.0.0.0/8?)",
+        ),
+        (
+            "protocol: smtp, upstream: \"127.0.0.1:2525\", proxy_protocol_from: [example.org/8]",
+            "id.yaml:6: listeners[1].proxy_protocol_from: `example.org/8`: expected a network",
+        ),
+        (
+            "protocol: smtp, upstream: \"127.0.0.1:2525\", upstream_proxy_protocol: v3",
+            "id.yaml:6: listeners[1].upstream_proxy_protocol: unknown variant `v3`",
+        ),
+        (
+            "protocol: imap, upstream: \"unix:/run/imap.sock\", source_address: 127.0.0.2",
+            "id.yaml:6: listeners[1] (b).source_address: 127.0.0.2 is meaningless for the unix socket upstream",
+        ),
+        (
+            "protocol: smtp, upstream: \"127.0.0.1:2525\", source_address: 192.0.2.7",
+            "id.yaml:6: listeners[1] (b).source_address: 192.0.2.7 is not a loopback address",
+        ),
+        (
+            "protocol: smtp, upstream: \"127.0.0.1:2525\", source_address: \"::1\"",
+            "id.yaml:6: listeners[1] (b).source_address: ::1 and the upstream 127.0.0.1:2525 are of different address families",
+        ),
+        (
+            "protocol: pop3, upstream: \"127.0.0.1:1110\", xclient: true",
+            "id.yaml:6: listeners[1] (b).xclient: XCLIENT is an SMTP extension",
+        ),
+        (
+            "protocol: smtp, upstream: \"127.0.0.1:2525\", xclient: true, upstream_proxy_protocol: v2",
+            "id.yaml:6: listeners[1] (b).xclient: choose either xclient or upstream_proxy_protocol",
+        ),
+    ];
+    for (listener, expected) in cases {
+        let err = refused(listener);
+        assert!(
+            err.starts_with(expected),
+            "{listener}:\n  got      {err}\n  expected {expected}"
+        );
+    }
+}

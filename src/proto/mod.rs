@@ -88,6 +88,12 @@ pub enum Event {
     /// An IMAP upstream greeted with `* PREAUTH`: the client would be logged in without
     /// credentials, so nothing can be enforced (DESIGN §1.4).
     UpstreamPreauth,
+    /// The listener asks for XCLIENT but the upstream could not take it: the session
+    /// goes on with the upstream seeing mailmoat's address (DESIGN §7).
+    XclientUnavailable {
+        /// `not_announced` (no XCLIENT with ADDR in the EHLO reply) or `refused`.
+        reason: &'static str,
+    },
 }
 
 impl Event {
@@ -103,6 +109,7 @@ impl Event {
             Event::LimitExceeded { .. } => "limit_exceeded",
             Event::UpstreamProtocolError { .. } => "upstream_protocol_error",
             Event::UpstreamPreauth => "upstream_preauth",
+            Event::XclientUnavailable { .. } => "xclient_unavailable",
         }
     }
 }

@@ -437,6 +437,12 @@ impl Legacy {
     /// A private instance with `postfix_extra` appended to main.cf and `dovecot_extra`
     /// to dovecot.conf (e.g. an open-relay `mynetworks`, PROXY protocol, XCLIENT).
     pub fn start(postfix_extra: &str, dovecot_extra: &str) -> Legacy {
+        Legacy::start_with(postfix_extra, "", dovecot_extra)
+    }
+
+    /// As [`Legacy::start`], with `master_extra` appended to Postfix's master.cf (another
+    /// smtpd service on its own port, say).
+    pub fn start_with(postfix_extra: &str, master_extra: &str, dovecot_extra: &str) -> Legacy {
         let dir = tempfile::Builder::new()
             .prefix("mailmoat-legacy-")
             .tempdir()
@@ -453,6 +459,7 @@ impl Legacy {
             .env("LEGACY_IMAP_PORT", imap.to_string())
             .env("LEGACY_POP3_PORT", pop3.to_string())
             .env("LEGACY_POSTFIX_EXTRA", postfix_extra)
+            .env("LEGACY_POSTFIX_MASTER_EXTRA", master_extra)
             .env("LEGACY_DOVECOT_EXTRA", dovecot_extra)
             .output()
             .expect("bash runs");
@@ -754,6 +761,11 @@ pub fn capture_logs() {
             .with_writer(|| LogWriter)
             .try_init();
     });
+}
+
+/// Every log line the in-process proxy wrote so far.
+pub fn captured_logs() -> String {
+    String::from_utf8_lossy(&LOGS.lock().unwrap_or_else(|e| e.into_inner())).into_owned()
 }
 
 /// Fails if any of `secrets` appears in any log line captured so far.

@@ -4,6 +4,7 @@
 pub mod body;
 pub mod parse;
 mod session;
+pub mod xclient;
 
 pub use session::{Config, Session};
 

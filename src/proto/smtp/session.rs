@@ -7,6 +7,14 @@
 //! whose reply changes how the following bytes must be read (EHLO, DATA, AUTH, QUIT,
 //! STARTTLS's RSET), and every command when the upstream did not offer PIPELINING, is a
 //! barrier: nothing after it is read until its reply arrives (DESIGN §10).
+//!
+//! XCLIENT (listener option `xclient`): after the upstream's greeting, before the client
+//! reads anything, the proxy sends its own EHLO, then (if the reply announces XCLIENT)
+//! one XCLIENT with the client's identity, each after the previous reply (DESIGN §10).
+//! The upstream answers XCLIENT with a new greeting, which is the one the client sees;
+//! the client's own EHLO then starts its dialogue as usual. Postfix keeps the XCLIENT
+//! attributes for the whole connection, so the proxy's RSET at STARTTLS does not undo
+//! them (XCLIENT_README: they last until the end of the session or the next XCLIENT).
 
 use std::collections::VecDeque;
 
@@ -14,6 +22,7 @@ use bytes::{Buf, BufMut, Bytes, BytesMut};
 
 use super::body::{Body, Progress};
 use super::parse::{self, Verb};
+use super::xclient;
 use crate::policy::{
     BareNewlines, Policy, UserHasher, is_channel_binding_mechanism, is_mangled_upgrade_verb,
 };
@@ -103,6 +112,15 @@ enum Mode {
 #[derive(Debug)]
 enum Awaiting {
     Greeting,
+    /// The proxy's own EHLO, to learn whether the upstream offers XCLIENT; the
+    /// upstream's greeting waits to be relayed.
+    XclientEhlo {
+        greeting: Vec<Line>,
+    },
+    /// The proxy's XCLIENT; its positive reply is a new greeting.
+    Xclient {
+        greeting: Vec<Line>,
+    },
     Ehlo {
         domain: Bytes,
     },
@@ -191,6 +209,8 @@ pub struct Session {
     client_done: bool,
     actions: VecDeque<Action>,
     counters: Tally,
+    /// The client to announce with XCLIENT after the greeting (listener option).
+    xclient: Option<xclient::Identity>,
 }
 
 impl Session {
@@ -218,7 +238,15 @@ impl Session {
             client_done: false,
             actions: VecDeque::new(),
             counters: Tally::new(TALLY_ORDER, &["starttls", "auth"]),
+            xclient: None,
         }
+    }
+
+    /// Announces `identity` to the upstream with XCLIENT before the client's dialogue
+    /// (see the module documentation).
+    pub fn with_xclient(mut self, identity: xclient::Identity) -> Self {
+        self.xclient = Some(identity);
+        self
     }
 
     fn send_client(&mut self, bytes: impl Into<Bytes>) {
@@ -645,8 +673,30 @@ impl Session {
         let positive = code < 400;
         match awaiting {
             Awaiting::Greeting => {
+                if code == 220 && self.xclient.is_some() {
+                    // Our own command, sent alone after the banner (DESIGN §10).
+                    self.send_upstream(&b"EHLO localhost\r\n"[..]);
+                    self.slots.push_front(Slot::Upstream {
+                        verb,
+                        awaiting: Awaiting::XclientEhlo { greeting: lines },
+                    });
+                    return;
+                }
                 self.mode = Mode::Command;
                 return self.relay(&lines);
+            }
+            Awaiting::XclientEhlo { greeting } => {
+                return self.on_xclient_ehlo_reply(verb, positive, &lines, greeting);
+            }
+            Awaiting::Xclient { greeting } => {
+                self.mode = Mode::Command;
+                // 220: the new session's greeting. 421: the upstream refuses this
+                // client and hangs up; the client sees it as the greeting.
+                if code == 220 || code == 421 {
+                    return self.relay(&lines);
+                }
+                self.event(Event::XclientUnavailable { reason: "refused" });
+                return self.relay(&greeting);
             }
             Awaiting::Ehlo { domain } => {
                 if positive {
@@ -716,6 +766,45 @@ impl Session {
             self.greeted_since_tls = true;
         }
         self.counters.record(tally_name(verb), positive);
+    }
+
+    /// The reply to the proxy's own EHLO: send XCLIENT with what the upstream announced,
+    /// or carry on without it (one warning per session).
+    fn on_xclient_ehlo_reply(
+        &mut self,
+        verb: Verb,
+        positive: bool,
+        lines: &[Line],
+        greeting: Vec<Line>,
+    ) {
+        let identity = self.xclient.take();
+        let command = lines
+            .iter()
+            .skip(1)
+            .filter(|_| positive)
+            .filter_map(|line| {
+                let text = parse::reply_line(&line.text).map_or(&b""[..], |r| r.text);
+                xclient::announced(text)
+            })
+            .next()
+            .zip(identity)
+            .and_then(|(names, identity)| xclient::command(&identity, &names));
+        match command {
+            Some(command) => {
+                self.send_upstream(command);
+                self.slots.push_front(Slot::Upstream {
+                    verb,
+                    awaiting: Awaiting::Xclient { greeting },
+                });
+            }
+            None => {
+                self.event(Event::XclientUnavailable {
+                    reason: "not_announced",
+                });
+                self.mode = Mode::Command;
+                self.relay(&greeting);
+            }
+        }
     }
 
     fn relay(&mut self, lines: &[Line]) {
@@ -1826,5 +1915,97 @@ mod tests {
             "421 4.4.2 Timeout exceeded, closing connection\r\n"
         );
         assert!(out.closed);
+    }
+
+    fn xclient_session() -> Session {
+        Session::new(config(Policy::RequireTls), false).with_xclient(xclient::Identity {
+            client: "203.0.113.7:51234".parse().unwrap(),
+            destination: "192.0.2.1:587".parse().unwrap(),
+        })
+    }
+
+    #[test]
+    fn xclient_is_sent_alone_after_the_proxys_own_ehlo_and_the_new_greeting_is_relayed() {
+        let mut s = xclient_session();
+        // Client bytes sent early wait: nothing is read before the greeting.
+        assert_eq!(client(&mut s, "EHLO client.example\r\n"), Out::default());
+        let out = upstream(&mut s, "220 legacy ESMTP\r\n");
+        assert_eq!(out.client, "", "the greeting waits for XCLIENT");
+        assert_eq!(out.upstream, "EHLO localhost\r\n");
+        let out = upstream(
+            &mut s,
+            "250-legacy\r\n250-PIPELINING\r\n250-XCLIENT NAME ADDR PORT PROTO HELO LOGIN\r\n250 8BITMIME\r\n",
+        );
+        assert_eq!(
+            out.upstream,
+            "XCLIENT ADDR=203.0.113.7 PORT=51234 NAME=[UNAVAILABLE]\r\n"
+        );
+        assert_eq!(out.client, "");
+        // The new session's greeting is the client's; then its own EHLO goes through.
+        let out = upstream(&mut s, "220 legacy ESMTP again\r\n");
+        assert_eq!(out.client, "220 legacy ESMTP again\r\n");
+        assert_eq!(out.upstream, "EHLO client.example\r\n");
+        s.on_upstream_data(EHLO_REPLY);
+        let out = drain(&mut s);
+        assert!(out.client.ends_with("250 STARTTLS\r\n"), "{}", out.client);
+        assert!(!out.client.contains("XCLIENT"));
+        assert_eq!(s.summary(), "ehlo=1");
+    }
+
+    #[test]
+    fn without_xclient_in_the_ehlo_reply_the_session_goes_on_with_one_warning() {
+        let mut s = xclient_session();
+        s.on_upstream_data(GREETING);
+        drain(&mut s);
+        let out = upstream(&mut s, "250-legacy\r\n250 PIPELINING\r\n");
+        assert_eq!(names(&out.events), ["xclient_unavailable"]);
+        assert_eq!(out.client, String::from_utf8_lossy(GREETING));
+        assert_eq!(out.upstream, "");
+        let out = client(&mut s, "EHLO client.example\r\n");
+        assert_eq!(out.upstream, "EHLO client.example\r\n");
+        assert!(out.events.is_empty());
+        // A HELO-only upstream refuses the proxy's EHLO: the same.
+        let mut s = xclient_session();
+        s.on_upstream_data(GREETING);
+        drain(&mut s);
+        let out = upstream(&mut s, "502 5.5.2 Error: command not recognized\r\n");
+        assert_eq!(
+            out.events,
+            [Event::XclientUnavailable {
+                reason: "not_announced"
+            }]
+        );
+        assert_eq!(out.client, String::from_utf8_lossy(GREETING));
+    }
+
+    #[test]
+    fn a_refused_xclient_relays_the_first_greeting_and_a_421_ends_the_session() {
+        let mut s = xclient_session();
+        s.on_upstream_data(GREETING);
+        drain(&mut s);
+        upstream(&mut s, "250-legacy\r\n250 XCLIENT ADDR\r\n");
+        let out = upstream(&mut s, "550 5.7.0 Error: insufficient authorization\r\n");
+        assert_eq!(
+            out.events,
+            [Event::XclientUnavailable { reason: "refused" }]
+        );
+        assert_eq!(out.client, String::from_utf8_lossy(GREETING));
+        assert_eq!(client(&mut s, "NOOP\r\n").upstream, "NOOP\r\n");
+
+        let mut s = xclient_session();
+        s.on_upstream_data(GREETING);
+        drain(&mut s);
+        upstream(&mut s, "250-legacy\r\n250 XCLIENT ADDR\r\n");
+        let out = upstream(&mut s, "421 4.7.0 go away\r\n");
+        assert_eq!(out.client, "421 4.7.0 go away\r\n");
+        assert!(out.events.is_empty());
+    }
+
+    #[test]
+    fn an_upstream_banner_refusal_is_relayed_without_xclient() {
+        let mut s = xclient_session();
+        let out = upstream(&mut s, "554 5.3.2 not now\r\n");
+        assert_eq!(out.client, "554 5.3.2 not now\r\n");
+        assert_eq!(out.upstream, "");
     }
 }
