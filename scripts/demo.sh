@@ -54,9 +54,16 @@ listeners:
   - { name: imaps,      protocol: imap, listen: "127.0.0.1:10993", tls: implicit, upstream: "127.0.0.1:$LEGACY_IMAP_PORT" }
   - { name: pop3,       protocol: pop3, listen: "127.0.0.1:10110", tls: starttls, upstream: "127.0.0.1:$LEGACY_POP3_PORT" }
   - { name: pop3s,      protocol: pop3, listen: "127.0.0.1:10995", tls: implicit, upstream: "127.0.0.1:$LEGACY_POP3_PORT" }
+metrics: { listen: "127.0.0.1:10925" }
 YAML
-step "starting mailmoat (config $demo/mailmoat.yaml, log $demo/mailmoat.log)"
+step "mailmoat check: config, certificate, each upstream, and the open-relay trap"
 "$root/target/release/mailmoat" check -c "$demo/mailmoat.yaml"
+
+step "mailmoat explain (submission): what Postfix says, and what clients see before and after TLS"
+"$root/target/release/mailmoat" explain -c "$demo/mailmoat.yaml" |
+    awk '/^listener submission/{on=1} /^listener smtps/{on=0} on'
+
+step "starting mailmoat (config $demo/mailmoat.yaml, log $demo/mailmoat.log)"
 "$root/target/release/mailmoat" run -c "$demo/mailmoat.yaml" >"$demo/mailmoat.log" 2>&1 &
 echo $! >"$demo/mailmoat.pid"
 for _ in $(seq 50); do
@@ -120,11 +127,15 @@ curl -sS --ssl-reqd --cacert "$demo/certs/ca.pem" --resolve mail.example.test:10
     -u alice@example.test:alice-secret-pw pop3://mail.example.test:10110/ | sed -n '1,3p'
 
 step "delivered to alice's Maildir by the legacy Postfix"
-ls -1 "$LEGACY_MAILDIR_ALICE/new" | tail -3
+ls -1t "$LEGACY_MAILDIR_ALICE/new" "$LEGACY_MAILDIR_ALICE/cur" | grep -v -e "^$" -e ":$" | head -3
 
 step "mailmoat's security events"
 grep -E 'event="(credentials_exposed|plaintext_command_refused|tls_established|session_end)"' \
     "$demo/mailmoat.log" | tail -6
+
+step "the same events as Prometheus counters (http://127.0.0.1:10925/metrics)"
+curl -sS http://127.0.0.1:10925/metrics |
+    grep -E '^mailmoat_(security_events_total\{listener="(submission|pop3)",event="(credentials_exposed|plaintext_command_refused|tls_established)"|sessions_total\{listener="submission")' || true
 
 cat <<EOF
 
@@ -137,5 +148,6 @@ mailmoat is running (pid $(cat "$demo/mailmoat.pid")) in front of the legacy Pos
 Point a client at it: server 127.0.0.1, port 10587, STARTTLS, user alice@example.test,
 password alice-secret-pw; trust the test CA $demo/certs/ca.pem (name mail.example.test).
   swaks --server 127.0.0.1:10587 --tls --auth-user alice@example.test --auth-password alice-secret-pw --to alice@example.test
+Metrics: http://127.0.0.1:10925/metrics    Reload: kill -HUP $(cat "$demo/mailmoat.pid")
 Log: $demo/mailmoat.log    Stop: scripts/demo.sh stop
 EOF

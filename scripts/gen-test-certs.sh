@@ -7,14 +7,16 @@ dir=${1:?usage: gen-test-certs.sh DIR [NAME]}
 name=${2:-mail.example.test}
 mkdir -p "$dir"
 cd "$dir"
-if [ ! -f ca.pem ]; then
+# Valid a year; a CA left from an earlier run is replaced when it has under 60 days left
+# (mailmoat check warns about certificates that expire within 30 days).
+if [ ! -f ca.pem ] || ! openssl x509 -in ca.pem -noout -checkend $((60 * 86400)) >/dev/null; then
     openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes \
-        -keyout ca.key -out ca.pem -days 30 -subj "/CN=mailmoat test CA" \
+        -keyout ca.key -out ca.pem -days 365 -subj "/CN=mailmoat test CA" \
         -addext basicConstraints=critical,CA:TRUE -addext keyUsage=critical,keyCertSign 2>/dev/null
 fi
 openssl req -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes \
     -keyout "$name.key" -out "$name.csr" -subj "/CN=$name" 2>/dev/null
-openssl x509 -req -in "$name.csr" -CA ca.pem -CAkey ca.key -CAcreateserial -days 30 \
+openssl x509 -req -in "$name.csr" -CA ca.pem -CAkey ca.key -CAcreateserial -days 365 \
     -extfile <(printf 'subjectAltName=DNS:%s\nextendedKeyUsage=serverAuth\n' "$name") \
     -out "$name.leaf.pem" 2>/dev/null
 cat "$name.leaf.pem" ca.pem > "$name.pem"
