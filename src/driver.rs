@@ -110,6 +110,21 @@ struct Traffic {
     tls: Option<(String, String)>,
 }
 
+impl Traffic {
+    /// Counts for the session summary and the listener's `relayed_bytes` metric.
+    fn read_from_client(&mut self, n: usize, context: &ConnectionSettings) {
+        self.from_client += n as u64;
+        let bytes = context.metrics.bytes();
+        bytes.client_to_upstream.inc_by(n as u64);
+    }
+
+    fn sent_to_client(&mut self, n: usize, context: &ConnectionSettings) {
+        self.to_client += n as u64;
+        let bytes = context.metrics.bytes();
+        bytes.upstream_to_client.inc_by(n as u64);
+    }
+}
+
 /// Serves one client connection end to end.
 ///
 /// `temporary_failure` is the protocol's reply when the upstream cannot be reached
@@ -395,12 +410,7 @@ async fn run<P: Session, S: AsyncRead + AsyncWrite + Unpin>(
                     tokio::time::timeout(write_deadline, client.write_all(&bytes))
                         .await
                         .map_err(|_| io::Error::from(io::ErrorKind::TimedOut))??;
-                    traffic.to_client += bytes.len() as u64;
-                    context
-                        .metrics
-                        .bytes()
-                        .upstream_to_client
-                        .inc_by(bytes.len() as u64);
+                    traffic.sent_to_client(bytes.len(), context);
                     wrote_client = true;
                     moved = true;
                 }
@@ -452,12 +462,7 @@ async fn run<P: Session, S: AsyncRead + AsyncWrite + Unpin>(
                         match read {
                             Ok([]) => session.on_client_eof(),
                             Ok(data) => {
-                                traffic.from_client += data.len() as u64;
-                                context
-                                    .metrics
-                                    .bytes()
-                                    .client_to_upstream
-                                    .inc_by(data.len() as u64);
+                                traffic.read_from_client(data.len(), context);
                                 client_read = true;
                                 session.on_client_data(data);
                             }

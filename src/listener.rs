@@ -468,12 +468,7 @@ async fn accept_loop(
         let metrics = &current.settings.metrics;
         metrics.connection_accepted();
         let Ok(permit) = Arc::clone(&shared.connections).try_acquire_owned() else {
-            telemetry::connection_refused(metrics, "max_connections", peer);
-            tokio::spawn(refuse_busy(
-                client,
-                current.config.tls,
-                current.config.protocol,
-            ));
+            refuse(client, peer, "max_connections", &current);
             continue;
         };
         // Behind a load balancer every connection comes from the balancer's address:
@@ -487,12 +482,7 @@ async fn accept_loop(
             None
         } else {
             let Some(client_permit) = shared.per_client.try_acquire(peer.ip()) else {
-                telemetry::connection_refused(metrics, "max_connections_per_client", peer);
-                tokio::spawn(refuse_busy(
-                    client,
-                    current.config.tls,
-                    current.config.protocol,
-                ));
+                refuse(client, peer, "max_connections_per_client", &current);
                 continue;
             };
             Some(client_permit)
@@ -606,6 +596,12 @@ async fn serve(client: TcpStream, origin: &Origin, state: &ListenerState) {
             driver::serve(client, upstream, settings, session, pop3::UNAVAILABLE).await
         }
     }
+}
+
+/// Logs and counts a connection over a cap, and refuses it in the background.
+fn refuse(client: TcpStream, peer: SocketAddr, limit: &'static str, state: &ListenerState) {
+    telemetry::connection_refused(&state.settings.metrics, limit, peer);
+    tokio::spawn(refuse_busy(client, state.config.tls, state.config.protocol));
 }
 
 /// Over the connection cap: a plaintext client gets the protocol's temporary failure.

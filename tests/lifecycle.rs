@@ -38,6 +38,27 @@ async fn line(client: &mut Client<tokio::net::TcpStream>) -> String {
     line
 }
 
+/// A plaintext session on an MX listener, inside DATA.
+async fn in_data(addr: SocketAddr) -> Client<tokio::net::TcpStream> {
+    let mut client = connect(addr).await;
+    assert!(client.reply().await.starts_with("220 "));
+    assert!(client.cmd("EHLO client.example").await.starts_with("250-"));
+    assert!(
+        client
+            .cmd("MAIL FROM:<a@example.test>")
+            .await
+            .starts_with("250")
+    );
+    assert!(
+        client
+            .cmd("RCPT TO:<b@example.test>")
+            .await
+            .starts_with("250")
+    );
+    assert!(client.cmd("DATA").await.starts_with("354"));
+    client
+}
+
 fn addr(port: u16) -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], port))
 }
@@ -274,22 +295,7 @@ async fn sigterm_lets_a_message_in_data_finish_then_says_goodbye() {
     let mut mailmoat =
         Mailmoat::start(&[("mx", "smtp", "starttls", "auth_requires_tls", upstream.addr)]);
     let listener = addr(mailmoat.port("mx"));
-    let mut client = connect(listener).await;
-    assert!(client.reply().await.starts_with("220 "));
-    assert!(client.cmd("EHLO client.example").await.starts_with("250-"));
-    assert!(
-        client
-            .cmd("MAIL FROM:<a@example.test>")
-            .await
-            .starts_with("250")
-    );
-    assert!(
-        client
-            .cmd("RCPT TO:<b@example.test>")
-            .await
-            .starts_with("250")
-    );
-    assert!(client.cmd("DATA").await.starts_with("354"));
+    let mut client = in_data(listener).await;
     client
         .send(b"Subject: in-flight\r\n\r\nfirst half\r\n")
         .await;
@@ -318,22 +324,7 @@ async fn after_the_grace_period_a_stuck_session_is_cut_and_nothing_is_delivered(
         &[("mx", "smtp", "starttls", "auth_requires_tls", upstream.addr)],
         "timeouts: { shutdown_grace: 1s }\n",
     );
-    let mut client = connect(addr(mailmoat.port("mx"))).await;
-    assert!(client.reply().await.starts_with("220 "));
-    assert!(client.cmd("EHLO client.example").await.starts_with("250-"));
-    assert!(
-        client
-            .cmd("MAIL FROM:<a@example.test>")
-            .await
-            .starts_with("250")
-    );
-    assert!(
-        client
-            .cmd("RCPT TO:<b@example.test>")
-            .await
-            .starts_with("250")
-    );
-    assert!(client.cmd("DATA").await.starts_with("354"));
+    let mut client = in_data(addr(mailmoat.port("mx"))).await;
     client.send(b"Subject: never finished\r\n\r\n").await;
 
     mailmoat.signal("TERM");
