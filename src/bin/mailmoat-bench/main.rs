@@ -199,6 +199,11 @@ impl Totals {
 
 /// CPU time (utime + stime) of a process, in µs, from `/proc/PID/stat`.
 fn cpu_us(pid: &str) -> Option<u64> {
+    cpu_split_us(pid).map(|(user, system)| user + system)
+}
+
+/// (user, system) CPU time of a process, in µs, from `/proc/PID/stat`.
+fn cpu_split_us(pid: &str) -> Option<(u64, u64)> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     // Fields after the command name, which may hold spaces: "state ppid ...";
     // utime and stime are fields 14 and 15 of the whole line.
@@ -207,7 +212,7 @@ fn cpu_us(pid: &str) -> Option<u64> {
     let utime: u64 = fields.get(11)?.parse().ok()?;
     let stime: u64 = fields.get(12)?.parse().ok()?;
     // USER_HZ is 100 on every Linux architecture this runs on (the kernel converts).
-    Some((utime + stime) * 10_000)
+    Some((utime * 10_000, stime * 10_000))
 }
 
 /// Resident memory of a process, in KiB, from `/proc/PID/status`.
@@ -295,7 +300,7 @@ async fn run(cli: Cli) -> Result<serde_json::Value> {
     };
     let proxy = common.proxy_pid.map(|p| p.to_string());
     let self_cpu_before = cpu_us("self");
-    let proxy_cpu_before = proxy.as_deref().and_then(cpu_us);
+    let proxy_cpu_before = proxy.as_deref().and_then(cpu_split_us);
     let proxy_rss_before = proxy.as_deref().and_then(rss_kib);
     if proxy.is_some() && (proxy_cpu_before.is_none() || proxy_rss_before.is_none()) {
         bail!(
@@ -425,12 +430,20 @@ async fn run(cli: Cli) -> Result<serde_json::Value> {
     let mb = totals.payload as f64 / 1e6;
 
     let proxy_json = match (&proxy, proxy_cpu_before, proxy_rss_before) {
-        (Some(pid), Some(cpu_before), Some(rss_before)) => {
-            let cpu = cpu_us(pid).map(|a| a.saturating_sub(cpu_before));
+        (Some(pid), Some((user_before, system_before)), Some(rss_before)) => {
+            let split = cpu_split_us(pid).map(|(user, system)| {
+                (
+                    user.saturating_sub(user_before),
+                    system.saturating_sub(system_before),
+                )
+            });
+            let cpu = split.map(|(user, system)| user + system);
             let rss_after = idle_rss.or_else(|| rss_kib(pid));
             let mut p = json!({
                 "pid": pid,
                 "cpu_us": cpu,
+                "cpu_user_us": split.map(|s| s.0),
+                "cpu_system_us": split.map(|s| s.1),
                 "cpu_us_per_session": per(cpu, totals.ok),
                 "cpu_ms_per_mb": cpu.filter(|_| mb > 0.0).map(|c| c as f64 / 1000.0 / mb),
                 "rss_kib_before": rss_before,
