@@ -340,7 +340,15 @@ row("imap_fetch_10mb", "MB/s", "mb_per_s")
 row("smtp_latency", "transaction p50 ms", "transaction_latency_us.p50", "+<= 0.8 ms", scale=1e-3, digits=3)
 row("smtp_latency", "transaction p99 ms", "transaction_latency_us.p99", scale=1e-3, digits=3)
 row("smtp_latency", "transactions >= 35 ms", "transaction_latency_us.over_35ms", "0", digits=0, ratio=False)
-row("smtp_concurrent", "errors", "errors", "0", digits=0, ratio=False)
+def total(scenario, side, path):
+    vals = [get(r, path) for r in runs.get((scenario, side), [])]
+    return sum(v for v in vals if isinstance(v, (int, float)))
+def total_row(scenario, metric, path, target=""):
+    rows.append((scenario, metric, "direct", fmt(total(scenario, "direct", path), 0),
+                 fmt(total(scenario, "mailmoat", path), 0), "-", target))
+total_row("smtp_concurrent", "errors, all repetitions", "errors", "0")
+total_row("smtp_concurrent", "listen queue overflows, all reps", "tcp_ext.ListenOverflows")
+total_row("smtp_concurrent", "SYN cookies sent, all reps", "tcp_ext.SyncookiesSent")
 row("smtp_concurrent", "ok sessions", "ok", digits=0, ratio=False)
 row("smtp_concurrent", "session p99 ms", "session_latency_us.p99", scale=1e-3, digits=1)
 row(f"idle_{n_idle}", "KiB resident per session", "proxy.rss_kib_per_conn", "<= 12", base_side=None)

@@ -17,6 +17,8 @@ use tokio::net::TcpStream;
 
 /// Longest reply line accepted from the peer (a literal's bytes are not a line).
 pub const MAX_LINE_LEN: usize = 64 * 1024;
+/// Bytes asked of the stream per read (a TLS record's worth).
+const READ_CHUNK: usize = 16 * 1024;
 
 /// A stream the generator can speak over: plain TCP or TLS on TCP.
 pub trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
@@ -35,7 +37,7 @@ impl<S: Io> Conn<S> {
     pub fn new(io: S, step: Duration) -> Self {
         Conn {
             io,
-            buf: Vec::with_capacity(4096),
+            buf: Vec::new(),
             start: 0,
             step,
         }
@@ -44,6 +46,13 @@ impl<S: Io> Conn<S> {
     /// Bytes received but not consumed yet.
     pub fn buffered(&self) -> usize {
         self.buf.len() - self.start
+    }
+
+    /// Gives back the read buffer's memory (a session about to sit idle for long).
+    pub fn shrink(&mut self) {
+        self.buf.drain(..self.start);
+        self.start = 0;
+        self.buf.shrink_to_fit();
     }
 
     /// The stream, once nothing is left in the buffer (STARTTLS: anything the peer
@@ -62,12 +71,12 @@ impl<S: Io> Conn<S> {
         if self.start > 0 && self.start == self.buf.len() {
             self.buf.clear();
             self.start = 0;
-        } else if self.start > 64 * 1024 {
+        } else if self.start > READ_CHUNK {
             self.buf.drain(..self.start);
             self.start = 0;
         }
         let old = self.buf.len();
-        self.buf.resize(old + 64 * 1024, 0);
+        self.buf.resize(old + READ_CHUNK, 0);
         let read = tokio::time::timeout(self.step, self.io.read(&mut self.buf[old..])).await;
         let n = match read {
             Ok(Ok(n)) => n,

@@ -4,7 +4,7 @@
 
 use std::time::{Duration, Instant};
 
-use anyhow::{Result, bail};
+use anyhow::{Context, Result, bail};
 
 use crate::conn::{self, Conn, Io, Tls};
 use crate::{Outcome, TlsMode, show};
@@ -38,7 +38,10 @@ pub async fn tagged<S: Io>(c: &mut Conn<S>, tag: &str) -> Result<Response> {
     let mut out = Response::default();
     let prefix = format!("{tag} ");
     for _ in 0..MAX_RESPONSE_LINES {
-        let line = c.line().await?;
+        let line = c
+            .line()
+            .await
+            .with_context(|| format!("{tag}: awaiting response"))?;
         if let Some(rest) = line.strip_prefix(prefix.as_bytes()) {
             if rest.len() >= 2 && rest[..2].eq_ignore_ascii_case(b"OK") {
                 return Ok(out);
@@ -187,7 +190,7 @@ pub async fn session(addr: std::net::SocketAddr, plan: &Plan, out: &mut Outcome)
 }
 
 async fn greeting<S: Io>(c: &mut Conn<S>) -> Result<()> {
-    let line = c.line().await?;
+    let line = c.line().await.context("greeting: awaiting it")?;
     if !line.starts_with(b"* OK") {
         bail!("greeting: expected * OK, got {}", show(&line));
     }

@@ -215,6 +215,31 @@ fn cpu_split_us(pid: &str) -> Option<(u64, u64)> {
     Some((utime * 10_000, stime * 10_000))
 }
 
+/// Counters of this network namespace (`TcpExt:` in `/proc/net/netstat`) that show
+/// connections lost in a full listen queue: with SYN cookies, a server-speaks-first
+/// client whose final ACK is dropped waits for a greeting that never comes.
+const TCP_EXT_COUNTERS: &[&str] = &[
+    "ListenOverflows",
+    "ListenDrops",
+    "SyncookiesSent",
+    "TCPReqQFullDoCookies",
+];
+
+fn tcp_ext() -> Option<Vec<u64>> {
+    let netstat = std::fs::read_to_string("/proc/net/netstat").ok()?;
+    let mut tcp_ext = netstat.lines().filter(|l| l.starts_with("TcpExt:"));
+    let (names, values) = (tcp_ext.next()?, tcp_ext.next()?);
+    let names: Vec<&str> = names.split(' ').collect();
+    let values: Vec<&str> = values.split(' ').collect();
+    TCP_EXT_COUNTERS
+        .iter()
+        .map(|counter| {
+            let at = names.iter().position(|n| n == counter)?;
+            values.get(at)?.parse().ok()
+        })
+        .collect()
+}
+
 /// Resident memory of a process, in KiB, from `/proc/PID/status`.
 fn rss_kib(pid: &str) -> Option<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
@@ -308,6 +333,7 @@ async fn run(cli: Cli) -> Result<serde_json::Value> {
             proxy.unwrap_or_default()
         );
     }
+    let tcp_ext_before = tcp_ext();
     let started = Instant::now();
     let deadline = Duration::from_secs(common.timeout.max(1));
 
@@ -399,6 +425,7 @@ async fn run(cli: Cli) -> Result<serde_json::Value> {
                 async move {
                     let (mut c, resumed) = smtp::open(addr, &plan).await?;
                     smtp::hello(&mut c, &plan).await?;
+                    c.shrink();
                     if let Ok(mut held) = keep.lock() {
                         held.push(c);
                     }
@@ -482,6 +509,13 @@ async fn run(cli: Cli) -> Result<serde_json::Value> {
         "session_latency_us": percentiles(&mut totals.session_times),
         "transaction_latency_us": transactions,
         "proxy": proxy_json,
+        "tcp_ext": tcp_ext().zip(tcp_ext_before).map(|(after, before)| {
+            TCP_EXT_COUNTERS
+                .iter()
+                .zip(after.iter().zip(before))
+                .map(|(name, (a, b))| (name.to_string(), json!(a.saturating_sub(b))))
+                .collect::<serde_json::Map<_, _>>()
+        }),
         "generator": {
             "cpu_us": self_cpu,
             "cpu_us_per_session": per(self_cpu, totals.ok),
@@ -566,6 +600,7 @@ mod tests {
 
     #[test]
     fn own_cpu_and_memory_are_readable() {
+        assert_eq!(tcp_ext().map(|c| c.len()), Some(TCP_EXT_COUNTERS.len()));
         assert!(cpu_us("self").is_some());
         assert!(rss_kib("self").is_some_and(|kib| kib > 0));
     }

@@ -5,7 +5,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use anyhow::{Result, bail};
+use anyhow::{Context, Result, bail};
 use base64::Engine;
 
 use crate::conn::{self, Conn, Io, Tls};
@@ -83,9 +83,11 @@ pub async fn cmd<S: Io>(c: &mut Conn<S>, command: &str, want: u16) -> Result<Rep
 }
 
 async fn expect<S: Io>(c: &mut Conn<S>, what: &str, want: u16) -> Result<Reply> {
-    let reply = reply(c).await?;
+    let verb = what.split(' ').next().unwrap_or(what);
+    let reply = reply(c)
+        .await
+        .with_context(|| format!("{verb}: awaiting reply"))?;
     if reply.code != want {
-        let verb = what.split(' ').next().unwrap_or(what);
         bail!(
             "{verb}: expected {want}, got {} {}",
             reply.code,
