@@ -77,6 +77,12 @@ async fn smtp_starttls_and_implicit_sessions_are_verified_end_to_end() {
     assert_eq!(json["errors"], 0);
     assert_eq!(json["bytes"], 6 * 2 * 10_000);
     assert_eq!(json["tls"], "starttls");
+    let suites = json["tls_suites"].as_object().unwrap();
+    assert_eq!(suites.values().filter_map(|n| n.as_u64()).sum::<u64>(), 6);
+    assert!(
+        suites.keys().all(|s| s.starts_with("TLSv1_3 ")),
+        "{suites:?}"
+    );
     assert!(json["proxy"]["cpu_us"].is_u64(), "{json}");
     assert!(json["proxy"]["rss_kib_after"].as_u64().unwrap() > 0);
     assert_eq!(json["session_latency_us"]["count"], 6);

@@ -239,6 +239,14 @@ impl Tls {
     }
 }
 
+/// The negotiated protocol version and cipher suite, e.g. `TLSv1_3 TLS13_AES_256_GCM_SHA384`.
+pub fn suite<S>(tls: &tokio_rustls::client::TlsStream<S>) -> Option<String> {
+    let connection = tls.get_ref().1;
+    let version = connection.protocol_version()?;
+    let suite = connection.negotiated_cipher_suite()?;
+    Some(format!("{version:?} {:?}", suite.suite()))
+}
+
 /// Whether the handshake of `tls` resumed an earlier session.
 pub fn resumed<S>(tls: &tokio_rustls::client::TlsStream<S>) -> bool {
     tls.get_ref().1.handshake_kind() == Some(rustls::HandshakeKind::Resumed)

@@ -128,6 +128,7 @@ pub async fn session(addr: std::net::SocketAddr, plan: &Plan, out: &mut Outcome)
         (TlsMode::Implicit, Some(tls)) => {
             let stream = tls.handshake(tcp, plan.step).await?;
             out.resumed = conn::resumed(&stream);
+            out.suite = conn::suite(&stream);
             let mut c: Conn<Box<dyn Io>> = Conn::new(Box::new(stream), plan.step);
             greeting(&mut c).await?;
             c
@@ -139,6 +140,7 @@ pub async fn session(addr: std::net::SocketAddr, plan: &Plan, out: &mut Outcome)
             tagged(&mut plain, "s1").await?;
             let stream = tls.handshake(plain.into_inner()?, plan.step).await?;
             out.resumed = conn::resumed(&stream);
+            out.suite = conn::suite(&stream);
             Conn::new(Box::new(stream), plan.step)
         }
         (_, None) => bail!("TLS requested without a TLS client"),

@@ -154,6 +154,8 @@ pub struct Outcome {
     pub transactions: Vec<Duration>,
     /// The TLS handshake resumed a session.
     pub resumed: bool,
+    /// TLS version and cipher suite.
+    pub suite: Option<String>,
 }
 
 /// A peer's bytes, printable and short, for error messages.
@@ -170,6 +172,7 @@ struct Totals {
     error_samples: Vec<String>,
     payload: u64,
     resumed: u64,
+    suites: std::collections::BTreeMap<String, u64>,
     session_times: Vec<Duration>,
     transaction_times: Vec<Duration>,
 }
@@ -181,6 +184,9 @@ impl Totals {
                 self.ok += 1;
                 self.payload += outcome.payload;
                 self.resumed += u64::from(outcome.resumed);
+                if let Some(suite) = outcome.suite {
+                    *self.suites.entry(suite).or_default() += 1;
+                }
                 self.session_times.push(took);
                 self.transaction_times.extend(outcome.transactions);
             }
@@ -423,14 +429,15 @@ async fn run(cli: Cli) -> Result<serde_json::Value> {
                 let plan = Arc::clone(&plan);
                 let keep = Arc::clone(&keep);
                 async move {
-                    let (mut c, resumed) = smtp::open(addr, &plan).await?;
+                    let (mut c, negotiated) = smtp::open(addr, &plan).await?;
                     smtp::hello(&mut c, &plan).await?;
                     c.shrink();
                     if let Ok(mut held) = keep.lock() {
                         held.push(c);
                     }
                     Ok(Outcome {
-                        resumed,
+                        resumed: negotiated.resumed,
+                        suite: negotiated.suite,
                         ..Outcome::default()
                     })
                 }
@@ -502,6 +509,7 @@ async fn run(cli: Cli) -> Result<serde_json::Value> {
         "error_samples": totals.error_samples,
         "timed_out": timed_out,
         "resumed": totals.resumed,
+        "tls_suites": totals.suites,
         "elapsed_s": elapsed_s,
         "sessions_per_s": totals.ok as f64 / elapsed_s,
         "bytes": totals.payload,

@@ -97,6 +97,22 @@ async fn expect<S: Io>(c: &mut Conn<S>, what: &str, want: u16) -> Result<Reply> 
     Ok(reply)
 }
 
+/// What the TLS handshake gave, if there was one.
+#[derive(Default)]
+pub struct Negotiated {
+    pub resumed: bool,
+    pub suite: Option<String>,
+}
+
+impl Negotiated {
+    fn of<S>(tls: &tokio_rustls::client::TlsStream<S>) -> Self {
+        Negotiated {
+            resumed: conn::resumed(tls),
+            suite: conn::suite(tls),
+        }
+    }
+}
+
 /// What every session does.
 pub struct Plan {
     pub tls_mode: TlsMode,
@@ -134,21 +150,24 @@ pub fn body(size: usize) -> Vec<u8> {
 }
 
 /// Connects and gets as far as a session ready for EHLO with TLS in place as planned.
-/// Returns the connection (boxed, TLS or not) and whether TLS resumed a session.
-pub async fn open(addr: std::net::SocketAddr, plan: &Plan) -> Result<(Conn<Box<dyn Io>>, bool)> {
+/// Returns the connection (boxed, TLS or not) and what TLS negotiated.
+pub async fn open(
+    addr: std::net::SocketAddr,
+    plan: &Plan,
+) -> Result<(Conn<Box<dyn Io>>, Negotiated)> {
     let tcp = conn::tcp(addr, plan.step).await?;
     match (plan.tls_mode, &plan.tls) {
         (TlsMode::None, _) => {
             let mut c: Conn<Box<dyn Io>> = Conn::new(Box::new(tcp), plan.step);
             expect(&mut c, "greeting", 220).await?;
-            Ok((c, false))
+            Ok((c, Negotiated::default()))
         }
         (TlsMode::Implicit, Some(tls)) => {
             let stream = tls.handshake(tcp, plan.step).await?;
-            let resumed = conn::resumed(&stream);
+            let negotiated = Negotiated::of(&stream);
             let mut c: Conn<Box<dyn Io>> = Conn::new(Box::new(stream), plan.step);
             expect(&mut c, "greeting", 220).await?;
-            Ok((c, resumed))
+            Ok((c, negotiated))
         }
         (TlsMode::Starttls, Some(tls)) => {
             let mut plain = Conn::new(tcp, plan.step);
@@ -159,8 +178,8 @@ pub async fn open(addr: std::net::SocketAddr, plan: &Plan) -> Result<(Conn<Box<d
             }
             cmd(&mut plain, "STARTTLS", 220).await?;
             let stream = tls.handshake(plain.into_inner()?, plan.step).await?;
-            let resumed = conn::resumed(&stream);
-            Ok((Conn::new(Box::new(stream), plan.step), resumed))
+            let negotiated = Negotiated::of(&stream);
+            Ok((Conn::new(Box::new(stream), plan.step), negotiated))
         }
         (_, None) => bail!("TLS requested without a TLS client"),
     }
@@ -190,8 +209,9 @@ pub async fn hello<S: Io>(c: &mut Conn<S>, plan: &Plan) -> Result<()> {
 
 /// One full session; `out` collects what it measured.
 pub async fn session(addr: std::net::SocketAddr, plan: &Plan, out: &mut Outcome) -> Result<()> {
-    let (mut c, resumed) = open(addr, plan).await?;
-    out.resumed = resumed;
+    let (mut c, negotiated) = open(addr, plan).await?;
+    out.resumed = negotiated.resumed;
+    out.suite = negotiated.suite;
     hello(&mut c, plan).await?;
     for _ in 0..plan.messages {
         let started = Instant::now();
