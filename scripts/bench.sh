@@ -360,6 +360,10 @@ print()
 print(f"mailmoat benchmark: medians of {reps} alternating repetitions; mailmoat on core 0, "
       f"generator and upstreams on core 1 ({cores} cores); {elapsed} s; load average at end {loadavg}")
 print()
+suites = sorted({k for rs in runs.values() for r in rs for k in (r.get("tls_suites") or {})})
+kxs = sorted({r.get("kx") for (sc, side), rs in runs.items() if side == "mailmoat" for r in rs if r.get("kx")})
+print(f"TLS negotiated: {', '.join(suites) or '-'}; key exchange offered by the generator: {', '.join(kxs)}")
+print()
 print("| scenario | metric | baseline | baseline median | mailmoat median | ratio | target |")
 print("|---|---|---|---:|---:|---:|---|")
 for r in rows:
