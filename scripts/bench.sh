@@ -339,6 +339,8 @@ row("imap_fetch_10mb", "of which kernel ms/MB", lambda r: r["proxy"]["cpu_system
 row("imap_fetch_10mb", "MB/s", "mb_per_s")
 row("smtp_latency", "transaction p50 ms", "transaction_latency_us.p50", "+<= 0.8 ms", scale=1e-3, digits=3)
 row("smtp_latency", "transaction p99 ms", "transaction_latency_us.p99", scale=1e-3, digits=3)
+row("smtp_latency", "mailmoat CPU µs/transaction",
+    lambda r: r["proxy"]["cpu_us"] / r["transaction_latency_us"]["count"], base_side=None, digits=0)
 row("smtp_latency", "transactions >= 35 ms", "transaction_latency_us.over_35ms", "0", digits=0, ratio=False)
 def total(scenario, side, path):
     vals = [get(r, path) for r in runs.get((scenario, side), [])]
