@@ -2,7 +2,6 @@
 //! the client stream to TLS when the session says so, enforces the phase deadlines.
 //! Never parses.
 
-use std::cell::RefCell;
 use std::future::Future;
 use std::io;
 use std::pin::Pin;
@@ -23,10 +22,7 @@ use crate::config::{Timeouts, TlsMode};
 use crate::metrics::ListenerMetrics;
 use crate::proto::{Action, Phase, Session};
 use crate::telemetry::{self, security_event};
-use crate::upstream;
-
-/// Size of each read from either side.
-const READ_CHUNK: usize = 16 * 1024;
+use crate::{scratch, upstream};
 
 /// What a connection needs from its listener.
 #[derive(Clone)]
@@ -458,24 +454,26 @@ async fn run<P: Session, S: AsyncRead + AsyncWrite + Unpin>(
         let woke = std::future::poll_fn(|cx| {
             for side in order {
                 let read = match side {
-                    Side::Client if wants_client => poll_read_scratch(&mut client, cx, |read| {
-                        match read {
-                            Ok([]) => session.on_client_eof(),
-                            Ok(data) => {
-                                traffic.read_from_client(data.len(), context);
-                                client_read = true;
-                                session.on_client_data(data);
+                    Side::Client if wants_client => {
+                        scratch::poll_read(&mut client, cx, |_, read| {
+                            match read {
+                                Ok([]) => session.on_client_eof(),
+                                Ok(data) => {
+                                    traffic.read_from_client(data.len(), context);
+                                    client_read = true;
+                                    session.on_client_data(data);
+                                }
+                                // A TLS stream cut without close_notify, a reset: the client
+                                // is gone.
+                                Err(err) => {
+                                    info!(%err, "client read failed");
+                                    session.on_client_eof();
+                                }
                             }
-                            // A TLS stream cut without close_notify, a reset: the client
-                            // is gone.
-                            Err(err) => {
-                                info!(%err, "client read failed");
-                                session.on_client_eof();
-                            }
-                        }
-                    }),
+                        })
+                    }
                     Side::Client => Poll::Pending,
-                    Side::Upstream => poll_read_scratch(upstream, cx, |read| match read {
+                    Side::Upstream => scratch::poll_read(upstream, cx, |_, read| match read {
                         Ok([]) | Err(_) => session.on_upstream_eof(),
                         Ok(data) => session.on_upstream_data(data),
                     }),
@@ -519,34 +517,4 @@ enum Woke {
     /// The shutdown signal (true), or its sender gone (false).
     Drain(bool),
     Deadline,
-}
-
-thread_local! {
-    /// Every session's reads on this thread land here first.
-    static SCRATCH: RefCell<Box<[u8]>> = RefCell::new(vec![0; READ_CHUNK].into_boxed_slice());
-}
-
-/// Polls one read of `stream` into this thread's scratch buffer and hands the result to
-/// `consume` within the same poll (an empty slice is the end of the stream). So an idle
-/// connection holds no read buffer of its own: thousands of idle sessions cost only
-/// their TLS state (issue 7).
-fn poll_read_scratch<S: AsyncRead + Unpin>(
-    stream: &mut S,
-    cx: &mut Context<'_>,
-    consume: impl FnOnce(io::Result<&[u8]>),
-) -> Poll<()> {
-    SCRATCH.with_borrow_mut(|scratch| {
-        let mut buf = ReadBuf::new(scratch);
-        match Pin::new(stream).poll_read(cx, &mut buf) {
-            Poll::Pending => Poll::Pending,
-            Poll::Ready(Ok(())) => {
-                consume(Ok(buf.filled()));
-                Poll::Ready(())
-            }
-            Poll::Ready(Err(err)) => {
-                consume(Err(err));
-                Poll::Ready(())
-            }
-        }
-    })
 }

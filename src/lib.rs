@@ -28,6 +28,7 @@ pub mod policy;
 pub mod probe;
 pub mod proto;
 pub mod relay;
+pub mod scratch;
 pub mod telemetry;
 pub mod tls;
 pub mod upstream;

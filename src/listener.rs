@@ -15,7 +15,7 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use tokio::io::AsyncWriteExt;
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio::sync::{Semaphore, watch};
 use tokio_util::task::TaskTracker;
 use tracing::{Instrument, error, info, info_span, warn};
@@ -229,14 +229,27 @@ pub fn session_config(
     }
 }
 
+/// Connections the kernel may queue before `accept`. Linux's usual cap (somaxconn) is
+/// 4096; tokio's default of 1024 overflowed under a burst of 1,000 concurrent clients,
+/// and a full queue with SYN cookies loses connections silently.
+const LISTEN_BACKLOG: u32 = 4096;
+
 async fn bind_socket(listener: &ListenerConfig) -> Result<TcpListener, Error> {
-    TcpListener::bind(listener.listen)
-        .await
-        .map_err(|source| Error::Bind {
-            name: listener.name.clone(),
-            addr: listener.listen,
-            source,
-        })
+    let bind = || -> io::Result<TcpListener> {
+        let socket = match listener.listen {
+            SocketAddr::V4(_) => TcpSocket::new_v4()?,
+            SocketAddr::V6(_) => TcpSocket::new_v6()?,
+        };
+        // A restart must not wait for the old connections' TIME_WAIT.
+        socket.set_reuseaddr(true)?;
+        socket.bind(listener.listen)?;
+        socket.listen(LISTEN_BACKLOG)
+    };
+    bind().map_err(|source| Error::Bind {
+        name: listener.name.clone(),
+        addr: listener.listen,
+        source,
+    })
 }
 
 impl Server {

@@ -2,79 +2,19 @@
 //! copied unchanged and concurrently (IDLE, COMPRESS, large FETCH and APPEND work), until
 //! both sides have closed or nothing moved in either direction for the idle deadline.
 
+use std::future::{Future, poll_fn};
 use std::io;
-use std::pin::Pin;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::task::{Context, Poll};
+use std::pin::{Pin, pin};
+use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
+use bytes::{Buf, BytesMut};
+use prometheus_client::metrics::counter::Counter;
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::time::Instant;
 
-use prometheus_client::metrics::counter::Counter;
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-
 use crate::metrics::RelayedBytes;
-
-/// Milliseconds since `epoch` of the last byte read on either side.
-#[derive(Debug)]
-struct Activity {
-    epoch: Instant,
-    last_ms: AtomicU64,
-}
-
-impl Activity {
-    fn touch(&self) {
-        let now = self.epoch.elapsed().as_millis() as u64;
-        self.last_ms.store(now, Ordering::Relaxed);
-    }
-
-    fn idle_for(&self) -> Duration {
-        let now = self.epoch.elapsed().as_millis() as u64;
-        Duration::from_millis(now.saturating_sub(self.last_ms.load(Ordering::Relaxed)))
-    }
-}
-
-/// A stream that records when it last delivered bytes, and counts them.
-struct Watched<'a, S> {
-    inner: &'a mut S,
-    activity: Arc<Activity>,
-    read_bytes: &'a Counter,
-}
-
-impl<S: AsyncRead + Unpin> AsyncRead for Watched<'_, S> {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        let this = self.get_mut();
-        let before = buf.filled().len();
-        let result = Pin::new(&mut *this.inner).poll_read(cx, buf);
-        let read = buf.filled().len().saturating_sub(before);
-        if read > 0 {
-            this.activity.touch();
-            this.read_bytes.inc_by(read as u64);
-        }
-        result
-    }
-}
-
-impl<S: AsyncWrite + Unpin> AsyncWrite for Watched<'_, S> {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut *self.get_mut().inner).poll_write(cx, buf)
-    }
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut *self.get_mut().inner).poll_flush(cx)
-    }
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut *self.get_mut().inner).poll_shutdown(cx)
-    }
-}
+use crate::scratch;
 
 /// How a relay ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -85,7 +25,118 @@ pub enum End {
     Idle,
 }
 
-/// Copies both ways until both sides close or `idle` passes without a byte; `bytes`
+/// One direction of the relay. Bytes are read into the thread's scratch buffer and
+/// written on at once; only what the far side cannot take yet is kept, so a quiet
+/// relay (an IMAP IDLE) holds no buffer at all.
+#[derive(Default)]
+struct Direction {
+    /// Read, not yet written: empty, with no capacity, whenever the far side keeps up.
+    pending: BytesMut,
+    /// Written since the last flush.
+    unflushed: bool,
+    /// The reading side has closed; its end is passed on once `pending` is written.
+    read_closed: bool,
+    /// The writing side has been shut down too: this direction is over.
+    done: bool,
+    copied: u64,
+}
+
+impl Direction {
+    /// Moves bytes from `from` to `to` until reading would block, an error, or the end.
+    /// Ready once both the end of `from` has been passed on and `to` is shut down;
+    /// `moved` is set when anything was read.
+    fn poll_copy<R, W>(
+        &mut self,
+        cx: &mut Context<'_>,
+        from: &mut R,
+        to: &mut W,
+        counter: &Counter,
+        moved: &mut bool,
+    ) -> Poll<io::Result<()>>
+    where
+        R: AsyncRead + Unpin,
+        W: AsyncWrite + Unpin,
+    {
+        while !self.done {
+            if !self.pending.is_empty() {
+                ready!(self.poll_write_pending(cx, to))?;
+                continue;
+            }
+            if self.read_closed {
+                ready!(Pin::new(&mut *to).poll_shutdown(cx))?;
+                self.done = true;
+                break;
+            }
+            let read = scratch::poll_read(from, cx, |cx, read| -> io::Result<()> {
+                let data = read?;
+                if data.is_empty() {
+                    self.read_closed = true;
+                    return Ok(());
+                }
+                *moved = true;
+                self.copied += data.len() as u64;
+                counter.inc_by(data.len() as u64);
+                self.write_through(cx, to, data)
+            });
+            match read {
+                Poll::Ready(result) => result?,
+                Poll::Pending => {
+                    // Nothing more to read for now: what was written goes out.
+                    if self.unflushed {
+                        ready!(Pin::new(&mut *to).poll_flush(cx))?;
+                        self.unflushed = false;
+                    }
+                    return Poll::Pending;
+                }
+            }
+        }
+        Poll::Ready(Ok(()))
+    }
+
+    /// Writes `data` straight from the scratch buffer; the rest waits in `pending`.
+    fn write_through<W: AsyncWrite + Unpin>(
+        &mut self,
+        cx: &mut Context<'_>,
+        to: &mut W,
+        mut data: &[u8],
+    ) -> io::Result<()> {
+        while !data.is_empty() {
+            match Pin::new(&mut *to).poll_write(cx, data) {
+                Poll::Ready(Ok(0)) => return Err(io::ErrorKind::WriteZero.into()),
+                Poll::Ready(Ok(n)) => {
+                    data = &data[n..];
+                    self.unflushed = true;
+                }
+                Poll::Ready(Err(err)) => return Err(err),
+                Poll::Pending => {
+                    self.pending.extend_from_slice(data);
+                    break;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn poll_write_pending<W: AsyncWrite + Unpin>(
+        &mut self,
+        cx: &mut Context<'_>,
+        to: &mut W,
+    ) -> Poll<io::Result<()>> {
+        while !self.pending.is_empty() {
+            let n = ready!(Pin::new(&mut *to).poll_write(cx, &self.pending))?;
+            if n == 0 {
+                return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
+            }
+            self.pending.advance(n);
+            self.unflushed = true;
+        }
+        // Give the memory back: a relay may now sit idle for half an hour.
+        self.pending = BytesMut::new();
+        Poll::Ready(Ok(()))
+    }
+}
+
+/// Copies both ways until both sides close or `idle` passes without a byte read; `bytes`
 /// counts what is read from each side as it arrives (a relay can last hours).
 pub async fn splice<C, U>(
     client: &mut C,
@@ -97,36 +148,30 @@ where
     C: AsyncRead + AsyncWrite + Unpin,
     U: AsyncRead + AsyncWrite + Unpin,
 {
-    let activity = Arc::new(Activity {
-        epoch: Instant::now(),
-        last_ms: AtomicU64::new(0),
-    });
-    let mut client = Watched {
-        inner: client,
-        activity: Arc::clone(&activity),
-        read_bytes: &bytes.client_to_upstream,
-    };
-    let mut upstream = Watched {
-        inner: upstream,
-        activity: Arc::clone(&activity),
-        read_bytes: &bytes.upstream_to_client,
-    };
-    let copy = tokio::io::copy_bidirectional(&mut client, &mut upstream);
-    tokio::pin!(copy);
-    loop {
-        let wait = idle.saturating_sub(activity.idle_for());
-        tokio::select! {
-            result = &mut copy => {
-                let (from_client, to_client) = result?;
-                return Ok(End::Closed { from_client, to_client });
-            }
-            () = tokio::time::sleep(wait) => {
-                if activity.idle_for() >= idle {
-                    return Ok(End::Idle);
-                }
-            }
+    let mut to_upstream = Direction::default();
+    let mut to_client = Direction::default();
+    let mut deadline = pin!(tokio::time::sleep(idle));
+    poll_fn(|cx| {
+        let mut moved = false;
+        let up =
+            to_upstream.poll_copy(cx, client, upstream, &bytes.client_to_upstream, &mut moved)?;
+        let down =
+            to_client.poll_copy(cx, upstream, client, &bytes.upstream_to_client, &mut moved)?;
+        if up.is_ready() && down.is_ready() {
+            return Poll::Ready(Ok(End::Closed {
+                from_client: to_upstream.copied,
+                to_client: to_client.copied,
+            }));
         }
-    }
+        if moved {
+            deadline.as_mut().reset(Instant::now() + idle);
+        }
+        match deadline.as_mut().poll(cx) {
+            Poll::Ready(()) => Poll::Ready(Ok(End::Idle)),
+            Poll::Pending => Poll::Pending,
+        }
+    })
+    .await
 }
 
 #[cfg(test)]

@@ -127,7 +127,10 @@ pub fn server_config(
     // ALPACA: rustls answers a client whose ALPN list lacks this id with a fatal
     // no_application_protocol alert (RFC 7301 §3.2); a client without ALPN is served.
     config.alpn_protocols = vec![protocol.alpn_id().to_vec()];
-    // Stateless resumption; 0-RTT stays off (max_early_data_size = 0, the default).
+    // Stateless resumption; 0-RTT stays off (max_early_data_size = 0, the default). One
+    // ticket per handshake: a mail client resumes one connection at a time, and each
+    // ticket costs an encryption and a record.
     config.ticketer = rustls::crypto::aws_lc_rs::Ticketer::new()?;
+    config.send_tls13_tickets = 1;
     Ok(Arc::new(config))
 }

@@ -1,0 +1,51 @@
+//! One read buffer per thread, shared by every session on it: a read lands here and is
+//! handed on within the same poll, so an idle connection holds no read buffer of its own
+//! (thousands of idle sessions cost only their TLS state).
+
+use std::cell::RefCell;
+use std::io;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use tokio::io::{AsyncRead, ReadBuf};
+
+/// Large enough for a whole socket buffer's worth in one system call.
+const SCRATCH_LEN: usize = 64 * 1024;
+
+thread_local! {
+    static SCRATCH: RefCell<Box<[u8]>> = RefCell::new(vec![0; SCRATCH_LEN].into_boxed_slice());
+}
+
+/// Polls one read of `stream` and hands the result to `consume` within the same poll (an
+/// empty slice is the end of the stream). `consume` gets the context back, to write on.
+pub fn poll_read<S, R>(
+    stream: &mut S,
+    cx: &mut Context<'_>,
+    consume: impl FnOnce(&mut Context<'_>, io::Result<&[u8]>) -> R,
+) -> Poll<R>
+where
+    S: AsyncRead + Unpin + ?Sized,
+{
+    SCRATCH.with(|cell| match cell.try_borrow_mut() {
+        Ok(mut scratch) => read_into(&mut scratch, stream, cx, consume),
+        // Only if a `consume` ever read again itself: correct, if slower.
+        Err(_) => read_into(&mut vec![0; SCRATCH_LEN], stream, cx, consume),
+    })
+}
+
+fn read_into<S, R>(
+    buffer: &mut [u8],
+    stream: &mut S,
+    cx: &mut Context<'_>,
+    consume: impl FnOnce(&mut Context<'_>, io::Result<&[u8]>) -> R,
+) -> Poll<R>
+where
+    S: AsyncRead + Unpin + ?Sized,
+{
+    let mut buf = ReadBuf::new(buffer);
+    match Pin::new(stream).poll_read(cx, &mut buf) {
+        Poll::Pending => Poll::Pending,
+        Poll::Ready(Ok(())) => Poll::Ready(consume(cx, Ok(buf.filled()))),
+        Poll::Ready(Err(err)) => Poll::Ready(consume(cx, Err(err))),
+    }
+}
