@@ -528,6 +528,20 @@ impl Config {
                 "limits.max_connections: must be at least 1".into(),
             );
         }
+        if self.limits.max_literal_len == 0 {
+            problem(
+                "max_literal_len",
+                "limits.max_literal_len: must be at least 1".into(),
+            );
+        }
+        if let Some(level) = &self.log.level
+            && let Err(why) = check_log_filter(level)
+        {
+            problem(
+                "level",
+                format!("log.level: {level:?} is not a level or filter ({why})"),
+            );
+        }
         for (name, value) in [
             ("upstream_connect", self.timeouts.upstream_connect),
             ("greeting", self.timeouts.greeting),
@@ -587,6 +601,20 @@ impl ListenerConfig {
         }
         problems
     }
+}
+
+/// A level (`info`), or `RUST_LOG`-style directives (`info,mailmoat::driver=debug`).
+/// A lone word that is no level would be read as a target name and silence everything
+/// else: refused.
+fn check_log_filter(filter: &str) -> Result<(), String> {
+    const LEVELS: [&str; 6] = ["off", "error", "warn", "info", "debug", "trace"];
+    if !filter.contains(['=', ',', '[']) && !LEVELS.contains(&filter.to_ascii_lowercase().as_str())
+    {
+        return Err(format!("expected one of {}", LEVELS.join(", ")));
+    }
+    tracing_subscriber::EnvFilter::try_new(filter)
+        .map(drop)
+        .map_err(|err| err.to_string())
 }
 
 /// serde_yaml appends ` at line L column C`; the line is reported separately.

@@ -147,7 +147,12 @@ async fn serve(path: PathBuf, config: Config) -> ExitCode {
     tracing::info!("stopping");
     mailmoat::metrics::global().set_ready(false);
     notify_systemd(&[sd_notify::NotifyState::Stopping]);
-    server.shut_down().await;
+    // A second signal ends the grace period at once.
+    tokio::select! {
+        () = server.shut_down() => {}
+        _ = terminate.recv() => tracing::warn!("second signal: exiting without waiting"),
+        _ = interrupt.recv() => tracing::warn!("second signal: exiting without waiting"),
+    }
     ExitCode::SUCCESS
 }
 

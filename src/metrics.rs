@@ -335,6 +335,11 @@ impl ListenerMetrics {
         self.0.sessions[index].inc();
     }
 
+    /// The listener's name.
+    pub fn listener(&self) -> &str {
+        &self.0.listener
+    }
+
     /// Counts one security event. Use [`crate::telemetry`], which also logs it.
     pub fn event(&self, name: &'static str) {
         match self.0.events.iter().find(|(event, _)| *event == name) {

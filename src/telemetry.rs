@@ -33,7 +33,7 @@ pub fn connection_refused(
     client: std::net::SocketAddr,
 ) {
     metrics.limit_exceeded(limit);
-    security_event!(metrics, warn, "limit_exceeded", limit, %client, "connection refused");
+    security_event!(metrics, warn, "limit_exceeded", limit, %client, listener = metrics.listener(), "connection refused");
 }
 
 /// Installs the global subscriber: `format`, and `level` unless `RUST_LOG` is set.

@@ -318,3 +318,27 @@ fn client_identity_keys_are_typed_and_validated_with_their_line() {
         );
     }
 }
+
+#[test]
+fn a_log_level_that_is_no_filter_and_a_zero_literal_bound_are_refused_with_their_lines() {
+    let (text, _) = fixture("valid", "minimal.yaml");
+    let text = format!("{text}log: {{ level: \"loud\" }}\nlimits:\n  max_literal_len: 0\n");
+    let err = Config::from_yaml(&text, "m.yaml").unwrap_err();
+    let lines = text.lines().count();
+    assert_eq!(
+        err.problems
+            .iter()
+            .map(|p| (p.line, p.message.split(" (").next().unwrap().to_owned()))
+            .collect::<Vec<_>>(),
+        [
+            (
+                Some(lines - 2),
+                "log.level: \"loud\" is not a level or filter".to_owned()
+            ),
+            (
+                Some(lines),
+                "limits.max_literal_len: must be at least 1".to_owned()
+            ),
+        ]
+    );
+}

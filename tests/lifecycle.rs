@@ -374,3 +374,21 @@ async fn systemd_is_told_ready_reloading_and_stopping() {
     assert_eq!(receive(), "STOPPING=1\n");
     assert!(mailmoat.wait_exit().success());
 }
+
+#[tokio::test]
+async fn a_second_sigterm_ends_the_grace_period_at_once() {
+    let upstream = scripted_upstream(Behaviour::Esmtp).await;
+    // A grace period longer than the test's step deadline: only the second signal can
+    // make the process exit in time.
+    let mut mailmoat = Mailmoat::start_with(
+        &[("mx", "smtp", "starttls", "auth_requires_tls", upstream.addr)],
+        "timeouts: { shutdown_grace: 10m }\n",
+    );
+    let _client = in_data(addr(mailmoat.port("mx"))).await;
+    mailmoat.signal("TERM");
+    mailmoat.wait_for_log("draining", 1);
+    assert!(mailmoat.is_running());
+    mailmoat.signal("TERM");
+    assert!(mailmoat.wait_exit().success());
+    mailmoat.wait_for_log("second signal: exiting without waiting", 1);
+}
