@@ -69,7 +69,21 @@ impl<S: AsyncRead + Unpin> AsyncRead for Prefixed<S> {
             this.prefix.advance(n);
             return Poll::Ready(Ok(()));
         }
-        Pin::new(&mut this.inner).poll_read(cx, buf)
+        if buf.remaining() >= scratch::READ_AHEAD_LEN {
+            return Pin::new(&mut this.inner).poll_read(cx, buf);
+        }
+        // rustls reads 4 KiB at a time: one system call per 4 KiB of a large message.
+        // Read what the socket has instead, and keep the rest as the prefix (only while
+        // data is flowing: an idle connection holds nothing here).
+        scratch::poll_read_ahead(&mut this.inner, cx, |read| {
+            let data = read?;
+            let n = data.len().min(buf.remaining());
+            buf.put_slice(&data[..n]);
+            if n < data.len() {
+                this.prefix = Bytes::copy_from_slice(&data[n..]);
+            }
+            Ok(())
+        })
     }
 }
 
