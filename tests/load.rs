@@ -12,8 +12,10 @@ use common::*;
 const SILENT: usize = 2_000;
 const FULL: usize = 200;
 /// The documented budget: resident memory per open connection (client and upstream
-/// legs, session state and buffers), measured as the growth over an idle proxy.
-const BUDGET_PER_CONNECTION: u64 = 64 * 1024;
+/// legs, session state and buffers), measured as the growth over an idle proxy. About
+/// 9.5 KB is measured (debug and release builds alike): no connection holds a read
+/// buffer of its own.
+const BUDGET_PER_CONNECTION: u64 = 16 * 1024;
 
 fn rss_bytes(pid: u32) -> u64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
