@@ -198,6 +198,13 @@ pub struct ListenerConfig {
     /// address of its own (`127.0.0.2`) that the upstream does not trust.
     #[serde(default)]
     pub source_address: Option<IpAddr>,
+    /// Networks of named legacy devices (a printer, a scanner) that cannot do TLS: their
+    /// sessions are relayed unchanged to the upstream, plaintext logins included, each
+    /// logged and counted as `exempt_plaintext_session` (DESIGN §3). STARTTLS listeners
+    /// only; not with `xclient` (the device's own bytes would reach an upstream that
+    /// trusts mailmoat's XCLIENT).
+    #[serde(default)]
+    pub exempt_networks: Vec<Cidr>,
 }
 
 /// Bounds on client input.
@@ -564,6 +571,21 @@ impl ListenerConfig {
     /// with the key's name.
     fn identity_problems(&self, allow_remote_plaintext: bool) -> Vec<String> {
         let mut problems = Vec::new();
+        if !self.exempt_networks.is_empty() && self.tls == TlsMode::Implicit {
+            problems.push(
+                "exempt_networks: an implicit-TLS listener has no plaintext to allow; \
+                 exempt devices connect to a STARTTLS listener"
+                    .to_owned(),
+            );
+        }
+        if !self.exempt_networks.is_empty() && self.xclient {
+            problems.push(
+                "exempt_networks: not with xclient: an exempt session's bytes reach the \
+                 upstream unchanged, and an upstream that trusts mailmoat's XCLIENT would \
+                 believe the device's"
+                    .to_owned(),
+            );
+        }
         if self.xclient && self.protocol != Protocol::Smtp {
             problems.push(
                 "xclient: XCLIENT is an SMTP extension (Postfix); use \

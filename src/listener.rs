@@ -585,6 +585,21 @@ fn release(permit: tokio::sync::OwnedSemaphorePermit, shared: &Shared) {
 }
 
 async fn serve(client: TcpStream, origin: &Origin, state: &ListenerState) {
+    let exempt = state
+        .config
+        .exempt_networks
+        .iter()
+        .any(|net| net.contains(origin.client.ip()));
+    if exempt {
+        let upstream = upstream::Route::for_listener(&state.config, origin);
+        let unavailable = match state.session {
+            SessionConfig::Smtp(_) => smtp::UNAVAILABLE,
+            SessionConfig::Imap(_) => imap::UNAVAILABLE,
+            SessionConfig::Pop3(_) => pop3::UNAVAILABLE,
+        };
+        let session = crate::proto::exempt::Session::new();
+        return driver::serve(client, &upstream, &state.settings, session, unavailable).await;
+    }
     let (upstream, settings) = (
         &upstream::Route::for_listener(&state.config, origin),
         &state.settings,

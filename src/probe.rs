@@ -846,6 +846,7 @@ mod tests {
             upstream_proxy_protocol: None,
             xclient: false,
             source_address: None,
+            exempt_networks: Vec::new(),
         }
     }
 

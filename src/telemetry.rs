@@ -88,6 +88,10 @@ pub fn record(event: &Event, metrics: &ListenerMetrics) {
             event = name,
             reason, "xclient unavailable: the upstream sees mailmoat's address"
         ),
+        Event::ExemptPlaintextSession => warn!(
+            event = name,
+            "plaintext session from an exempt network: relayed unchanged"
+        ),
         Event::UpstreamPreauth => {
             tracing::error!(
                 event = name,

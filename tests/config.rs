@@ -342,3 +342,28 @@ fn a_log_level_that_is_no_filter_and_a_zero_literal_bound_are_refused_with_their
         ]
     );
 }
+
+#[test]
+fn exempt_networks_are_refused_on_implicit_tls_and_with_xclient() {
+    let (text, _) = fixture("valid", "minimal.yaml");
+    let with = |keys: &str| text.replace("2587\" }", &format!("2587\", {keys} }}"));
+    let ok = with("exempt_networks: [192.0.2.0/24]");
+    assert!(Config::from_yaml(&ok, "ok.yaml").is_ok(), "{ok}");
+    for (edit, expected) in [
+        (
+            "tls: implicit, exempt_networks: [192.0.2.0/24]",
+            "exempt_networks: an implicit-TLS listener has no plaintext to allow",
+        ),
+        (
+            "xclient: true, exempt_networks: [192.0.2.0/24]",
+            "exempt_networks: not with xclient",
+        ),
+    ] {
+        let text = with(edit);
+        let err = Config::from_yaml(&text, "x.yaml").unwrap_err().to_string();
+        assert!(
+            err.contains("x.yaml:5: listeners[0] (submission).") && err.contains(expected),
+            "{err}"
+        );
+    }
+}

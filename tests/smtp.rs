@@ -571,3 +571,71 @@ async fn a_client_that_pipelines_and_half_closes_gets_every_reply() {
     assert_eq!(client.reply().await, "221 2.0.0 Bye\r\n");
     assert_eq!(upstream.recording.lock().unwrap().messages.len(), 1);
 }
+
+/// A connection from `source` (a loopback address of its own) to `addr`.
+async fn connect_from(source: &str, addr: std::net::SocketAddr) -> Client<tokio::net::TcpStream> {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket
+        .bind(std::net::SocketAddr::new(source.parse().unwrap(), 0))
+        .unwrap();
+    Client::new(within(socket.connect(addr)).await.unwrap())
+}
+
+#[tokio::test]
+async fn an_exempt_device_is_relayed_unchanged_and_counted_while_others_are_not() {
+    let upstream = scripted_upstream(Behaviour::Esmtp).await;
+    let listener = smtp_listener("sub", "starttls", "require_tls", upstream.addr)
+        .replace(" }", ", exempt_networks: [127.0.0.2/32] }");
+    let proxy = proxy(&[listener], "").await;
+    let addr = proxy.addr("sub");
+
+    // The printer at 127.0.0.2 talks to the upstream itself: its own greeting and EHLO
+    // unchanged, and a plaintext AUTH that reaches it.
+    let mut device = connect_from("127.0.0.2", addr).await;
+    assert_eq!(device.reply().await, "220 scripted.upstream ESMTP\r\n");
+    let ehlo = device.cmd("EHLO printer.example").await;
+    assert_eq!(
+        ehlo,
+        "250-scripted.upstream\r\n250-PIPELINING\r\n250-CHUNKING\r\n250-STARTTLS\r\n\
+         250-AUTH PLAIN LOGIN SCRAM-SHA-256-PLUS\r\n250-XCLIENT ADDR NAME\r\n250 8BITMIME\r\n"
+    );
+    assert_eq!(
+        device.cmd(&format!("AUTH PLAIN {PLAIN_IR}")).await,
+        "235 2.7.0 Authentication successful\r\n"
+    );
+    assert!(
+        upstream
+            .commands()
+            .contains(&format!("AUTH PLAIN {PLAIN_IR}"))
+    );
+
+    // Anyone else on the same listener gets the policy.
+    let mut other = connect_from("127.0.0.3", addr).await;
+    assert_eq!(other.reply().await, "220 scripted.upstream ESMTP\r\n");
+    assert!(
+        other
+            .cmd("EHLO c.example")
+            .await
+            .contains("250 STARTTLS\r\n")
+    );
+    assert_eq!(
+        other.cmd(&format!("AUTH PLAIN {PLAIN_IR}")).await,
+        "530 5.7.0 Must issue a STARTTLS command first\r\n"
+    );
+    let logs = captured_logs();
+    let exempt: Vec<&str> = logs
+        .lines()
+        .filter(|l| l.contains("event=\"exempt_plaintext_session\""))
+        .collect();
+    assert_eq!(exempt.len(), 1, "{logs}");
+    assert!(exempt[0].contains("client=127.0.0.2:"), "{}", exempt[0]);
+    let metrics = mailmoat::metrics::global()
+        .render(mailmoat::metrics::Format::Prometheus)
+        .unwrap();
+    assert!(
+        metrics.lines().any(|l| l
+            == "mailmoat_security_events_total{listener=\"sub\",event=\"exempt_plaintext_session\"} 1"),
+        "{metrics}"
+    );
+    assert_no_secret_logged(&[PLAIN_IR, "alice-secret-pw"]);
+}

@@ -5,6 +5,7 @@
 //! never touches a socket, a clock or a logger, so every transcript can be replayed in a
 //! unit test, and every chunking of the same bytes must give the same actions.
 
+pub mod exempt;
 pub mod imap;
 pub mod line;
 pub mod pop3;
@@ -88,6 +89,8 @@ pub enum Event {
     /// An IMAP upstream greeted with `* PREAUTH`: the client would be logged in without
     /// credentials, so nothing can be enforced (DESIGN §1.4).
     UpstreamPreauth,
+    /// A client from the listener's `exempt_networks`: relayed in plaintext, unchanged.
+    ExemptPlaintextSession,
     /// The listener asks for XCLIENT but the upstream could not take it: the session
     /// goes on with the upstream seeing mailmoat's address (DESIGN §7).
     XclientUnavailable {
@@ -109,6 +112,7 @@ impl Event {
             Event::LimitExceeded { .. } => "limit_exceeded",
             Event::UpstreamProtocolError { .. } => "upstream_protocol_error",
             Event::UpstreamPreauth => "upstream_preauth",
+            Event::ExemptPlaintextSession => "exempt_plaintext_session",
             Event::XclientUnavailable { .. } => "xclient_unavailable",
         }
     }
