@@ -205,6 +205,10 @@ pub struct ListenerConfig {
     /// trusts mailmoat's XCLIENT).
     #[serde(default)]
     pub exempt_networks: Vec<Cidr>,
+    /// Let several mailmoat processes listen on the same address (SO_REUSEPORT): the
+    /// kernel spreads new connections across them (DESIGN §8, scale-out on one host).
+    #[serde(default)]
+    pub reuse_port: bool,
 }
 
 /// Bounds on client input.

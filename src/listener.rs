@@ -242,6 +242,9 @@ async fn bind_socket(listener: &ListenerConfig) -> Result<TcpListener, Error> {
         };
         // A restart must not wait for the old connections' TIME_WAIT.
         socket.set_reuseaddr(true)?;
+        if listener.reuse_port {
+            socket.set_reuseport(true)?;
+        }
         socket.bind(listener.listen)?;
         socket.listen(LISTEN_BACKLOG)
     };

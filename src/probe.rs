@@ -847,6 +847,7 @@ mod tests {
             xclient: false,
             source_address: None,
             exempt_networks: Vec::new(),
+            reuse_port: false,
         }
     }
 

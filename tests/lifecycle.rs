@@ -392,3 +392,61 @@ async fn a_second_sigterm_ends_the_grace_period_at_once() {
     assert!(mailmoat.wait_exit().success());
     mailmoat.wait_for_log("second signal: exiting without waiting", 1);
 }
+
+#[tokio::test]
+async fn reuse_port_lets_two_processes_share_a_listener() {
+    let upstream = scripted_upstream(Behaviour::Esmtp).await;
+    let port = free_port();
+    let certs = certs();
+    let dir = tempfile::tempdir().unwrap();
+    let spawn = |name: &str, reuse: bool| {
+        let config = dir.path().join(format!("{name}.yaml"));
+        std::fs::write(
+            &config,
+            format!(
+                "tls:\n  certificates:\n    - {{ cert: {}, key: {} }}\nlisteners:\n  - {{ name: {name}, protocol: smtp, listen: \"127.0.0.1:{port}\", upstream: \"{}\", reuse_port: {reuse} }}\n",
+                certs.default.0.display(),
+                certs.default.1.display(),
+                upstream.addr
+            ),
+        )
+        .unwrap();
+        let log = dir.path().join(format!("{name}.log"));
+        let child = std::process::Command::new(env!("CARGO_BIN_EXE_mailmoat"))
+            .args(["run", "-c"])
+            .arg(&config)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap();
+        (child, log)
+    };
+    let listening = |log: &std::path::Path| {
+        let deadline = std::time::Instant::now() + STEP;
+        while !std::fs::read_to_string(log)
+            .unwrap_or_default()
+            .contains("listening")
+        {
+            assert!(std::time::Instant::now() < deadline, "not listening");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    };
+    let (mut first, first_log) = spawn("first", true);
+    listening(&first_log);
+    let (mut second, second_log) = spawn("second", true);
+    listening(&second_log);
+    // Both listen on the one port; without reuse_port a third cannot bind it.
+    let (mut third, third_log) = spawn("third", false);
+    assert_eq!(third.wait().unwrap().code(), Some(64));
+    let stderr = std::fs::read_to_string(&third_log).unwrap();
+    assert!(stderr.contains("cannot listen on 127.0.0.1"), "{stderr}");
+    for _ in 0..4 {
+        let mut client = connect(addr(port)).await;
+        assert_eq!(client.reply().await, "220 scripted.upstream ESMTP\r\n");
+    }
+    assert!(first.try_wait().unwrap().is_none() && second.try_wait().unwrap().is_none());
+    let _ = first.kill();
+    let _ = second.kill();
+    let _ = first.wait();
+    let _ = second.wait();
+}
