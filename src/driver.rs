@@ -266,9 +266,27 @@ async fn serve_inner<P: Session>(
 }
 
 async fn say_goodbye<S: AsyncWrite + Unpin>(client: &mut S, reply: &[u8]) -> io::Result<()> {
-    client.write_all(reply).await?;
-    client.flush().await?;
-    client.shutdown().await
+    within(GOODBYE_DEADLINE, async {
+        client.write_all(reply).await?;
+        client.flush().await?;
+        client.shutdown().await
+    })
+    .await
+}
+
+/// How long a closing session waits for a client to take its last reply.
+const GOODBYE_DEADLINE: Duration = Duration::from_secs(5);
+
+/// `io` within `deadline`, else a `TimedOut` error. Every write, flush and shutdown of
+/// the client has one: through TLS a write only fills rustls's buffer, so it is the
+/// flush that waits for a client that does not read.
+async fn within<T>(
+    deadline: Duration,
+    io: impl std::future::Future<Output = io::Result<T>>,
+) -> io::Result<T> {
+    tokio::time::timeout(deadline, io)
+        .await
+        .map_err(|_| io::Error::from(io::ErrorKind::TimedOut))?
 }
 
 async fn run_tls<P: Session>(
@@ -431,38 +449,37 @@ async fn run<P: Session, S: AsyncRead + AsyncWrite + Unpin>(
         while let Some(action) = session.next_action() {
             match action {
                 Action::ToClient(bytes) => {
-                    tokio::time::timeout(write_deadline, client.write_all(&bytes))
-                        .await
-                        .map_err(|_| io::Error::from(io::ErrorKind::TimedOut))??;
+                    within(write_deadline, client.write_all(&bytes)).await?;
                     traffic.sent_to_client(bytes.len(), context);
                     wrote_client = true;
                     moved = true;
                 }
                 Action::ToUpstream(bytes) => {
-                    tokio::time::timeout(write_deadline, upstream.write_all(&bytes))
-                        .await
-                        .map_err(|_| io::Error::from(io::ErrorKind::TimedOut))??;
+                    within(write_deadline, upstream.write_all(&bytes)).await?;
                     moved = true;
                 }
                 Action::StartTls { early } => {
-                    client.flush().await?;
+                    within(write_deadline, client.flush()).await?;
                     return Ok(Outcome::StartTls { client, early });
                 }
                 Action::Event(event) => telemetry::record(&event, &context.metrics),
                 Action::Relay => {
-                    client.flush().await?;
-                    upstream.flush().await?;
+                    within(write_deadline, client.flush()).await?;
+                    within(write_deadline, upstream.flush()).await?;
                     return Ok(Outcome::Relay { client });
                 }
                 Action::Close => {
-                    let _ = client.flush().await;
-                    let _ = client.shutdown().await;
+                    let _ = within(GOODBYE_DEADLINE, async {
+                        client.flush().await?;
+                        client.shutdown().await
+                    })
+                    .await;
                     return Ok(Outcome::Closed);
                 }
             }
         }
         if wrote_client || std::mem::take(&mut client_read) {
-            client.flush().await?;
+            within(write_deadline, client.flush()).await?;
         }
         if moved || session.phase() != phase {
             phase = session.phase();

@@ -335,3 +335,47 @@ async fn a_client_trickling_a_command_byte_by_byte_is_cut_off_like_a_silent_one(
         "421 4.4.2 Timeout exceeded, closing connection\r\n"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tls_client_that_never_reads_its_replies_is_cut_off_at_the_idle_deadline() {
+    let upstream = scripted_upstream(Behaviour::Esmtp).await;
+    let proxy = proxy(
+        &[
+            smtp_listener("smtps", "implicit", "auth_requires_tls", upstream.addr),
+            smtp_listener("mx", "starttls", "auth_requires_tls", upstream.addr),
+        ],
+        "timeouts: { idle: 500ms }\nlimits: { max_connections: 1 }\n",
+    )
+    .await;
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    let tcp = socket.connect(proxy.addr("smtps")).await.unwrap();
+    let mut tls = tls_connect(tcp, "mail.example.test", &[]).await.unwrap();
+    // Lines the proxy answers itself (503: no EHLO since TLS), replies never read: through
+    // TLS the writes only fill rustls's buffer, and the flush is what waits.
+    let flood = tokio::spawn(async move {
+        let chunk = "MAIL FROM:<a@b>\r\n".repeat(4000);
+        for _ in 0..200 {
+            if tls.write_all(chunk.as_bytes()).await.is_err() {
+                break;
+            }
+        }
+        std::future::pending::<()>().await;
+    });
+    // The only connection place comes back once the stalled session is cut (bounded).
+    let deadline = std::time::Instant::now() + STEP;
+    loop {
+        let mut check = connect(proxy.addr("mx")).await;
+        let reply = check.reply().await;
+        if reply.starts_with("220 ") {
+            break;
+        }
+        assert_eq!(reply, "421 4.3.2 Too many connections, try again later\r\n");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the stalled TLS session still holds its place"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+    flood.abort();
+}
