@@ -653,9 +653,6 @@ impl Session {
                 let lines = std::mem::take(&mut self.reply_lines);
                 self.on_reply(code, lines);
                 self.flush_local_replies();
-                if self.client_done && self.slots.is_empty() {
-                    self.close();
-                }
             }
         }
     }
@@ -954,6 +951,11 @@ impl crate::proto::Session for Session {
         self.upstream_in.extend_from_slice(data);
         self.process_upstream();
         self.process_client();
+        // A client that half-closed is done once every command it sent has been read
+        // and answered: the commands held behind the reply just in go first.
+        if self.client_done && self.slots.is_empty() {
+            self.close();
+        }
     }
 
     fn on_client_eof(&mut self) {
@@ -1090,6 +1092,32 @@ mod tests {
             max_plaintext_commands: 20,
             user_hasher: UserHasher::new(b"test key"),
         }
+    }
+
+    #[test]
+    fn a_half_closed_client_gets_every_command_held_behind_a_barrier_processed() {
+        let mut s = greeted(Policy::AuthRequiresTls);
+        // HELO is a barrier: what follows is held until its reply.
+        let out = client(
+            &mut s,
+            "HELO c.example\r\nMAIL FROM:<a@example.test>\r\nQUIT\r\n",
+        );
+        assert_eq!(out.upstream, "HELO c.example\r\n");
+        s.on_client_eof();
+        let out = upstream(&mut s, "250 legacy.example.test\r\n");
+        assert_eq!(out.client, "250 legacy.example.test\r\n");
+        // No PIPELINING announced: one command at a time (DESIGN §10).
+        assert_eq!(out.upstream, "MAIL FROM:<a@example.test>\r\n");
+        assert!(!out.closed);
+        let out = upstream(&mut s, "250 2.1.0 Ok\r\n");
+        assert_eq!(
+            (out.client.as_str(), out.upstream.as_str()),
+            ("250 2.1.0 Ok\r\n", "QUIT\r\n")
+        );
+        assert!(!out.closed);
+        let out = upstream(&mut s, "221 2.0.0 Bye\r\n");
+        assert_eq!(out.client, "221 2.0.0 Bye\r\n");
+        assert!(out.closed);
     }
 
     #[test]
