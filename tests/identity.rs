@@ -341,15 +341,16 @@ async fn xclient_tells_the_upstream_the_real_client_invisibly() {
 }
 
 #[tokio::test]
-async fn xclient_not_offered_is_a_warning_and_the_session_goes_on() {
+async fn xclient_not_offered_refuses_the_session_rather_than_run_it_as_mailmoat() {
     let upstream = recorder(false, false).await;
     let proxy = proxy(&[listener(upstream.addr, "xclient: true")], "").await;
-    let greeting = session_through(proxy.addr("id"), b"").await;
-    assert_eq!(greeting, "220 upstream ESMTP\r\n");
+    let mut client = connect(proxy.addr("id")).await;
     assert_eq!(
-        upstream.commands(),
-        ["EHLO localhost", "EHLO client.example", "QUIT"]
+        String::from_utf8(client.rest().await).unwrap(),
+        "421 4.3.0 Service temporarily unavailable, closing connection\r\n"
     );
+    // Nothing of the client's ever reached the upstream.
+    assert_eq!(upstream.commands(), ["EHLO localhost"]);
     assert!(captured_logs().contains("event=\"xclient_unavailable\" reason=\"not_announced\""));
 }
 

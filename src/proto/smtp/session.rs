@@ -15,6 +15,8 @@
 //! the client's own EHLO then starts its dialogue as usual. Postfix keeps the XCLIENT
 //! attributes for the whole connection, so the proxy's RSET at STARTTLS does not undo
 //! them (XCLIENT_README: they last until the end of the session or the next XCLIENT).
+//! An upstream that does not announce XCLIENT, or refuses it, gets no session: the
+//! client is answered 421 rather than reaching it as the proxy's trusted address.
 
 use std::collections::VecDeque;
 
@@ -53,6 +55,9 @@ mod reply {
     pub const SHUTTING_DOWN: &[u8] = b"421 4.3.2 Service shutting down, closing connection\r\n";
     pub const TOO_MANY_PLAINTEXT: &[u8] =
         b"421 4.7.0 Too many commands before STARTTLS, closing connection\r\n";
+    /// `xclient: true` and the upstream cannot take it (DESIGN §7).
+    pub const IDENTITY_UNAVAILABLE: &[u8] =
+        b"421 4.3.0 Service temporarily unavailable, closing connection\r\n";
 }
 
 /// An upstream reply may have at most this many lines (an EHLO reply has a dozen).
@@ -113,14 +118,10 @@ enum Mode {
 enum Awaiting {
     Greeting,
     /// The proxy's own EHLO, to learn whether the upstream offers XCLIENT; the
-    /// upstream's greeting waits to be relayed.
-    XclientEhlo {
-        greeting: Vec<Line>,
-    },
-    /// The proxy's XCLIENT; its positive reply is a new greeting.
-    Xclient {
-        greeting: Vec<Line>,
-    },
+    /// upstream's first greeting is not relayed.
+    XclientEhlo,
+    /// The proxy's XCLIENT; its positive reply is a new greeting, for the client.
+    Xclient,
     Ehlo {
         domain: Bytes,
     },
@@ -675,25 +676,22 @@ impl Session {
                     self.send_upstream(&b"EHLO localhost\r\n"[..]);
                     self.slots.push_front(Slot::Upstream {
                         verb,
-                        awaiting: Awaiting::XclientEhlo { greeting: lines },
+                        awaiting: Awaiting::XclientEhlo,
                     });
                     return;
                 }
                 self.mode = Mode::Command;
                 return self.relay(&lines);
             }
-            Awaiting::XclientEhlo { greeting } => {
-                return self.on_xclient_ehlo_reply(verb, positive, &lines, greeting);
-            }
-            Awaiting::Xclient { greeting } => {
+            Awaiting::XclientEhlo => return self.on_xclient_ehlo_reply(verb, code, &lines),
+            Awaiting::Xclient => {
                 self.mode = Mode::Command;
                 // 220: the new session's greeting. 421: the upstream refuses this
                 // client and hangs up; the client sees it as the greeting.
                 if code == 220 || code == 421 {
                     return self.relay(&lines);
                 }
-                self.event(Event::XclientUnavailable { reason: "refused" });
-                return self.relay(&greeting);
+                return self.xclient_unavailable("refused");
             }
             Awaiting::Ehlo { domain } => {
                 if positive {
@@ -765,16 +763,17 @@ impl Session {
         self.counters.record(tally_name(verb), positive);
     }
 
-    /// The reply to the proxy's own EHLO: send XCLIENT with what the upstream announced,
-    /// or carry on without it (one warning per session).
-    fn on_xclient_ehlo_reply(
-        &mut self,
-        verb: Verb,
-        positive: bool,
-        lines: &[Line],
-        greeting: Vec<Line>,
-    ) {
+    /// The reply to the proxy's own EHLO: send XCLIENT with what the upstream announced;
+    /// a refusal (4xx) is relayed and ends the session; no XCLIENT offered refuses it.
+    fn on_xclient_ehlo_reply(&mut self, verb: Verb, code: u16, lines: &[Line]) {
         let identity = self.xclient.take();
+        let positive = code < 400;
+        if (400..500).contains(&code) {
+            // The upstream turns sessions away (421: too many connections): say so.
+            self.mode = Mode::Command;
+            self.relay(lines);
+            return self.close();
+        }
         let command = lines
             .iter()
             .skip(1)
@@ -791,17 +790,20 @@ impl Session {
                 self.send_upstream(command);
                 self.slots.push_front(Slot::Upstream {
                     verb,
-                    awaiting: Awaiting::Xclient { greeting },
+                    awaiting: Awaiting::Xclient,
                 });
             }
-            None => {
-                self.event(Event::XclientUnavailable {
-                    reason: "not_announced",
-                });
-                self.mode = Mode::Command;
-                self.relay(&greeting);
-            }
+            None => self.xclient_unavailable("not_announced"),
         }
+    }
+
+    /// The listener asks for XCLIENT and the upstream cannot take it: the session is
+    /// refused rather than reaching the upstream as mailmoat's own, trusted address
+    /// (the open-relay trap of DESIGN §7).
+    fn xclient_unavailable(&mut self, reason: &'static str) {
+        self.event(Event::XclientUnavailable { reason });
+        self.mode = Mode::Command;
+        self.close_with(reply::IDENTITY_UNAVAILABLE);
     }
 
     fn relay(&mut self, lines: &[Line]) {
@@ -1980,18 +1982,18 @@ mod tests {
         assert_eq!(s.summary(), "ehlo=1");
     }
 
+    const IDENTITY_UNAVAILABLE: &str =
+        "421 4.3.0 Service temporarily unavailable, closing connection\r\n";
+
     #[test]
-    fn without_xclient_in_the_ehlo_reply_the_session_goes_on_with_one_warning() {
+    fn without_xclient_in_the_ehlo_reply_the_session_is_refused_not_run_as_the_proxy() {
         let mut s = xclient_session();
         s.on_upstream_data(GREETING);
         drain(&mut s);
         let out = upstream(&mut s, "250-legacy\r\n250 PIPELINING\r\n");
         assert_eq!(names(&out.events), ["xclient_unavailable"]);
-        assert_eq!(out.client, String::from_utf8_lossy(GREETING));
-        assert_eq!(out.upstream, "");
-        let out = client(&mut s, "EHLO client.example\r\n");
-        assert_eq!(out.upstream, "EHLO client.example\r\n");
-        assert!(out.events.is_empty());
+        assert_eq!(out.client, IDENTITY_UNAVAILABLE);
+        assert_eq!((out.upstream.as_str(), out.closed), ("", true));
         // A HELO-only upstream refuses the proxy's EHLO: the same.
         let mut s = xclient_session();
         s.on_upstream_data(GREETING);
@@ -2003,11 +2005,25 @@ mod tests {
                 reason: "not_announced"
             }]
         );
-        assert_eq!(out.client, String::from_utf8_lossy(GREETING));
+        assert_eq!(
+            (out.client.as_str(), out.closed),
+            (IDENTITY_UNAVAILABLE, true)
+        );
+        // An upstream that turns sessions away answers the proxy's EHLO with 421: the
+        // client gets that 421, not the stale first greeting.
+        let mut s = xclient_session();
+        s.on_upstream_data(GREETING);
+        drain(&mut s);
+        let out = upstream(&mut s, "421 4.7.0 Too many connections\r\n");
+        assert!(out.events.is_empty());
+        assert_eq!(
+            (out.client.as_str(), out.closed),
+            ("421 4.7.0 Too many connections\r\n", true)
+        );
     }
 
     #[test]
-    fn a_refused_xclient_relays_the_first_greeting_and_a_421_ends_the_session() {
+    fn a_refused_xclient_refuses_the_session_and_a_421_ends_it() {
         let mut s = xclient_session();
         s.on_upstream_data(GREETING);
         drain(&mut s);
@@ -2017,8 +2033,10 @@ mod tests {
             out.events,
             [Event::XclientUnavailable { reason: "refused" }]
         );
-        assert_eq!(out.client, String::from_utf8_lossy(GREETING));
-        assert_eq!(client(&mut s, "NOOP\r\n").upstream, "NOOP\r\n");
+        assert_eq!(
+            (out.client.as_str(), out.closed),
+            (IDENTITY_UNAVAILABLE, true)
+        );
 
         let mut s = xclient_session();
         s.on_upstream_data(GREETING);
