@@ -582,6 +582,20 @@ impl ListenerConfig {
                     .to_owned(),
             );
         }
+        if !self.exempt_networks.is_empty()
+            && self.protocol == Protocol::Smtp
+            && self.source_address.is_none()
+            && self.upstream_proxy_protocol.is_none()
+        {
+            problems.push(
+                "exempt_networks: give exempt SMTP sessions an identity of their own \
+                 (source_address or upstream_proxy_protocol): they are relayed unchanged, and \
+                 an upstream that trusts mailmoat's address (smtpd_authorized_xclient_hosts \
+                 for another listener's xclient, mynetworks) would believe a device's own \
+                 XCLIENT"
+                    .to_owned(),
+            );
+        }
         if !self.exempt_networks.is_empty() && self.xclient {
             problems.push(
                 "exempt_networks: not with xclient: an exempt session's bytes reach the \

@@ -347,7 +347,7 @@ fn a_log_level_that_is_no_filter_and_a_zero_literal_bound_are_refused_with_their
 fn exempt_networks_are_refused_on_implicit_tls_and_with_xclient() {
     let (text, _) = fixture("valid", "minimal.yaml");
     let with = |keys: &str| text.replace("2587\" }", &format!("2587\", {keys} }}"));
-    let ok = with("exempt_networks: [192.0.2.0/24]");
+    let ok = with("exempt_networks: [192.0.2.0/24], source_address: 127.0.0.2");
     assert!(Config::from_yaml(&ok, "ok.yaml").is_ok(), "{ok}");
     for (edit, expected) in [
         (
@@ -357,6 +357,10 @@ fn exempt_networks_are_refused_on_implicit_tls_and_with_xclient() {
         (
             "xclient: true, exempt_networks: [192.0.2.0/24]",
             "exempt_networks: not with xclient",
+        ),
+        (
+            "exempt_networks: [192.0.2.0/24]",
+            "exempt_networks: give exempt SMTP sessions an identity of their own",
         ),
     ] {
         let text = with(edit);

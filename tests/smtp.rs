@@ -584,8 +584,10 @@ async fn connect_from(source: &str, addr: std::net::SocketAddr) -> Client<tokio:
 #[tokio::test]
 async fn an_exempt_device_is_relayed_unchanged_and_counted_while_others_are_not() {
     let upstream = scripted_upstream(Behaviour::Esmtp).await;
-    let listener = smtp_listener("sub", "starttls", "require_tls", upstream.addr)
-        .replace(" }", ", exempt_networks: [127.0.0.2/32] }");
+    let listener = smtp_listener("sub", "starttls", "require_tls", upstream.addr).replace(
+        " }",
+        ", exempt_networks: [127.0.0.2/32], source_address: 127.0.0.5 }",
+    );
     let proxy = proxy(&[listener], "").await;
     let addr = proxy.addr("sub");
 
