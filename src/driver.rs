@@ -6,10 +6,10 @@ use std::future::Future;
 use std::io;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll, ready};
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
-use bytes::{Buf, Bytes, BytesMut};
+use bytes::{Buf, Bytes};
 use rustls::ServerConfig;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
@@ -41,9 +41,6 @@ pub struct ConnectionSettings {
     pub metrics: ListenerMetrics,
 }
 
-/// How much is read from a client's socket at a time under TLS.
-const READ_AHEAD_LEN: usize = 64 * 1024;
-
 /// A stream that yields `prefix` before reading from `inner`: the bytes a client sent
 /// behind STARTTLS belong to the TLS handshake (DESIGN §4).
 #[derive(Debug)]
@@ -67,24 +64,27 @@ impl<S: AsyncRead + Unpin> AsyncRead for Prefixed<S> {
     ) -> Poll<io::Result<()>> {
         let this = self.get_mut();
         if this.prefix.is_empty() {
-            if buf.remaining() >= READ_AHEAD_LEN {
+            if buf.remaining() >= scratch::READ_AHEAD_LEN {
                 return Pin::new(&mut this.inner).poll_read(cx, buf);
             }
             // rustls reads 4 KiB at a time: one system call per 4 KiB of a large
-            // message. Read what the socket has instead and serve the rest from it.
-            let mut ahead = BytesMut::with_capacity(READ_AHEAD_LEN);
-            ready!(tokio_util::io::poll_read_buf(
-                Pin::new(&mut this.inner),
-                cx,
-                &mut ahead
-            ))?;
-            this.prefix = ahead.freeze();
+            // message. Read what the socket has into the thread's read-ahead buffer
+            // instead, and keep only what rustls did not take (no allocation while the
+            // socket is empty, nothing held once it is served).
+            return scratch::poll_read_ahead(&mut this.inner, cx, |read| {
+                let data = read?;
+                let n = data.len().min(buf.remaining());
+                buf.put_slice(&data[..n]);
+                if n < data.len() {
+                    this.prefix = Bytes::copy_from_slice(&data[n..]);
+                }
+                Ok(())
+            });
         }
         let n = this.prefix.len().min(buf.remaining());
         buf.put_slice(&this.prefix[..n]);
         this.prefix.advance(n);
         if this.prefix.is_empty() {
-            // Let the buffer go: an idle connection holds nothing here.
             this.prefix = Bytes::new();
         }
         Poll::Ready(Ok(()))

@@ -16,6 +16,34 @@ thread_local! {
     static SCRATCH: RefCell<Box<[u8]>> = RefCell::new(vec![0; SCRATCH_LEN].into_boxed_slice());
 }
 
+/// Size of the read-ahead buffer under a TLS stream. Also the most a session whose
+/// reader has stalled keeps of it (`driver::Prefixed`).
+pub const READ_AHEAD_LEN: usize = 32 * 1024;
+
+thread_local! {
+    /// Under a TLS stream, while the stream above reads into [`SCRATCH`].
+    static READ_AHEAD: RefCell<Box<[u8]>> =
+        RefCell::new(vec![0; READ_AHEAD_LEN].into_boxed_slice());
+}
+
+/// Polls one read of `stream` (of up to [`READ_AHEAD_LEN`] bytes) for a reader below a
+/// TLS stream; `consume` gets the bytes (or the error) within the same poll.
+pub fn poll_read_ahead<S, R>(
+    stream: &mut S,
+    cx: &mut Context<'_>,
+    consume: impl FnOnce(io::Result<&[u8]>) -> R,
+) -> Poll<R>
+where
+    S: AsyncRead + Unpin + ?Sized,
+{
+    READ_AHEAD.with(|cell| match cell.try_borrow_mut() {
+        Ok(mut buffer) => read_into(&mut buffer, stream, cx, |_, read| consume(read)),
+        Err(_) => read_into(&mut vec![0; READ_AHEAD_LEN], stream, cx, |_, read| {
+            consume(read)
+        }),
+    })
+}
+
 /// Polls one read of `stream` and hands the result to `consume` within the same poll (an
 /// empty slice is the end of the stream). `consume` gets the context back, to write on.
 pub fn poll_read<S, R>(
