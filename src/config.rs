@@ -533,10 +533,12 @@ impl Config {
                 "limits.max_connections_per_client: must be at least 1".into(),
             );
         }
-        if self.limits.max_connections == 0 {
+        // The upper bound keeps the connection semaphore far from its own limit
+        // (usize::MAX >> 3), where tokio would panic, also on a SIGHUP.
+        if !(1..=MAX_CONNECTIONS_LIMIT).contains(&self.limits.max_connections) {
             problem(
                 "max_connections",
-                "limits.max_connections: must be at least 1".into(),
+                format!("limits.max_connections: must be between 1 and {MAX_CONNECTIONS_LIMIT}"),
             );
         }
         if self.limits.max_literal_len == 0 {
@@ -642,6 +644,9 @@ impl ListenerConfig {
         problems
     }
 }
+
+/// Far more than descriptors allow (two per connection).
+const MAX_CONNECTIONS_LIMIT: usize = 10_000_000;
 
 /// A level (`info`), or `RUST_LOG`-style directives (`info,mailmoat::driver=debug`).
 /// A lone word that is no level would be read as a target name and silence everything

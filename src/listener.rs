@@ -306,12 +306,14 @@ impl Server {
     /// prepared (certificates loaded, new ports bound) before anything changes, so on an
     /// error the running config stays whole. Sessions in flight are untouched.
     pub async fn reload(&mut self, config: &Config) -> Result<Reloaded, Error> {
-        if config.user_hash_key != self.user_hash_key {
-            // A random key (no key configured) is kept, so hashes still join.
-            self.user_hasher = hasher_for(config.user_hash_key.as_deref());
-            self.user_hash_key = config.user_hash_key.clone();
-        }
-        let states = prepare(config, &self.user_hasher, &self.draining.subscribe())?;
+        // A random key (no key configured) is kept, so hashes still join; the new one is
+        // taken only if the whole reload goes through.
+        let user_hasher = if config.user_hash_key == self.user_hash_key {
+            self.user_hasher.clone()
+        } else {
+            hasher_for(config.user_hash_key.as_deref())
+        };
+        let states = prepare(config, &user_hasher, &self.draining.subscribe())?;
         let mut fresh = Vec::new();
         for state in &states {
             if !self
@@ -325,6 +327,8 @@ impl Server {
         }
 
         // Nothing can fail from here on.
+        self.user_hasher = user_hasher;
+        self.user_hash_key = config.user_hash_key.clone();
         let mut reloaded = Reloaded::default();
         let mut kept = Vec::new();
         for state in states {

@@ -405,7 +405,7 @@ impl Drop for ActiveSession {
 /// The longest request head read; anything longer gets 431.
 const MAX_REQUEST_LEN: usize = 8 * 1024;
 /// Time a scraper has to send its request head.
-const READ_TIMEOUT: Duration = Duration::from_secs(5);
+const READ_TIMEOUT: Duration = Duration::from_secs(2);
 /// Time a scraper has to take the response.
 const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Scrapes served at once; more connections are closed at once.
