@@ -524,7 +524,7 @@ async fn accept_loop(
                 let identified =
                     identify(client, peer, client_permit, &current, &shared_by_session).await;
                 if let Some((client, origin, client_permit)) = identified {
-                    serve(client, &origin, &current).await;
+                    serve(client, peer, &origin, &current).await;
                     drop(client_permit);
                 }
                 release(permit, &shared_by_session);
@@ -591,12 +591,20 @@ fn release(permit: tokio::sync::OwnedSemaphorePermit, shared: &Shared) {
     }
 }
 
-async fn serve(client: TcpStream, origin: &Origin, state: &ListenerState) {
-    let exempt = state
-        .config
-        .exempt_networks
-        .iter()
-        .any(|net| net.contains(origin.client.ip()));
+async fn serve(client: TcpStream, peer: SocketAddr, origin: &Origin, state: &ListenerState) {
+    // A balancer's health check (PROXY LOCAL or UNKNOWN) names no client: it is never
+    // exempt, even if an exempt network covers the balancer.
+    let config = &state.config;
+    let unnamed = origin.client.ip() == Origin::direct(peer, peer).client.ip()
+        && config
+            .proxy_protocol_from
+            .iter()
+            .any(|net| net.contains(peer.ip()));
+    let exempt = !unnamed
+        && config
+            .exempt_networks
+            .iter()
+            .any(|net| net.contains(origin.client.ip()));
     if exempt {
         let upstream = upstream::Route::for_listener(&state.config, origin);
         let unavailable = match state.session {

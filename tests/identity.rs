@@ -391,3 +391,34 @@ async fn on_an_implicit_tls_listener_the_header_comes_before_the_handshake() {
         [b"PROXY TCP4 203.0.113.7 192.0.2.1 51234 465\r\n".to_vec()]
     );
 }
+
+#[tokio::test]
+async fn a_health_check_that_names_no_client_is_never_exempt() {
+    let upstream = recorder(false, false).await;
+    let proxy = proxy(
+        &[listener(
+            upstream.addr,
+            "proxy_protocol_from: [127.0.0.0/8], exempt_networks: [127.0.0.0/8], \
+             source_address: 127.0.0.5",
+        )],
+        "",
+    )
+    .await;
+    // PROXY v2 LOCAL (a balancer's own health check): no address.
+    let mut local = V2_SIGNATURE.to_vec();
+    local.extend_from_slice(&[0x20, 0x00, 0x00, 0x00]);
+    let mut client = connect(proxy.addr("id")).await;
+    client.send(&local).await;
+    assert!(client.reply().await.starts_with("220 "));
+    let ehlo = client.cmd("EHLO check.example").await;
+    assert!(ehlo.ends_with("250 STARTTLS\r\n"), "not the policy: {ehlo}");
+    // A client the header names inside the exempt network is exempt: relayed as is.
+    let mut named = connect(proxy.addr("id")).await;
+    named
+        .send(b"PROXY TCP4 127.0.0.9 127.0.0.1 40000 25\r\n")
+        .await;
+    assert!(named.reply().await.starts_with("220 "));
+    let ehlo = named.cmd("EHLO device.example").await;
+    assert!(!ehlo.contains("STARTTLS"), "not relayed unchanged: {ehlo}");
+    assert!(captured_logs().contains("event=\"exempt_plaintext_session\""));
+}
