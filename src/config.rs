@@ -573,6 +573,16 @@ impl Config {
 }
 
 impl ListenerConfig {
+    /// Whether `ip` is one of the trusted balancers of `proxy_protocol_from`.
+    pub fn is_balancer(&self, ip: std::net::IpAddr) -> bool {
+        self.proxy_protocol_from.iter().any(|net| net.contains(ip))
+    }
+
+    /// Whether `ip` is one of the named devices of `exempt_networks`.
+    pub fn is_exempt(&self, ip: std::net::IpAddr) -> bool {
+        self.exempt_networks.iter().any(|net| net.contains(ip))
+    }
+
     /// What is wrong with the client-identity keys (DESIGN §7), each message starting
     /// with the key's name.
     fn identity_problems(&self, allow_remote_plaintext: bool) -> Vec<String> {

@@ -54,6 +54,17 @@ pub enum SessionConfig {
     Pop3(pop3::Config),
 }
 
+impl SessionConfig {
+    /// The protocol's temporary failure when the upstream cannot be reached.
+    fn unavailable(&self) -> &'static [u8] {
+        match self {
+            SessionConfig::Smtp(_) => smtp::UNAVAILABLE,
+            SessionConfig::Imap(_) => imap::UNAVAILABLE,
+            SessionConfig::Pop3(_) => pop3::UNAVAILABLE,
+        }
+    }
+}
+
 /// What a listener's new connections are served with; replaced whole on reload, while
 /// sessions in flight keep the one they started with.
 struct ListenerState {
@@ -493,11 +504,7 @@ async fn accept_loop(
         };
         // Behind a load balancer every connection comes from the balancer's address:
         // such clients are counted by the address their PROXY header names, once read.
-        let from_balancer = current
-            .config
-            .proxy_protocol_from
-            .iter()
-            .any(|net| net.contains(peer.ip()));
+        let from_balancer = current.config.is_balancer(peer.ip());
         let client_permit = if from_balancer {
             None
         } else {
@@ -595,48 +602,32 @@ async fn serve(client: TcpStream, peer: SocketAddr, origin: &Origin, state: &Lis
     // A balancer's health check (PROXY LOCAL or UNKNOWN) names no client: it is never
     // exempt, even if an exempt network covers the balancer.
     let config = &state.config;
-    let unnamed = origin.client.ip() == Origin::direct(peer, peer).client.ip()
-        && config
-            .proxy_protocol_from
-            .iter()
-            .any(|net| net.contains(peer.ip()));
-    let exempt = !unnamed
-        && config
-            .exempt_networks
-            .iter()
-            .any(|net| net.contains(origin.client.ip()));
-    if exempt {
-        let upstream = upstream::Route::for_listener(&state.config, origin);
-        let unavailable = match state.session {
-            SessionConfig::Smtp(_) => smtp::UNAVAILABLE,
-            SessionConfig::Imap(_) => imap::UNAVAILABLE,
-            SessionConfig::Pop3(_) => pop3::UNAVAILABLE,
-        };
+    let unnamed = origin.client.ip() == peer.ip().to_canonical() && config.is_balancer(peer.ip());
+    let upstream = &upstream::Route::for_listener(config, origin);
+    let settings = &state.settings;
+    let unavailable = state.session.unavailable();
+    if !unnamed && config.is_exempt(origin.client.ip()) {
         let session = crate::proto::exempt::Session::new();
-        return driver::serve(client, &upstream, &state.settings, session, unavailable).await;
+        return driver::serve(client, upstream, settings, session, unavailable).await;
     }
-    let (upstream, settings) = (
-        &upstream::Route::for_listener(&state.config, origin),
-        &state.settings,
-    );
     match &state.session {
-        SessionConfig::Smtp(config) => {
-            let mut session = smtp::Session::new(config.clone(), false);
-            if state.config.xclient {
+        SessionConfig::Smtp(smtp_config) => {
+            let mut session = smtp::Session::new(smtp_config.clone(), false);
+            if config.xclient {
                 session = session.with_xclient(smtp::xclient::Identity {
                     client: origin.client,
                     destination: origin.destination,
                 });
             }
-            driver::serve(client, upstream, settings, session, smtp::UNAVAILABLE).await
+            driver::serve(client, upstream, settings, session, unavailable).await
         }
-        SessionConfig::Imap(config) => {
-            let session = imap::Session::new(config.clone());
-            driver::serve(client, upstream, settings, session, imap::UNAVAILABLE).await
+        SessionConfig::Imap(imap_config) => {
+            let session = imap::Session::new(imap_config.clone());
+            driver::serve(client, upstream, settings, session, unavailable).await
         }
-        SessionConfig::Pop3(config) => {
-            let session = pop3::Session::new(config.clone());
-            driver::serve(client, upstream, settings, session, pop3::UNAVAILABLE).await
+        SessionConfig::Pop3(pop3_config) => {
+            let session = pop3::Session::new(pop3_config.clone());
+            driver::serve(client, upstream, settings, session, unavailable).await
         }
     }
 }

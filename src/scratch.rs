@@ -36,11 +36,8 @@ pub fn poll_read_ahead<S, R>(
 where
     S: AsyncRead + Unpin + ?Sized,
 {
-    READ_AHEAD.with(|cell| match cell.try_borrow_mut() {
-        Ok(mut buffer) => read_into(&mut buffer, stream, cx, |_, read| consume(read)),
-        Err(_) => read_into(&mut vec![0; READ_AHEAD_LEN], stream, cx, |_, read| {
-            consume(read)
-        }),
+    with_buffer(&READ_AHEAD, READ_AHEAD_LEN, |buffer| {
+        read_into(buffer, stream, cx, |_, read| consume(read))
     })
 }
 
@@ -54,10 +51,21 @@ pub fn poll_read<S, R>(
 where
     S: AsyncRead + Unpin + ?Sized,
 {
-    SCRATCH.with(|cell| match cell.try_borrow_mut() {
-        Ok(mut scratch) => read_into(&mut scratch, stream, cx, consume),
-        // Only if a `consume` ever read again itself: correct, if slower.
-        Err(_) => read_into(&mut vec![0; SCRATCH_LEN], stream, cx, consume),
+    with_buffer(&SCRATCH, SCRATCH_LEN, |buffer| {
+        read_into(buffer, stream, cx, consume)
+    })
+}
+
+/// Runs `f` on the thread's buffer `key`, or on a fresh one of `len` bytes if it is in
+/// use (only if a `consume` ever read again itself: correct, if slower).
+fn with_buffer<R>(
+    key: &'static std::thread::LocalKey<RefCell<Box<[u8]>>>,
+    len: usize,
+    f: impl FnOnce(&mut [u8]) -> R,
+) -> R {
+    key.with(|cell| match cell.try_borrow_mut() {
+        Ok(mut buffer) => f(&mut buffer),
+        Err(_) => f(&mut vec![0; len]),
     })
 }
 
