@@ -4,6 +4,8 @@
 
 mod common;
 
+use common::{config_file, listener};
+
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -36,28 +38,6 @@ fn check(path: &Path, extra_args: &[&str]) -> Checked {
 }
 
 /// Writes a config with the default test certificate and these listener lines.
-fn config(dir: &Path, listeners: &[String], extra: &str) -> PathBuf {
-    let certs = common::certs();
-    let mut yaml = format!(
-        "tls:\n  certificates:\n    - {{ cert: {}, key: {} }}\nlisteners:\n",
-        certs.default.0.display(),
-        certs.default.1.display()
-    );
-    for listener in listeners {
-        yaml.push_str(&format!("  - {listener}\n"));
-    }
-    yaml.push_str(extra);
-    let path = dir.join("mailmoat.yaml");
-    std::fs::write(&path, yaml).unwrap();
-    path
-}
-
-fn listener(name: &str, protocol: &str, tls: &str, policy: &str, upstream: &str) -> String {
-    format!(
-        "{{ name: {name}, protocol: {protocol}, listen: \"127.0.0.1:0\", tls: {tls}, \
-         policy: {policy}, upstream: \"{upstream}\" }}"
-    )
-}
 
 #[test]
 fn several_config_mistakes_are_all_reported_with_their_lines() {
@@ -234,7 +214,7 @@ fn a_safe_postfix_and_dovecot_pass() {
     // A running instance holds the listen port: check binds nothing, so it still passes.
     let running = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let port = running.local_addr().unwrap().port();
-    let path = config(
+    let path = config_file(
         dir.path(),
         &[
             listener("mx", "smtp", "starttls", "auth_requires_tls", &smtp)
@@ -298,7 +278,7 @@ fn an_open_relay_postfix_is_caught_with_guidance() {
     );
     let dir = tempfile::tempdir().unwrap();
     let smtp = open.smtp.to_string();
-    let path = config(
+    let path = config_file(
         dir.path(),
         &[
             listener("mx", "smtp", "starttls", "auth_requires_tls", &smtp),
@@ -366,7 +346,7 @@ async fn the_relay_probe_never_sends_data() {
     // The scripted upstream accepts every recipient: an open relay.
     let upstream = common::scripted_upstream(common::Behaviour::Esmtp).await;
     let dir = tempfile::tempdir().unwrap();
-    let path = config(
+    let path = config_file(
         dir.path(),
         &[listener(
             "mx",
@@ -400,7 +380,7 @@ async fn unreachable_silent_and_wrong_protocol_upstreams_all_fail_in_one_run() {
     let silent = common::scripted_upstream(common::Behaviour::Silent).await;
     let closed = format!("127.0.0.1:{}", common::free_port());
     let dir = tempfile::tempdir().unwrap();
-    let path = config(
+    let path = config_file(
         dir.path(),
         &[
             listener("down", "smtp", "starttls", "require_tls", &closed),

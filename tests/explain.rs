@@ -4,6 +4,8 @@
 
 mod common;
 
+use common::{config_file, listener};
+
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::process::Command;
@@ -31,19 +33,8 @@ impl Listener {
 /// Runs `mailmoat explain` on these listener lines; returns the exit code, the parsed
 /// output and the raw output.
 fn explain(listeners: &[String]) -> (Option<i32>, Vec<Listener>, String) {
-    let certs = common::certs();
     let dir = tempfile::tempdir().unwrap();
-    let mut yaml = format!(
-        "tls:\n  certificates:\n    - {{ cert: {}, key: {} }}\nlisteners:\n",
-        certs.default.0.display(),
-        certs.default.1.display()
-    );
-    for listener in listeners {
-        yaml.push_str(&format!("  - {listener}\n"));
-    }
-    let path = dir.path().join("mailmoat.yaml");
-    std::fs::write(&path, yaml).unwrap();
-    run(&path)
+    run(&config_file(dir.path(), listeners, ""))
 }
 
 fn run(path: &Path) -> (Option<i32>, Vec<Listener>, String) {
@@ -83,13 +74,6 @@ fn run(path: &Path) -> (Option<i32>, Vec<Listener>, String) {
         }
     }
     (output.status.code(), parsed, stdout)
-}
-
-fn listener(name: &str, protocol: &str, tls: &str, policy: &str, upstream: &str) -> String {
-    format!(
-        "{{ name: {name}, protocol: {protocol}, listen: \"127.0.0.1:0\", tls: {tls}, \
-         policy: {policy}, upstream: \"{upstream}\" }}"
-    )
 }
 
 /// The lines of the first reply to `command` in a view: after `C: command`, up to the

@@ -788,3 +788,29 @@ pub fn assert_no_secret_logged(secrets: &[&str]) {
         );
     }
 }
+
+/// Writes `DIR/mailmoat.yaml` with the default test certificate, these `listeners:`
+/// entries and `extra` top-level YAML; returns its path.
+pub fn config_file(dir: &std::path::Path, listeners: &[String], extra: &str) -> PathBuf {
+    let certs = certs();
+    let mut yaml = format!(
+        "tls:\n  certificates:\n    - {{ cert: {}, key: {} }}\nlisteners:\n",
+        certs.default.0.display(),
+        certs.default.1.display()
+    );
+    for listener in listeners {
+        yaml.push_str(&format!("  - {listener}\n"));
+    }
+    yaml.push_str(extra);
+    let path = dir.join("mailmoat.yaml");
+    std::fs::write(&path, yaml).unwrap();
+    path
+}
+
+/// A `listeners:` entry on a free loopback port.
+pub fn listener(name: &str, protocol: &str, tls: &str, policy: &str, upstream: &str) -> String {
+    format!(
+        "{{ name: {name}, protocol: {protocol}, listen: \"127.0.0.1:0\", tls: {tls}, \
+         policy: {policy}, upstream: \"{upstream}\" }}"
+    )
+}
