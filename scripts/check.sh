@@ -12,4 +12,27 @@ fi
 
 cargo fmt --all -- --check
 cargo clippy --all-targets -- -D warnings
-cargo test --all-targets
+# Every wait in the tests has its own bound; this one is the last line of defence, so
+# that a test that hangs anyway shows where (every process, and the stacks of the test
+# binaries) and fails, instead of using up CI's time. The tests run in a session of
+# their own, so that all of them can be found and stopped.
+limit=${MAILMOAT_TEST_LIMIT:-1800}
+setsid cargo test --all-targets &
+tests=$!
+trap 'kill -TERM -- "-$tests" 2>/dev/null || true' INT TERM
+deadline=$((SECONDS + limit))
+while kill -0 "$tests" 2>/dev/null; do
+    if [ "$SECONDS" -ge "$deadline" ]; then
+        echo "check.sh: the tests ran longer than ${limit}s; what was running:" >&2
+        ps -eo pid,ppid,pgid,etime,stat,wchan:24,args --forest >&2 || true
+        for pid in $(pgrep -s "$tests" -f 'target/debug/deps/' || true); do
+            echo "check.sh: stacks of $pid:" >&2
+            timeout 60 gdb -p "$pid" -batch -ex 'thread apply all bt' 2>&1 |
+                grep -E '^(Thread|#)' >&2 || true
+        done
+        kill -KILL -- "-$tests" 2>/dev/null || true
+        break
+    fi
+    sleep 1
+done
+wait "$tests"

@@ -14,9 +14,11 @@ fi
 # fetchmail and isync (mbsync): real POP3 and IMAP clients for tests/e2e_dovecot.rs.
 # testssl.sh (command `testssl`) and gnutls-bin (gnutls-cli): scripts/testssl.sh and
 # tests/e2e_attack_tools.rs. python3-pip: for command-injection-tester below. systemd:
-# systemd-analyze, for tests/systemd_unit.rs (nothing is started).
-PKGS=(postfix dovecot-core dovecot-imapd dovecot-pop3d swaks openssl curl ca-certificates python3 fetchmail isync
-    testssl.sh gnutls-bin python3-pip systemd)
+# systemd-analyze, for tests/systemd_unit.rs (nothing is started). procps and gdb:
+# scripts/check.sh shows what a test that overran its time was doing. libnet-ssleay-perl:
+# swaks's STARTTLS (only recommended by the package, and recommends are not installed).
+PKGS=(postfix dovecot-core dovecot-imapd dovecot-pop3d swaks libnet-ssleay-perl openssl curl ca-certificates
+    python3 fetchmail isync testssl.sh gnutls-bin python3-pip systemd procps gdb)
 
 # command-injection-tester (PyPI): the STARTTLS command injection tester published with
 # the NO STARTTLS paper, used by tests/e2e_attack_tools.rs. One stdlib-only script, no
@@ -28,13 +30,14 @@ CIT_SHA256=762ebeefba7255c3f69e5311df0dad033186e4d2c4f119a23120e3f75209c364
 have_all() {
     local b
     for b in postfix postconf postsuper dovecot doveadm swaks openssl curl python3 setsid fetchmail mbsync \
-        testssl gnutls-cli stdbuf systemd-analyze; do
+        testssl gnutls-cli stdbuf systemd-analyze ps gdb; do
         command -v "$b" >/dev/null 2>&1 || return 1
     done
     # imap/pop3 come from separate packages; the binaries live outside $PATH.
     [ -x /usr/lib/dovecot/imap ] && [ -x /usr/lib/dovecot/pop3 ] &&
         [ -e /usr/lib/dovecot/modules/lib30_imap_zlib_plugin.so ] &&
         [ -s /etc/ssl/certs/ca-certificates.crt ] &&
+        perl -MNet::SSLeay -e 1 >/dev/null 2>&1 &&
         python3 -m pip --version >/dev/null 2>&1
 }
 

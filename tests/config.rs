@@ -9,6 +9,16 @@ use std::process::Command;
 
 use mailmoat::config::Config;
 
+/// Runs the real binary with `args` then the config path (bounded).
+fn mailmoat_cli(args: &[&str], path: &Path) -> common::Ran {
+    common::run_bounded(
+        Command::new(env!("CARGO_BIN_EXE_mailmoat"))
+            .args(args)
+            .arg(path),
+        std::time::Duration::from_secs(60),
+    )
+}
+
 /// A fixture with CERT and KEY replaced by the test certificate's paths.
 fn fixture(kind: &str, name: &str) -> (String, PathBuf) {
     let path = Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -182,13 +192,9 @@ fn the_binary_exits_64_on_a_bad_config_and_binds_nothing() {
     let path = dir.path().join("bad.yaml");
     std::fs::write(&path, text).unwrap();
     for subcommand in ["run", "check"] {
-        let output = Command::new(env!("CARGO_BIN_EXE_mailmoat"))
-            .args([subcommand, "-c"])
-            .arg(&path)
-            .output()
-            .unwrap();
-        assert_eq!(output.status.code(), Some(64), "{subcommand}");
-        let stderr = String::from_utf8_lossy(&output.stderr);
+        let output = mailmoat_cli(&[subcommand, "-c"], &path);
+        assert_eq!(output.code, Some(64), "{subcommand}");
+        let stderr = output.stderr.as_str();
         assert_eq!(stderr.lines().count(), 5, "{stderr}");
         assert!(
             stderr.contains("bad.yaml:5: listeners[0] (mx).upstream"),
@@ -206,18 +212,9 @@ fn check_accepts_a_good_config() {
     let path = dir.path().join("good.yaml");
     std::fs::write(&path, text).unwrap();
     // Offline: the fixture's upstream does not exist (tests/check.rs probes real ones).
-    let output = Command::new(env!("CARGO_BIN_EXE_mailmoat"))
-        .args(["check", "--offline", "-c"])
-        .arg(&path)
-        .output()
-        .unwrap();
-    assert_eq!(
-        output.status.code(),
-        Some(0),
-        "{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    let stdout = String::from_utf8_lossy(&output.stdout);
+    let output = mailmoat_cli(&["check", "--offline", "-c"], &path);
+    assert_eq!(output.code, Some(0), "{}", output.stderr.as_str());
+    let stdout = output.stdout.as_str();
     assert!(
         stdout.ends_with(&format!(
             "check passed: {}: 0 errors, 0 warning(s)\n",
@@ -240,13 +237,9 @@ fn a_key_that_does_not_match_its_certificate_is_refused() {
     std::fs::write(&path, text).unwrap();
     // `run` refuses to start (64); `check` reports a failed check (1).
     for (subcommand, code) in [("run", 64), ("check", 1)] {
-        let output = Command::new(env!("CARGO_BIN_EXE_mailmoat"))
-            .args([subcommand, "-c"])
-            .arg(&path)
-            .output()
-            .unwrap();
-        assert_eq!(output.status.code(), Some(code), "{subcommand}");
-        assert!(String::from_utf8_lossy(&output.stderr).contains("does not match"));
+        let output = mailmoat_cli(&[subcommand, "-c"], &path);
+        assert_eq!(output.code, Some(code), "{subcommand}");
+        assert!(output.stderr.as_str().contains("does not match"));
     }
 }
 
@@ -300,6 +293,10 @@ fn client_identity_keys_are_typed_and_validated_with_their_line() {
         (
             "protocol: smtp, upstream: \"127.0.0.1:2525\", source_address: \"::1\"",
             "id.yaml:6: listeners[1] (b).source_address: ::1 and the upstream 127.0.0.1:2525 are of different address families",
+        ),
+        (
+            "protocol: imap, upstream: \"127.0.0.1:1143\", bare_newlines: reject",
+            "id.yaml:6: listeners[1] (b).bare_newlines: applies to SMTP message bodies only",
         ),
         (
             "protocol: pop3, upstream: \"127.0.0.1:1110\", xclient: true",

@@ -18,7 +18,6 @@
 
 mod common;
 
-use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -26,44 +25,15 @@ use common::*;
 
 // ---------------------------------------------------------------- running programs
 
-/// Runs a program to completion, bounded by `limit`: on timeout its whole process group
-/// is killed and the test fails. Output goes through files, so a chatty program can
-/// never block on a full pipe. Returns (exit code, stdout, stderr).
-fn run_bounded(program: &str, args: &[&str], limit: Duration) -> (i32, String, String) {
-    use std::os::unix::process::CommandExt;
+/// Runs a program to completion in a directory of its own, bounded by `limit` (see
+/// [`common::run_bounded`]). Returns (exit code, stdout, stderr).
+fn run_tool(program: &str, args: &[&str], limit: Duration) -> (i32, String, String) {
     let dir = tempfile::tempdir().unwrap();
-    let (out, err) = (dir.path().join("stdout"), dir.path().join("stderr"));
-    let mut child = Command::new(program)
-        .args(args)
-        .current_dir(dir.path())
-        .stdin(Stdio::null())
-        .stdout(std::fs::File::create(&out).unwrap())
-        .stderr(std::fs::File::create(&err).unwrap())
-        .process_group(0)
-        .spawn()
-        .unwrap_or_else(|e| {
-            panic!("{program} is not installed ({e}): run scripts/install-deps.sh as root")
-        });
-    let deadline = Instant::now() + limit;
-    let status = loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            break status;
-        }
-        if Instant::now() > deadline {
-            let _ = Command::new("kill")
-                .args(["-KILL", "--", &format!("-{}", child.id())])
-                .status();
-            let _ = child.wait();
-            panic!(
-                "{program} {args:?} ran longer than {limit:?}:\n{}\n{}",
-                std::fs::read_to_string(&out).unwrap_or_default(),
-                std::fs::read_to_string(&err).unwrap_or_default()
-            );
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    };
-    let read = |path: &Path| String::from_utf8_lossy(&std::fs::read(path).unwrap()).into_owned();
-    (status.code().unwrap_or(-1), read(&out), read(&err))
+    let ran = common::run_bounded(
+        Command::new(program).args(args).current_dir(dir.path()),
+        limit,
+    );
+    (ran.code.unwrap_or(-1), ran.stdout, ran.stderr)
 }
 
 /// Polls `f` until it returns Some, for at most `limit`.
@@ -256,7 +226,7 @@ fn after_handshake(records: &[Record]) -> Vec<&str> {
 fn command_injection_tester(protocol: &Protocol, port: u16, after_tls: &[&str]) -> Report {
     let logdir = tempfile::tempdir().unwrap();
     let port = port.to_string();
-    let (code, stdout, stderr) = run_bounded(
+    let (code, stdout, stderr) = run_tool(
         CIT,
         &[
             "--nocolor",
@@ -651,7 +621,7 @@ fn testssl_script(args: &[&str]) -> (i32, String, String) {
     let mut all = vec![script];
     all.extend_from_slice(args);
     // Two scans of at most 300 s each, plus setup.
-    run_bounded("bash", &all, Duration::from_secs(900))
+    run_tool("bash", &all, Duration::from_secs(900))
 }
 
 /// The summary block of one target in the script's output.

@@ -38,12 +38,13 @@ fn explain(listeners: &[String]) -> (Option<i32>, Vec<Listener>, String) {
 }
 
 fn run(path: &Path) -> (Option<i32>, Vec<Listener>, String) {
-    let output = Command::new(env!("CARGO_BIN_EXE_mailmoat"))
-        .args(["explain", "-c"])
-        .arg(path)
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
+    let output = common::run_bounded(
+        Command::new(env!("CARGO_BIN_EXE_mailmoat"))
+            .args(["explain", "-c"])
+            .arg(path),
+        std::time::Duration::from_secs(120),
+    );
+    let stdout = output.stdout;
     let mut parsed: Vec<Listener> = Vec::new();
     let mut title = String::new();
     for line in stdout.lines() {
@@ -73,7 +74,7 @@ fn run(path: &Path) -> (Option<i32>, Vec<Listener>, String) {
             assert!(line.is_empty(), "unexpected line {line:?} in\n{stdout}");
         }
     }
-    (output.status.code(), parsed, stdout)
+    (output.code, parsed, stdout)
 }
 
 /// The lines of the first reply to `command` in a view: after `C: command`, up to the

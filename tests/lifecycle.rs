@@ -437,7 +437,7 @@ async fn reuse_port_lets_two_processes_share_a_listener() {
     listening(&second_log);
     // Both listen on the one port; without reuse_port a third cannot bind it.
     let (mut third, third_log) = spawn("third", false);
-    assert_eq!(third.wait().unwrap().code(), Some(64));
+    assert_eq!(common::wait_exit(&mut third, STEP).code(), Some(64));
     let stderr = std::fs::read_to_string(&third_log).unwrap();
     assert!(stderr.contains("cannot listen on 127.0.0.1"), "{stderr}");
     for _ in 0..4 {

@@ -131,6 +131,14 @@ def handle(sock, context, protocol, mode):
         pass
     finally:
         try:
+            # A TLS session ends with close_notify (RFC 8446 6.1): clients that treat a
+            # bare TCP close as an error (OpenSSL 3 without IGNORE_UNEXPECTED_EOF, as
+            # command-injection-tester sets it up on some Pythons) must see a clean end.
+            if conn.tls:
+                conn.sock = conn.sock.unwrap()
+        except (OSError, ValueError, ssl.SSLError):
+            pass
+        try:
             conn.sock.close()
         except OSError:
             pass

@@ -403,6 +403,10 @@ pub fn free_port() -> u16 {
         .port()
 }
 
+/// Longer than `scripts/legacy.sh` ever takes on its own: its waits for the banners and
+/// for the daemons to stop are 30 s and 10 s.
+const LEGACY_SCRIPT_LIMIT: Duration = Duration::from_secs(120);
+
 /// The real Postfix and Dovecot started by `scripts/legacy.sh`, one instance per test
 /// binary, stopped by the script's watcher when this process exits.
 pub struct Legacy {
@@ -425,11 +429,16 @@ pub fn legacy() -> &'static Legacy {
 impl Drop for Legacy {
     fn drop(&mut self) {
         let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/legacy.sh");
-        let _ = std::process::Command::new("bash")
-            .arg(&script)
-            .arg("stop")
-            .arg(self._dir.path())
-            .output();
+        let stopped = run_within(
+            std::process::Command::new("bash")
+                .arg(&script)
+                .arg("stop")
+                .arg(self._dir.path()),
+            LEGACY_SCRIPT_LIMIT,
+        );
+        if let Err(timed_out) = stopped {
+            eprintln!("{timed_out}");
+        }
     }
 }
 
@@ -449,28 +458,29 @@ impl Legacy {
             .unwrap();
         let (smtp, imap, pop3) = (free_port(), free_port(), free_port());
         let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/legacy.sh");
-        let output = std::process::Command::new("bash")
-            .arg(&script)
-            .arg("start")
-            .arg(dir.path())
-            .arg("--watch")
-            .arg(std::process::id().to_string())
-            .env("LEGACY_SMTP_PORT", smtp.to_string())
-            .env("LEGACY_IMAP_PORT", imap.to_string())
-            .env("LEGACY_POP3_PORT", pop3.to_string())
-            .env("LEGACY_POSTFIX_EXTRA", postfix_extra)
-            .env("LEGACY_POSTFIX_MASTER_EXTRA", master_extra)
-            .env("LEGACY_DOVECOT_EXTRA", dovecot_extra)
-            .output()
-            .expect("bash runs");
+        let started = run_bounded(
+            std::process::Command::new("bash")
+                .arg(&script)
+                .arg("start")
+                .arg(dir.path())
+                .arg("--watch")
+                .arg(std::process::id().to_string())
+                .env("LEGACY_SMTP_PORT", smtp.to_string())
+                .env("LEGACY_IMAP_PORT", imap.to_string())
+                .env("LEGACY_POP3_PORT", pop3.to_string())
+                .env("LEGACY_POSTFIX_EXTRA", postfix_extra)
+                .env("LEGACY_POSTFIX_MASTER_EXTRA", master_extra)
+                .env("LEGACY_DOVECOT_EXTRA", dovecot_extra),
+            LEGACY_SCRIPT_LIMIT,
+        );
         // A missing Postfix or Dovecot is a failure, never a skip: these tests are the
         // proof that real clients and real legacy servers work through the proxy.
-        assert!(
-            output.status.success(),
+        assert_eq!(
+            started.code,
+            Some(0),
             "scripts/legacy.sh start failed (install the legacy servers with \
-             scripts/install-deps.sh):\n{}\n{}",
-            String::from_utf8_lossy(&output.stdout),
-            String::from_utf8_lossy(&output.stderr)
+             scripts/install-deps.sh):\n{}",
+            started.both()
         );
         let env = std::fs::read_to_string(dir.path().join("legacy.env")).unwrap();
         let var = |name: &str| {
@@ -680,35 +690,128 @@ impl Drop for Mailmoat {
 
 /// Runs a program to completion (bounded), returning (exit code, stdout, stderr).
 pub fn run_program(program: &str, args: &[&str]) -> (i32, String, String) {
-    let child = std::process::Command::new(program)
-        .args(args)
-        .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap_or_else(|e| {
-            panic!("{program} is not installed ({e}): run scripts/install-deps.sh")
-        });
-    let output = wait_bounded(child, Duration::from_secs(180));
-    (
-        output.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&output.stdout).into_owned(),
-        String::from_utf8_lossy(&output.stderr).into_owned(),
-    )
+    let ran = run_bounded(
+        std::process::Command::new(program).args(args),
+        Duration::from_secs(180),
+    );
+    (ran.code.unwrap_or(-1), ran.stdout, ran.stderr)
 }
 
-fn wait_bounded(mut child: std::process::Child, limit: Duration) -> std::process::Output {
+/// Waits for `child` to exit, for at most `limit`; past it the child is killed and the
+/// test fails.
+pub fn wait_exit(child: &mut std::process::Child, limit: Duration) -> std::process::ExitStatus {
     let deadline = std::time::Instant::now() + limit;
     loop {
-        if child.try_wait().unwrap().is_some() {
-            return child.wait_with_output().unwrap();
+        if let Some(status) = child.try_wait().unwrap() {
+            return status;
         }
         if std::time::Instant::now() > deadline {
             let _ = child.kill();
-            panic!("program ran longer than {limit:?}");
+            let _ = child.wait();
+            panic!("process {} still running after {limit:?}", child.id());
         }
         std::thread::sleep(Duration::from_millis(20));
     }
+}
+
+/// What a program run by [`run_bounded`] left behind.
+pub struct Ran {
+    pub code: Option<i32>,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl Ran {
+    pub fn both(&self) -> String {
+        format!("stdout:\n{}\nstderr:\n{}", self.stdout, self.stderr)
+    }
+}
+
+/// Runs `command` to completion within `limit`, its stdin empty. Output goes through
+/// files, never pipes: a daemon the program leaves behind holding its stdout cannot
+/// make the wait endless, and a chatty program cannot block on a full pipe. On timeout
+/// the test fails naming what the program's process group was doing, and the group is
+/// killed.
+pub fn run_bounded(command: &mut std::process::Command, limit: Duration) -> Ran {
+    run_within(command, limit).unwrap_or_else(|timed_out| panic!("{timed_out}"))
+}
+
+/// [`run_bounded`], with the timeout as an error (for `Drop`, which must not panic).
+pub fn run_within(command: &mut std::process::Command, limit: Duration) -> Result<Ran, String> {
+    use std::os::unix::process::CommandExt;
+    let dir = tempfile::tempdir().unwrap();
+    let (out, err) = (dir.path().join("stdout"), dir.path().join("stderr"));
+    let program = format!("{command:?}");
+    let mut child = command
+        .stdin(std::process::Stdio::null())
+        .stdout(std::fs::File::create(&out).unwrap())
+        .stderr(std::fs::File::create(&err).unwrap())
+        .process_group(0)
+        .spawn()
+        .unwrap_or_else(|e| {
+            panic!("{program} could not start ({e}): run scripts/install-deps.sh as root")
+        });
+    let read = |path: &std::path::Path| {
+        String::from_utf8_lossy(&std::fs::read(path).unwrap_or_default()).into_owned()
+    };
+    let deadline = std::time::Instant::now() + limit;
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if std::time::Instant::now() > deadline {
+            let group = process_group(child.id());
+            let _ = std::process::Command::new("kill")
+                .args(["-KILL", "--", &format!("-{}", child.id())])
+                .status();
+            let _ = child.wait();
+            return Err(format!(
+                "{program} ran longer than {limit:?}; its processes were:\n{group}\
+                 stdout:\n{}\nstderr:\n{}",
+                read(&out),
+                read(&err)
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    Ok(Ran {
+        code: status.code(),
+        stdout: read(&out),
+        stderr: read(&err),
+    })
+}
+
+/// Every process of process group `group`, one per line: pid, state, what it waits in
+/// and its command line, read from /proc.
+fn process_group(group: u32) -> String {
+    let mut lines = String::new();
+    for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let path = entry.path();
+        let Ok(stat) = std::fs::read_to_string(path.join("stat")) else {
+            continue;
+        };
+        // "pid (comm) state ppid pgrp ...": the fields after the last ')'.
+        let fields: Vec<&str> = stat
+            .rsplit_once(')')
+            .map(|(_, rest)| rest.split_whitespace().collect())
+            .unwrap_or_default();
+        if fields.get(2) != Some(&group.to_string().as_str()) {
+            continue;
+        }
+        let cmdline = std::fs::read(path.join("cmdline"))
+            .unwrap_or_default()
+            .split(|&b| b == 0)
+            .map(|arg| String::from_utf8_lossy(arg).into_owned())
+            .collect::<Vec<_>>()
+            .join(" ");
+        let wchan = std::fs::read_to_string(path.join("wchan")).unwrap_or_default();
+        lines.push_str(&format!(
+            "  {} {} {wchan} {cmdline}\n",
+            entry.file_name().to_string_lossy(),
+            fields[0]
+        ));
+    }
+    lines
 }
 
 /// `python3 tests/clients/smtp_client.py ARGS`, parsed.
