@@ -311,17 +311,15 @@ async fn relay<S: AsyncRead + AsyncWrite + Unpin>(
     traffic: &mut Traffic,
 ) -> io::Result<()> {
     let idle = context.timeouts.idle_after_login;
-    match crate::relay::splice(client, upstream, idle, context.metrics.bytes()).await? {
-        crate::relay::End::Closed {
-            from_client,
-            to_client,
-        } => {
-            traffic.from_client += from_client;
-            traffic.to_client += to_client;
-        }
-        crate::relay::End::Idle => info!("relay idle deadline expired"),
+    let mut copied = crate::relay::Copied::default();
+    let end =
+        crate::relay::splice(client, upstream, idle, context.metrics.bytes(), &mut copied).await;
+    traffic.from_client += copied.from_client;
+    traffic.to_client += copied.to_client;
+    if let Ok(crate::relay::End::Idle) = end {
+        info!("relay idle deadline expired");
     }
-    Ok(())
+    end.map(drop)
 }
 
 /// A fatal `no_application_protocol` alert (RFC 7301 §3.2), as a plaintext record.

@@ -16,13 +16,21 @@ use tokio::time::Instant;
 use crate::metrics::RelayedBytes;
 use crate::scratch;
 
-/// How a relay ended.
+/// How a relay ended (other than by an i/o error).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum End {
-    /// Both sides closed; bytes copied client->upstream and upstream->client.
-    Closed { from_client: u64, to_client: u64 },
+    /// Both sides closed.
+    Closed,
     /// Nothing moved for the idle deadline.
     Idle,
+}
+
+/// Bytes read from each side so far, for the other; kept up to date as they move, so
+/// the session summary has them however the relay ends (closed, idle or an i/o error).
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Copied {
+    pub from_client: u64,
+    pub to_client: u64,
 }
 
 /// One direction of the relay. Bytes are read into the thread's scratch buffer and
@@ -137,12 +145,14 @@ impl Direction {
 }
 
 /// Copies both ways until both sides close or `idle` passes without a byte read; `bytes`
-/// counts what is read from each side as it arrives (a relay can last hours).
+/// counts what is read from each side as it arrives (a relay can last hours), and so
+/// does `copied`, for this session alone.
 pub async fn splice<C, U>(
     client: &mut C,
     upstream: &mut U,
     idle: Duration,
     bytes: &RelayedBytes,
+    copied: &mut Copied,
 ) -> io::Result<End>
 where
     C: AsyncRead + AsyncWrite + Unpin,
@@ -153,15 +163,15 @@ where
     let mut deadline = pin!(tokio::time::sleep(idle));
     poll_fn(|cx| {
         let mut moved = false;
-        let up =
-            to_upstream.poll_copy(cx, client, upstream, &bytes.client_to_upstream, &mut moved)?;
-        let down =
-            to_client.poll_copy(cx, upstream, client, &bytes.upstream_to_client, &mut moved)?;
+        let up = to_upstream.poll_copy(cx, client, upstream, &bytes.client_to_upstream, &mut moved);
+        let down = to_client.poll_copy(cx, upstream, client, &bytes.upstream_to_client, &mut moved);
+        *copied = Copied {
+            from_client: to_upstream.copied,
+            to_client: to_client.copied,
+        };
+        let (up, down) = (up?, down?);
         if up.is_ready() && down.is_ready() {
-            return Poll::Ready(Ok(End::Closed {
-                from_client: to_upstream.copied,
-                to_client: to_client.copied,
-            }));
+            return Poll::Ready(Ok(End::Closed));
         }
         if moved {
             deadline.as_mut().reset(Instant::now() + idle);
@@ -186,13 +196,16 @@ mod tests {
         let bytes = RelayedBytes::default();
         let counted = bytes.clone();
         let relay = tokio::spawn(async move {
-            splice(
+            let mut copied = Copied::default();
+            let end = splice(
                 &mut client_near,
                 &mut upstream_near,
                 Duration::from_secs(60),
                 &counted,
+                &mut copied,
             )
-            .await
+            .await;
+            (end.unwrap(), copied)
         });
         let payload: Vec<u8> = (0..100_000u32).map(|i| (i % 251) as u8).collect();
         let expected = payload.clone();
@@ -211,11 +224,14 @@ mod tests {
         drop(upstream_far);
         assert_eq!(writer.await.unwrap(), b"* BYE\r\n");
         assert_eq!(
-            relay.await.unwrap().unwrap(),
-            End::Closed {
-                from_client: 100_000,
-                to_client: 7
-            }
+            relay.await.unwrap(),
+            (
+                End::Closed,
+                Copied {
+                    from_client: 100_000,
+                    to_client: 7
+                }
+            )
         );
         assert_eq!(bytes.client_to_upstream.get(), 100_000);
         assert_eq!(bytes.upstream_to_client.get(), 7);
@@ -226,13 +242,16 @@ mod tests {
         let (mut client_far, mut client_near) = duplex(64);
         let (mut upstream_near, mut upstream_far) = duplex(64);
         let relay = tokio::spawn(async move {
-            splice(
+            let mut copied = Copied::default();
+            let end = splice(
                 &mut client_near,
                 &mut upstream_near,
                 Duration::from_secs(60),
                 &RelayedBytes::default(),
+                &mut copied,
             )
-            .await
+            .await;
+            (end.unwrap(), copied)
         });
         // A keep-alive from the upstream every 40 s keeps an IDLE-ing client connected.
         for _ in 0..5 {
@@ -246,6 +265,69 @@ mod tests {
         }
         assert!(!relay.is_finished());
         tokio::time::sleep(Duration::from_secs(61)).await;
-        assert_eq!(relay.await.unwrap().unwrap(), End::Idle);
+        // The summary of an idle-ended relay still has what crossed.
+        assert_eq!(
+            relay.await.unwrap(),
+            (
+                End::Idle,
+                Copied {
+                    from_client: 0,
+                    to_client: 5 * 17
+                }
+            )
+        );
+    }
+
+    /// A writer whose every write fails, like a client that reset the connection.
+    struct Reset;
+
+    impl AsyncWrite for Reset {
+        fn poll_write(
+            self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+            _: &[u8],
+        ) -> Poll<io::Result<usize>> {
+            Poll::Ready(Err(io::ErrorKind::ConnectionReset.into()))
+        }
+        fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+        fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    impl AsyncRead for Reset {
+        fn poll_read(
+            self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+            _: &mut tokio::io::ReadBuf<'_>,
+        ) -> Poll<io::Result<()>> {
+            Poll::Pending
+        }
+    }
+
+    #[tokio::test]
+    async fn bytes_read_before_an_error_are_still_counted() {
+        let (mut upstream_near, mut upstream_far) = duplex(64);
+        upstream_far.write_all(b"* 1 FETCH\r\n").await.unwrap();
+        let mut copied = Copied::default();
+        let err = splice(
+            &mut Reset,
+            &mut upstream_near,
+            Duration::from_secs(60),
+            &RelayedBytes::default(),
+            &mut copied,
+        )
+        .await
+        .unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::ConnectionReset);
+        assert_eq!(
+            copied,
+            Copied {
+                from_client: 0,
+                to_client: 11
+            }
+        );
     }
 }

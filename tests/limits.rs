@@ -186,6 +186,7 @@ async fn silence_after_login_ends_the_relay_while_a_busy_relay_continues() {
     )
     .await;
     let mut sessions = Vec::new();
+    let mut greeting = String::new();
     for _ in 0..2 {
         let tcp = tokio::net::TcpStream::connect(proxy.addr("imaps"))
             .await
@@ -193,6 +194,7 @@ async fn silence_after_login_ends_the_relay_while_a_busy_relay_continues() {
         let mut tls = BufReader::new(tls_connect(tcp, "mail.example.test", &[]).await.unwrap());
         let mut line = String::new();
         within(tls.read_line(&mut line)).await.unwrap();
+        greeting = line.clone();
         tls.get_mut()
             .write_all(b"a LOGIN alice secret\r\n")
             .await
@@ -219,6 +221,31 @@ async fn silence_after_login_ends_the_relay_while_a_busy_relay_continues() {
     let mut rest = Vec::new();
     let _ = within(silent.read_to_end(&mut rest)).await;
     assert!(rest.is_empty());
+    // When the busy one falls silent too, its summary counts what crossed the relay as
+    // well as the login before it.
+    let client = busy.get_ref().get_ref().0.local_addr().unwrap();
+    let _ = within(busy.read_to_end(&mut rest)).await;
+    let summary = within(async {
+        loop {
+            let logs = captured_logs();
+            let found = logs
+                .lines()
+                .find(|l| l.contains(&format!("client={client}")) && l.contains("session_end"))
+                .map(str::to_owned);
+            match found {
+                Some(line) => break line,
+                None => tokio::time::sleep(Duration::from_millis(20)).await,
+            }
+        }
+    })
+    .await;
+    let bytes_in = "a LOGIN alice secret\r\n".len() + 6 * "n0 NOOP\r\n".len();
+    let bytes_out = greeting.len() + "a OK done\r\n".len() + 6 * "n0 OK done\r\n".len();
+    assert!(
+        summary.contains(&format!(" bytes_in={bytes_in} "))
+            && summary.contains(&format!(" bytes_out={bytes_out} ")),
+        "{summary}"
+    );
 }
 
 #[tokio::test]
