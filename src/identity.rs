@@ -49,6 +49,10 @@ pub enum Error {
     /// v2 syntax error (the `ppp` crate's fixed description).
     #[error("malformed PROXY v2 header: {0}")]
     MalformedV2(#[from] ppp::v2::ParseError),
+    /// A v2 header for a datagram (UDP) client: a mail session is a stream, so the
+    /// balancer is misconfigured or the header is forged.
+    #[error("PROXY v2 header names a datagram (UDP) connection")]
+    Datagram,
     /// A read failed.
     #[error("{0}")]
     Io(io::Error),
@@ -63,6 +67,7 @@ impl Error {
             Error::NotProxy => "missing",
             Error::TooLong => "too_long",
             Error::MalformedV1(_) | Error::MalformedV2(_) => "malformed",
+            Error::Datagram => "datagram",
             Error::Io(_) => "io",
         }
     }
@@ -177,6 +182,11 @@ fn parse_header(header: &[u8], direct: Origin) -> Result<Origin, Error> {
             // The length field and the bytes read disagree: cannot happen with the
             // reader above, refused all the same.
             return Err(Error::TooLong);
+        }
+        if parsed.command == ppp::v2::Command::Proxy
+            && parsed.protocol == ppp::v2::Protocol::Datagram
+        {
+            return Err(Error::Datagram);
         }
         match (parsed.command, parsed.addresses) {
             (ppp::v2::Command::Local, _) => None,
@@ -404,6 +414,14 @@ mod tests {
             reason(read(&v2(0x1, 0x11, &[1, 2, 3])).await.0),
             "malformed"
         );
+        // A UDP client (family nibble INET or INET6, protocol nibble DGRAM) cannot be
+        // behind a mail session.
+        let udp4 = [[203, 0, 113, 7], [192, 0, 2, 1]].concat();
+        let udp4 = [udp4, vec![0xc8, 0x22, 0, 25]].concat();
+        assert_eq!(reason(read(&v2(0x1, 0x12, &udp4)).await.0), "datagram");
+        assert_eq!(reason(read(&v2(0x1, 0x22, &[0; 36])).await.0), "datagram");
+        // A balancer's own health check over any transport stays local.
+        assert!(read(&v2(0x0, 0x12, &udp4)).await.0.is_ok());
     }
 
     #[tokio::test]
