@@ -175,9 +175,10 @@ pub struct ListenerConfig {
     pub policy: Policy,
     /// The legacy server behind this listener.
     pub upstream: UpstreamAddr,
-    /// SMTP: `normalize` (default) or `reject` bare CR/LF in message bodies.
+    /// SMTP: `normalize` (default) or `reject` bare CR/LF in message bodies. Refused on
+    /// IMAP and POP3 listeners, whose bytes pass unchanged.
     #[serde(default)]
-    pub bare_newlines: BareNewlines,
+    pub bare_newlines: Option<BareNewlines>,
     /// Networks of trusted load balancers (`[10.0.0.0/24, 2001:db8::/64]`). A connection
     /// from one of them must begin with a PROXY protocol v1 or v2 header naming the real
     /// client, or it is closed; from anywhere else no header is read (a `PROXY` line is
@@ -613,6 +614,13 @@ impl ListenerConfig {
                 "exempt_networks: not with xclient: an exempt session's bytes reach the \
                  upstream unchanged, and an upstream that trusts mailmoat's XCLIENT would \
                  believe the device's"
+                    .to_owned(),
+            );
+        }
+        if self.bare_newlines.is_some() && self.protocol != Protocol::Smtp {
+            problems.push(
+                "bare_newlines: applies to SMTP message bodies only; IMAP and POP3 bytes \
+                 pass unchanged"
                     .to_owned(),
             );
         }

@@ -218,7 +218,7 @@ pub fn session_config(
     match listener.protocol {
         Protocol::Smtp => SessionConfig::Smtp(smtp::Config {
             policy: listener.policy,
-            bare_newlines: listener.bare_newlines,
+            bare_newlines: listener.bare_newlines.unwrap_or_default(),
             max_line_len: limits.max_line_len,
             max_held_bytes: MAX_HELD_BYTES,
             max_plaintext_commands: limits.max_plaintext_commands,

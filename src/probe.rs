@@ -841,7 +841,7 @@ mod tests {
             tls: crate::config::TlsMode::Starttls,
             policy: crate::policy::Policy::RequireTls,
             upstream,
-            bare_newlines: crate::policy::BareNewlines::Normalize,
+            bare_newlines: None,
             proxy_protocol_from: Vec::new(),
             upstream_proxy_protocol: None,
             xclient: false,
