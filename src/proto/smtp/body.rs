@@ -62,17 +62,18 @@ impl Body {
         out.reserve(input.len() + 8);
         let mut i = 0;
         while i < input.len() {
-            if self.state == State::Mid {
-                // Fast path: copy up to the next CR or LF.
-                match memchr::memchr2(b'\r', b'\n', &input[i..]) {
-                    None => {
-                        out.put_slice(&input[i..]);
-                        return Progress::More;
-                    }
-                    Some(n) => {
-                        out.put_slice(&input[i..i + n]);
-                        i += n;
-                    }
+            if let State::Mid | State::LineStart { after_crlf: true } = self.state {
+                // Fast path: what needs nothing done passes in one copy.
+                let (lines, rest) = self.clean_run(&input[i..]);
+                out.put_slice(&input[i..i + lines + rest]);
+                i += lines + rest;
+                if rest > 0 {
+                    self.state = State::Mid;
+                } else if lines > 0 {
+                    self.state = State::LineStart { after_crlf: true };
+                }
+                if i == input.len() {
+                    break;
                 }
             }
             let byte = input[i];
@@ -122,6 +123,31 @@ impl Body {
         Progress::More
     }
 
+    /// What of `input` the upstream gets unchanged, as (lines, rest): `lines` bytes of
+    /// the current line's rest and whole lines, each ended by CRLF with no other CR or
+    /// LF, none but the current one starting with `.` (which may stuff or end the
+    /// data); then `rest` bytes of the next line with no CR or LF, not starting with `.`.
+    /// The byte after them, if any, is a CR, an LF or a line-starting `.`.
+    fn clean_run(&self, input: &[u8]) -> (usize, usize) {
+        let mut lines = 0;
+        // The current line may start with a dot only if it is already under way.
+        let mut at_line_start = self.state != State::Mid;
+        loop {
+            if at_line_start && input.get(lines) == Some(&b'.') {
+                return (lines, 0);
+            }
+            let Some(n) = memchr::memchr2(b'\r', b'\n', &input[lines..]) else {
+                return (lines, input.len() - lines);
+            };
+            let end = lines + n;
+            if input[end] != b'\r' || input.get(end + 1) != Some(&b'\n') {
+                return (lines, n);
+            }
+            lines = end + 2;
+            at_line_start = true;
+        }
+    }
+
     /// A bare CR or LF ended a line: forward CRLF instead.
     fn bare_line_end(&mut self, out: &mut BytesMut) {
         out.put_slice(b"\r\n");
@@ -150,6 +176,18 @@ mod tests {
             Progress::End { consumed } => Some(consumed),
         };
         (out.to_vec(), end, body.bare_newlines())
+    }
+
+    /// As [`scan`], fed one byte at a time.
+    fn scan_bytewise(input: &[u8]) -> (Vec<u8>, Option<usize>, u64) {
+        let mut body = Body::default();
+        let mut out = BytesMut::new();
+        for (i, byte) in input.iter().enumerate() {
+            if let Progress::End { .. } = body.feed(std::slice::from_ref(byte), &mut out) {
+                return (out.to_vec(), Some(i + 1), body.bare_newlines());
+            }
+        }
+        (out.to_vec(), None, body.bare_newlines())
     }
 
     #[test]
@@ -233,7 +271,12 @@ mod tests {
             input in proptest::collection::vec(prop_oneof![Just(b'\r'), Just(b'\n'), Just(b'.'), Just(b'a')], 0..300),
             cuts in proptest::collection::vec(0usize..300, 0..12),
         ) {
-            let (expected, expected_end, expected_bare) = scan(&input);
+            // One byte at a time never takes the fast path, which needs a whole line.
+            let (expected, expected_end, expected_bare) = scan_bytewise(&input);
+            let (whole, whole_end, whole_bare) = scan(&input);
+            prop_assert_eq!(&whole, &expected);
+            prop_assert_eq!(whole_end, expected_end);
+            prop_assert_eq!(whole_bare, expected_bare);
             let mut cuts: Vec<usize> = cuts.into_iter().map(|c| c.min(input.len())).collect();
             cuts.sort_unstable();
             cuts.push(input.len());
