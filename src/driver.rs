@@ -99,6 +99,18 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Prefixed<S> {
     ) -> Poll<io::Result<usize>> {
         Pin::new(&mut self.get_mut().inner).poll_write(cx, buf)
     }
+    /// rustls hands over all its pending records at once: the server's first flight
+    /// (ServerHello, ChangeCipherSpec, the encrypted rest) leaves in one system call.
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().inner).poll_write_vectored(cx, bufs)
+    }
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         Pin::new(&mut self.get_mut().inner).poll_flush(cx)
     }
@@ -560,4 +572,28 @@ enum Woke {
     /// The shutdown signal (true), or its sender gone (false).
     Drain(bool),
     Deadline,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    #[tokio::test]
+    async fn prefixed_writes_all_of_a_vectored_write_in_one_call() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let connect = TcpStream::connect(listener.local_addr().unwrap());
+        let (client, accepted) = tokio::join!(connect, listener.accept());
+        let (mut far, _) = accepted.unwrap();
+        let mut near = Prefixed::new(Bytes::new(), client.unwrap());
+        assert!(near.is_write_vectored());
+        // A handshake flight: ServerHello, ChangeCipherSpec, the encrypted rest. The
+        // default (unvectored) write would take only the first.
+        let flight = [&b"hello"[..], b"ccs", b"encrypted"].map(io::IoSlice::new);
+        assert_eq!(near.write_vectored(&flight).await.unwrap(), 17);
+        drop(near);
+        let mut got = Vec::new();
+        far.read_to_end(&mut got).await.unwrap();
+        assert_eq!(got, b"helloccsencrypted");
+    }
 }
