@@ -15,6 +15,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use crate::config::{ListenerConfig, Protocol, Timeouts, UpstreamAddr};
 use crate::identity::Origin;
 use crate::proto::line::Framer;
+use crate::proto::smtp::xclient;
 use crate::upstream::{self, Route};
 
 /// Longest line read from an upstream, CRLF included.
@@ -406,14 +407,18 @@ pub struct Findings {
 pub async fn probe(listener: &ListenerConfig, timeouts: &Timeouts) -> Result<Findings, Error> {
     // Connects as a session of this listener would, for a client from outside: from
     // its source_address, with its PROXY header (DESIGN §7).
-    let route = Route::for_listener(listener, &Origin::outside(listener.listen));
+    let origin = Origin::outside(listener.listen);
+    let route = Route::for_listener(listener, &origin);
     let mut conversation = Conversation::open(&route, timeouts).await?;
     let mut findings = Findings {
         source: conversation.source(),
         ..Findings::default()
     };
     let result = match listener.protocol {
-        Protocol::Smtp => probe_smtp(&mut conversation, &mut findings, listener.xclient).await,
+        Protocol::Smtp => {
+            let xclient = listener.xclient.then_some(&origin);
+            probe_smtp(&mut conversation, &mut findings, xclient).await
+        }
         Protocol::Imap => probe_imap(&mut conversation, &mut findings).await,
         Protocol::Pop3 => probe_pop3(&mut conversation, &mut findings).await,
     };
@@ -458,7 +463,7 @@ pub fn protocol_name(protocol: Protocol) -> &'static str {
 async fn probe_smtp(
     conversation: &mut Conversation,
     findings: &mut Findings,
-    xclient: bool,
+    xclient: Option<&Origin>,
 ) -> Result<(), Error> {
     let greeting = greeting(conversation, Protocol::Smtp, Expect::Smtp).await?;
     // RFC 5321 §3.1: 220 is the only greeting that opens a session; 554 refuses it.
@@ -501,8 +506,8 @@ async fn probe_smtp(
         ));
         helo
     };
-    if xclient {
-        present_outside_client(conversation, findings).await?;
+    if let Some(origin) = xclient {
+        present_outside_client(conversation, findings, origin).await?;
     }
     findings.relay = Some(relay_probe(conversation).await?);
     // Leave cleanly; a failure here changes nothing that was learnt.
@@ -512,41 +517,53 @@ async fn probe_smtp(
     Ok(())
 }
 
-/// A listener with `xclient: true` tells the upstream who each client is; the probe does
-/// the same for a client from outside (Postfix XCLIENT_README), so that the relay trap
-/// tests what a stranger would be allowed.
+/// A listener with `xclient: true` tells the upstream who each client is; the probe
+/// sends the very XCLIENT a session sends (Postfix XCLIENT_README) for a client from
+/// outside, so that the relay trap tests what a stranger would be allowed. Sessions fail
+/// closed without XCLIENT, so an upstream that does not take it is an error.
 async fn present_outside_client(
     conversation: &mut Conversation,
     findings: &mut Findings,
+    origin: &Origin,
 ) -> Result<(), Error> {
-    let announced = findings.capabilities.lines.iter().any(|line| {
-        line.get(4..)
-            .and_then(|keyword| keyword.split_whitespace().next())
-            .is_some_and(|keyword| keyword.eq_ignore_ascii_case("XCLIENT"))
-    });
-    if !announced {
-        findings.warnings.push(
-            "xclient is configured but the upstream does not announce XCLIENT: sessions \
-             reach it as mailmoat's own address"
+    let announced = findings
+        .capabilities
+        .lines
+        .iter()
+        .find_map(|line| xclient::announced(line.get(4..)?.as_bytes()));
+    let Some(announced) = announced else {
+        return Err(Error::Protocol(
+            "xclient is configured but the upstream does not announce XCLIENT: every \
+             session would be refused with 421 (add mailmoat's address to \
+             smtpd_authorized_xclient_hosts)"
                 .into(),
-        );
-        return Ok(());
-    }
-    let client = Origin::outside(std::net::SocketAddr::from(([0, 0, 0, 0], 0))).client;
+        ));
+    };
+    let identity = xclient::Identity {
+        client: origin.client,
+        destination: origin.destination,
+    };
+    let Some(command) = xclient::command(&identity, &announced) else {
+        return Err(Error::Protocol(
+            "the upstream's XCLIENT does not take ADDR: every session would be refused \
+             with 421"
+                .into(),
+        ));
+    };
+    let command = String::from_utf8_lossy(&command);
     let reply = conversation
         .command(
-            &format!("XCLIENT ADDR={}", client.ip()),
+            command.trim_end_matches("\r\n"),
             Expect::Smtp,
             "the XCLIENT reply",
         )
         .await?;
     // A 220 is a new greeting; the session starts over with EHLO.
     if reply.smtp_code() != Some(220) {
-        findings.warnings.push(format!(
-            "the upstream refused XCLIENT ({}): sessions reach it as mailmoat's own address",
+        return Err(Error::Protocol(format!(
+            "the upstream refused XCLIENT ({}): every session would be refused with 421",
             quoted(&reply.one_line())
-        ));
-        return Ok(());
+        )));
     }
     conversation
         .command(
@@ -931,6 +948,57 @@ mod tests {
             .await
             .unwrap();
         assert!(matches!(found.relay, Some(RelayVerdict::Inconclusive(_))));
+    }
+
+    #[tokio::test]
+    async fn with_xclient_the_probe_presents_an_outside_client_as_a_session_would() {
+        let upstream = canned_upstream(
+            b"220 mx\r\n",
+            vec![
+                b"250-mx\r\n250 XCLIENT NAME ADDR PORT PROTO HELO LOGIN DESTADDR DESTPORT\r\n",
+                b"220 mx again\r\n",
+                b"250 mx\r\n",
+                b"250 ok\r\n",
+                b"554 5.7.1 Relay access denied\r\n",
+                b"250 reset\r\n",
+                b"221 bye\r\n",
+            ],
+        )
+        .await;
+        let mut xclient = listener(Protocol::Smtp, upstream);
+        xclient.xclient = true;
+        let found = probe(&xclient, &timeouts()).await.unwrap();
+        assert!(matches!(found.relay, Some(RelayVerdict::Refused(_))));
+        // The session's own XCLIENT (src/proto/smtp/xclient.rs), for 192.0.2.1.
+        assert_eq!(
+            found.transcript[4],
+            "C: XCLIENT ADDR=192.0.2.1 PORT=40000 NAME=[UNAVAILABLE] \
+             DESTADDR=127.0.0.1 DESTPORT=0"
+        );
+        assert_eq!(found.transcript[6], "C: EHLO check.mailmoat.invalid");
+    }
+
+    #[tokio::test]
+    async fn with_xclient_an_upstream_without_it_or_refusing_it_fails_the_check() {
+        for (ehlo, xclient_reply, expected) in [
+            (&b"250 mx\r\n"[..], &b""[..], "does not announce XCLIENT"),
+            (b"250-mx\r\n250 XCLIENT NAME\r\n", b"", "does not take ADDR"),
+            (
+                b"250-mx\r\n250 XCLIENT ADDR\r\n",
+                b"550 5.7.0 Error: insufficient authorization\r\n",
+                "refused XCLIENT (\"550 5.7.0 Error: insufficient authorization\")",
+            ),
+        ] {
+            let upstream = canned_upstream(b"220 mx\r\n", vec![ehlo, xclient_reply]).await;
+            let mut xclient = listener(Protocol::Smtp, upstream);
+            xclient.xclient = true;
+            let err = probe(&xclient, &timeouts()).await.unwrap_err().to_string();
+            assert!(err.contains(expected), "{err}");
+            assert!(
+                err.contains("every session would be refused with 421"),
+                "{err}"
+            );
+        }
     }
 
     #[tokio::test]
