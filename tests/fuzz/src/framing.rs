@@ -172,8 +172,8 @@ fn feed_body(pieces: &[&[u8]]) -> (Vec<u8>, Option<usize>, u64) {
 ///
 /// Checks: the upstream bytes have no bare CR or LF; the end is the first true
 /// `CRLF.CRLF` of the stream and lies within it; the upstream sees an end-of-data
-/// (`CRLF.CRLF`, or `.CRLF` first) exactly there and nowhere before; the chunking
-/// changes nothing.
+/// (`CRLF.CRLF`, or `.CRLF` first) exactly there and nowhere before; neither the
+/// chunking nor the fast path (against a byte-at-a-time feed) changes anything.
 pub fn smtp_body(data: &[u8]) {
     let pieces = pieces(data);
     let stream: Vec<u8> = pieces.concat();
@@ -208,9 +208,10 @@ pub fn smtp_body(data: &[u8]) {
         Some(end) => &stream[..end],
         None => &stream[..],
     };
-    assert_eq!(
-        feed_body(&[whole]),
-        (out, end, bare),
-        "chunking changed the result"
-    );
+    let one_piece = feed_body(&[whole]);
+    // One byte at a time: the scanner's state machine alone, never its fast path over
+    // whole clean lines.
+    let bytewise: Vec<&[u8]> = whole.chunks(1).collect();
+    assert_eq!(feed_body(&bytewise), one_piece, "the fast path changed the result");
+    assert_eq!(one_piece, (out, end, bare), "chunking changed the result");
 }
