@@ -212,6 +212,10 @@ pub fn smtp_body(data: &[u8]) {
     // One byte at a time: the scanner's state machine alone, never its fast path over
     // whole clean lines.
     let bytewise: Vec<&[u8]> = whole.chunks(1).collect();
-    assert_eq!(feed_body(&bytewise), one_piece, "the fast path changed the result");
+    assert_eq!(
+        feed_body(&bytewise),
+        one_piece,
+        "the fast path changed the result"
+    );
     assert_eq!(one_piece, (out, end, bare), "chunking changed the result");
 }
