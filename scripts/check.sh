@@ -17,10 +17,19 @@ cargo clippy --all-targets -- -D warnings
 # binaries) and fails, instead of using up CI's time. The tests run in a session of
 # their own, so that all of them can be found and stopped.
 limit=${MAILMOAT_TEST_LIMIT:-1800}
-setsid cargo test --all-targets &
-tests=$!
-trap 'kill -TERM -- "-$tests" 2>/dev/null || true' INT TERM
+[[ $limit =~ ^[0-9]+$ ]] || { echo "check.sh: MAILMOAT_TEST_LIMIT must be seconds" >&2; exit 64; }
 deadline=$((SECONDS + limit))
+# Without job control the child is no group leader, so setsid makes it a session
+# leader without forking, and $! is the session's id.
+set +m
+setsid -w cargo test --all-targets &
+tests=$!
+# Whatever ends this script ends the tests too, programs they started included (those
+# run in process groups of their own, within the tests' session).
+trap 'pkill -KILL -s "$tests" 2>/dev/null || true' EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM
+trap 'exit 129' HUP
 while kill -0 "$tests" 2>/dev/null; do
     if [ "$SECONDS" -ge "$deadline" ]; then
         echo "check.sh: the tests ran longer than ${limit}s; what was running:" >&2
@@ -30,7 +39,7 @@ while kill -0 "$tests" 2>/dev/null; do
             timeout 60 gdb -p "$pid" -batch -ex 'thread apply all bt' 2>&1 |
                 grep -E '^(Thread|#)' >&2 || true
         done
-        kill -KILL -- "-$tests" 2>/dev/null || true
+        pkill -KILL -s "$tests" 2>/dev/null || true
         break
     fi
     sleep 1

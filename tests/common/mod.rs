@@ -764,6 +764,8 @@ pub fn run_within(command: &mut std::process::Command, limit: Duration) -> Resul
             let _ = std::process::Command::new("kill")
                 .args(["-KILL", "--", &format!("-{}", child.id())])
                 .status();
+            // The program itself, should kill(1) be missing or fail.
+            let _ = child.kill();
             let _ = child.wait();
             return Err(format!(
                 "{program} ran longer than {limit:?}; its processes were:\n{group}\

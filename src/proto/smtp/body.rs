@@ -271,7 +271,8 @@ mod tests {
             input in proptest::collection::vec(prop_oneof![Just(b'\r'), Just(b'\n'), Just(b'.'), Just(b'a')], 0..300),
             cuts in proptest::collection::vec(0usize..300, 0..12),
         ) {
-            // One byte at a time never takes the fast path, which needs a whole line.
+            // One byte at a time, no clean line is ever whole in one piece: the run of
+            // lines is never taken, only the state machine and single plain bytes.
             let (expected, expected_end, expected_bare) = scan_bytewise(&input);
             let (whole, whole_end, whole_bare) = scan(&input);
             prop_assert_eq!(&whole, &expected);

@@ -173,7 +173,8 @@ fn feed_body(pieces: &[&[u8]]) -> (Vec<u8>, Option<usize>, u64) {
 /// Checks: the upstream bytes have no bare CR or LF; the end is the first true
 /// `CRLF.CRLF` of the stream and lies within it; the upstream sees an end-of-data
 /// (`CRLF.CRLF`, or `.CRLF` first) exactly there and nowhere before; neither the
-/// chunking nor the fast path (against a byte-at-a-time feed) changes anything.
+/// chunking nor the fast path over runs of clean lines (against a byte-at-a-time feed) changes
+/// anything.
 pub fn smtp_body(data: &[u8]) {
     let pieces = pieces(data);
     let stream: Vec<u8> = pieces.concat();
@@ -209,8 +210,8 @@ pub fn smtp_body(data: &[u8]) {
         None => &stream[..],
     };
     let one_piece = feed_body(&[whole]);
-    // One byte at a time: the scanner's state machine alone, never its fast path over
-    // whole clean lines.
+    // One byte at a time: no clean line is ever whole in one piece, so the fast path
+    // over runs of lines never runs.
     let bytewise: Vec<&[u8]> = whole.chunks(1).collect();
     assert_eq!(
         feed_body(&bytewise),
