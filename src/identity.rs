@@ -190,6 +190,9 @@ fn parse_header(header: &[u8], direct: Origin) -> Result<Origin, Error> {
         }
         match (parsed.command, parsed.addresses) {
             (ppp::v2::Command::Local, _) => None,
+            // An unspecified transport: the addresses may not be a TCP client's, and
+            // the specification lets the receiver use the connection's own endpoints.
+            (ppp::v2::Command::Proxy, _) if parsed.protocol != ppp::v2::Protocol::Stream => None,
             (ppp::v2::Command::Proxy, ppp::v2::Addresses::IPv4(a)) => Some((
                 SocketAddr::from((a.source_address, a.source_port)),
                 SocketAddr::from((a.destination_address, a.destination_port)),
@@ -421,7 +424,9 @@ mod tests {
         assert_eq!(reason(read(&v2(0x1, 0x12, &udp4)).await.0), "datagram");
         assert_eq!(reason(read(&v2(0x1, 0x22, &[0; 36])).await.0), "datagram");
         // A balancer's own health check over any transport stays local.
-        assert!(read(&v2(0x0, 0x12, &udp4)).await.0.is_ok());
+        assert_eq!(read(&v2(0x0, 0x12, &udp4)).await.0.unwrap(), direct());
+        // INET with an unspecified transport: the connection's own endpoints.
+        assert_eq!(read(&v2(0x1, 0x10, &udp4)).await.0.unwrap(), direct());
     }
 
     #[tokio::test]
