@@ -20,7 +20,7 @@ use tracing::info;
 
 use crate::config::{Timeouts, TlsMode};
 use crate::metrics::ListenerMetrics;
-use crate::proto::{Action, Phase, Session};
+use crate::proto::{Action, Event, Phase, Session};
 use crate::telemetry::{self, security_event};
 use crate::{scratch, upstream};
 
@@ -329,7 +329,8 @@ async fn relay<S: AsyncRead + AsyncWrite + Unpin>(
     traffic.from_client += copied.from_client;
     traffic.to_client += copied.to_client;
     if let Ok(crate::relay::End::Idle) = end {
-        info!("relay idle deadline expired");
+        let limit = "idle_after_login_timeout";
+        telemetry::record(&Event::LimitExceeded { limit }, &context.metrics);
     }
     end.map(drop)
 }
@@ -385,6 +386,10 @@ async fn handshake(
             Some(tls)
         }
         Err(err) => {
+            if let HandshakeError::Deadline = err {
+                let limit = Phase::Handshake.timeout_limit();
+                telemetry::record(&Event::LimitExceeded { limit }, &context.metrics);
+            }
             security_event!(context.metrics, warn, "tls_handshake_failed", %err, "tls handshake failed");
             None
         }
@@ -552,7 +557,8 @@ async fn run<P: Session, S: AsyncRead + AsyncWrite + Unpin>(
             // The server is gone without a shutdown: nothing to wait for.
             Woke::Drain(false) => drain_open = false,
             Woke::Deadline => {
-                info!(phase = ?session.phase(), "deadline expired");
+                let limit = session.phase().timeout_limit();
+                telemetry::record(&Event::LimitExceeded { limit }, &context.metrics);
                 session.on_timeout();
             }
         }

@@ -58,6 +58,11 @@ const LIMITS: &[&str] = &[
     "plaintext_commands",
     "max_connections",
     "max_connections_per_client",
+    "greeting_timeout",
+    "handshake_timeout",
+    "idle_timeout",
+    "data_timeout",
+    "idle_after_login_timeout",
 ];
 
 /// Handshake-time buckets in seconds, 1 ms to 10 s (the default handshake deadline).

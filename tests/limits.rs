@@ -108,6 +108,11 @@ async fn an_idle_client_gets_421_while_others_complete() {
         "421 4.4.2 Timeout exceeded, closing connection\r\n"
     );
     assert!(idle.rest().await.is_empty());
+    session_log_line(
+        idle.local_addr(),
+        "event=\"limit_exceeded\" limit=\"idle_timeout\"",
+    )
+    .await;
 }
 
 #[tokio::test]
@@ -115,6 +120,7 @@ async fn a_stalled_message_body_gets_421_and_nothing_is_delivered() {
     let upstream = scripted_upstream(Behaviour::Esmtp).await;
     let proxy = smtp_proxy(&upstream, "timeouts: { data: 400ms }\n").await;
     let mut stalled = connect(proxy.addr("mx")).await;
+    let client = stalled.local_addr();
     stalled.reply().await;
     stalled.cmd("EHLO slow.example").await;
     stalled.cmd("MAIL FROM:<a@example.test>").await;
@@ -126,6 +132,7 @@ async fn a_stalled_message_body_gets_421_and_nothing_is_delivered() {
         stalled.reply().await,
         "421 4.4.2 Timeout exceeded, closing connection\r\n"
     );
+    session_log_line(client, "event=\"limit_exceeded\" limit=\"data_timeout\"").await;
     tokio::time::sleep(Duration::from_millis(100)).await;
     let recording = upstream.recording.lock().unwrap();
     assert_eq!(recording.aborted_bodies, 1);
@@ -221,6 +228,12 @@ async fn silence_after_login_ends_the_relay_while_a_busy_relay_continues() {
     let mut rest = Vec::new();
     let _ = within(silent.read_to_end(&mut rest)).await;
     assert!(rest.is_empty());
+    let silent_client = silent.get_ref().get_ref().0.local_addr().unwrap();
+    session_log_line(
+        silent_client,
+        "event=\"limit_exceeded\" limit=\"idle_after_login_timeout\"",
+    )
+    .await;
     // When the busy one falls silent too, its summary counts what crossed the relay as
     // well as the login before it.
     let client = busy.get_ref().get_ref().0.local_addr().unwrap();

@@ -339,6 +339,11 @@ async fn a_silent_upstream_times_out_with_421() {
         client.reply().await,
         "421 4.3.0 Service temporarily unavailable, closing connection\r\n"
     );
+    session_log_line(
+        client.local_addr(),
+        "event=\"limit_exceeded\" limit=\"greeting_timeout\"",
+    )
+    .await;
 }
 
 #[tokio::test]
@@ -541,8 +546,14 @@ async fn a_client_that_never_starts_its_handshake_is_cut_at_the_deadline() {
     )
     .await;
     let mut silent = connect(proxy.addr("smtps")).await;
+    let client = silent.local_addr();
     // Closed by the proxy's deadline: `rest` fails the test if the close never comes.
     assert!(silent.rest().await.is_empty());
+    session_log_line(
+        client,
+        "event=\"limit_exceeded\" limit=\"handshake_timeout\"",
+    )
+    .await;
     let tcp = tokio::net::TcpStream::connect(proxy.addr("smtps"))
         .await
         .unwrap();

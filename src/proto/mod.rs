@@ -131,6 +131,18 @@ pub enum Phase {
     Handshake,
 }
 
+impl Phase {
+    /// The `limit` of the `limit_exceeded` event when this phase's deadline expires.
+    pub fn timeout_limit(self) -> &'static str {
+        match self {
+            Phase::Greeting => "greeting_timeout",
+            Phase::Command => "idle_timeout",
+            Phase::Data => "data_timeout",
+            Phase::Handshake => "handshake_timeout",
+        }
+    }
+}
+
 /// The interface the driver runs every protocol through.
 pub trait Session {
     /// Bytes arrived from the client.

@@ -368,6 +368,32 @@ pub async fn connect(addr: SocketAddr) -> Client<TcpStream> {
     Client::new(within(TcpStream::connect(addr)).await.unwrap())
 }
 
+impl Client<TcpStream> {
+    /// This end's address: the `client` field of the session's log lines.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.stream.get_ref().local_addr().unwrap()
+    }
+}
+
+/// Waits (bounded) until the in-process proxy has logged, for the session of the client
+/// at `client`, a line containing `needle`; returns it.
+pub async fn session_log_line(client: SocketAddr, needle: &str) -> String {
+    let tag = format!("client={client}");
+    within(async {
+        loop {
+            let found = captured_logs()
+                .lines()
+                .find(|line| line.contains(&tag) && line.contains(needle))
+                .map(str::to_owned);
+            match found {
+                Some(line) => break line,
+                None => tokio::time::sleep(Duration::from_millis(20)).await,
+            }
+        }
+    })
+    .await
+}
+
 /// Connects, reads the greeting, EHLO, STARTTLS, handshake, EHLO again.
 pub async fn starttls_client(
     addr: SocketAddr,
