@@ -34,6 +34,8 @@ impl crate::proto::Session for Session {
     fn on_upstream_eof(&mut self) {}
     fn on_tls_established(&mut self) {}
     fn on_timeout(&mut self) {}
+    /// Holds nothing: it goes straight to the relay.
+    fn release_idle_memory(&mut self) {}
 
     fn phase(&self) -> Phase {
         Phase::Command

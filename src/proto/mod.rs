@@ -172,23 +172,44 @@ pub trait Session {
     /// asks again after the next step. A blindly relayed session is never at a boundary
     /// the proxy can see: it runs until the grace period ends.
     fn close_if_idle(&mut self) -> bool;
+    /// The driver is about to wait for bytes, maybe for a long time (an idle client):
+    /// buffers and queues that are empty give their memory back.
+    fn release_idle_memory(&mut self);
+}
+
+/// Drops the allocation of an empty buffer; the next bytes allocate what they need.
+pub(crate) fn release_if_empty(buffer: &mut bytes::BytesMut) {
+    if buffer.is_empty() && buffer.capacity() > 0 {
+        *buffer = bytes::BytesMut::new();
+    }
+}
+
+/// Drops the allocation of an empty queue.
+pub(crate) fn release_queue_if_empty<T>(queue: &mut std::collections::VecDeque<T>) {
+    if queue.is_empty() && queue.capacity() > 0 {
+        *queue = std::collections::VecDeque::new();
+    }
 }
 
 /// Per-command counts for the session summary, in the spirit of Postfix's `disconnect`
 /// line: `ehlo=1 starttls=1/1 auth=0/1 mail=1`.
 #[derive(Debug, Clone)]
 pub struct Tally {
-    /// (name, accepted, total), in a fixed order: the known names first, others as seen.
+    /// (name, accepted, total) of the names seen so far, in the order first seen: an
+    /// idle session holds two or three, not the whole list.
     counts: Vec<(&'static str, u32, u32)>,
+    /// The order of the summary: these names first, others as seen.
+    order: &'static [&'static str],
     /// Names always shown as `ok/total`, because a refusal matters (`auth=0/1`).
     ratios: &'static [&'static str],
 }
 
 impl Tally {
     /// A tally that lists `order` first, and shows `ratios` always as `ok/total`.
-    pub fn new(order: &[&'static str], ratios: &'static [&'static str]) -> Self {
+    pub fn new(order: &'static [&'static str], ratios: &'static [&'static str]) -> Self {
         Tally {
-            counts: order.iter().map(|&name| (name, 0, 0)).collect(),
+            counts: Vec::new(),
+            order,
             ratios,
         }
     }
@@ -209,11 +230,16 @@ impl Tally {
 
     /// `name=n` when all were accepted, `name=ok/total` otherwise; unused names omitted.
     pub fn summary(&self) -> String {
+        let mut seen: Vec<_> = self.counts.iter().collect();
+        // Stable: names outside `order` keep the order they were first seen in.
+        seen.sort_by_key(|(name, _, _)| {
+            self.order
+                .iter()
+                .position(|known| known == name)
+                .unwrap_or(usize::MAX)
+        });
         let mut out = String::new();
-        for &(name, ok, total) in &self.counts {
-            if total == 0 {
-                continue;
-            }
+        for &&(name, ok, total) in &seen {
             if !out.is_empty() {
                 out.push(' ');
             }

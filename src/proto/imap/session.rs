@@ -13,7 +13,7 @@ use bytes::{BufMut, Bytes, BytesMut};
 use super::parse::{self, Astring, Literal, Response, Status, Verb};
 use crate::policy::{UserHasher, is_channel_binding_mechanism, is_mangled_upgrade_verb};
 use crate::proto::line::{Framer, Line};
-use crate::proto::{Action, Event, Phase, Tally};
+use crate::proto::{Action, Event, Phase, Tally, release_if_empty, release_queue_if_empty};
 
 /// Replies the proxy gives itself. Tagged ones follow `TAG`.
 mod reply {
@@ -806,6 +806,12 @@ impl crate::proto::Session for Session {
 
     fn next_action(&mut self) -> Option<Action> {
         self.actions.pop_front()
+    }
+
+    fn release_idle_memory(&mut self) {
+        release_if_empty(&mut self.client_in);
+        release_if_empty(&mut self.upstream_in);
+        release_queue_if_empty(&mut self.actions);
     }
 
     fn close_if_idle(&mut self) -> bool {

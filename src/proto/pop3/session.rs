@@ -39,7 +39,7 @@ use super::parse::{self, Keyword, Status};
 use crate::policy::{UserHasher, is_channel_binding_mechanism, is_mangled_upgrade_verb};
 use crate::proto::line::{Framer, Line};
 use crate::proto::sasl::{login_username, plain_authcid};
-use crate::proto::{Action, Event, Phase, Tally};
+use crate::proto::{Action, Event, Phase, Tally, release_if_empty, release_queue_if_empty};
 
 /// Replies the proxy gives itself (DESIGN §3, §4, §9).
 mod reply {
@@ -167,6 +167,17 @@ const COUNTED: [(Keyword, &str); 19] = [
     (Keyword::Other, "unknown"),
 ];
 
+/// The order of the session summary: the names of [`COUNTED`].
+const TALLY_ORDER: [&str; COUNTED.len()] = {
+    let mut names = [""; COUNTED.len()];
+    let mut i = 0;
+    while i < COUNTED.len() {
+        names[i] = COUNTED[i].1;
+        i += 1;
+    }
+    names
+};
+
 /// The summary name of a keyword (`capa=1 stls=1/1 user=1 pass=1/1`).
 fn tally_name(keyword: Keyword) -> &'static str {
     COUNTED
@@ -217,10 +228,7 @@ impl Session {
             plaintext_commands: 0,
             plaintext_user: None,
             actions: VecDeque::new(),
-            counters: Tally::new(
-                &COUNTED.map(|(_, name)| name),
-                &["stls", "pass", "apop", "auth"],
-            ),
+            counters: Tally::new(&TALLY_ORDER, &["stls", "pass", "apop", "auth"]),
         }
     }
 
@@ -840,6 +848,13 @@ impl crate::proto::Session for Session {
             self.flush_client();
         }
         self.actions.pop_front()
+    }
+
+    fn release_idle_memory(&mut self) {
+        release_if_empty(&mut self.client_in);
+        release_if_empty(&mut self.upstream_in);
+        release_if_empty(&mut self.client_out);
+        release_queue_if_empty(&mut self.actions);
     }
 
     fn close_if_idle(&mut self) -> bool {

@@ -29,7 +29,7 @@ use crate::policy::{
     BareNewlines, Policy, UserHasher, is_channel_binding_mechanism, is_mangled_upgrade_verb,
 };
 use crate::proto::line::{Framer, Line};
-use crate::proto::{Action, Event, Phase, Tally};
+use crate::proto::{Action, Event, Phase, Tally, release_if_empty, release_queue_if_empty};
 
 /// Replies the proxy gives itself (DESIGN §3, §4, §9).
 mod reply {
@@ -1028,6 +1028,16 @@ impl crate::proto::Session for Session {
         self.actions.pop_front()
     }
 
+    fn release_idle_memory(&mut self) {
+        release_if_empty(&mut self.client_in);
+        release_if_empty(&mut self.upstream_in);
+        release_queue_if_empty(&mut self.actions);
+        release_queue_if_empty(&mut self.slots);
+        if self.reply_lines.is_empty() {
+            self.reply_lines = Vec::new();
+        }
+    }
+
     fn close_if_idle(&mut self) -> bool {
         match self.mode {
             // The 421 takes the place of the greeting (RFC 5321 §3.1).
@@ -1246,6 +1256,28 @@ mod tests {
             "250-legacy.example.test\r\n250-PIPELINING\r\n250-SIZE 52428800\r\n\
 250-ENHANCEDSTATUSCODES\r\n250-8BITMIME\r\n250-CHUNKING\r\n250 STARTTLS\r\n"
         );
+    }
+
+    #[test]
+    fn an_idle_session_gives_its_buffers_back() {
+        let mut s = greeted(Policy::RequireTls);
+        client(&mut s, "EHLO c.example\r\nNOOP\r\n");
+        upstream(&mut s, std::str::from_utf8(EHLO_REPLY).unwrap());
+        upstream(&mut s, "250 2.0.0 Ok\r\n");
+        assert!(s.actions.is_empty() && s.slots.is_empty());
+        s.release_idle_memory();
+        assert_eq!(
+            (
+                s.client_in.capacity(),
+                s.upstream_in.capacity(),
+                s.actions.capacity(),
+                s.slots.capacity(),
+                s.reply_lines.capacity()
+            ),
+            (0, 0, 0, 0, 0)
+        );
+        // And the session goes on.
+        assert_eq!(client(&mut s, "NOOP\r\n").upstream, "NOOP\r\n");
     }
 
     #[test]
