@@ -500,7 +500,12 @@ async fn run<P: Session, S: AsyncRead + AsyncWrite + Unpin>(
             phase = session.phase();
             deadline_at = tokio::time::Instant::now() + deadline(phase, &context.timeouts);
         }
-        session.release_idle_memory();
+        // Between commands a client may stay silent for long; inside a message body the
+        // buffers are refilled at once, and giving them back would cost an allocation
+        // per read.
+        if phase == Phase::Command {
+            session.release_idle_memory();
+        }
         let wants_client = session.wants_client_data();
         let listen_for_drain = drain_open && !draining;
         let mut stop = std::pin::pin!(drain.wait_for(|stop| *stop));
