@@ -55,3 +55,21 @@ fn imap_command_name_glued_to_a_non_sp_byte_is_not_forwarded_before_tls() {
         b"\x00\x05\x09* OK hi\r\n\x00\x0ba NOOP\xce\r\n",
     );
 }
+
+/// `smtp_session` (minimised): STARTTLS (`STARTTlS`) sent behind a pending command with
+/// bytes injected after it, then the client's end of stream, then the upstream's replies.
+///
+/// Bug: the client had closed its side before STARTTLS was answered, yet the session
+/// sent `220 Ready to start TLS`, asked for the handshake and queued a close behind it:
+/// an action queued behind the upgrade crosses into TLS, which the harness forbids. A
+/// client that has closed its side can complete no handshake; the session now closes
+/// instead (plain transcript: `smtp::session` test
+/// `a_client_that_closes_behind_starttls_gets_no_handshake`).
+#[test]
+fn smtp_starttls_answered_after_the_client_closed_starts_no_handshake() {
+    run(
+        Protocol::Smtp,
+        b"\x00\x05\x12221 lega+cy ESMTP\r\x00+STARTTlS\r\nRSET PLAIN AGFsaWN\r\n\x00  ok\r\n\
+          \x0c\xbe\xc2=\r\n,\x05\x0e270 2.0.0 Ok\r\n\x05\x12220 legacy ESMTP\r\n\x00 \x0c",
+    );
+}

@@ -884,6 +884,12 @@ impl Session {
             self.send_client(reply::TLS_UNAVAILABLE);
             return;
         }
+        if self.client_done {
+            // The client closed its side behind STARTTLS: no handshake can complete,
+            // and nothing may be queued behind the upgrade.
+            self.counters.record(tally_name(Verb::StartTls), false);
+            return self.close();
+        }
         self.counters.record(tally_name(Verb::StartTls), true);
         self.send_client(reply::READY_TLS);
         self.mode = Mode::Handshake;
@@ -1256,6 +1262,22 @@ mod tests {
             "250-legacy.example.test\r\n250-PIPELINING\r\n250-SIZE 52428800\r\n\
 250-ENHANCEDSTATUSCODES\r\n250-8BITMIME\r\n250-CHUNKING\r\n250 STARTTLS\r\n"
         );
+    }
+
+    #[test]
+    fn a_client_that_closes_behind_starttls_gets_no_handshake() {
+        // Found by the smtp_session fuzz target: the Close queued behind StartTls.
+        // STARTTLS waits behind the EHLO, and the client half-closes meanwhile.
+        let mut s = greeted(Policy::RequireTls);
+        client(&mut s, "EHLO c\r\nSTARTTLS\r\n");
+        s.on_client_eof();
+        let out = upstream(&mut s, std::str::from_utf8(EHLO_REPLY).unwrap());
+        assert_eq!(out.upstream, "RSET\r\n");
+        let out = upstream(&mut s, "250 2.0.0 Ok\r\n");
+        assert_eq!(out.client, "");
+        assert_eq!(out.starttls, None);
+        assert!(out.closed);
+        assert_eq!(s.summary(), "ehlo=1 starttls=0/1");
     }
 
     #[test]

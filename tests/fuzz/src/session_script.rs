@@ -74,7 +74,7 @@ use std::collections::VecDeque;
 use std::sync::OnceLock;
 
 use mailmoat::policy::{BareNewlines, Policy, UserHasher};
-use mailmoat::proto::{Action, Event, Session, imap, pop3, smtp};
+use mailmoat::proto::{Action, Event, Phase, Session, imap, pop3, smtp};
 
 /// Which session a script drives.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -335,6 +335,10 @@ impl Harness {
             }
             if self.drain(&mut session) {
                 return;
+            }
+            // As the driver does before it waits between commands.
+            if session.phase() == Phase::Command {
+                session.release_idle_memory();
             }
         }
         // Whatever the state, these must not panic either.
