@@ -277,6 +277,8 @@ async fn serve_inner<P: Session>(
     }
 }
 
+/// Writes `reply` (possibly empty), flushes and shuts the client down, within
+/// [`GOODBYE_DEADLINE`].
 async fn say_goodbye<S: AsyncWrite + Unpin>(client: &mut S, reply: &[u8]) -> io::Result<()> {
     within(GOODBYE_DEADLINE, async {
         client.write_all(reply).await?;
@@ -484,11 +486,8 @@ async fn run<P: Session, S: AsyncRead + AsyncWrite + Unpin>(
                     return Ok(Outcome::Relay { client });
                 }
                 Action::Close => {
-                    let _ = within(GOODBYE_DEADLINE, async {
-                        client.flush().await?;
-                        client.shutdown().await
-                    })
-                    .await;
+                    // The session's last reply was written above.
+                    let _ = say_goodbye(&mut client, &[]).await;
                     return Ok(Outcome::Closed);
                 }
             }

@@ -2008,6 +2008,14 @@ mod tests {
         })
     }
 
+    /// An XCLIENT session whose upstream has greeted: the proxy's own EHLO is out.
+    fn greeted_xclient_session() -> Session {
+        let mut s = xclient_session();
+        s.on_upstream_data(GREETING);
+        drain(&mut s);
+        s
+    }
+
     #[test]
     fn xclient_is_sent_alone_after_the_proxys_own_ehlo_and_the_new_greeting_is_relayed() {
         let mut s = xclient_session();
@@ -2041,17 +2049,13 @@ mod tests {
 
     #[test]
     fn without_xclient_in_the_ehlo_reply_the_session_is_refused_not_run_as_the_proxy() {
-        let mut s = xclient_session();
-        s.on_upstream_data(GREETING);
-        drain(&mut s);
+        let mut s = greeted_xclient_session();
         let out = upstream(&mut s, "250-legacy\r\n250 PIPELINING\r\n");
         assert_eq!(names(&out.events), ["xclient_unavailable"]);
         assert_eq!(out.client, IDENTITY_UNAVAILABLE);
         assert_eq!((out.upstream.as_str(), out.closed), ("", true));
         // A HELO-only upstream refuses the proxy's EHLO: the same.
-        let mut s = xclient_session();
-        s.on_upstream_data(GREETING);
-        drain(&mut s);
+        let mut s = greeted_xclient_session();
         let out = upstream(&mut s, "502 5.5.2 Error: command not recognized\r\n");
         assert_eq!(
             out.events,
@@ -2065,9 +2069,7 @@ mod tests {
         );
         // An upstream that turns sessions away answers the proxy's EHLO with 421: the
         // client gets that 421, not the stale first greeting.
-        let mut s = xclient_session();
-        s.on_upstream_data(GREETING);
-        drain(&mut s);
+        let mut s = greeted_xclient_session();
         let out = upstream(&mut s, "421 4.7.0 Too many connections\r\n");
         assert!(out.events.is_empty());
         assert_eq!(
@@ -2078,9 +2080,7 @@ mod tests {
 
     #[test]
     fn a_refused_xclient_refuses_the_session_and_a_421_ends_it() {
-        let mut s = xclient_session();
-        s.on_upstream_data(GREETING);
-        drain(&mut s);
+        let mut s = greeted_xclient_session();
         upstream(&mut s, "250-legacy\r\n250 XCLIENT ADDR\r\n");
         let out = upstream(&mut s, "550 5.7.0 Error: insufficient authorization\r\n");
         assert_eq!(
@@ -2092,9 +2092,7 @@ mod tests {
             (IDENTITY_UNAVAILABLE, true)
         );
 
-        let mut s = xclient_session();
-        s.on_upstream_data(GREETING);
-        drain(&mut s);
+        let mut s = greeted_xclient_session();
         upstream(&mut s, "250-legacy\r\n250 XCLIENT ADDR\r\n");
         let out = upstream(&mut s, "421 4.7.0 go away\r\n");
         assert_eq!(out.client, "421 4.7.0 go away\r\n");
