@@ -7,7 +7,8 @@
 #   legacy.sh stop DIR                  stop it (tolerates already stopped)
 #
 # Ports: LEGACY_SMTP_PORT (2525), LEGACY_IMAP_PORT (1143), LEGACY_POP3_PORT (1110).
-# Extra settings: LEGACY_POSTFIX_EXTRA (appended to main.cf), LEGACY_POSTFIX_MASTER_EXTRA
+# Extra settings: LEGACY_POSTFIX_EXTRA ("name = value" lines set in main.cf with
+# postconf -e, replacing the default), LEGACY_POSTFIX_MASTER_EXTRA
 # (appended to master.cf: more smtpd services, e.g. one with PROXY protocol on, so the
 # banner check on the main port still works), LEGACY_DOVECOT_EXTRA (appended to
 # dovecot.conf; later settings override earlier ones).
@@ -25,7 +26,7 @@ usage() {
 usage: $PROG start DIR [--watch PID]
        $PROG stop DIR
 env:   LEGACY_SMTP_PORT (2525) LEGACY_IMAP_PORT (1143) LEGACY_POP3_PORT (1110)
-       LEGACY_POSTFIX_EXTRA (lines appended to main.cf)
+       LEGACY_POSTFIX_EXTRA ("name = value" lines set in main.cf)
        LEGACY_POSTFIX_MASTER_EXTRA (lines appended to master.cf)
        LEGACY_DOVECOT_EXTRA (lines appended to dovecot.conf)
 EOF
@@ -183,8 +184,9 @@ do_stop() {
     done
 
     if [ -n "$pf_pid" ]; then
-        postfix -c "$PF_CONF" stop </dev/null >>"$LOG_DIR/control.log" 2>&1 ||
-            postfix -c "$PF_CONF" abort </dev/null >>"$LOG_DIR/control.log" 2>&1 || true
+        # Bounded: "postfix stop" blocks for good if Postfix's logging is stuck.
+        timeout 10 postfix -c "$PF_CONF" stop </dev/null >>"$LOG_DIR/control.log" 2>&1 ||
+            timeout 5 postfix -c "$PF_CONF" abort </dev/null >>"$LOG_DIR/control.log" 2>&1 || true
     fi
     if [ -n "$dc_pid" ]; then
         # SIGTERM to the master is what "doveadm stop" does, minus its ~3 s wait;
@@ -204,6 +206,14 @@ do_stop() {
     done
     for p in "${pids[@]}"; do
         kill -9 "$p" 2>/dev/null || true
+    done
+    # Postfix commands of this instance that are no master's descendants: "master -t"
+    # (run by postfix-script) starts a session of its own and would outlive a stuck
+    # "postfix stop".
+    for p in /proc/[0-9]*; do
+        p=${p#/proc/}
+        [ "$p" != $$ ] && proc_has "$p" environ "MAIL_CONFIG=$PF_CONF" &&
+            kill -9 "$p" 2>/dev/null || true
     done
     rm -f "$AUTH_SOCK"
 }
@@ -374,9 +384,19 @@ default_transport = error:outbound mail disabled in legacy test instance
 relay_transport = error:outbound mail disabled in legacy test instance
 EOF
     # Test-specific settings (e.g. an open-relay mynetworks, PROXY protocol, XCLIENT).
-    if [ -n "${LEGACY_POSTFIX_EXTRA:-}" ]; then
-        printf '# LEGACY_POSTFIX_EXTRA\n%s\n' "$LEGACY_POSTFIX_EXTRA" >>"$PF_CONF/main.cf"
-    fi
+    # Set in place, never appended: a repeated name makes every Postfix process warn
+    # "overriding earlier entry" as it starts, which can deadlock the instance (see
+    # refuse_postfix_warnings).
+    local setting
+    while IFS= read -r setting; do
+        case "$setting" in '' | '#'*) continue ;; esac
+        case "$setting" in
+            [A-Za-z]*=*) ;;
+            *) die "LEGACY_POSTFIX_EXTRA: not a \"name = value\" line: $setting" ;;
+        esac
+        postconf -c "$PF_CONF" -e "$setting" </dev/null >>"$LOG_DIR/control.log" 2>&1 ||
+            die "LEGACY_POSTFIX_EXTRA: postconf refused: $setting"
+    done <<<"${LEGACY_POSTFIX_EXTRA:-}"
 
     # chroot column is "n" everywhere: the queue lives under DIR, not /var/spool.
     cat >"$PF_CONF/master.cf" <<EOF
@@ -405,6 +425,20 @@ EOF
     if [ -n "${LEGACY_POSTFIX_MASTER_EXTRA:-}" ]; then
         printf '# LEGACY_POSTFIX_MASTER_EXTRA\n%s\n' "$LEGACY_POSTFIX_MASTER_EXTRA" >>"$PF_CONF/master.cf"
     fi
+}
+
+# Postfix daemons log through postlogd's datagram socket with blocking sends, and
+# postlogd itself logs to that socket while it starts. A config that makes every
+# process warn at start-up (a repeated setting, say) fills the socket's queue
+# (net.unix.max_dgram_qlen, 10 by default) before postlogd drains it: postlogd
+# blocks on its own socket, and with it every Postfix process that logs, "postfix
+# stop" included. So a warning is refused here, with Postfix's own words.
+refuse_postfix_warnings() {
+    local warnings
+    warnings=$(postconf -c "$PF_CONF" -n 2>&1 >/dev/null </dev/null) ||
+        die "postconf cannot read $PF_CONF/main.cf: $warnings"
+    [ -z "$warnings" ] ||
+        die "refusing $PF_CONF/main.cf, which Postfix warns about (a warning every daemon logs as it starts can deadlock its logging): $warnings"
 }
 
 # ---------------------------------------------------------------- start
@@ -449,6 +483,7 @@ do_start() {
     done
 
     write_configs
+    refuse_postfix_warnings
     : >>"$PF_LOG"
     : >>"$DC_LOG"
     echo "---- start $(date -Is)" >>"$LOG_DIR/control.log"

@@ -5,7 +5,7 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
@@ -429,9 +429,13 @@ pub fn free_port() -> u16 {
         .port()
 }
 
-/// Longer than `scripts/legacy.sh` ever takes on its own: its waits for the banners and
-/// for the daemons to stop are 30 s and 10 s.
-const LEGACY_SCRIPT_LIMIT: Duration = Duration::from_secs(120);
+/// Longer than `scripts/legacy.sh` ever takes on its own: it waits 30 s for the banners
+/// and at most 25 s for the daemons to stop.
+pub const LEGACY_SCRIPT_LIMIT: Duration = Duration::from_secs(120);
+
+pub fn legacy_script() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/legacy.sh")
+}
 
 /// The real Postfix and Dovecot started by `scripts/legacy.sh`, one instance per test
 /// binary, stopped by the script's watcher when this process exits.
@@ -454,10 +458,9 @@ pub fn legacy() -> &'static Legacy {
 /// test binary) is stopped when dropped, before its directory goes.
 impl Drop for Legacy {
     fn drop(&mut self) {
-        let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/legacy.sh");
         let stopped = run_within(
             std::process::Command::new("bash")
-                .arg(&script)
+                .arg(legacy_script())
                 .arg("stop")
                 .arg(self._dir.path()),
             LEGACY_SCRIPT_LIMIT,
@@ -469,8 +472,9 @@ impl Drop for Legacy {
 }
 
 impl Legacy {
-    /// A private instance with `postfix_extra` appended to main.cf and `dovecot_extra`
-    /// to dovecot.conf (e.g. an open-relay `mynetworks`, PROXY protocol, XCLIENT).
+    /// A private instance with `postfix_extra` (`name = value` lines) set in main.cf and
+    /// `dovecot_extra` appended to dovecot.conf (e.g. an open-relay `mynetworks`, PROXY
+    /// protocol, XCLIENT).
     pub fn start(postfix_extra: &str, dovecot_extra: &str) -> Legacy {
         Legacy::start_with(postfix_extra, "", dovecot_extra)
     }
@@ -483,10 +487,9 @@ impl Legacy {
             .tempdir()
             .unwrap();
         let (smtp, imap, pop3) = (free_port(), free_port(), free_port());
-        let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/legacy.sh");
         let started = run_bounded(
             std::process::Command::new("bash")
-                .arg(&script)
+                .arg(legacy_script())
                 .arg("start")
                 .arg(dir.path())
                 .arg("--watch")
@@ -530,6 +533,11 @@ impl Legacy {
 }
 
 impl Legacy {
+    /// The instance's directory: `postfix/main.cf`, `log/`, the queue and the sockets.
+    pub fn dir(&self) -> &Path {
+        self._dir.path()
+    }
+
     /// Waits (bounded) for a delivered message in alice's Maildir containing `tag`.
     pub fn wait_for_delivery(&self, tag: &str) -> Vec<u8> {
         self.wait_for_deliveries(tag, 1).pop().unwrap()

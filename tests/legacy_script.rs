@@ -1,0 +1,190 @@
+//! The real legacy servers' own script, `scripts/legacy.sh`, which every end-to-end test
+//! and the demo stand on. Postfix logs through postlogd's datagram socket with blocking
+//! sends; once that socket's queue is full and postlogd is not draining it, every
+//! Postfix process that logs blocks, `postfix stop` included. A CI run was lost to
+//! exactly that: an extra setting repeated a default, every daemon warned about it as it
+//! started, and postlogd blocked on its own socket.
+
+mod common;
+
+use std::io::Write;
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{LEGACY_SCRIPT_LIMIT, Legacy};
+
+/// Live processes (not zombies) started with `MAIL_CONFIG=conf`: every Postfix process
+/// of one instance, as (pid, command name).
+fn instance_processes(conf: &Path) -> Vec<(u32, String)> {
+    let wanted = format!("MAIL_CONFIG={}", conf.display());
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let Ok(environ) = std::fs::read(entry.path().join("environ")) else {
+            continue;
+        };
+        if !environ
+            .split(|&b| b == 0)
+            .any(|var| var == wanted.as_bytes())
+        {
+            continue;
+        }
+        let stat = std::fs::read_to_string(entry.path().join("stat")).unwrap_or_default();
+        // Field 3, after the parenthesised command name, is the state.
+        let state = stat.rsplit_once(") ").map(|(_, rest)| &rest[..1]);
+        if state.is_some_and(|state| state != "Z") {
+            let comm = std::fs::read_to_string(entry.path().join("comm")).unwrap_or_default();
+            found.push((pid, comm.trim().to_owned()));
+        }
+    }
+    found
+}
+
+fn wait_for_postlogd(conf: &Path) -> u32 {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let processes = instance_processes(conf);
+        if let Some((pid, _)) = processes.iter().find(|(_, comm)| comm == "postlogd") {
+            return *pid;
+        }
+        assert!(Instant::now() < deadline, "no postlogd among {processes:?}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn extra_settings_replace_the_defaults_so_no_postfix_daemon_warns() {
+    // Four defaults of legacy.sh's main.cf changed, as the open-relay test changes three.
+    let settings = [
+        "mynetworks = 127.0.0.1/32",
+        "smtpd_relay_restrictions = permit_mynetworks, reject_unauth_destination",
+        "default_transport = discard:extra settings test",
+        "biff = yes",
+    ];
+    let legacy = Legacy::start(&settings.join("\n"), "");
+    let main_cf = std::fs::read_to_string(legacy.dir().join("postfix/main.cf")).unwrap();
+    for setting in settings {
+        let name = setting.split_once(" =").unwrap().0;
+        let defined: Vec<&str> = main_cf
+            .lines()
+            .filter(|line| line.split_once(" =").is_some_and(|(key, _)| key == name))
+            .collect();
+        assert_eq!(defined, [setting], "{main_cf}");
+    }
+    // The banners came (start succeeded); postlogd has written the master's first line
+    // once it drains, and no daemon warned.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let log = loop {
+        let log = std::fs::read_to_string(&legacy.postfix_log).unwrap();
+        if log.contains("daemon started") || Instant::now() > deadline {
+            break log;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert!(log.contains("postfix/master["), "{log}");
+    assert!(log.contains("daemon started"), "{log}");
+    assert!(!log.contains("warning:"), "{log}");
+}
+
+#[test]
+fn a_main_cf_postfix_warns_about_is_refused_before_any_daemon_starts() {
+    let dir = tempfile::Builder::new()
+        .prefix("mailmoat-legacy-")
+        .tempdir()
+        .unwrap();
+    let smtp = common::free_port();
+    let started = common::run_bounded(
+        Command::new("bash")
+            .arg(common::legacy_script())
+            .arg("start")
+            .arg(dir.path())
+            .env("LEGACY_SMTP_PORT", smtp.to_string())
+            .env("LEGACY_IMAP_PORT", common::free_port().to_string())
+            .env("LEGACY_POP3_PORT", common::free_port().to_string())
+            .env("LEGACY_POSTFIX_EXTRA", "no_such_parameter = 1"),
+        LEGACY_SCRIPT_LIMIT,
+    );
+    assert_eq!(started.code, Some(1), "{}", started.both());
+    assert!(
+        started.stderr.contains("legacy.sh: refusing ")
+            && started
+                .stderr
+                .contains("unused parameter: no_such_parameter=1"),
+        "{}",
+        started.both()
+    );
+    let conf = dir.path().join("postfix");
+    assert_eq!(instance_processes(&conf), []);
+    assert!(std::net::TcpStream::connect(("127.0.0.1", smtp)).is_err());
+    // Nor a line that is no setting.
+    let started = common::run_bounded(
+        Command::new("bash")
+            .arg(common::legacy_script())
+            .arg("start")
+            .arg(dir.path())
+            .env("LEGACY_SMTP_PORT", smtp.to_string())
+            .env("LEGACY_IMAP_PORT", common::free_port().to_string())
+            .env("LEGACY_POP3_PORT", common::free_port().to_string())
+            .env("LEGACY_POSTFIX_EXTRA", "  a continuation line"),
+        LEGACY_SCRIPT_LIMIT,
+    );
+    assert_eq!(started.code, Some(1), "{}", started.both());
+    assert!(
+        started
+            .stderr
+            .contains("LEGACY_POSTFIX_EXTRA: not a \"name = value\" line:   a continuation line"),
+        "{}",
+        started.both()
+    );
+}
+
+#[test]
+fn stop_ends_and_leaves_nothing_when_postfix_logging_is_stuck() {
+    let legacy = Legacy::start("", "");
+    let conf = legacy.dir().join("postfix");
+    // Stuck logging, as in the lost CI run: postlogd not draining and its queue full.
+    let postlogd = wait_for_postlogd(&conf);
+    let stopped = Command::new("kill")
+        .args(["-STOP", &postlogd.to_string()])
+        .status()
+        .unwrap();
+    assert!(stopped.success());
+    // One more record than the queue holds, and then some: the logger blocks in send.
+    let queue: usize = std::fs::read_to_string("/proc/sys/net/unix/max_dgram_qlen")
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    let mut logger = Command::new("postlog")
+        .arg("-c")
+        .arg(&conf)
+        .args(["-t", "stuck-logging-test"])
+        .env("MAIL_CONFIG", &conf)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut records = logger.stdin.take().unwrap();
+    for n in 0..queue + 10 {
+        writeln!(records, "record {n}").unwrap();
+    }
+    drop(records);
+    // It cannot finish while postlogd is stopped.
+    assert!(logger.try_wait().unwrap().is_none());
+
+    let stopped = common::run_bounded(
+        Command::new("bash")
+            .arg(common::legacy_script())
+            .arg("stop")
+            .arg(legacy.dir()),
+        LEGACY_SCRIPT_LIMIT,
+    );
+    assert_eq!(stopped.code, Some(0), "{}", stopped.both());
+    assert_eq!(instance_processes(&conf), []);
+    // Unblocked (its peer is gone) or killed: either way it has ended.
+    common::wait_exit(&mut logger, Duration::from_secs(10));
+}
