@@ -210,10 +210,17 @@ do_stop() {
     # Postfix commands of this instance that are no master's descendants: "master -t"
     # (run by postfix-script) starts a session of its own and would outlive a stuck
     # "postfix stop".
+    # Never this script or its callers (a shell with MAIL_CONFIG exported, say).
+    local f spared=" " a=$$
+    while [ -n "$a" ] && [ "$a" != 0 ]; do
+        spared+="$a "
+        f=($(stat_fields "$a")) || break
+        a=${f[1]:-}
+    done
     for p in /proc/[0-9]*; do
         p=${p#/proc/}
-        [ "$p" != $$ ] && proc_has "$p" environ "MAIL_CONFIG=$PF_CONF" &&
-            kill -9 "$p" 2>/dev/null || true
+        case "$spared" in *" $p "*) continue ;; esac
+        proc_has "$p" environ "MAIL_CONFIG=$PF_CONF" && kill -9 "$p" 2>/dev/null || true
     done
     rm -f "$AUTH_SOCK"
 }
