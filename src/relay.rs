@@ -25,18 +25,27 @@ pub enum End {
     Idle,
 }
 
-/// Bytes read from each side so far, for the other; kept up to date as they move, so
-/// the session summary has them however the relay ends (closed, idle or an i/o error).
+/// Bytes read from the client and written to it so far, as the session summary counts
+/// them in every phase; kept up to date as they move, so the summary has them however
+/// the relay ends (closed, idle or an i/o error).
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct Copied {
     pub from_client: u64,
     pub to_client: u64,
 }
 
+/// When a direction counts its bytes: what the client sends as it is read, what the
+/// client is sent as it is written, so bytes that never reached a client that went
+/// away are not counted as sent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum CountWhen {
+    Read,
+    Written,
+}
+
 /// One direction of the relay. Bytes are read into the thread's scratch buffer and
 /// written on at once; only what the far side cannot take yet is kept, so a quiet
 /// relay (an IMAP IDLE) holds no buffer at all.
-#[derive(Default)]
 struct Direction {
     /// Read, not yet written: empty, with no capacity, whenever the far side keeps up.
     pending: BytesMut,
@@ -46,10 +55,31 @@ struct Direction {
     read_closed: bool,
     /// The writing side has been shut down too: this direction is over.
     done: bool,
+    count_when: CountWhen,
+    counter: Counter,
     copied: u64,
 }
 
 impl Direction {
+    fn new(count_when: CountWhen, counter: &Counter) -> Direction {
+        Direction {
+            pending: BytesMut::new(),
+            unflushed: false,
+            read_closed: false,
+            done: false,
+            count_when,
+            counter: counter.clone(),
+            copied: 0,
+        }
+    }
+
+    fn count(&mut self, when: CountWhen, n: usize) {
+        if when == self.count_when {
+            self.copied += n as u64;
+            self.counter.inc_by(n as u64);
+        }
+    }
+
     /// Moves bytes from `from` to `to` until reading would block, an error, or the end.
     /// Ready once both the end of `from` has been passed on and `to` is shut down;
     /// `moved` is set when anything was read.
@@ -58,7 +88,6 @@ impl Direction {
         cx: &mut Context<'_>,
         from: &mut R,
         to: &mut W,
-        counter: &Counter,
         moved: &mut bool,
     ) -> Poll<io::Result<()>>
     where
@@ -82,8 +111,7 @@ impl Direction {
                     return Ok(());
                 }
                 *moved = true;
-                self.copied += data.len() as u64;
-                counter.inc_by(data.len() as u64);
+                self.count(CountWhen::Read, data.len());
                 self.write_through(cx, to, data)
             });
             match read {
@@ -114,6 +142,7 @@ impl Direction {
                 Poll::Ready(Ok(n)) => {
                     data = &data[n..];
                     self.unflushed = true;
+                    self.count(CountWhen::Written, n);
                 }
                 Poll::Ready(Err(err)) => return Err(err),
                 Poll::Pending => {
@@ -137,6 +166,7 @@ impl Direction {
             }
             self.pending.advance(n);
             self.unflushed = true;
+            self.count(CountWhen::Written, n);
         }
         // Give the memory back: a relay may now sit idle for half an hour.
         self.pending = BytesMut::new();
@@ -145,8 +175,8 @@ impl Direction {
 }
 
 /// Copies both ways until both sides close or `idle` passes without a byte read; `bytes`
-/// counts what is read from each side as it arrives (a relay can last hours), and so
-/// does `copied`, for this session alone.
+/// counts what is read from the client and written to it as it moves (a relay can last
+/// hours), and so does `copied`, for this session alone.
 pub async fn splice<C, U>(
     client: &mut C,
     upstream: &mut U,
@@ -158,13 +188,13 @@ where
     C: AsyncRead + AsyncWrite + Unpin,
     U: AsyncRead + AsyncWrite + Unpin,
 {
-    let mut to_upstream = Direction::default();
-    let mut to_client = Direction::default();
+    let mut to_upstream = Direction::new(CountWhen::Read, &bytes.client_to_upstream);
+    let mut to_client = Direction::new(CountWhen::Written, &bytes.upstream_to_client);
     let mut deadline = pin!(tokio::time::sleep(idle));
     poll_fn(|cx| {
         let mut moved = false;
-        let up = to_upstream.poll_copy(cx, client, upstream, &bytes.client_to_upstream, &mut moved);
-        let down = to_client.poll_copy(cx, upstream, client, &bytes.upstream_to_client, &mut moved);
+        let up = to_upstream.poll_copy(cx, client, upstream, &mut moved);
+        let down = to_client.poll_copy(cx, upstream, client, &mut moved);
         *copied = Copied {
             from_client: to_upstream.copied,
             to_client: to_client.copied,
@@ -219,22 +249,24 @@ mod tests {
         let mut got = Vec::new();
         upstream_far.read_to_end(&mut got).await.unwrap();
         assert_eq!(got, expected);
-        upstream_far.write_all(b"* BYE\r\n").await.unwrap();
+        // Far more than the 64-byte pipes hold: most of it waits for the client to read.
+        let reply: Vec<u8> = (0..100_003u32).map(|i| (i % 241) as u8).collect();
+        upstream_far.write_all(&reply).await.unwrap();
         upstream_far.shutdown().await.unwrap();
         drop(upstream_far);
-        assert_eq!(writer.await.unwrap(), b"* BYE\r\n");
+        assert_eq!(writer.await.unwrap(), reply);
         assert_eq!(
             relay.await.unwrap(),
             (
                 End::Closed,
                 Copied {
                     from_client: 100_000,
-                    to_client: 7
+                    to_client: 100_003
                 }
             )
         );
         assert_eq!(bytes.client_to_upstream.get(), 100_000);
-        assert_eq!(bytes.upstream_to_client.get(), 7);
+        assert_eq!(bytes.upstream_to_client.get(), 100_003);
     }
 
     #[tokio::test(start_paused = true)]
@@ -308,26 +340,46 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn bytes_read_before_an_error_are_still_counted() {
-        let (mut upstream_near, mut upstream_far) = duplex(64);
-        upstream_far.write_all(b"* 1 FETCH\r\n").await.unwrap();
+    async fn what_the_client_sent_is_counted_even_when_the_upstream_fails() {
+        let (mut client_near, mut client_far) = duplex(64);
+        client_far.write_all(b"a1 NOOP\r\n").await.unwrap();
+        let bytes = RelayedBytes::default();
         let mut copied = Copied::default();
         let err = splice(
+            &mut client_near,
             &mut Reset,
-            &mut upstream_near,
             Duration::from_secs(60),
-            &RelayedBytes::default(),
+            &bytes,
             &mut copied,
         )
         .await
         .unwrap_err();
         assert_eq!(err.kind(), io::ErrorKind::ConnectionReset);
-        assert_eq!(
-            copied,
-            Copied {
-                from_client: 0,
-                to_client: 11
-            }
-        );
+        let read = Copied {
+            from_client: 9,
+            to_client: 0,
+        };
+        assert_eq!(copied, read);
+        assert_eq!(bytes.client_to_upstream.get(), 9);
+    }
+
+    #[tokio::test]
+    async fn what_never_reached_the_client_is_not_counted_as_sent() {
+        let (mut upstream_near, mut upstream_far) = duplex(64);
+        upstream_far.write_all(b"* 1 FETCH\r\n").await.unwrap();
+        let bytes = RelayedBytes::default();
+        let mut copied = Copied::default();
+        let err = splice(
+            &mut Reset,
+            &mut upstream_near,
+            Duration::from_secs(60),
+            &bytes,
+            &mut copied,
+        )
+        .await
+        .unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::ConnectionReset);
+        assert_eq!(copied, Copied::default());
+        assert_eq!(bytes.upstream_to_client.get(), 0);
     }
 }
