@@ -185,8 +185,8 @@ do_stop() {
 
     if [ -n "$pf_pid" ]; then
         # Bounded: "postfix stop" blocks for good if Postfix's logging is stuck.
-        timeout 10 postfix -c "$PF_CONF" stop </dev/null >>"$LOG_DIR/control.log" 2>&1 ||
-            timeout 5 postfix -c "$PF_CONF" abort </dev/null >>"$LOG_DIR/control.log" 2>&1 || true
+        timeout -k 2 10 postfix -c "$PF_CONF" stop </dev/null >>"$LOG_DIR/control.log" 2>&1 ||
+            timeout -k 2 5 postfix -c "$PF_CONF" abort </dev/null >>"$LOG_DIR/control.log" 2>&1 || true
     fi
     if [ -n "$dc_pid" ]; then
         # SIGTERM to the master is what "doveadm stop" does, minus its ~3 s wait;
@@ -207,20 +207,32 @@ do_stop() {
     for p in "${pids[@]}"; do
         kill -9 "$p" 2>/dev/null || true
     done
-    # Postfix commands of this instance that are no master's descendants: "master -t"
+    # Postfix programs of this instance that are no master's descendants: "master -t"
     # (run by postfix-script) starts a session of its own and would outlive a stuck
-    # "postfix stop".
-    # Never this script or its callers (a shell with MAIL_CONFIG exported, say).
-    local f spared=" " a=$$
-    while [ -n "$a" ] && [ "$a" != 0 ]; do
-        spared+="$a "
-        f=($(stat_fields "$a")) || break
-        a=${f[1]:-}
-    done
+    # "postfix stop", and so would a postlog blocked on the log socket. Only Postfix's
+    # own binaries: anything else a caller started may carry the same MAIL_CONFIG.
+    local bin_dirs exe d swept=()
+    bin_dirs=$(postconf -c "$PF_CONF" -h daemon_directory command_directory 2>/dev/null) ||
+        bin_dirs="/usr/lib/postfix/sbin /usr/sbin"
     for p in /proc/[0-9]*; do
         p=${p#/proc/}
-        case "$spared" in *" $p "*) continue ;; esac
-        proc_has "$p" environ "MAIL_CONFIG=$PF_CONF" && kill -9 "$p" 2>/dev/null || true
+        proc_has "$p" environ "MAIL_CONFIG=$PF_CONF" || continue
+        exe=$(readlink "/proc/$p/exe" 2>/dev/null) || continue
+        for d in $bin_dirs; do
+            if [ "$(dirname "$exe")" = "$d" ]; then
+                kill -9 "$p" 2>/dev/null || true
+                swept+=("$p")
+            fi
+        done
+    done
+    # SIGKILL lands asynchronously: wait (bounded) until every one is gone.
+    for i in $(seq 1 50); do
+        alive=0
+        for p in "${pids[@]}" "${swept[@]}"; do
+            proc_running "$p" && alive=1 && break
+        done
+        [ "$alive" = 0 ] && break
+        sleep 0.1
     done
     rm -f "$AUTH_SOCK"
 }
