@@ -100,7 +100,7 @@ async fn connections_in_total_are_capped_with_the_protocols_goodbye() {
 async fn an_idle_client_gets_421_while_others_complete() {
     let upstream = scripted_upstream(Behaviour::Esmtp).await;
     let proxy = smtp_proxy(&upstream, "timeouts: { idle: 400ms }\n").await;
-    let mut idle = connect(proxy.addr("submission")).await;
+    let mut idle = traceable_connect(proxy.addr("submission")).await;
     idle.reply().await;
     well_behaved(proxy.addr("mx")).await;
     assert_eq!(
@@ -119,7 +119,7 @@ async fn an_idle_client_gets_421_while_others_complete() {
 async fn a_stalled_message_body_gets_421_and_nothing_is_delivered() {
     let upstream = scripted_upstream(Behaviour::Esmtp).await;
     let proxy = smtp_proxy(&upstream, "timeouts: { data: 400ms }\n").await;
-    let mut stalled = connect(proxy.addr("mx")).await;
+    let mut stalled = traceable_connect(proxy.addr("mx")).await;
     let client = stalled.local_addr();
     stalled.reply().await;
     stalled.cmd("EHLO slow.example").await;
@@ -195,9 +195,7 @@ async fn silence_after_login_ends_the_relay_while_a_busy_relay_continues() {
     let mut sessions = Vec::new();
     let mut greeting = String::new();
     for _ in 0..2 {
-        let tcp = tokio::net::TcpStream::connect(proxy.addr("imaps"))
-            .await
-            .unwrap();
+        let tcp = traceable_tcp(proxy.addr("imaps")).await;
         let mut tls = BufReader::new(tls_connect(tcp, "mail.example.test", &[]).await.unwrap());
         let mut line = String::new();
         within(tls.read_line(&mut line)).await.unwrap();

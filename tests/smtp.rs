@@ -334,7 +334,7 @@ async fn a_silent_upstream_times_out_with_421() {
         "timeouts: { greeting: 300ms }\n",
     )
     .await;
-    let mut client = connect(proxy.addr("silent")).await;
+    let mut client = traceable_connect(proxy.addr("silent")).await;
     assert_eq!(
         client.reply().await,
         "421 4.3.0 Service temporarily unavailable, closing connection\r\n"
@@ -545,7 +545,7 @@ async fn a_client_that_never_starts_its_handshake_is_cut_at_the_deadline() {
         "timeouts: { tls_handshake: 300ms }\n",
     )
     .await;
-    let mut silent = connect(proxy.addr("smtps")).await;
+    let mut silent = traceable_connect(proxy.addr("smtps")).await;
     let client = silent.local_addr();
     // Closed by the proxy's deadline: `rest` fails the test if the close never comes.
     assert!(silent.rest().await.is_empty());

@@ -368,6 +368,25 @@ pub async fn connect(addr: SocketAddr) -> Client<TcpStream> {
     Client::new(within(TcpStream::connect(addr)).await.unwrap())
 }
 
+/// A connection from a loopback address that no other connection of this test binary
+/// uses (127.77.x.y), so that `client=` in the proxy's log lines names this session
+/// alone: the ports of 127.0.0.1 are reused by the many connections of tests running
+/// side by side, and a log lookup by port once found another test's session.
+pub async fn traceable_tcp(addr: SocketAddr) -> TcpStream {
+    static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let (high, low) = (n / 254, n % 254 + 1);
+    let source = std::net::Ipv4Addr::new(127, 77, u8::try_from(high).unwrap(), low as u8);
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind(SocketAddr::from((source, 0))).unwrap();
+    within(socket.connect(addr)).await.unwrap()
+}
+
+/// [`connect`] from an address of its own: see [`traceable_tcp`].
+pub async fn traceable_connect(addr: SocketAddr) -> Client<TcpStream> {
+    Client::new(traceable_tcp(addr).await)
+}
+
 impl Client<TcpStream> {
     /// This end's address: the `client` field of the session's log lines.
     pub fn local_addr(&self) -> SocketAddr {
@@ -376,7 +395,8 @@ impl Client<TcpStream> {
 }
 
 /// Waits (bounded) until the in-process proxy has logged, for the session of the client
-/// at `client`, a line containing `needle`; returns it.
+/// at `client`, a line containing `needle`; returns it. `client` must be unique to the
+/// session: connect with [`traceable_connect`] or [`traceable_tcp`].
 pub async fn session_log_line(client: SocketAddr, needle: &str) -> String {
     let tag = format!("client={client}");
     within(async {
