@@ -17,48 +17,22 @@ use common::{LEGACY_SCRIPT_LIMIT, Legacy};
 /// Live processes (not zombies) started with `MAIL_CONFIG=conf`: every Postfix process
 /// of one instance, as (pid, command name).
 fn instance_processes(conf: &Path) -> Vec<(u32, String)> {
-    let wanted = format!("MAIL_CONFIG={}", conf.display());
-    let mut found = Vec::new();
-    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
-        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
-            continue;
-        };
-        let Ok(environ) = std::fs::read(entry.path().join("environ")) else {
-            continue;
-        };
-        if !environ
-            .split(|&b| b == 0)
-            .any(|var| var == wanted.as_bytes())
-        {
-            continue;
-        }
-        let stat = std::fs::read_to_string(entry.path().join("stat")).unwrap_or_default();
-        // Field 3, after the parenthesised command name, is the state.
-        let state = stat.rsplit_once(") ").map(|(_, rest)| &rest[..1]);
-        if state.is_some_and(|state| state != "Z") {
-            let comm = std::fs::read_to_string(entry.path().join("comm")).unwrap_or_default();
-            found.push((pid, comm.trim().to_owned()));
-        }
-    }
-    found
+    let variable = format!("MAIL_CONFIG={}", conf.display());
+    common::processes()
+        .into_iter()
+        .filter(|process| process.state() != "Z" && process.started_with(&variable))
+        .map(|process| (process.pid, process.read("comm")))
+        .collect()
 }
 
 /// Live processes whose command line names `dir` (Dovecot's do, by its config file).
 fn processes_naming(dir: &Path) -> Vec<(u32, String)> {
-    let wanted = dir.as_os_str().as_encoded_bytes();
-    let mut found = Vec::new();
-    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
-        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
-            continue;
-        };
-        let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) else {
-            continue;
-        };
-        if memchr::memmem::find(&cmdline, wanted).is_some() {
-            found.push((pid, String::from_utf8_lossy(&cmdline).replace('\0', " ")));
-        }
-    }
-    found
+    let dir = dir.display().to_string();
+    common::processes()
+        .into_iter()
+        .map(|process| (process.pid, process.cmdline()))
+        .filter(|(_, cmdline)| cmdline.contains(&dir))
+        .collect()
 }
 
 fn wait_for_postlogd(conf: &Path) -> u32 {
@@ -110,17 +84,8 @@ fn extra_settings_replace_the_defaults_so_no_postfix_daemon_warns() {
 /// `legacy.sh start` in `dir` with `postfix_extra`, watched: should it wrongly start, the
 /// instance ends with this process.
 fn start_in(dir: &Path, postfix_extra: &str) -> common::Ran {
-    let watch = std::process::id().to_string();
-    common::run_bounded(
-        Command::new("bash")
-            .arg(common::legacy_script())
-            .args(["start", &dir.display().to_string(), "--watch", &watch])
-            .env("LEGACY_SMTP_PORT", common::free_port().to_string())
-            .env("LEGACY_IMAP_PORT", common::free_port().to_string())
-            .env("LEGACY_POP3_PORT", common::free_port().to_string())
-            .env("LEGACY_POSTFIX_EXTRA", postfix_extra),
-        LEGACY_SCRIPT_LIMIT,
-    )
+    let ports = [(); 3].map(|()| common::free_port());
+    common::legacy_start(dir, ports, postfix_extra, "", "")
 }
 
 #[test]
@@ -204,10 +169,7 @@ fn stop_ends_and_leaves_nothing_when_postfix_logging_is_stuck() {
     }
 
     let stopped = common::run_bounded(
-        Command::new("bash")
-            .arg(common::legacy_script())
-            .arg("stop")
-            .arg(legacy.dir()),
+        &mut common::legacy_command("stop", legacy.dir()),
         LEGACY_SCRIPT_LIMIT,
     );
     assert_eq!(stopped.code, Some(0), "{}", stopped.both());

@@ -453,8 +453,37 @@ pub fn free_port() -> u16 {
 /// and at most 25 s for the daemons to stop.
 pub const LEGACY_SCRIPT_LIMIT: Duration = Duration::from_secs(120);
 
-pub fn legacy_script() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/legacy.sh")
+/// `bash scripts/legacy.sh ACTION DIR`.
+pub fn legacy_command(action: &str, dir: &Path) -> std::process::Command {
+    let mut command = std::process::Command::new("bash");
+    command
+        .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/legacy.sh"))
+        .arg(action)
+        .arg(dir);
+    command
+}
+
+/// `legacy.sh start DIR` on `[smtp, imap, pop3]` ports, with extra settings, watched by
+/// this process: the instance ends when the test binary does.
+pub fn legacy_start(
+    dir: &Path,
+    [smtp, imap, pop3]: [u16; 3],
+    postfix_extra: &str,
+    master_extra: &str,
+    dovecot_extra: &str,
+) -> Ran {
+    run_bounded(
+        legacy_command("start", dir)
+            .arg("--watch")
+            .arg(std::process::id().to_string())
+            .env("LEGACY_SMTP_PORT", smtp.to_string())
+            .env("LEGACY_IMAP_PORT", imap.to_string())
+            .env("LEGACY_POP3_PORT", pop3.to_string())
+            .env("LEGACY_POSTFIX_EXTRA", postfix_extra)
+            .env("LEGACY_POSTFIX_MASTER_EXTRA", master_extra)
+            .env("LEGACY_DOVECOT_EXTRA", dovecot_extra),
+        LEGACY_SCRIPT_LIMIT,
+    )
 }
 
 /// The real Postfix and Dovecot started by `scripts/legacy.sh`, one instance per test
@@ -479,10 +508,7 @@ pub fn legacy() -> &'static Legacy {
 impl Drop for Legacy {
     fn drop(&mut self) {
         let stopped = run_within(
-            std::process::Command::new("bash")
-                .arg(legacy_script())
-                .arg("stop")
-                .arg(self._dir.path()),
+            &mut legacy_command("stop", self._dir.path()),
             LEGACY_SCRIPT_LIMIT,
         );
         if let Err(timed_out) = stopped {
@@ -507,20 +533,12 @@ impl Legacy {
             .tempdir()
             .unwrap();
         let (smtp, imap, pop3) = (free_port(), free_port(), free_port());
-        let started = run_bounded(
-            std::process::Command::new("bash")
-                .arg(legacy_script())
-                .arg("start")
-                .arg(dir.path())
-                .arg("--watch")
-                .arg(std::process::id().to_string())
-                .env("LEGACY_SMTP_PORT", smtp.to_string())
-                .env("LEGACY_IMAP_PORT", imap.to_string())
-                .env("LEGACY_POP3_PORT", pop3.to_string())
-                .env("LEGACY_POSTFIX_EXTRA", postfix_extra)
-                .env("LEGACY_POSTFIX_MASTER_EXTRA", master_extra)
-                .env("LEGACY_DOVECOT_EXTRA", dovecot_extra),
-            LEGACY_SCRIPT_LIMIT,
+        let started = legacy_start(
+            dir.path(),
+            [smtp, imap, pop3],
+            postfix_extra,
+            master_extra,
+            dovecot_extra,
         );
         // A missing Postfix or Dovecot is a failure, never a skip: these tests are the
         // proof that real clients and real legacy servers work through the proxy.
@@ -837,35 +855,86 @@ pub fn run_within(command: &mut std::process::Command, limit: Duration) -> Resul
     })
 }
 
-/// Every process of process group `group`, one per line: pid, state, what it waits in
-/// and its command line, read from /proc.
-fn process_group(group: u32) -> String {
-    let mut lines = String::new();
-    for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
-        let path = entry.path();
-        let Ok(stat) = std::fs::read_to_string(path.join("stat")) else {
-            continue;
-        };
-        // "pid (comm) state ppid pgrp ...": the fields after the last ')'.
-        let fields: Vec<&str> = stat
-            .rsplit_once(')')
-            .map(|(_, rest)| rest.split_whitespace().collect())
-            .unwrap_or_default();
-        if fields.get(2) != Some(&group.to_string().as_str()) {
-            continue;
-        }
-        let cmdline = std::fs::read(path.join("cmdline"))
+/// A live process, as /proc shows it.
+pub struct Process {
+    pub pid: u32,
+    /// The fields of /proc/PID/stat after the command name: state, ppid, pgrp, ...
+    stat: Vec<String>,
+    dir: PathBuf,
+}
+
+impl Process {
+    /// `R`, `S`, `D`, `T`, `Z`...
+    pub fn state(&self) -> &str {
+        &self.stat[0]
+    }
+
+    pub fn group(&self) -> Option<u32> {
+        self.stat.get(2)?.parse().ok()
+    }
+
+    /// The arguments, joined by spaces (empty for a zombie).
+    pub fn cmdline(&self) -> String {
+        std::fs::read(self.dir.join("cmdline"))
             .unwrap_or_default()
             .split(|&b| b == 0)
             .map(|arg| String::from_utf8_lossy(arg).into_owned())
             .collect::<Vec<_>>()
-            .join(" ");
-        let wchan = std::fs::read_to_string(path.join("wchan")).unwrap_or_default();
-        lines.push_str(&format!(
-            "  {} {} {wchan} {cmdline}\n",
-            entry.file_name().to_string_lossy(),
-            fields[0]
-        ));
+            .join(" ")
+    }
+
+    /// Whether it was started with `variable` (`NAME=value`) in its environment.
+    pub fn started_with(&self, variable: &str) -> bool {
+        std::fs::read(self.dir.join("environ"))
+            .unwrap_or_default()
+            .split(|&b| b == 0)
+            .any(|entry| entry == variable.as_bytes())
+    }
+
+    /// A /proc/PID file such as `comm` or `wchan`, trimmed (empty if unreadable).
+    pub fn read(&self, file: &str) -> String {
+        let text = std::fs::read_to_string(self.dir.join(file)).unwrap_or_default();
+        text.trim().to_owned()
+    }
+}
+
+/// Every process on the machine, zombies included.
+pub fn processes() -> Vec<Process> {
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let dir = entry.path();
+        let Ok(stat) = std::fs::read_to_string(dir.join("stat")) else {
+            continue;
+        };
+        // "pid (comm) state ppid pgrp ...": the fields after the last ')'.
+        let stat: Vec<String> = stat
+            .rsplit_once(')')
+            .map(|(_, rest)| rest.split_whitespace().map(str::to_owned).collect())
+            .unwrap_or_default();
+        if !stat.is_empty() {
+            found.push(Process { pid, stat, dir });
+        }
+    }
+    found
+}
+
+/// Every process of process group `group`, one per line: pid, state, what it waits in
+/// and its command line.
+fn process_group(group: u32) -> String {
+    let mut lines = String::new();
+    for process in processes() {
+        if process.group() == Some(group) {
+            lines.push_str(&format!(
+                "  {} {} {} {}\n",
+                process.pid,
+                process.state(),
+                process.read("wchan"),
+                process.cmdline()
+            ));
+        }
     }
     lines
 }
