@@ -339,22 +339,26 @@ mod tests {
         }
     }
 
-    #[tokio::test]
-    async fn what_the_client_sent_is_counted_even_when_the_upstream_fails() {
-        let (mut client_near, mut client_far) = duplex(64);
-        client_far.write_all(b"a1 NOOP\r\n").await.unwrap();
+    /// Relays until [`Reset`] fails a write: `sent` comes from a pipe on one side, the
+    /// other side is the reset one. Returns the session's and the listener's counts.
+    async fn relay_into_a_reset(sent: &[u8], reset_is_the_client: bool) -> (Copied, RelayedBytes) {
+        let (mut near, mut far) = duplex(64);
+        far.write_all(sent).await.unwrap();
         let bytes = RelayedBytes::default();
         let mut copied = Copied::default();
-        let err = splice(
-            &mut client_near,
-            &mut Reset,
-            Duration::from_secs(60),
-            &bytes,
-            &mut copied,
-        )
-        .await
-        .unwrap_err();
-        assert_eq!(err.kind(), io::ErrorKind::ConnectionReset);
+        let idle = Duration::from_secs(60);
+        let ended = if reset_is_the_client {
+            splice(&mut Reset, &mut near, idle, &bytes, &mut copied).await
+        } else {
+            splice(&mut near, &mut Reset, idle, &bytes, &mut copied).await
+        };
+        assert_eq!(ended.unwrap_err().kind(), io::ErrorKind::ConnectionReset);
+        (copied, bytes)
+    }
+
+    #[tokio::test]
+    async fn what_the_client_sent_is_counted_even_when_the_upstream_fails() {
+        let (copied, bytes) = relay_into_a_reset(b"a1 NOOP\r\n", false).await;
         let read = Copied {
             from_client: 9,
             to_client: 0,
@@ -365,20 +369,7 @@ mod tests {
 
     #[tokio::test]
     async fn what_never_reached_the_client_is_not_counted_as_sent() {
-        let (mut upstream_near, mut upstream_far) = duplex(64);
-        upstream_far.write_all(b"* 1 FETCH\r\n").await.unwrap();
-        let bytes = RelayedBytes::default();
-        let mut copied = Copied::default();
-        let err = splice(
-            &mut Reset,
-            &mut upstream_near,
-            Duration::from_secs(60),
-            &bytes,
-            &mut copied,
-        )
-        .await
-        .unwrap_err();
-        assert_eq!(err.kind(), io::ErrorKind::ConnectionReset);
+        let (copied, bytes) = relay_into_a_reset(b"* 1 FETCH\r\n", true).await;
         assert_eq!(copied, Copied::default());
         assert_eq!(bytes.upstream_to_client.get(), 0);
     }
