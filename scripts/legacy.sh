@@ -166,6 +166,20 @@ kill_watcher() {
     rm -f "$WATCH_PID_FILE"
 }
 
+# Waits until none of PIDS runs, for at most TENTHS tenths of a second.
+wait_gone() {
+    local tenths=$1 i p alive
+    shift
+    for i in $(seq 1 "$tenths"); do
+        alive=0
+        for p in "$@"; do
+            proc_running "$p" && alive=1 && break
+        done
+        [ "$alive" = 0 ] && return 0
+        sleep 0.1
+    done
+}
+
 do_stop() {
     local pf_pid dc_pid pids=() p i
     kill_watcher
@@ -195,15 +209,7 @@ do_stop() {
     fi
 
     # Wait up to 10 s for a clean exit, then kill what is left.
-    local alive
-    for i in $(seq 1 100); do
-        alive=0
-        for p in "${pids[@]}"; do
-            proc_running "$p" && alive=1 && break
-        done
-        [ "$alive" = 0 ] && break
-        sleep 0.1
-    done
+    wait_gone 100 "${pids[@]}"
     for p in "${pids[@]}"; do
         kill -9 "$p" 2>/dev/null || true
     done
@@ -226,14 +232,7 @@ do_stop() {
         done
     done
     # SIGKILL lands asynchronously: wait (bounded) until every one is gone.
-    for i in $(seq 1 50); do
-        alive=0
-        for p in "${pids[@]}" "${swept[@]}"; do
-            proc_running "$p" && alive=1 && break
-        done
-        [ "$alive" = 0 ] && break
-        sleep 0.1
-    done
+    wait_gone 50 "${pids[@]}" "${swept[@]}"
     rm -f "$AUTH_SOCK"
 }
 
