@@ -4,8 +4,10 @@
 //! Modes: `smtp` (full sessions, M messages each), `latency` (one established session,
 //! K timed MAIL/RCPT/DATA/RSET transactions), `imap` (LOGIN, SELECT, FETCH of a large
 //! message), `idle` (hold N TLS sessions open and measure the proxy's memory). With
-//! `--proxy-pid` the proxy's CPU time (utime + stime from `/proc/PID/stat`) and resident
-//! memory (`VmRSS` from `/proc/PID/status`) are read before and after the run.
+//! `--proxy-pid` the proxy's CPU time (the run time of its threads from
+//! `/proc/PID/task/*/schedstat`; the user/system split from `/proc/PID/stat`'s 10 ms
+//! ticks) and resident memory (`VmRSS` from `/proc/PID/status`) are read before and
+//! after the run.
 //!
 //! Output: exactly one JSON line on stdout; problems go to stderr. Exit status 0 only
 //! when every session succeeded within `--timeout`; 1 otherwise; 2 on bad arguments.
@@ -221,6 +223,22 @@ fn cpu_split_us(pid: &str) -> Option<(u64, u64)> {
     Some((utime * 10_000, stime * 10_000))
 }
 
+/// Time the threads of a process have run, in µs, with their thread ids: the sum of
+/// `/proc/PID/task/*/schedstat` (nanoseconds, where `/proc/PID/stat` counts 10 ms units).
+/// Exact for a process that is waiting when it is read, as the proxy is between runs.
+fn run_time_us(pid: &str) -> Option<(u64, Vec<u64>)> {
+    let mut total_ns = 0u64;
+    let mut tids = Vec::new();
+    for entry in std::fs::read_dir(format!("/proc/{pid}/task")).ok()? {
+        let entry = entry.ok()?;
+        let schedstat = std::fs::read_to_string(entry.path().join("schedstat")).ok()?;
+        total_ns += schedstat.split(' ').next()?.parse::<u64>().ok()?;
+        tids.push(entry.file_name().to_str()?.parse().ok()?);
+    }
+    tids.sort_unstable();
+    Some((total_ns / 1000, tids))
+}
+
 /// Counters of this network namespace (`TcpExt:` in `/proc/net/netstat`) that show
 /// connections lost in a full listen queue: with SYN cookies, a server-speaks-first
 /// client whose final ACK is dropped waits for a greeting that never comes.
@@ -332,6 +350,7 @@ async fn run(cli: Cli) -> Result<serde_json::Value> {
     let proxy = common.proxy_pid.map(|p| p.to_string());
     let self_cpu_before = cpu_us("self");
     let proxy_cpu_before = proxy.as_deref().and_then(cpu_split_us);
+    let proxy_run_time_before = proxy.as_deref().and_then(run_time_us);
     let proxy_rss_before = proxy.as_deref().and_then(rss_kib);
     if proxy.is_some() && (proxy_cpu_before.is_none() || proxy_rss_before.is_none()) {
         bail!(
@@ -471,11 +490,22 @@ async fn run(cli: Cli) -> Result<serde_json::Value> {
                     system.saturating_sub(system_before),
                 )
             });
-            let cpu = split.map(|(user, system)| user + system);
+            // The exact run time, unless a thread came or went during the run (its time
+            // would be missing from one of the sums): then the 10 ms ticks.
+            let exact = match (proxy_run_time_before, run_time_us(pid)) {
+                (Some((before, tids_before)), Some((after, tids_after)))
+                    if tids_before == tids_after =>
+                {
+                    Some(after.saturating_sub(before))
+                }
+                _ => None,
+            };
+            let cpu = exact.or(split.map(|(user, system)| user + system));
             let rss_after = idle_rss.or_else(|| rss_kib(pid));
             let mut p = json!({
                 "pid": pid,
                 "cpu_us": cpu,
+                "cpu_source": if exact.is_some() { "schedstat" } else { "stat" },
                 "cpu_user_us": split.map(|s| s.0),
                 "cpu_system_us": split.map(|s| s.1),
                 "cpu_us_per_session": per(cpu, totals.ok),
@@ -611,5 +641,37 @@ mod tests {
         assert_eq!(tcp_ext().map(|c| c.len()), Some(TCP_EXT_COUNTERS.len()));
         assert!(cpu_us("self").is_some());
         assert!(rss_kib("self").is_some_and(|kib| kib > 0));
+    }
+
+    #[test]
+    fn run_time_sums_every_thread_of_the_process() {
+        fn this_thread() -> u64 {
+            let link = std::fs::read_link("/proc/thread-self").unwrap();
+            link.file_name().unwrap().to_str().unwrap().parse().unwrap()
+        }
+        let pid = std::process::id().to_string();
+        let (before, tids) = run_time_us(&pid).unwrap();
+        assert!(tids.contains(&this_thread()), "{tids:?}");
+        assert!(tids.contains(&u64::from(std::process::id())), "{tids:?}");
+        // A thread started after the first read is in the next one: the caller sees the
+        // ids change, and knows a sum is missing that thread's time.
+        let (spawned, tids_during) = std::thread::scope(|scope| {
+            let (ready, wait) = std::sync::mpsc::channel();
+            let (done, finish) = std::sync::mpsc::channel::<()>();
+            scope.spawn(move || {
+                ready.send(this_thread()).unwrap();
+                finish.recv().ok();
+            });
+            let spawned = wait.recv().unwrap();
+            let (_, during) = run_time_us(&pid).unwrap();
+            drop(done);
+            (spawned, during)
+        });
+        assert!(!tids.contains(&spawned));
+        assert!(
+            tids_during.contains(&spawned),
+            "{spawned} not in {tids_during:?}"
+        );
+        assert!(before > 0);
     }
 }
