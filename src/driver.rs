@@ -435,8 +435,66 @@ fn deadline(phase: Phase, timeouts: &Timeouts) -> Duration {
     }
 }
 
+/// The client side of the command loop: the TCP stream before STARTTLS, TLS after.
+trait ClientStream: AsyncRead + AsyncWrite + Unpin {
+    /// Puts as much of `bytes` as fits into the stream's own send buffer, without a
+    /// system call, and says how much; the next flush sends it. Plain TCP has none.
+    fn buffer(&mut self, _bytes: &[u8]) -> usize {
+        0
+    }
+
+    /// Queues the end of the stream behind what is buffered (TLS: close_notify).
+    fn buffer_close(&mut self) {}
+}
+
+impl ClientStream for TcpStream {}
+
+impl ClientStream for ClientTls {
+    fn buffer(&mut self, bytes: &[u8]) -> usize {
+        // rustls takes what fits under its buffer limit; a write error cannot happen
+        // before the flush, and would then show there.
+        io::Write::write(&mut self.get_mut().1.writer(), bytes).unwrap_or(0)
+    }
+
+    fn buffer_close(&mut self) {
+        self.get_mut().1.send_close_notify();
+    }
+}
+
+/// Writes `parts` in order, as few system calls as the stream takes them in, and
+/// empties it.
+async fn write_parts<S: AsyncWrite + Unpin>(
+    stream: &mut S,
+    parts: &mut Vec<Bytes>,
+) -> io::Result<()> {
+    let mut first = 0;
+    while first < parts.len() {
+        let mut slices = [io::IoSlice::new(&[]); 16];
+        let n = parts[first..]
+            .iter()
+            .zip(&mut slices)
+            .map(|(part, slice)| *slice = io::IoSlice::new(part))
+            .count();
+        let mut written = stream.write_vectored(&slices[..n]).await?;
+        if written == 0 {
+            return Err(io::ErrorKind::WriteZero.into());
+        }
+        while written > 0 {
+            let part = &mut parts[first];
+            let taken = written.min(part.len());
+            part.advance(taken);
+            written -= taken;
+            if part.is_empty() {
+                first += 1;
+            }
+        }
+    }
+    parts.clear();
+    Ok(())
+}
+
 /// The command loop on one client stream, until the session closes or asks for TLS.
-async fn run<P: Session, S: AsyncRead + AsyncWrite + Unpin>(
+async fn run<P: Session, S: ClientStream>(
     session: &mut P,
     mut client: S,
     upstream: &mut upstream::Stream,
@@ -463,35 +521,51 @@ async fn run<P: Session, S: AsyncRead + AsyncWrite + Unpin>(
         let write_deadline = context.timeouts.idle;
         let mut wrote_client = false;
         let mut moved = false;
+        // What the upstream gets from this batch of actions leaves in one system call:
+        // a pipelining client's commands (RFC 2920) as they came, not one per command.
+        let mut to_upstream = Vec::new();
         while let Some(action) = session.next_action() {
             match action {
                 Action::ToClient(bytes) => {
-                    within(write_deadline, client.write_all(&bytes)).await?;
+                    // Through TLS, replies wait in rustls's buffer for the flush below:
+                    // one system call for all of them.
+                    let buffered = client.buffer(&bytes);
+                    if buffered < bytes.len() {
+                        within(write_deadline, client.write_all(&bytes[buffered..])).await?;
+                    }
                     traffic.sent_to_client(bytes.len(), context);
                     wrote_client = true;
                     moved = true;
                 }
                 Action::ToUpstream(bytes) => {
-                    within(write_deadline, upstream.write_all(&bytes)).await?;
+                    to_upstream.push(bytes);
                     moved = true;
                 }
                 Action::StartTls { early } => {
+                    within(write_deadline, write_parts(upstream, &mut to_upstream)).await?;
                     within(write_deadline, client.flush()).await?;
                     return Ok(Outcome::StartTls { client, early });
                 }
                 Action::Event(event) => telemetry::record(&event, &context.metrics),
                 Action::Relay => {
+                    within(write_deadline, write_parts(upstream, &mut to_upstream)).await?;
                     within(write_deadline, client.flush()).await?;
                     within(write_deadline, upstream.flush()).await?;
                     return Ok(Outcome::Relay { client });
                 }
                 Action::Close => {
-                    // The session's last reply was written above.
+                    let _ = within(write_deadline, write_parts(upstream, &mut to_upstream)).await;
+                    // The session's last reply was written above; through TLS it leaves
+                    // with the close_notify behind it, in one system call.
+                    client.buffer_close();
                     let _ = say_goodbye(&mut client, &[]).await;
                     return Ok(Outcome::Closed);
                 }
             }
         }
+        within(write_deadline, write_parts(upstream, &mut to_upstream)).await?;
+        // Not kept across the wait below: an idle session holds no buffer of its own.
+        drop(to_upstream);
         if wrote_client || std::mem::take(&mut client_read) {
             within(write_deadline, client.flush()).await?;
         }
@@ -606,5 +680,104 @@ mod tests {
         let mut got = Vec::new();
         far.read_to_end(&mut got).await.unwrap();
         assert_eq!(got, b"helloccsencrypted");
+    }
+
+    /// Takes at most `per_call` bytes per write and keeps each call's bytes.
+    #[derive(Default)]
+    struct CallRecorder {
+        per_call: usize,
+        calls: Vec<Vec<u8>>,
+    }
+
+    impl AsyncWrite for CallRecorder {
+        fn poll_write(
+            self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+            buf: &[u8],
+        ) -> Poll<io::Result<usize>> {
+            self.poll_write_vectored(cx, &[io::IoSlice::new(buf)])
+        }
+        fn poll_write_vectored(
+            self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+            bufs: &[io::IoSlice<'_>],
+        ) -> Poll<io::Result<usize>> {
+            let this = self.get_mut();
+            let call: Vec<u8> = bufs
+                .iter()
+                .flat_map(|b| b.iter().copied())
+                .take(this.per_call)
+                .collect();
+            let n = call.len();
+            this.calls.push(call);
+            Poll::Ready(Ok(n))
+        }
+        fn is_write_vectored(&self) -> bool {
+            true
+        }
+        fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+        fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    fn pipelined_commands() -> Vec<Bytes> {
+        let commands: [&'static [u8]; 4] = [
+            b"MAIL FROM:<a@x>\r\n",
+            b"",
+            b"RCPT TO:<b@y>\r\n",
+            b"DATA\r\n",
+        ];
+        commands.map(Bytes::from_static).to_vec()
+    }
+
+    #[tokio::test]
+    async fn gathered_upstream_bytes_leave_in_one_call_in_order() {
+        let mut upstream = CallRecorder {
+            per_call: usize::MAX,
+            ..Default::default()
+        };
+        let mut parts = pipelined_commands();
+        write_parts(&mut upstream, &mut parts).await.unwrap();
+        assert!(parts.is_empty());
+        assert_eq!(
+            upstream.calls,
+            [b"MAIL FROM:<a@x>\r\nRCPT TO:<b@y>\r\nDATA\r\n".to_vec()]
+        );
+        // Nothing gathered: no call at all.
+        write_parts(&mut upstream, &mut parts).await.unwrap();
+        assert_eq!(upstream.calls.len(), 1);
+    }
+
+    #[tokio::test]
+    async fn gathered_upstream_bytes_survive_short_writes() {
+        let mut upstream = CallRecorder {
+            per_call: 5,
+            ..Default::default()
+        };
+        let mut parts = pipelined_commands();
+        write_parts(&mut upstream, &mut parts).await.unwrap();
+        assert!(parts.is_empty());
+        assert_eq!(
+            upstream.calls.concat(),
+            b"MAIL FROM:<a@x>\r\nRCPT TO:<b@y>\r\nDATA\r\n"
+        );
+        // Each call took all it could, across the parts' boundaries: 38 bytes in 8.
+        let lengths: Vec<usize> = upstream.calls.iter().map(Vec::len).collect();
+        assert_eq!(lengths, [5, 5, 5, 5, 5, 5, 5, 3]);
+    }
+
+    #[tokio::test]
+    async fn a_stream_that_takes_nothing_is_an_error_not_a_loop() {
+        let mut upstream = CallRecorder {
+            per_call: 0,
+            ..Default::default()
+        };
+        let err = write_parts(&mut upstream, &mut pipelined_commands())
+            .await
+            .unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::WriteZero);
     }
 }
