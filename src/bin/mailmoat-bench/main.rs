@@ -123,6 +123,11 @@ struct SmtpArgs {
     from: String,
     #[arg(long, default_value = "sink@example.test")]
     to: String,
+    /// Send MAIL, RCPT and DATA in one write and then read their replies, as MTAs do
+    /// when the server offers PIPELINING (RFC 2920); without it, one at a time, as
+    /// most mail user agents do.
+    #[arg(long)]
+    pipelining: bool,
 }
 
 #[derive(Args, Debug)]
@@ -379,6 +384,7 @@ async fn run(cli: Cli) -> Result<serde_json::Value> {
             extra.insert("message_bytes".into(), json!(body.len()));
             extra.insert("messages_per_session".into(), json!(args.messages));
             extra.insert("auth".into(), json!(auth.is_some()));
+            extra.insert("pipelining".into(), json!(args.pipelining));
             let plan = Arc::new(smtp::Plan {
                 tls_mode: common.tls,
                 tls,
@@ -389,6 +395,7 @@ async fn run(cli: Cli) -> Result<serde_json::Value> {
                 from: args.from.clone(),
                 to: args.to.clone(),
                 rset: latency,
+                pipelining: args.pipelining,
             });
             let addr = common.addr;
             let (totals, timed_out) = drive(common, deadline, move |_| {
@@ -440,6 +447,7 @@ async fn run(cli: Cli) -> Result<serde_json::Value> {
                 from: String::new(),
                 to: String::new(),
                 rset: false,
+                pipelining: false,
             });
             let held = Arc::new(Mutex::new(Vec::new()));
             let keep = Arc::clone(&held);

@@ -127,6 +127,8 @@ pub struct Plan {
     pub to: String,
     /// Latency mode: RSET after each transaction and time each one.
     pub rset: bool,
+    /// MAIL, RCPT and DATA in one write (RFC 2920).
+    pub pipelining: bool,
 }
 
 /// A message of exactly `size` bytes (at least its header): short CRLF lines, none
@@ -191,6 +193,9 @@ pub async fn hello<S: Io>(c: &mut Conn<S>, plan: &Plan) -> Result<()> {
     if plan.tls_mode != TlsMode::None && ehlo.has_keyword("STARTTLS") {
         bail!("EHLO after TLS still offers STARTTLS");
     }
+    if plan.pipelining && !ehlo.has_keyword("PIPELINING") {
+        bail!("--pipelining, but EHLO does not offer PIPELINING");
+    }
     if let Some((user, password)) = &plan.auth {
         let offers_plain = ehlo.keywords().iter().any(|k| {
             let mut words = k.split(' ');
@@ -215,9 +220,22 @@ pub async fn session(addr: std::net::SocketAddr, plan: &Plan, out: &mut Outcome)
     hello(&mut c, plan).await?;
     for _ in 0..plan.messages {
         let started = Instant::now();
-        cmd(&mut c, &format!("MAIL FROM:<{}>", plan.from), 250).await?;
-        cmd(&mut c, &format!("RCPT TO:<{}>", plan.to), 250).await?;
-        cmd(&mut c, "DATA", 354).await?;
+        let (mail, rcpt) = (
+            format!("MAIL FROM:<{}>", plan.from),
+            format!("RCPT TO:<{}>", plan.to),
+        );
+        if plan.pipelining {
+            // RFC 2920 §3.1: DATA may end a group; each reply is still checked, in order.
+            c.send(format!("{mail}\r\n{rcpt}\r\nDATA\r\n").as_bytes())
+                .await?;
+            expect(&mut c, &mail, 250).await?;
+            expect(&mut c, &rcpt, 250).await?;
+            expect(&mut c, "DATA", 354).await?;
+        } else {
+            cmd(&mut c, &mail, 250).await?;
+            cmd(&mut c, &rcpt, 250).await?;
+            cmd(&mut c, "DATA", 354).await?;
+        }
         c.send(&plan.body).await?;
         c.send(b".\r\n").await?;
         expect(&mut c, "end of data", 250).await?;
