@@ -468,27 +468,34 @@ async fn write_parts<S: AsyncWrite + Unpin>(
     parts: &mut Vec<Bytes>,
 ) -> io::Result<()> {
     let mut first = 0;
-    while first < parts.len() {
-        let mut slices = [io::IoSlice::new(&[]); 16];
-        let n = parts[first..]
-            .iter()
-            .zip(&mut slices)
-            .map(|(part, slice)| *slice = io::IoSlice::new(part))
-            .count();
-        let mut written = stream.write_vectored(&slices[..n]).await?;
-        if written == 0 {
-            return Err(io::ErrorKind::WriteZero.into());
-        }
-        while written > 0 {
-            let part = &mut parts[first];
-            let taken = written.min(part.len());
-            part.advance(taken);
-            written -= taken;
-            if part.is_empty() {
-                first += 1;
+    // Polled by hand so that the slices live only within a poll: kept across the wait,
+    // they would make every session's task, idle ones too, larger by their size.
+    std::future::poll_fn(|cx| {
+        while first < parts.len() {
+            let mut slices = [io::IoSlice::new(&[]); 16];
+            let n = parts[first..]
+                .iter()
+                .zip(&mut slices)
+                .map(|(part, slice)| *slice = io::IoSlice::new(part))
+                .count();
+            let mut written =
+                std::task::ready!(Pin::new(&mut *stream).poll_write_vectored(cx, &slices[..n]))?;
+            if written == 0 {
+                return Poll::Ready(Err(io::Error::from(io::ErrorKind::WriteZero)));
+            }
+            while written > 0 {
+                let part = &mut parts[first];
+                let taken = written.min(part.len());
+                part.advance(taken);
+                written -= taken;
+                if part.is_empty() {
+                    first += 1;
+                }
             }
         }
-    }
+        Poll::Ready(Ok::<(), io::Error>(()))
+    })
+    .await?;
     parts.clear();
     Ok(())
 }

@@ -116,8 +116,11 @@ fn listener(upstream: SocketAddr, keys: &str) -> String {
 }
 
 /// Connects, sends `header`, and runs greeting, EHLO, QUIT; returns the greeting.
-async fn session_through(addr: SocketAddr, header: &[u8]) -> String {
-    let mut client = connect(addr).await;
+/// Runs a session behind `header`, from a loopback address of its own (the `via` of its
+/// log lines); returns the greeting and that address.
+async fn session_through(addr: SocketAddr, header: &[u8]) -> (String, SocketAddr) {
+    let mut client = traceable_connect(addr).await;
+    let via = client.local_addr();
     client.send(header).await;
     let greeting = client.reply().await;
     assert!(
@@ -125,7 +128,7 @@ async fn session_through(addr: SocketAddr, header: &[u8]) -> String {
         "EHLO"
     );
     assert!(client.cmd("QUIT").await.starts_with("221 "));
-    greeting
+    (greeting, via)
 }
 
 fn v2_header(client: [u8; 4], client_port: u16, destination: [u8; 4], port: u16) -> Vec<u8> {
@@ -149,7 +152,7 @@ async fn inbound_v1_from_a_trusted_network_reaches_the_upstream_as_the_real_clie
         "",
     )
     .await;
-    let greeting = session_through(
+    let (greeting, via) = session_through(
         proxy.addr("id"),
         b"PROXY TCP4 203.0.113.7 192.0.2.1 51234 25\r\n",
     )
@@ -161,11 +164,12 @@ async fn inbound_v1_from_a_trusted_network_reaches_the_upstream_as_the_real_clie
     );
     // The header is not a command: the upstream's first command is the client's EHLO.
     assert_eq!(upstream.commands(), ["EHLO client.example", "QUIT"]);
+    // Other tests' sessions name the same client: this one is told apart by its `via`.
     let logs = captured_logs();
     assert!(
         logs.lines()
-            .any(|l| l.contains("client=203.0.113.7:51234") && l.contains("via=127.0.0.1:")),
-        "no session span with the real client:\n{logs}"
+            .any(|l| l.contains("client=203.0.113.7:51234") && l.contains(&format!("via={via}"))),
+        "no session span with the real client and via={via}:\n{logs}"
     );
 }
 
@@ -231,43 +235,40 @@ async fn bad_headers_close_their_connection_while_another_session_completes() {
     .await;
     let addr = proxy.addr("id");
     // Slow: a header that never completes.
-    let mut slow = connect(addr).await;
+    let mut slow = traceable_connect(addr).await;
     slow.send(b"PROXY TCP4 203.0.113.").await;
     // Malformed: a client that does not know it is behind a balancer.
-    let mut malformed = connect(addr).await;
+    let mut malformed = traceable_connect(addr).await;
     malformed.send(b"EHLO client.example\r\n").await;
     // Oversized: a v2 header announcing 65535 bytes.
-    let mut oversized = connect(addr).await;
+    let mut oversized = traceable_connect(addr).await;
     oversized
         .send(&[V2_SIGNATURE, &[0x21, 0x11, 0xff, 0xff]].concat())
         .await;
     // A v1 line past 107 bytes.
-    let mut long = connect(addr).await;
+    let mut long = traceable_connect(addr).await;
     long.send(format!("PROXY TCP4 {}", "1".repeat(120)).as_bytes())
         .await;
 
-    let greeting = session_through(addr, b"PROXY TCP4 198.51.100.1 192.0.2.1 1 25\r\n").await;
+    let (greeting, _) = session_through(addr, b"PROXY TCP4 198.51.100.1 192.0.2.1 1 25\r\n").await;
     assert_eq!(greeting, "220 upstream ESMTP\r\n");
 
-    for (name, client) in [
-        ("malformed", &mut malformed),
-        ("oversized", &mut oversized),
-        ("long", &mut long),
-        ("slow", &mut slow),
+    for (name, client, reason) in [
+        ("malformed", &mut malformed, "missing"),
+        ("oversized", &mut oversized, "too_long"),
+        ("long", &mut long, "too_long"),
+        ("slow", &mut slow, "timeout"),
     ] {
         assert_eq!(client.rest().await, b"", "{name}: closed without a word");
+        // Each connection's own event (found by its address), with its own reason.
+        let event = session_log_line(client.local_addr(), "event=\"proxy_protocol_error\"").await;
+        assert!(
+            event.contains(&format!("reason=\"{reason}\"")),
+            "{name}: {event}"
+        );
     }
     // Only the good session reached the upstream.
     assert_eq!(upstream.peers().len(), 1);
-    let logs = captured_logs();
-    for reason in ["missing", "too_long", "timeout"] {
-        assert!(
-            logs.lines()
-                .any(|l| l.contains("event=\"proxy_protocol_error\"")
-                    && l.contains(&format!("reason=\"{reason}\""))),
-            "no proxy_protocol_error with reason {reason}:\n{logs}"
-        );
-    }
 }
 
 #[tokio::test]
@@ -344,14 +345,18 @@ async fn xclient_tells_the_upstream_the_real_client_invisibly() {
 async fn xclient_not_offered_refuses_the_session_rather_than_run_it_as_mailmoat() {
     let upstream = recorder(false, false).await;
     let proxy = proxy(&[listener(upstream.addr, "xclient: true")], "").await;
-    let mut client = connect(proxy.addr("id")).await;
+    let mut client = traceable_connect(proxy.addr("id")).await;
     assert_eq!(
         String::from_utf8(client.rest().await).unwrap(),
         "421 4.3.0 Service temporarily unavailable, closing connection\r\n"
     );
     // Nothing of the client's ever reached the upstream.
     assert_eq!(upstream.commands(), ["EHLO localhost"]);
-    assert!(captured_logs().contains("event=\"xclient_unavailable\" reason=\"not_announced\""));
+    session_log_line(
+        client.local_addr(),
+        "event=\"xclient_unavailable\" reason=\"not_announced\"",
+    )
+    .await;
 }
 
 #[tokio::test]
@@ -407,18 +412,35 @@ async fn a_health_check_that_names_no_client_is_never_exempt() {
     // PROXY v2 LOCAL (a balancer's own health check): no address.
     let mut local = V2_SIGNATURE.to_vec();
     local.extend_from_slice(&[0x20, 0x00, 0x00, 0x00]);
-    let mut client = connect(proxy.addr("id")).await;
-    client.send(&local).await;
-    assert!(client.reply().await.starts_with("220 "));
-    let ehlo = client.cmd("EHLO check.example").await;
+    let mut health_check = traceable_connect(proxy.addr("id")).await;
+    health_check.send(&local).await;
+    assert!(health_check.reply().await.starts_with("220 "));
+    let ehlo = health_check.cmd("EHLO check.example").await;
     assert!(ehlo.ends_with("250 STARTTLS\r\n"), "not the policy: {ehlo}");
     // A client the header names inside the exempt network is exempt: relayed as is.
-    let mut named = connect(proxy.addr("id")).await;
+    let mut named = traceable_connect(proxy.addr("id")).await;
     named
         .send(b"PROXY TCP4 127.0.0.9 127.0.0.1 40000 25\r\n")
         .await;
     assert!(named.reply().await.starts_with("220 "));
     let ehlo = named.cmd("EHLO device.example").await;
     assert!(!ehlo.contains("STARTTLS"), "not relayed unchanged: {ehlo}");
-    assert!(captured_logs().contains("event=\"exempt_plaintext_session\""));
+    // The event of this session (the client the header names, via this connection), and
+    // none for the health check's.
+    let via = format!("via={}", named.local_addr());
+    let logs = captured_logs();
+    let exempt = |line: &&str| line.contains("event=\"exempt_plaintext_session\"");
+    assert!(
+        logs.lines()
+            .filter(exempt)
+            .any(|l| l.contains("client=127.0.0.9:40000") && l.contains(&via)),
+        "no exempt_plaintext_session for client=127.0.0.9:40000 {via}:\n{logs}"
+    );
+    let health_check = format!("via={}", health_check.local_addr());
+    assert!(
+        !logs
+            .lines()
+            .filter(exempt)
+            .any(|l| l.contains(&health_check))
+    );
 }
