@@ -449,7 +449,8 @@ trait ClientStream: AsyncRead + AsyncWrite + Unpin {
 
 impl ClientStream for TcpStream {}
 
-impl ClientStream for ClientTls {
+/// Generic over the stream under TLS for the tests; the driver's is [`ClientTls`].
+impl<S: AsyncRead + AsyncWrite + Unpin> ClientStream for Box<TlsStream<S>> {
     fn buffer(&mut self, bytes: &[u8]) -> usize {
         // rustls takes what fits under its buffer limit; a write error cannot happen
         // before the flush, and would then show there.
@@ -467,6 +468,9 @@ async fn write_parts<S: AsyncWrite + Unpin>(
     stream: &mut S,
     parts: &mut Vec<Bytes>,
 ) -> io::Result<()> {
+    // An empty part (an IMAP literal of zero bytes) is no write: a vectored write of
+    // nothing returns 0, which would read as a stream that takes nothing.
+    parts.retain(|part| !part.is_empty());
     let mut first = 0;
     // Polled by hand so that the slices live only within a poll: kept across the wait,
     // they would make every session's task, idle ones too, larger by their size.
@@ -561,7 +565,12 @@ async fn run<P: Session, S: ClientStream>(
                     return Ok(Outcome::Relay { client });
                 }
                 Action::Close => {
-                    let _ = within(write_deadline, write_parts(upstream, &mut to_upstream)).await;
+                    // Goodbye to the client even if the upstream cannot take its last bytes.
+                    if let Err(err) =
+                        within(write_deadline, write_parts(upstream, &mut to_upstream)).await
+                    {
+                        info!(%err, "upstream write failed at close");
+                    }
                     // The session's last reply was written above; through TLS it leaves
                     // with the close_notify behind it, in one system call.
                     client.buffer_close();
@@ -570,12 +579,14 @@ async fn run<P: Session, S: ClientStream>(
                 }
             }
         }
-        within(write_deadline, write_parts(upstream, &mut to_upstream)).await?;
-        // Not kept across the wait below: an idle session holds no buffer of its own.
-        drop(to_upstream);
+        // The client's replies first: an upstream that fails or is slow to take its
+        // bytes does not hold back, or lose, what is already answered.
         if wrote_client || std::mem::take(&mut client_read) {
             within(write_deadline, client.flush()).await?;
         }
+        within(write_deadline, write_parts(upstream, &mut to_upstream)).await?;
+        // Not kept across the wait below: an idle session holds no buffer of its own.
+        drop(to_upstream);
         if moved || session.phase() != phase {
             phase = session.phase();
             deadline_at = tokio::time::Instant::now() + deadline(phase, &context.timeouts);
@@ -689,10 +700,12 @@ mod tests {
         assert_eq!(got, b"helloccsencrypted");
     }
 
-    /// Takes at most `per_call` bytes per write and keeps each call's bytes.
+    /// Takes at most `per_call` bytes per write and keeps each call's bytes; with
+    /// `busy_first`, the first write finds the stream full (Pending) instead.
     #[derive(Default)]
     struct CallRecorder {
         per_call: usize,
+        busy_first: bool,
         calls: Vec<Vec<u8>>,
     }
 
@@ -706,10 +719,14 @@ mod tests {
         }
         fn poll_write_vectored(
             self: Pin<&mut Self>,
-            _: &mut Context<'_>,
+            cx: &mut Context<'_>,
             bufs: &[io::IoSlice<'_>],
         ) -> Poll<io::Result<usize>> {
             let this = self.get_mut();
+            if std::mem::take(&mut this.busy_first) {
+                cx.waker().wake_by_ref();
+                return Poll::Pending;
+            }
             let call: Vec<u8> = bufs
                 .iter()
                 .flat_map(|b| b.iter().copied())
@@ -774,6 +791,133 @@ mod tests {
         // Each call took all it could, across the parts' boundaries: 38 bytes in 8.
         let lengths: Vec<usize> = upstream.calls.iter().map(Vec::len).collect();
         assert_eq!(lengths, [5, 5, 5, 5, 5, 5, 5, 3]);
+    }
+
+    #[tokio::test]
+    async fn gathered_upstream_bytes_wait_for_a_full_stream_and_resume() {
+        let mut upstream = CallRecorder {
+            per_call: 20,
+            busy_first: true,
+            ..Default::default()
+        };
+        let mut parts = pipelined_commands();
+        write_parts(&mut upstream, &mut parts).await.unwrap();
+        assert_eq!(
+            upstream.calls.concat(),
+            b"MAIL FROM:<a@x>\r\nRCPT TO:<b@y>\r\nDATA\r\n"
+        );
+        assert_eq!(upstream.calls.len(), 2);
+    }
+
+    #[tokio::test]
+    async fn empty_parts_are_no_write_even_last() {
+        let mut upstream = CallRecorder {
+            per_call: usize::MAX,
+            ..Default::default()
+        };
+        // An IMAP literal of zero bytes gives an empty part, possibly last in a batch.
+        let mut parts = vec![Bytes::from_static(b"DATA\r\n"), Bytes::new()];
+        write_parts(&mut upstream, &mut parts).await.unwrap();
+        assert_eq!(upstream.calls, [b"DATA\r\n".to_vec()]);
+        let mut parts = vec![Bytes::new(), Bytes::new()];
+        write_parts(&mut upstream, &mut parts).await.unwrap();
+        assert!(parts.is_empty());
+        assert_eq!(upstream.calls.len(), 1);
+    }
+
+    /// A stream that counts the writes that reach it.
+    struct CountWrites<S> {
+        inner: S,
+        writes: usize,
+    }
+
+    impl<S: AsyncRead + Unpin> AsyncRead for CountWrites<S> {
+        fn poll_read(
+            self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+            buf: &mut ReadBuf<'_>,
+        ) -> Poll<io::Result<()>> {
+            Pin::new(&mut self.get_mut().inner).poll_read(cx, buf)
+        }
+    }
+
+    impl<S: AsyncWrite + Unpin> AsyncWrite for CountWrites<S> {
+        fn poll_write(
+            self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+            buf: &[u8],
+        ) -> Poll<io::Result<usize>> {
+            self.poll_write_vectored(cx, &[io::IoSlice::new(buf)])
+        }
+        fn poll_write_vectored(
+            self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+            bufs: &[io::IoSlice<'_>],
+        ) -> Poll<io::Result<usize>> {
+            let this = self.get_mut();
+            // One call, all of it (a duplex write takes only the first slice).
+            let all: Vec<u8> = bufs.iter().flat_map(|b| b.iter().copied()).collect();
+            let written = std::task::ready!(Pin::new(&mut this.inner).poll_write(cx, &all))?;
+            this.writes += 1;
+            Poll::Ready(Ok(written))
+        }
+        fn is_write_vectored(&self) -> bool {
+            true
+        }
+        fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Pin::new(&mut self.get_mut().inner).poll_flush(cx)
+        }
+        fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
+        }
+    }
+
+    #[tokio::test]
+    async fn under_tls_the_last_reply_and_close_notify_leave_in_one_write() {
+        let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+        let certified = rcgen::generate_simple_self_signed(["mx.example".to_owned()]).unwrap();
+        let key =
+            rustls::pki_types::PrivatePkcs8KeyDer::from(certified.signing_key.serialize_der());
+        let server = rustls::ServerConfig::builder_with_provider(Arc::clone(&provider))
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_no_client_auth()
+            .with_single_cert(vec![certified.cert.der().clone()], key.into())
+            .unwrap();
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(certified.cert.der().clone()).unwrap();
+        let client = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        let (near, far) = tokio::io::duplex(64 * 1024);
+        let counted = CountWrites {
+            inner: near,
+            writes: 0,
+        };
+        let accept = tokio_rustls::TlsAcceptor::from(Arc::new(server)).accept(counted);
+        let name = rustls::pki_types::ServerName::try_from("mx.example").unwrap();
+        let connect = tokio_rustls::TlsConnector::from(Arc::new(client)).connect(name, far);
+        let (accepted, connected) = tokio::join!(accept, connect);
+        let mut server_side = Box::new(accepted.unwrap());
+        let mut client_side = connected.unwrap();
+
+        let writes_before = server_side.get_ref().0.writes;
+        let reply = b"221 2.0.0 Bye\r\n";
+        assert_eq!(server_side.buffer(reply), reply.len());
+        assert_eq!(
+            server_side.get_ref().0.writes,
+            writes_before,
+            "buffered, not written"
+        );
+        server_side.buffer_close();
+        say_goodbye(&mut server_side, &[]).await.unwrap();
+        assert_eq!(server_side.get_ref().0.writes, writes_before + 1);
+        // The client gets the reply, then a clean end (close_notify), not a cut stream.
+        let mut got = Vec::new();
+        client_side.read_to_end(&mut got).await.unwrap();
+        assert_eq!(got, reply);
     }
 
     #[tokio::test]

@@ -394,6 +394,37 @@ async fn after_login_bytes_are_relayed_blindly_over_starttls_and_implicit_tls() 
 }
 
 #[tokio::test]
+async fn a_zero_length_literal_split_across_reads_goes_upstream_whole() {
+    let upstream = imap_upstream().await;
+    let proxy = imap_proxy(&upstream).await;
+    let tcp = within(tokio::net::TcpStream::connect(proxy.addr("imaps")))
+        .await
+        .unwrap();
+    let mut tls = BufReader::new(
+        tls_connect(tcp, "mail.example.test", &[b"imap"])
+            .await
+            .unwrap(),
+    );
+    response(&mut tls, None).await;
+    // An empty message by a non-synchronising literal, its line end in two more writes:
+    // the literal's zero bytes are then the last thing a read gives the upstream.
+    let pause = || tokio::time::sleep(std::time::Duration::from_millis(50));
+    send(&mut tls, b"a APPEND INBOX (\\Seen) {0+}\r\n").await;
+    pause().await;
+    send(&mut tls, b"\r").await;
+    pause().await;
+    send(&mut tls, b"\n").await;
+    assert_eq!(
+        response(&mut tls, Some("a")).await,
+        "a OK APPEND completed\r\n"
+    );
+    assert!(
+        String::from_utf8_lossy(&upstream.raw.lock().unwrap())
+            .ends_with("a APPEND INBOX (\\Seen) {0+}\r\n\r\n")
+    );
+}
+
+#[tokio::test]
 async fn an_unreachable_upstream_gets_bye_unavailable() {
     let closed = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
