@@ -103,6 +103,34 @@ async fn smtp_starttls_and_implicit_sessions_are_verified_end_to_end() {
         );
     }
 
+    // A pipelining client (RFC 2920): MAIL, RCPT and DATA in one write, each reply checked.
+    let (code, json, stderr) = bench(&args(&[
+        "smtp",
+        "--addr",
+        &sub,
+        "--ca",
+        &ca(),
+        "--sessions",
+        "3",
+        "--concurrency",
+        "3",
+        "--size",
+        "5000",
+        "--pipelining",
+    ]))
+    .await;
+    assert_eq!(code, 0, "{json}\n{stderr}");
+    assert_eq!(json["pipelining"], true);
+    assert_eq!(
+        (json["ok"].as_u64(), json["errors"].as_u64()),
+        (Some(3), Some(0))
+    );
+    {
+        let recording = upstream.recording.lock().unwrap();
+        assert_eq!(recording.messages.len(), 12 + 3);
+        assert!(recording.messages[12..].iter().all(|m| m.len() == 5_000));
+    }
+
     // Implicit TLS, resuming with tickets: one at a time, so each session finds one.
     let (code, json, stderr) = bench(&args(&[
         "smtp",
@@ -285,16 +313,20 @@ async fn a_wrong_reply_code_fails_the_run() {
         ],
         vec!["--addr".to_string(), through, "--ca".into(), ca()],
     ] {
-        let mut all = args(&["smtp", "--sessions", "3", "--concurrency", "3"]);
-        all.extend(extra);
-        let (code, json, _) = bench(&all).await;
-        assert_eq!(code, 1, "{json}");
-        assert_eq!(
-            (json["ok"].as_u64(), json["errors"].as_u64()),
-            (Some(0), Some(3))
-        );
-        let sample = json["error_samples"][0].as_str().unwrap();
-        assert!(sample.contains("MAIL: expected 250, got 451"), "{sample}");
+        // One command at a time, and pipelined: the 451 is found among the replies too.
+        for pipelining in [&[][..], &["--pipelining"][..]] {
+            let mut all = args(&["smtp", "--sessions", "3", "--concurrency", "3"]);
+            all.extend(args(pipelining));
+            all.extend(extra.clone());
+            let (code, json, _) = bench(&all).await;
+            assert_eq!(code, 1, "{json}");
+            assert_eq!(
+                (json["ok"].as_u64(), json["errors"].as_u64()),
+                (Some(0), Some(3))
+            );
+            let sample = json["error_samples"][0].as_str().unwrap();
+            assert!(sample.contains("MAIL: expected 250, got 451"), "{sample}");
+        }
     }
 }
 
