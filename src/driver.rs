@@ -700,16 +700,36 @@ mod tests {
         assert_eq!(got, b"helloccsencrypted");
     }
 
-    /// Takes at most `per_call` bytes per write and keeps each call's bytes; with
-    /// `busy_first`, the first write finds the stream full (Pending) instead.
-    #[derive(Default)]
-    struct CallRecorder {
+    /// Writes through to `inner` and keeps each call's bytes: at most `per_call` bytes
+    /// a call, and with `busy_first` the first write finds the stream full (Pending).
+    struct CallRecorder<S> {
+        inner: S,
         per_call: usize,
         busy_first: bool,
         calls: Vec<Vec<u8>>,
     }
 
-    impl AsyncWrite for CallRecorder {
+    /// A [`CallRecorder`] over a stream that takes everything.
+    fn recorder(per_call: usize) -> CallRecorder<tokio::io::Sink> {
+        CallRecorder {
+            inner: tokio::io::sink(),
+            per_call,
+            busy_first: false,
+            calls: Vec::new(),
+        }
+    }
+
+    impl<S: AsyncRead + Unpin> AsyncRead for CallRecorder<S> {
+        fn poll_read(
+            self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+            buf: &mut ReadBuf<'_>,
+        ) -> Poll<io::Result<()>> {
+            Pin::new(&mut self.get_mut().inner).poll_read(cx, buf)
+        }
+    }
+
+    impl<S: AsyncWrite + Unpin> AsyncWrite for CallRecorder<S> {
         fn poll_write(
             self: Pin<&mut Self>,
             cx: &mut Context<'_>,
@@ -732,18 +752,19 @@ mod tests {
                 .flat_map(|b| b.iter().copied())
                 .take(this.per_call)
                 .collect();
-            let n = call.len();
-            this.calls.push(call);
+            // In one call to `inner`, whose own writes may take one slice only.
+            let n = std::task::ready!(Pin::new(&mut this.inner).poll_write(cx, &call))?;
+            this.calls.push(call[..n].to_vec());
             Poll::Ready(Ok(n))
         }
         fn is_write_vectored(&self) -> bool {
             true
         }
-        fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
-            Poll::Ready(Ok(()))
+        fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Pin::new(&mut self.get_mut().inner).poll_flush(cx)
         }
-        fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
-            Poll::Ready(Ok(()))
+        fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
         }
     }
 
@@ -759,10 +780,7 @@ mod tests {
 
     #[tokio::test]
     async fn gathered_upstream_bytes_leave_in_one_call_in_order() {
-        let mut upstream = CallRecorder {
-            per_call: usize::MAX,
-            ..Default::default()
-        };
+        let mut upstream = recorder(usize::MAX);
         let mut parts = pipelined_commands();
         write_parts(&mut upstream, &mut parts).await.unwrap();
         assert!(parts.is_empty());
@@ -777,10 +795,7 @@ mod tests {
 
     #[tokio::test]
     async fn gathered_upstream_bytes_survive_short_writes() {
-        let mut upstream = CallRecorder {
-            per_call: 5,
-            ..Default::default()
-        };
+        let mut upstream = recorder(5);
         let mut parts = pipelined_commands();
         write_parts(&mut upstream, &mut parts).await.unwrap();
         assert!(parts.is_empty());
@@ -795,11 +810,8 @@ mod tests {
 
     #[tokio::test]
     async fn gathered_upstream_bytes_wait_for_a_full_stream_and_resume() {
-        let mut upstream = CallRecorder {
-            per_call: 20,
-            busy_first: true,
-            ..Default::default()
-        };
+        let mut upstream = recorder(20);
+        upstream.busy_first = true;
         let mut parts = pipelined_commands();
         write_parts(&mut upstream, &mut parts).await.unwrap();
         assert_eq!(
@@ -811,10 +823,7 @@ mod tests {
 
     #[tokio::test]
     async fn empty_parts_are_no_write_even_last() {
-        let mut upstream = CallRecorder {
-            per_call: usize::MAX,
-            ..Default::default()
-        };
+        let mut upstream = recorder(usize::MAX);
         // An IMAP literal of zero bytes gives an empty part, possibly last in a batch.
         let mut parts = vec![Bytes::from_static(b"DATA\r\n"), Bytes::new()];
         write_parts(&mut upstream, &mut parts).await.unwrap();
@@ -823,53 +832,6 @@ mod tests {
         write_parts(&mut upstream, &mut parts).await.unwrap();
         assert!(parts.is_empty());
         assert_eq!(upstream.calls.len(), 1);
-    }
-
-    /// A stream that counts the writes that reach it.
-    struct CountWrites<S> {
-        inner: S,
-        writes: usize,
-    }
-
-    impl<S: AsyncRead + Unpin> AsyncRead for CountWrites<S> {
-        fn poll_read(
-            self: Pin<&mut Self>,
-            cx: &mut Context<'_>,
-            buf: &mut ReadBuf<'_>,
-        ) -> Poll<io::Result<()>> {
-            Pin::new(&mut self.get_mut().inner).poll_read(cx, buf)
-        }
-    }
-
-    impl<S: AsyncWrite + Unpin> AsyncWrite for CountWrites<S> {
-        fn poll_write(
-            self: Pin<&mut Self>,
-            cx: &mut Context<'_>,
-            buf: &[u8],
-        ) -> Poll<io::Result<usize>> {
-            self.poll_write_vectored(cx, &[io::IoSlice::new(buf)])
-        }
-        fn poll_write_vectored(
-            self: Pin<&mut Self>,
-            cx: &mut Context<'_>,
-            bufs: &[io::IoSlice<'_>],
-        ) -> Poll<io::Result<usize>> {
-            let this = self.get_mut();
-            // One call, all of it (a duplex write takes only the first slice).
-            let all: Vec<u8> = bufs.iter().flat_map(|b| b.iter().copied()).collect();
-            let written = std::task::ready!(Pin::new(&mut this.inner).poll_write(cx, &all))?;
-            this.writes += 1;
-            Poll::Ready(Ok(written))
-        }
-        fn is_write_vectored(&self) -> bool {
-            true
-        }
-        fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-            Pin::new(&mut self.get_mut().inner).poll_flush(cx)
-        }
-        fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-            Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
-        }
     }
 
     #[tokio::test]
@@ -892,9 +854,11 @@ mod tests {
             .with_root_certificates(roots)
             .with_no_client_auth();
         let (near, far) = tokio::io::duplex(64 * 1024);
-        let counted = CountWrites {
+        let counted = CallRecorder {
             inner: near,
-            writes: 0,
+            per_call: usize::MAX,
+            busy_first: false,
+            calls: Vec::new(),
         };
         let accept = tokio_rustls::TlsAcceptor::from(Arc::new(server)).accept(counted);
         let name = rustls::pki_types::ServerName::try_from("mx.example").unwrap();
@@ -903,17 +867,17 @@ mod tests {
         let mut server_side = Box::new(accepted.unwrap());
         let mut client_side = connected.unwrap();
 
-        let writes_before = server_side.get_ref().0.writes;
+        let writes_before = server_side.get_ref().0.calls.len();
         let reply = b"221 2.0.0 Bye\r\n";
         assert_eq!(server_side.buffer(reply), reply.len());
         assert_eq!(
-            server_side.get_ref().0.writes,
+            server_side.get_ref().0.calls.len(),
             writes_before,
             "buffered, not written"
         );
         server_side.buffer_close();
         say_goodbye(&mut server_side, &[]).await.unwrap();
-        assert_eq!(server_side.get_ref().0.writes, writes_before + 1);
+        assert_eq!(server_side.get_ref().0.calls.len(), writes_before + 1);
         // The client gets the reply, then a clean end (close_notify), not a cut stream.
         let mut got = Vec::new();
         client_side.read_to_end(&mut got).await.unwrap();
@@ -922,10 +886,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_stream_that_takes_nothing_is_an_error_not_a_loop() {
-        let mut upstream = CallRecorder {
-            per_call: 0,
-            ..Default::default()
-        };
+        let mut upstream = recorder(0);
         let err = write_parts(&mut upstream, &mut pipelined_commands())
             .await
             .unwrap_err();
