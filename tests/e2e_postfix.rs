@@ -163,6 +163,64 @@ fn swaks_starttls_auth_delivers_a_message_and_the_secret_is_in_no_log() {
 }
 
 #[test]
+fn swaks_pipelining_through_tls_reaches_postfix_and_every_reply_comes_back_in_order() {
+    let mailmoat = mailmoat();
+    let tag = unique("swaks-pipeline");
+    let (code, stdout, stderr) = run_program(
+        "swaks",
+        &[
+            "--server",
+            &format!("127.0.0.1:{}", mailmoat.port("submission")),
+            "--tls",
+            "--pipeline",
+            "--auth",
+            "PLAIN",
+            "--auth-user",
+            "alice@example.test",
+            "--auth-password",
+            "alice-secret-pw",
+            "--from",
+            "bob@example.test",
+            "--to",
+            "alice@example.test",
+            "--header",
+            &format!("Subject: {tag}"),
+            "--body",
+            "pipelined through the moat",
+        ],
+    );
+    assert_eq!(code, 0, "swaks failed:\n{stdout}\n{stderr}");
+    // RFC 2920: MAIL, RCPT and DATA went in one write; their replies came back in order.
+    let sent = |line: &str| {
+        stdout
+            .find(line)
+            .unwrap_or_else(|| panic!("{line}: {stdout}"))
+    };
+    let (mail, rcpt, data) = (
+        sent("~> MAIL FROM:<bob@example.test>"),
+        sent("~> RCPT TO:<alice@example.test>"),
+        sent("~> DATA"),
+    );
+    let (mail_ok, rcpt_ok, go_ahead) = (
+        sent("<~  250 2.1.0 Ok"),
+        sent("<~  250 2.1.5 Ok"),
+        sent("<~  354 "),
+    );
+    assert!(
+        mail < rcpt && rcpt < data && data < mail_ok,
+        "not pipelined:\n{stdout}"
+    );
+    assert!(mail_ok < rcpt_ok && rcpt_ok < go_ahead, "{stdout}");
+    let delivered = legacy().wait_for_delivery(&tag);
+    assert!(memchr::memmem::find(&delivered, b"pipelined through the moat").is_some());
+    assert!(
+        mailmoat
+            .log_text()
+            .contains("commands=ehlo=2 starttls=1/1 auth=1/1 mail=1 rcpt=1 data=1 quit=1")
+    );
+}
+
+#[test]
 fn smtplib_delivers_a_10_mb_message_intact_over_starttls_and_implicit_tls() {
     let mailmoat = mailmoat();
     let dir = tempfile::tempdir().unwrap();
