@@ -584,7 +584,9 @@ async fn run<P: Session, S: ClientStream>(
         if wrote_client || std::mem::take(&mut client_read) {
             within(write_deadline, client.flush()).await?;
         }
-        within(write_deadline, write_parts(upstream, &mut to_upstream)).await?;
+        if !to_upstream.is_empty() {
+            within(write_deadline, write_parts(upstream, &mut to_upstream)).await?;
+        }
         // Not kept across the wait below: an idle session holds no buffer of its own.
         drop(to_upstream);
         if moved || session.phase() != phase {
