@@ -105,33 +105,40 @@ fn smtplib_sees_starttls_and_no_auth_and_a_plaintext_auth_never_reaches_postfix(
     );
 }
 
+/// swaks on the submission port: STARTTLS, AUTH PLAIN as alice, a message from bob to
+/// alice with `tag` as its subject and `body`, plus `extra` options. Returns swaks's
+/// transcript, once it exited 0.
+fn swaks_submission(mailmoat: &Mailmoat, tag: &str, body: &str, extra: &[&str]) -> String {
+    let server = format!("127.0.0.1:{}", mailmoat.port("submission"));
+    let subject = format!("Subject: {tag}");
+    let mut args = vec!["--server", &server, "--tls"];
+    args.extend_from_slice(extra);
+    args.extend_from_slice(&[
+        "--auth",
+        "PLAIN",
+        "--auth-user",
+        "alice@example.test",
+        "--auth-password",
+        "alice-secret-pw",
+        "--from",
+        "bob@example.test",
+        "--to",
+        "alice@example.test",
+        "--header",
+        &subject,
+        "--body",
+        body,
+    ]);
+    let (code, stdout, stderr) = run_program("swaks", &args);
+    assert_eq!(code, 0, "swaks failed:\n{stdout}\n{stderr}");
+    stdout
+}
+
 #[test]
 fn swaks_starttls_auth_delivers_a_message_and_the_secret_is_in_no_log() {
     let mailmoat = mailmoat();
     let tag = unique("swaks");
-    let (code, stdout, stderr) = run_program(
-        "swaks",
-        &[
-            "--server",
-            &format!("127.0.0.1:{}", mailmoat.port("submission")),
-            "--tls",
-            "--auth",
-            "PLAIN",
-            "--auth-user",
-            "alice@example.test",
-            "--auth-password",
-            "alice-secret-pw",
-            "--from",
-            "bob@example.test",
-            "--to",
-            "alice@example.test",
-            "--header",
-            &format!("Subject: {tag}"),
-            "--body",
-            "hello through the moat",
-        ],
-    );
-    assert_eq!(code, 0, "swaks failed:\n{stdout}\n{stderr}");
+    let stdout = swaks_submission(&mailmoat, &tag, "hello through the moat", &[]);
     // swaks shows the dialogue: STARTTLS offered in plaintext, AUTH only inside TLS.
     let plaintext_ehlo = stdout.split("-> STARTTLS").next().unwrap();
     assert!(plaintext_ehlo.contains("<-  250 STARTTLS"), "{stdout}");
@@ -166,30 +173,12 @@ fn swaks_starttls_auth_delivers_a_message_and_the_secret_is_in_no_log() {
 fn swaks_pipelining_through_tls_reaches_postfix_and_every_reply_comes_back_in_order() {
     let mailmoat = mailmoat();
     let tag = unique("swaks-pipeline");
-    let (code, stdout, stderr) = run_program(
-        "swaks",
-        &[
-            "--server",
-            &format!("127.0.0.1:{}", mailmoat.port("submission")),
-            "--tls",
-            "--pipeline",
-            "--auth",
-            "PLAIN",
-            "--auth-user",
-            "alice@example.test",
-            "--auth-password",
-            "alice-secret-pw",
-            "--from",
-            "bob@example.test",
-            "--to",
-            "alice@example.test",
-            "--header",
-            &format!("Subject: {tag}"),
-            "--body",
-            "pipelined through the moat",
-        ],
+    let stdout = swaks_submission(
+        &mailmoat,
+        &tag,
+        "pipelined through the moat",
+        &["--pipeline"],
     );
-    assert_eq!(code, 0, "swaks failed:\n{stdout}\n{stderr}");
     // RFC 2920: MAIL, RCPT and DATA went in one write; their replies came back in order.
     let sent = |line: &str| {
         stdout
