@@ -104,6 +104,7 @@ fn smtp_config() -> smtp::Config {
         max_line_len: 4096,
         max_held_bytes: 64 * 1024,
         max_plaintext_commands: 20,
+        max_errors: 20,
         user_hasher: UserHasher::new(b"bench key"),
     }
 }
@@ -180,6 +181,7 @@ fn imap_config() -> imap::Config {
         max_literal_len: 65536,
         max_held_bytes: 64 * 1024,
         max_plaintext_commands: 20,
+        max_errors: 20,
         user_hasher: UserHasher::new(b"bench key"),
     }
 }

@@ -229,6 +229,10 @@ pub struct Limits {
     pub max_plaintext_commands: u32,
     /// Connections open at once from one client address (IPv6: one /64).
     pub max_connections_per_client: usize,
+    /// Error replies mailmoat gives itself in one session (unknown or malformed
+    /// commands, refusals) before it closes the connection, like Postfix's
+    /// `smtpd_hard_error_limit`: a session that only draws errors is probing.
+    pub max_errors: u32,
 }
 
 impl Default for Limits {
@@ -239,6 +243,7 @@ impl Default for Limits {
             max_literal_len: 64 * 1024,
             max_plaintext_commands: 20,
             max_connections_per_client: 200,
+            max_errors: 20,
         }
     }
 }
@@ -521,6 +526,9 @@ impl Config {
                     self.limits.max_line_len
                 ),
             );
+        }
+        if self.limits.max_errors == 0 {
+            problem("max_errors", "limits.max_errors: must be at least 1".into());
         }
         if self.limits.max_plaintext_commands == 0 {
             problem(

@@ -593,6 +593,11 @@ async fn run<P: Session, S: ClientStream>(
             phase = session.phase();
             deadline_at = tokio::time::Instant::now() + deadline(phase, &context.timeouts);
         }
+        // Everything is written: a session that held input back for want of room for
+        // its replies goes on with it before anything more is read.
+        if session.on_output_written() {
+            continue;
+        }
         // Between commands a client may stay silent for long; inside a message body the
         // buffers are refilled at once, and giving them back would cost an allocation
         // per read.

@@ -222,6 +222,7 @@ pub fn session_config(
             max_line_len: limits.max_line_len,
             max_held_bytes: MAX_HELD_BYTES,
             max_plaintext_commands: limits.max_plaintext_commands,
+            max_errors: limits.max_errors,
             user_hasher: user_hasher.clone(),
         }),
         Protocol::Imap => SessionConfig::Imap(imap::Config {
@@ -229,12 +230,14 @@ pub fn session_config(
             max_literal_len: limits.max_literal_len,
             max_held_bytes: MAX_HELD_BYTES,
             max_plaintext_commands: limits.max_plaintext_commands,
+            max_errors: limits.max_errors,
             user_hasher: user_hasher.clone(),
         }),
         Protocol::Pop3 => SessionConfig::Pop3(pop3::Config {
             max_line_len: limits.max_line_len,
             max_held_bytes: MAX_HELD_BYTES,
             max_plaintext_commands: limits.max_plaintext_commands,
+            max_errors: limits.max_errors,
             user_hasher: user_hasher.clone(),
         }),
     }

@@ -42,6 +42,7 @@ pub const EVENTS: &[&str] = &[
     "starttls_stripping_suspected",
     "exempt_plaintext_session",
     "bare_newline_normalized",
+    "smuggling_neutralized",
     "limit_exceeded",
     "upstream_unavailable",
     "session_end",
@@ -56,6 +57,7 @@ pub const EVENTS: &[&str] = &[
 const LIMITS: &[&str] = &[
     "line_length",
     "plaintext_commands",
+    "errors",
     "max_connections",
     "max_connections_per_client",
     "greeting_timeout",
@@ -275,11 +277,17 @@ impl ListenerMetrics {
                 tls,
             })
         };
-        let limits = LIMITS.iter().copied().chain(match protocol {
-            "smtp" => Some("chunk_size"),
-            "imap" => Some("literal_size"),
-            _ => None,
-        });
+        let limits = LIMITS.iter().copied().chain(
+            match protocol {
+                // `control_line`: a message line of control bytes only, longer than a text
+                // line may be (the body cannot be written safely).
+                "smtp" => &["chunk_size", "control_line"][..],
+                "imap" => &["literal_size"][..],
+                _ => &[][..],
+            }
+            .iter()
+            .copied(),
+        );
         let direction = |direction| {
             metrics.relayed_bytes.get_or_create_owned(&DirectionLabels {
                 listener: listener.clone(),

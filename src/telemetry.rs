@@ -80,6 +80,10 @@ pub fn record(event: &Event, metrics: &ListenerMetrics) {
         Event::BareNewlineNormalized { count } => {
             warn!(event = name, count, "bare cr or lf in message body")
         }
+        Event::SmugglingNeutralized { count } => warn!(
+            event = name,
+            count, "body lines rewritten so that no upstream reads them as the end of data"
+        ),
         Event::LimitExceeded { limit } => warn!(event = name, limit, "limit exceeded"),
         Event::UpstreamProtocolError { detail } => {
             warn!(event = name, detail, "upstream protocol error")

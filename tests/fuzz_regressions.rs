@@ -29,6 +29,7 @@ fn imap_command_name_glued_to_a_non_sp_byte_is_not_forwarded_before_tls() {
         max_literal_len: 64 * 1024,
         max_held_bytes: 64 * 1024,
         max_plaintext_commands: 20,
+        max_errors: 20,
         user_hasher: UserHasher::new(b"key"),
     });
     session.on_upstream_data(b"* OK hi\r\n");

@@ -406,21 +406,22 @@ async fn a_zero_length_literal_split_across_reads_goes_upstream_whole() {
             .unwrap(),
     );
     response(&mut tls, None).await;
-    // An empty message by a non-synchronising literal, its line end in two more writes:
-    // the literal's zero bytes are then the last thing a read gives the upstream.
+    // An empty password by a non-synchronising literal (before login, literals are
+    // honoured only in LOGIN's astrings), its line end in two more writes: the literal's
+    // zero bytes are then the last thing a read gives the upstream.
     let pause = || tokio::time::sleep(std::time::Duration::from_millis(50));
-    send(&mut tls, b"a APPEND INBOX (\\Seen) {0+}\r\n").await;
+    send(&mut tls, b"a LOGIN alice {0+}\r\n").await;
     pause().await;
     send(&mut tls, b"\r").await;
     pause().await;
     send(&mut tls, b"\n").await;
     assert_eq!(
         response(&mut tls, Some("a")).await,
-        "a OK APPEND completed\r\n"
+        "a OK [CAPABILITY IMAP4rev1 IDLE COMPRESS=DEFLATE] Logged in\r\n"
     );
     assert!(
         String::from_utf8_lossy(&upstream.raw.lock().unwrap())
-            .ends_with("a APPEND INBOX (\\Seen) {0+}\r\n\r\n")
+            .ends_with("a LOGIN alice {0+}\r\n\r\n")
     );
 }
 

@@ -36,6 +36,9 @@ impl crate::proto::Session for Session {
     fn on_timeout(&mut self) {}
     /// Holds nothing: it goes straight to the relay.
     fn release_idle_memory(&mut self) {}
+    fn on_output_written(&mut self) -> bool {
+        false
+    }
 
     fn phase(&self) -> Phase {
         Phase::Command

@@ -76,6 +76,12 @@ pub enum Event {
         /// How many in this message.
         count: u64,
     },
+    /// Body lines that an upstream dropping NUL or other control bytes could have read
+    /// as the end of the message were rewritten so that none can (DESIGN §5).
+    SmugglingNeutralized {
+        /// How many in this message.
+        count: u64,
+    },
     /// A configured bound was hit.
     LimitExceeded {
         /// Which one.
@@ -109,6 +115,7 @@ impl Event {
             Event::StarttlsStrippingSuspected { .. } => "starttls_stripping_suspected",
             Event::ForbiddenCommand { .. } => "forbidden_command",
             Event::BareNewlineNormalized { .. } => "bare_newline_normalized",
+            Event::SmugglingNeutralized { .. } => "smuggling_neutralized",
             Event::LimitExceeded { .. } => "limit_exceeded",
             Event::UpstreamProtocolError { .. } => "upstream_protocol_error",
             Event::UpstreamPreauth => "upstream_preauth",
@@ -175,6 +182,41 @@ pub trait Session {
     /// The driver is about to wait for bytes, maybe for a long time (an idle client):
     /// buffers and queues that are empty give their memory back.
     fn release_idle_memory(&mut self);
+    /// The driver has written every action handed out so far: the client took the
+    /// replies. A session that held client input back because too many of its replies
+    /// were unwritten ([`MAX_UNWRITTEN_REPLY_BYTES`]) goes on with it now. Returns true
+    /// when that queued new actions.
+    fn on_output_written(&mut self) -> bool;
+}
+
+/// Most reply bytes a session queues for the client before the driver has written them.
+/// Past this a session processes no more client input until [`Session::on_output_written`]:
+/// a client that floods lines the proxy answers itself and never reads its replies holds
+/// this much, not one reply per line it sent (a 64 KiB read of bare newlines would
+/// otherwise queue 65,000 replies).
+pub const MAX_UNWRITTEN_REPLY_BYTES: usize = 16 * 1024;
+
+/// Counts the reply bytes a session queued since the driver last wrote its output.
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct ReplyBudget {
+    unwritten: usize,
+}
+
+impl ReplyBudget {
+    /// A reply of `len` bytes was queued.
+    pub(crate) fn queued(&mut self, len: usize) {
+        self.unwritten = self.unwritten.saturating_add(len);
+    }
+
+    /// The driver wrote everything.
+    pub(crate) fn written(&mut self) {
+        self.unwritten = 0;
+    }
+
+    /// No more client input may be processed until the driver writes.
+    pub(crate) fn is_full(&self) -> bool {
+        self.unwritten >= MAX_UNWRITTEN_REPLY_BYTES
+    }
 }
 
 /// Drops the allocation of an empty buffer; the next bytes allocate what they need.

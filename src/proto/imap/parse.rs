@@ -172,6 +172,87 @@ fn astring(input: &[u8]) -> IResult<&[u8], Astring> {
     alt((quoted, literal, atom)).parse(input)
 }
 
+/// How far a `LOGIN` command has come after one of its lines, read strictly:
+/// `login = "LOGIN" SP userid SP password`, `userid = astring`, `password = astring`
+/// (RFC 9051 §9), a literal (`{n}`, or `{n+}` per RFC 7888) only where an astring is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LoginProgress {
+    /// Nothing read yet: the next line is the first, its arguments after `LOGIN `.
+    Start,
+    /// The user id was a literal: its octets, then ` password`, follow.
+    UserLiteral,
+    /// The password was a literal: its octets, then an empty line end, follow.
+    PasswordLiteral,
+    /// The command is complete.
+    Complete,
+    /// The line does not follow the grammar.
+    Invalid,
+}
+
+/// `"{" number64 ["+"] "}"` at the very end of `input`, and nothing else.
+fn literal_header(input: &[u8]) -> IResult<&[u8], ()> {
+    map(
+        (
+            char('{'),
+            digit1,
+            opt(char('+')),
+            char('}'),
+            nom::combinator::eof,
+        ),
+        |_| (),
+    )
+    .parse(input)
+}
+
+/// An astring that is not a literal: an atom or a quoted string.
+fn inline_astring(input: &[u8]) -> IResult<&[u8], ()> {
+    let quoted_char = alt((
+        preceded(char('\\'), alt((tag("\\"), tag("\"")))),
+        take_while1(|b: u8| b != b'"' && b != b'\\' && b != b'\r' && b != b'\n'),
+    ));
+    alt((
+        map(delimited(char('"'), many0(quoted_char), char('"')), |_| ()),
+        map(take_while1(|b| is_atom_char(b) || b == b']'), |_| ()),
+    ))
+    .parse(input)
+}
+
+/// Reads one line of a LOGIN command: the first line's arguments (after `LOGIN `) when
+/// `before` is [`LoginProgress::Start`], or the line that follows a literal's octets.
+/// A literal is honoured only where this says one is due, so that the proxy and any
+/// upstream agree on which octets are literal data (DESIGN §3, canonical forwarding).
+pub fn login_line(before: LoginProgress, line: &[u8]) -> LoginProgress {
+    use nom::combinator::eof;
+    let complete = |i| (inline_astring, eof).parse(i).is_ok();
+    match before {
+        LoginProgress::Start => {
+            let after_user: IResult<&[u8], ()> = terminated(inline_astring, char(' ')).parse(line);
+            if literal_header(line).is_ok() {
+                LoginProgress::UserLiteral
+            } else if let Ok((rest, ())) = after_user {
+                if complete(rest) {
+                    LoginProgress::Complete
+                } else if literal_header(rest).is_ok() {
+                    LoginProgress::PasswordLiteral
+                } else {
+                    LoginProgress::Invalid
+                }
+            } else {
+                LoginProgress::Invalid
+            }
+        }
+        LoginProgress::UserLiteral => match line.strip_prefix(b" ") {
+            Some(rest) if complete(rest) => LoginProgress::Complete,
+            Some(rest) if literal_header(rest).is_ok() => LoginProgress::PasswordLiteral,
+            _ => LoginProgress::Invalid,
+        },
+        LoginProgress::PasswordLiteral if line.is_empty() => LoginProgress::Complete,
+        LoginProgress::PasswordLiteral | LoginProgress::Complete | LoginProgress::Invalid => {
+            LoginProgress::Invalid
+        }
+    }
+}
+
 /// What the arguments of a `LOGIN` line reveal:
 /// `login = "LOGIN" SP userid SP password`, `userid = astring`, `password = astring`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -279,6 +360,38 @@ pub fn capability_span(line: &[u8]) -> Option<std::ops::Range<usize>> {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn login_lines_take_literals_only_where_an_astring_is() {
+        use LoginProgress::*;
+        let table: &[(LoginProgress, &[u8], LoginProgress)] = &[
+            (Start, b"alice secret", Complete),
+            (Start, b"\"alice\" \"se cret\"", Complete),
+            (Start, b"{5}", UserLiteral),
+            (Start, b"{5+}", UserLiteral),
+            (Start, b"alice {6}", PasswordLiteral),
+            (Start, b"alice ~{6}", Invalid),
+            (Start, b"alice", Invalid),
+            (Start, b"alice secret {6}", Invalid),
+            (Start, b"a{5}", Invalid),
+            (Start, b"alice  {6}", Invalid),
+            (UserLiteral, b" secret", Complete),
+            (UserLiteral, b" {6+}", PasswordLiteral),
+            (UserLiteral, b"secret", Invalid),
+            (UserLiteral, b" a b", Invalid),
+            (PasswordLiteral, b"", Complete),
+            (PasswordLiteral, b" x", Invalid),
+            (Complete, b"", Invalid),
+        ];
+        for (before, line, after) in table {
+            assert_eq!(
+                login_line(*before, line),
+                *after,
+                "{before:?} {:?}",
+                String::from_utf8_lossy(line)
+            );
+        }
+    }
+
     use super::*;
 
     #[test]

@@ -10,16 +10,21 @@
 
 use bytes::{BufMut, Bytes, BytesMut};
 
-use super::parse::{self, Astring, Literal, Response, Status, Verb};
+use super::parse::{self, Astring, Literal, LoginProgress, Response, Status, Verb};
 use crate::policy::{UserHasher, is_channel_binding_mechanism, is_mangled_upgrade_verb};
 use crate::proto::line::{Framer, Line};
-use crate::proto::{Action, Event, Phase, Tally, release_if_empty, release_queue_if_empty};
+use crate::proto::{
+    Action, Event, Phase, ReplyBudget, Tally, release_if_empty, release_queue_if_empty,
+};
 
 /// Replies the proxy gives itself. Tagged ones follow `TAG`.
 mod reply {
     pub const PRIVACY_REQUIRED: &[u8] =
         b" NO [PRIVACYREQUIRED] TLS is required before authentication, use STARTTLS\r\n";
     pub const NOT_ALLOWED: &[u8] = b" BAD Command not allowed before STARTTLS\r\n";
+    pub const ARGUMENTS: &[u8] = b" BAD Unexpected arguments\r\n";
+    pub const LITERAL_NOT_ALLOWED: &[u8] = b" BAD Literal not allowed here\r\n";
+    pub const TOO_MANY_ERRORS: &[u8] = b"* BYE Too many invalid commands\r\n";
     pub const BEGIN_TLS: &[u8] = b" OK Begin TLS negotiation now\r\n";
     pub const TLS_ACTIVE: &[u8] = b" BAD TLS is already active\r\n";
     pub const STARTTLS_ARGUMENTS: &[u8] = b" BAD STARTTLS takes no arguments\r\n";
@@ -59,6 +64,8 @@ pub struct Config {
     pub max_held_bytes: usize,
     /// Commands accepted before TLS before the connection closes.
     pub max_plaintext_commands: u32,
+    /// Error replies the proxy gives itself before it closes the connection.
+    pub max_errors: u32,
     /// Hashes user names for `credentials_exposed`.
     pub user_hasher: UserHasher,
 }
@@ -75,6 +82,11 @@ struct Command {
     forwarded: bool,
     /// A refused LOGIN whose user name was a literal: the password may still arrive.
     password_may_follow: bool,
+    /// Where a forwarded LOGIN stands: its literals are honoured only where its
+    /// grammar has an astring.
+    login: LoginProgress,
+    /// Octets of all the command's literals so far: the bound is per command.
+    literal_octets: u64,
 }
 
 /// What the session is doing.
@@ -125,6 +137,10 @@ pub struct Session {
     starttls_offered: bool,
     /// Commands read before TLS.
     plaintext_commands: u32,
+    /// Error replies given by the proxy itself.
+    errors: u32,
+    /// Reply bytes not yet written by the driver.
+    replies: ReplyBudget,
     actions: std::collections::VecDeque<Action>,
     counters: Tally,
 }
@@ -155,6 +171,17 @@ fn verb_label(verb: Verb) -> &'static str {
     }
 }
 
+/// A literal in a forwarded command is honoured only where the proxy is certain of its
+/// place in the grammar: LOGIN's user id and password (RFC 9051 §9 `astring`). Before
+/// TLS no command with a literal is forwarded at all.
+fn literal_due(command: &Command) -> bool {
+    command.verb == Verb::Login
+        && matches!(
+            command.login,
+            LoginProgress::UserLiteral | LoginProgress::PasswordLiteral
+        )
+}
+
 fn tagged(tag: &[u8], text: &[u8]) -> Bytes {
     let mut out = BytesMut::with_capacity(tag.len() + text.len());
     out.put_slice(tag);
@@ -181,6 +208,8 @@ impl Session {
             literal_minus: false,
             starttls_offered: false,
             plaintext_commands: 0,
+            errors: 0,
+            replies: ReplyBudget::default(),
             actions: std::collections::VecDeque::new(),
             counters: Tally::new(
                 &[
@@ -199,7 +228,21 @@ impl Session {
     }
 
     fn send_client(&mut self, bytes: impl Into<Bytes>) {
-        self.actions.push_back(Action::ToClient(bytes.into()));
+        let bytes = bytes.into();
+        self.replies.queued(bytes.len());
+        self.actions.push_back(Action::ToClient(bytes));
+    }
+
+    /// An error reply of the proxy's own; past `max_errors` of them the session ends
+    /// (a client that only draws errors is probing, as Postfix's hard error limit has it).
+    fn reply_error(&mut self, reply: Bytes) -> Mode {
+        self.send_client(reply);
+        self.errors += 1;
+        if self.errors > self.config.max_errors {
+            self.event(Event::LimitExceeded { limit: "errors" });
+            return self.close_with(reply::TOO_MANY_ERRORS);
+        }
+        Mode::Command
     }
 
     fn send_upstream(&mut self, bytes: impl Into<Bytes>) {
@@ -230,6 +273,11 @@ impl Session {
 
     fn process_client(&mut self) {
         loop {
+            if self.replies.is_full() {
+                // The client has not taken what it was sent: nothing more is read until
+                // the driver has written it (`on_output_written`).
+                return;
+            }
             let mode = std::mem::replace(&mut self.mode, Mode::Closed);
             let (next, progressed) = match mode {
                 Mode::Command => match self.next_client_line() {
@@ -302,13 +350,9 @@ impl Session {
             Ok(start) => start,
             Err(parse::Error::MissingCommand) => {
                 let tag = line.text.split(|&b| b == b' ').next().unwrap_or_default();
-                self.send_client(tagged(tag, reply::MISSING_COMMAND));
-                return Mode::Command;
+                return self.reply_error(tagged(tag, reply::MISSING_COMMAND));
             }
-            Err(_) => {
-                self.send_client(reply::BAD_LINE);
-                return Mode::Command;
-            }
+            Err(_) => return self.reply_error(Bytes::from_static(reply::BAD_LINE)),
         };
         let tag = line.text.slice_ref(start.tag);
         let literal = parse::trailing_literal(&line.text);
@@ -321,10 +365,23 @@ impl Session {
             local_reply: None,
             forwarded: false,
             password_may_follow: false,
+            login: LoginProgress::Start,
+            literal_octets: 0,
         };
         if !self.tls_active {
             command.local_reply = match start.verb {
-                Verb::Capability | Verb::Noop | Verb::Logout => None,
+                // DESIGN §3, canonical forwarding: these take no arguments, and only the
+                // proxy's own `TAG VERB` reaches the upstream. A literal, an argument or
+                // anything else on the line is refused here, whatever the upstream's
+                // parser would make of it (Dovecot reads `NOOP ~{n+}` as a parse error
+                // and the literal's octets as commands).
+                Verb::Capability | Verb::Noop | Verb::Logout if start.args.is_empty() => None,
+                Verb::Capability | Verb::Noop | Verb::Logout => {
+                    self.event(Event::PlaintextCommandRefused {
+                        verb: verb_label(start.verb),
+                    });
+                    Some(tagged(&command.tag, reply::ARGUMENTS))
+                }
                 // RFC 2971: answered by the proxy, so nothing about the client reaches
                 // the upstream before TLS.
                 Verb::Id => Some(self.id_reply(&command.tag)),
@@ -355,7 +412,7 @@ impl Session {
                 }
             };
         }
-        self.command_part(command, &line, literal)
+        self.command_part(command, &line, start.args, literal)
     }
 
     fn on_continuation_line(&mut self, mut command: Command, line: Line) -> Mode {
@@ -374,17 +431,40 @@ impl Session {
             }
         }
         let literal = parse::trailing_literal(&line.text);
-        self.command_part(command, &line, literal)
+        self.command_part(command, &line, &line.text, literal)
     }
 
     /// One line of a command (the first, or one after a literal), ending in `literal`.
+    /// `text` is what the command's grammar reads on this line: the first line's
+    /// arguments, or a continuation line whole.
     fn command_part(
         &mut self,
         mut command: Command,
         line: &Line,
+        text: &[u8],
         literal: Option<Literal>,
     ) -> Mode {
-        let too_big = literal.is_some_and(|l| l.len > self.config.max_literal_len);
+        if command.local_reply.is_none() && command.verb == Verb::Login {
+            command.login = parse::login_line(command.login, text);
+        }
+        if command.local_reply.is_none() && literal.is_some() && !literal_due(&command) {
+            // DESIGN §3: a literal is honoured only where the proxy is certain the
+            // upstream reads one too; elsewhere the upstream might read its octets as
+            // commands.
+            if command.forwarded {
+                // The upstream holds half a command: nothing can be resynchronised.
+                return self.close_with(&tagged(&command.tag, reply::LITERAL_NOT_ALLOWED));
+            }
+            command.local_reply = Some(tagged(&command.tag, reply::LITERAL_NOT_ALLOWED));
+        }
+        // The bound holds for the whole command, not each literal: chained literals
+        // would pass megabytes otherwise.
+        let too_big = literal.is_some_and(|l| {
+            command.literal_octets.saturating_add(l.len) > self.config.max_literal_len
+        });
+        if let Some(l) = literal {
+            command.literal_octets = command.literal_octets.saturating_add(l.len);
+        }
         match (command.local_reply.is_some(), literal) {
             (true, None)
             | (
@@ -395,8 +475,7 @@ impl Session {
             ) => {
                 // The client waits for a `+` before sending a synchronising literal: the
                 // refusal comes first, so the octets (a password) are never sent.
-                self.finish_local(command);
-                Mode::Command
+                self.finish_local(command)
             }
             (
                 false,
@@ -409,8 +488,7 @@ impl Session {
                     limit: "literal_size",
                 });
                 self.counters.record(tally_name(command.verb), false);
-                self.send_client(tagged(&command.tag, reply::TOO_BIG));
-                Mode::Command
+                self.reply_error(tagged(&command.tag, reply::TOO_BIG))
             }
             (_, Some(_)) if too_big => {
                 // The octets are on their way (or the upstream holds half a command):
@@ -425,7 +503,7 @@ impl Session {
                 remaining: len,
             },
             (false, None) => {
-                self.forward_line(line);
+                self.forward_command_line(&command, line);
                 command.forwarded = true;
                 Mode::AwaitResponse(command)
             }
@@ -470,11 +548,32 @@ impl Session {
         }
     }
 
-    fn finish_local(&mut self, command: Command) {
+    /// The last line of a forwarded command. Before TLS only the proxy's own words go:
+    /// `TAG VERB` for a verb that takes no arguments (DESIGN §3, canonical forwarding).
+    fn forward_command_line(&mut self, command: &Command, line: &Line) {
+        if self.tls_active {
+            return self.forward_line(line);
+        }
+        let verb = verb_label(command.verb).as_bytes();
+        let mut out = BytesMut::with_capacity(command.tag.len() + verb.len() + 3);
+        out.put_slice(&command.tag);
+        out.put_u8(b' ');
+        out.put_slice(verb);
+        out.put_slice(b"\r\n");
+        self.send_upstream(out.freeze());
+    }
+
+    /// A command answered by the proxy: its reply, counted as an error unless it was ID.
+    fn finish_local(&mut self, command: Command) -> Mode {
         let accepted = command.verb == Verb::Id;
         self.counters.record(tally_name(command.verb), accepted);
-        if let Some(reply) = command.local_reply {
-            self.send_client(reply);
+        match command.local_reply {
+            Some(reply) if !accepted => self.reply_error(reply),
+            Some(reply) => {
+                self.send_client(reply);
+                Mode::Command
+            }
+            None => Mode::Command,
         }
     }
 
@@ -529,13 +628,11 @@ impl Session {
     fn on_starttls(&mut self, tag: Bytes, no_arguments: bool) -> Mode {
         if self.tls_active {
             self.counters.record("starttls", false);
-            self.send_client(tagged(&tag, reply::TLS_ACTIVE));
-            return Mode::Command;
+            return self.reply_error(tagged(&tag, reply::TLS_ACTIVE));
         }
         if !no_arguments {
             self.counters.record("starttls", false);
-            self.send_client(tagged(&tag, reply::STARTTLS_ARGUMENTS));
-            return Mode::Command;
+            return self.reply_error(tagged(&tag, reply::STARTTLS_ARGUMENTS));
         }
         if !self.upstream_in.is_empty() || self.upstream_literal > 0 || self.upstream_continues {
             // Half an unsolicited response would arrive inside TLS (DESIGN §9).
@@ -814,6 +911,15 @@ impl crate::proto::Session for Session {
         release_queue_if_empty(&mut self.actions);
     }
 
+    fn on_output_written(&mut self) -> bool {
+        let was_full = self.replies.is_full();
+        self.replies.written();
+        if was_full && !matches!(self.mode, Mode::Closed | Mode::Relayed) {
+            self.process_client();
+        }
+        !self.actions.is_empty()
+    }
+
     fn close_if_idle(&mut self) -> bool {
         let idle = match self.mode {
             Mode::Greeting => true,
@@ -876,6 +982,7 @@ LITERAL+ STARTTLS LOGINDISABLED] Dovecot (Debian) ready.\r\n";
             max_literal_len: 1000,
             max_held_bytes: 64 * 1024,
             max_plaintext_commands: 20,
+            max_errors: 20,
             user_hasher: UserHasher::new(b"test key"),
         }
     }
@@ -1024,6 +1131,134 @@ a OK Pre-login capabilities listed, post-login capabilities have more.\r\n"
                 .count(),
             1
         );
+    }
+
+    /// Dovecot 2.3 reads `NOOP ~{n+}` as a parse error before the literal and the
+    /// literal's octets as commands: a LOGIN hidden there ran before TLS. Before TLS the
+    /// upstream now hears only `TAG VERB` lines the proxy wrote.
+    #[test]
+    fn a_literal_on_an_allowed_command_before_tls_never_reaches_the_upstream() {
+        let hidden = "b LOGIN alice secret1\r\n";
+        let n = hidden.len();
+        for first in [
+            format!("a NOOP ~{{{n}+}}"),
+            format!("a CAPABILITY {{{n}+}}"),
+            format!("a LOGOUT x {{{n}+}}"),
+            format!("a NOOP ({{{n}+}}"),
+            format!("a noop \"x\" ~{{{n}+}}"),
+        ] {
+            let mut s = greeted();
+            // The literal's octets, then the end of command a's line, then c.
+            let out = client(&mut s, &format!("{first}\r\n{hidden}\r\nc noop\r\n"));
+            let tag_reply = "a BAD Unexpected arguments\r\n";
+            assert_eq!(out.client, tag_reply, "{first:?}");
+            assert_eq!(out.upstream, "c NOOP\r\n", "{first:?}");
+            assert_eq!(names(&out.events), vec!["plaintext_command_refused"]);
+        }
+        // A synchronising literal is refused before the `+`: a client that sends the
+        // octets anyway has them read as commands, by the proxy.
+        let mut s = greeted();
+        let out = client(&mut s, &format!("a NOOP {{{n}}}\r\n{hidden}"));
+        assert_eq!(
+            out.client,
+            format!("a BAD Unexpected arguments\r\nb{PRIVACY}")
+        );
+        assert_eq!(out.upstream, "");
+    }
+
+    #[test]
+    fn after_tls_a_literal_is_honoured_only_where_login_has_an_astring() {
+        // LOGIN's user id and password may be literals.
+        let mut s = after_tls();
+        let out = client(&mut s, "a LOGIN {5}\r\n");
+        assert_eq!(out.upstream, "a LOGIN {5}\r\n");
+        upstream(&mut s, "+ OK\r\n");
+        let out = client(&mut s, "alice {7}\r\n");
+        assert_eq!(out.upstream, "alice {7}\r\n");
+        upstream(&mut s, "+ OK\r\n");
+        assert_eq!(client(&mut s, "secret1\r\n").upstream, "secret1\r\n");
+        // Anywhere else, refused before any octet moves.
+        for line in [
+            "b NOOP {5}",
+            "b ID (\"name\" {5}",
+            "b XYZZY {5}",
+            "b LOGIN alice ~{5}",
+            "b LOGIN x{3}",
+        ] {
+            let mut s = after_tls();
+            let out = client(&mut s, &format!("{line}\r\n"));
+            assert_eq!(out.client, "b BAD Literal not allowed here\r\n", "{line:?}");
+            assert_eq!(out.upstream, "", "{line:?}");
+        }
+        // A non-synchronising one: its octets are read and dropped.
+        let mut s = after_tls();
+        s.literal_plus = true;
+        let out = client(
+            &mut s,
+            "b NOOP ~{22+}\r\nc LOGIN alice secret1\r\nd NOOP\r\n",
+        );
+        assert_eq!(out.client, "b BAD Literal not allowed here\r\n");
+        assert_eq!(out.upstream, "d NOOP\r\n");
+        // The password line after a literal user id must be just that.
+        let mut s = after_tls();
+        client(&mut s, "a LOGIN {5}\r\n");
+        upstream(&mut s, "+ OK\r\n");
+        let out = client(&mut s, "alice x {3}\r\n");
+        assert_eq!(out.client, "a BAD Literal not allowed here\r\n");
+        assert!(out.closed, "the upstream holds half a command");
+    }
+
+    #[test]
+    fn the_literal_bound_holds_for_the_whole_command() {
+        let mut s = after_tls();
+        assert_eq!(config().max_literal_len, 1000);
+        client(&mut s, "a LOGIN {600}\r\n");
+        upstream(&mut s, "+ OK\r\n");
+        let out = client(&mut s, &format!("{} {{600}}\r\n", "u".repeat(600)));
+        assert_eq!(out.client, "a BAD [TOOBIG] Literal too large\r\n");
+        assert!(out.closed);
+        assert_eq!(
+            out.events,
+            vec![Event::LimitExceeded {
+                limit: "literal_size"
+            }]
+        );
+    }
+
+    #[test]
+    fn a_session_that_only_draws_errors_is_closed() {
+        let mut s = after_tls();
+        let out = client(&mut s, &"\r\n".repeat(20));
+        assert_eq!(out.client.matches("* BAD").count(), 20);
+        assert!(!out.closed);
+        let out = client(&mut s, "\r\na NOOP\r\n");
+        assert_eq!(
+            out.client,
+            "* BAD Invalid tag or command line\r\n* BYE Too many invalid commands\r\n"
+        );
+        assert_eq!(out.upstream, "");
+        assert!(out.closed);
+        assert_eq!(out.events, vec![Event::LimitExceeded { limit: "errors" }]);
+    }
+
+    #[test]
+    fn a_flood_of_locally_answered_lines_waits_for_the_client_to_read() {
+        use crate::proto::MAX_UNWRITTEN_REPLY_BYTES;
+        let mut s = after_tls();
+        s.config.max_errors = u32::MAX;
+        assert!(!s.on_output_written());
+        let flood = "\n".repeat(64 * 1024);
+        let out = client(&mut s, &flood);
+        let reply_len = reply::BAD_LINE.len();
+        assert!(out.client.len() >= MAX_UNWRITTEN_REPLY_BYTES);
+        assert!(out.client.len() < MAX_UNWRITTEN_REPLY_BYTES + reply_len);
+        let mut total = out.client.len() / reply_len;
+        while s.on_output_written() {
+            let out = drain(&mut s);
+            assert!(out.client.len() < MAX_UNWRITTEN_REPLY_BYTES + reply_len);
+            total += out.client.len() / reply_len;
+        }
+        assert_eq!(total, flood.len());
     }
 
     #[test]

@@ -39,7 +39,9 @@ use super::parse::{self, Keyword, Status};
 use crate::policy::{UserHasher, is_channel_binding_mechanism, is_mangled_upgrade_verb};
 use crate::proto::line::{Framer, Line};
 use crate::proto::sasl::{login_username, plain_authcid};
-use crate::proto::{Action, Event, Phase, Tally, release_if_empty, release_queue_if_empty};
+use crate::proto::{
+    Action, Event, Phase, ReplyBudget, Tally, release_if_empty, release_queue_if_empty,
+};
 
 /// Replies the proxy gives itself (DESIGN §3, §4, §9).
 mod reply {
@@ -60,6 +62,8 @@ mod reply {
     /// RFC 3206 SYS/TEMP: a temporary condition, try again later.
     pub const SHUTTING_DOWN: &[u8] = b"-ERR [SYS/TEMP] Server shutting down\r\n";
     pub const TOO_MANY_PLAINTEXT: &[u8] = b"-ERR Too many commands before STLS\r\n";
+    pub const NO_ARGUMENTS: &[u8] = b"-ERR Syntax error, no arguments allowed before STLS\r\n";
+    pub const TOO_MANY_ERRORS: &[u8] = b"-ERR Too many invalid commands, closing connection\r\n";
 }
 
 /// Longest upstream status or CAPA line accepted (bodies are streamed, not framed).
@@ -75,6 +79,8 @@ pub struct Config {
     pub max_held_bytes: usize,
     /// Commands accepted before TLS before the connection closes.
     pub max_plaintext_commands: u32,
+    /// Error replies the proxy gives itself before it closes the connection.
+    pub max_errors: u32,
     /// Hashes user names for `credentials_exposed`.
     pub user_hasher: UserHasher,
 }
@@ -205,6 +211,10 @@ pub struct Session {
     plaintext_commands: u32,
     /// Keyed hash of the name in a refused plaintext USER, for a PASS that follows.
     plaintext_user: Option<String>,
+    /// Error replies given by the proxy itself.
+    errors: u32,
+    /// Reply bytes not yet written by the driver.
+    replies: ReplyBudget,
     actions: VecDeque<Action>,
     counters: Tally,
 }
@@ -227,6 +237,8 @@ impl Session {
             starttls_offered: false,
             plaintext_commands: 0,
             plaintext_user: None,
+            errors: 0,
+            replies: ReplyBudget::default(),
             actions: VecDeque::new(),
             counters: Tally::new(&TALLY_ORDER, &["stls", "pass", "apop", "auth"]),
         }
@@ -247,6 +259,7 @@ impl Session {
     }
 
     fn send_client(&mut self, bytes: &[u8]) {
+        self.replies.queued(bytes.len());
         self.client_out.put_slice(bytes);
     }
 
@@ -272,15 +285,28 @@ impl Session {
     /// A reply of the proxy's own. Nothing is outstanding upstream when a command is
     /// read, so it goes out at once, in order.
     fn reply_local(&mut self, keyword: Keyword, reply: &'static [u8]) {
-        self.counters
-            .record(tally_name(keyword), reply.starts_with(b"+"));
+        let positive = reply.starts_with(b"+");
+        self.counters.record(tally_name(keyword), positive);
         self.send_client(reply);
+        if !positive {
+            // A client that only draws errors is probing (Postfix's hard error limit).
+            self.errors += 1;
+            if self.errors > self.config.max_errors {
+                self.event(Event::LimitExceeded { limit: "errors" });
+                self.close_with(reply::TOO_MANY_ERRORS);
+            }
+        }
     }
 
     // ---- client side ----
 
     fn process_client(&mut self) {
         loop {
+            if self.replies.is_full() {
+                // The client has not taken what it was sent: nothing more is read until
+                // the driver has written it (`on_output_written`).
+                return;
+            }
             match self.mode {
                 Mode::Command if self.owed == Owed::Nothing => match self.next_client_line() {
                     Some(line) => self.on_command(line),
@@ -361,10 +387,19 @@ impl Session {
     }
 
     /// Before TLS only the upgrade dialogue passes (DESIGN §3): CAPA, QUIT and NOOP are
-    /// forwarded, STLS is the proxy's, everything else is answered here.
+    /// forwarded in the proxy's own words, STLS is the proxy's, everything else is
+    /// answered here.
     fn on_plaintext_command(&mut self, command: &parse::Command<'_>, line: &Line) {
         let keyword = command.keyword;
         match keyword {
+            Keyword::Capa | Keyword::Quit | Keyword::Noop if !command.args.is_empty() => {
+                // DESIGN §3, canonical forwarding: none of them takes an argument, and
+                // what an upstream would make of one is its parser's business.
+                self.event(Event::PlaintextCommandRefused {
+                    verb: keyword.label(),
+                });
+                self.reply_local(keyword, reply::NO_ARGUMENTS);
+            }
             Keyword::Capa => self.forward(command, line, Awaiting::Capa),
             Keyword::Quit => self.forward(command, line, Awaiting::Quit),
             Keyword::Noop => self.forward(command, line, Awaiting::Single(keyword)),
@@ -475,9 +510,12 @@ impl Session {
     }
 
     /// Sends a command upstream as `keyword [SP args] CRLF` and waits for its reply.
+    /// Before TLS the keyword is the proxy's own spelling, and there are no arguments.
     fn forward(&mut self, command: &parse::Command<'_>, line: &Line, awaiting: Awaiting) {
         let mut out = BytesMut::with_capacity(line.text.len() + 2);
-        if command.keyword == Keyword::Pass {
+        if !self.tls_active {
+            out.put_slice(command.keyword.label().as_bytes());
+        } else if command.keyword == Keyword::Pass {
             // RFC 1939 §7: the password may contain (even end in) spaces.
             out.put_slice(&line.text);
         } else {
@@ -719,6 +757,11 @@ impl Session {
         if !self.tls_active && (is(b"USER") || is(b"SASL")) {
             return None;
         }
+        if !self.tls_active && is(b"UTF8") {
+            // RFC 6856 §2: `UTF8 USER` says USER takes UTF-8 names, a login option the
+            // proxy refuses until TLS; `UTF8` alone (UTF8 command, LANG) stays.
+            return Some(utf8_without_user(line, capability.tag, capability.params));
+        }
         if is(b"SASL") {
             return sasl_without_channel_binding(line, capability.tag, capability.params);
         }
@@ -741,6 +784,21 @@ impl Session {
         self.mode = Mode::Relay;
         self.push(Action::Relay);
     }
+}
+
+/// A `UTF8` capability line without its `USER` argument.
+fn utf8_without_user(line: &Line, tag: &[u8], params: &[u8]) -> Bytes {
+    let mut words = parse::params(params);
+    if !words.clone().any(|w| w.eq_ignore_ascii_case(b"USER")) {
+        return line.raw.clone();
+    }
+    let mut out = BytesMut::from(tag);
+    for word in words.by_ref().filter(|w| !w.eq_ignore_ascii_case(b"USER")) {
+        out.put_u8(b' ');
+        out.put_slice(word);
+    }
+    out.put_slice(if line.bare_lf { b"\n" } else { b"\r\n" });
+    out.freeze()
 }
 
 /// A `SASL` capability line without channel-binding mechanisms (RFC 5802 §6: they
@@ -857,6 +915,16 @@ impl crate::proto::Session for Session {
         release_queue_if_empty(&mut self.actions);
     }
 
+    fn on_output_written(&mut self) -> bool {
+        let was_full = self.replies.is_full();
+        self.replies.written();
+        if was_full && !matches!(self.mode, Mode::Closed | Mode::Relay | Mode::Handshake) {
+            self.process_client();
+            self.flush_client();
+        }
+        !self.actions.is_empty()
+    }
+
     fn close_if_idle(&mut self) -> bool {
         let idle = match self.mode {
             Mode::Greeting => true,
@@ -926,6 +994,7 @@ AUTH-RESP-CODE\r\nUSER\r\nSASL PLAIN LOGIN\r\n.\r\n";
             max_line_len: 512,
             max_held_bytes: 64 * 1024,
             max_plaintext_commands: 20,
+            max_errors: 20,
             user_hasher: UserHasher::new(b"test key"),
         }
     }
@@ -1105,6 +1174,75 @@ AUTH-RESP-CODE\r\nUSER\r\nSASL PLAIN LOGIN\r\n.\r\n";
     }
 
     // ---- CAPA ----
+
+    #[test]
+    fn before_tls_the_upstream_hears_only_the_proxys_own_capa_noop_and_quit() {
+        let mut s = greeted();
+        assert_eq!(client(&mut s, "capa\r\n").upstream, "CAPA\r\n");
+        upstream(&mut s, CAPA_UPSTREAM);
+        assert_eq!(client(&mut s, " nOoP \r\n").upstream, "NOOP\r\n");
+        upstream(&mut s, "+OK\r\n");
+        // An argument none of them takes is refused here, whatever follows it.
+        for line in ["CAPA x", "NOOP USER alice", "QUIT now", "CAPA {5+}"] {
+            let out = client(&mut s, &format!("{line}\r\n"));
+            assert_eq!(
+                out.client, "-ERR Syntax error, no arguments allowed before STLS\r\n",
+                "{line:?}"
+            );
+            assert_eq!(out.upstream, "", "{line:?}");
+            assert_eq!(names(&out.events), vec!["plaintext_command_refused"]);
+        }
+    }
+
+    #[test]
+    fn utf8_user_is_hidden_until_tls() {
+        let capa = "+OK\r\nTOP\r\nUTF8 USER\r\nUSER\r\n.\r\n";
+        let mut s = greeted();
+        client(&mut s, "CAPA\r\n");
+        assert_eq!(
+            upstream(&mut s, capa).client,
+            "+OK\r\nTOP\r\nUTF8\r\nSTLS\r\n.\r\n"
+        );
+        let mut s = after_tls();
+        client(&mut s, "CAPA\r\n");
+        assert_eq!(upstream(&mut s, capa).client, capa);
+    }
+
+    #[test]
+    fn a_session_that_only_draws_errors_is_closed() {
+        let mut s = after_tls();
+        let out = client(&mut s, &"\r\n".repeat(20));
+        assert_eq!(out.client.matches("-ERR Syntax error").count(), 20);
+        assert!(!out.closed);
+        let out = client(&mut s, "\r\nNOOP\r\n");
+        assert_eq!(
+            out.client,
+            "-ERR Syntax error\r\n-ERR Too many invalid commands, closing connection\r\n"
+        );
+        assert_eq!(out.upstream, "");
+        assert!(out.closed);
+        assert_eq!(out.events, vec![Event::LimitExceeded { limit: "errors" }]);
+    }
+
+    #[test]
+    fn a_flood_of_locally_answered_lines_waits_for_the_client_to_read() {
+        use crate::proto::MAX_UNWRITTEN_REPLY_BYTES;
+        let mut s = after_tls();
+        s.config.max_errors = u32::MAX;
+        assert!(!s.on_output_written());
+        let flood = "\n".repeat(64 * 1024);
+        let out = client(&mut s, &flood);
+        let reply_len = reply::BAD_SYNTAX.len();
+        assert!(out.client.len() >= MAX_UNWRITTEN_REPLY_BYTES);
+        assert!(out.client.len() < MAX_UNWRITTEN_REPLY_BYTES + reply_len);
+        let mut total = out.client.len() / reply_len;
+        while s.on_output_written() {
+            let out = drain(&mut s);
+            assert!(out.client.len() < MAX_UNWRITTEN_REPLY_BYTES + reply_len);
+            total += out.client.len() / reply_len;
+        }
+        assert_eq!(total, flood.len());
+    }
 
     #[test]
     fn capa_before_tls_offers_stls_and_hides_user_and_sasl() {
@@ -1782,6 +1920,7 @@ lang=0/1 utf8=0/1 quit=1 xclient=0/1 unknown=0/3"
         let mut s = Session::new(Config {
             max_held_bytes: 1024,
             max_plaintext_commands: 1000,
+            max_errors: 1000,
             ..config()
         });
         assert!(s.wants_client_data());

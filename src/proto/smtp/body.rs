@@ -8,8 +8,29 @@
 //! `.` that was not a true `CRLF.CRLF` from the client (`\n.\n`, `\r.\r`, `\r\n.\n`, ...)
 //! is content, and is forwarded dot-stuffed (`..`, RFC 5321 §4.5.2) so that the upstream
 //! also reads it as content.
+//!
+//! Legacy upstreams written around C strings drop NUL bytes (and some other control
+//! bytes) before they look at a line, so `\0.` or `.\0` would end their message where
+//! mailmoat sees content. mailmoat does not model which bytes an upstream drops: it
+//! writes every line so that it is content for a reader that drops any of them. A line
+//! whose first byte other than C0 controls and DEL is `.` is stuffed (`\0.` goes as
+//! `.\0.`); a client's stuffing dot before nothing but such bytes is taken off (`.\0`
+//! goes as `\0`, which is what RFC 5321 §4.5.2 makes of it anyway). A strict upstream
+//! reads exactly the client's content either way; each rewrite is counted
+//! (`smuggling_neutralized`).
 
 use bytes::{BufMut, BytesMut};
+
+/// Most control bytes held at the start of a line while the proxy waits for the byte
+/// that decides how to write it: a text line has at most 998 octets (RFC 5321
+/// §4.5.3.1.6). A longer run is refused.
+const MAX_HELD_PREFIX: usize = 998;
+
+/// A byte some upstream may drop before it reads a line: C0 controls but CR and LF, and
+/// DEL.
+fn is_droppable(b: u8) -> bool {
+    (b < 0x20 && b != b'\r' && b != b'\n') || b == 0x7f
+}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum State {
@@ -24,6 +45,10 @@ enum State {
     Dot { after_crlf: bool },
     /// The line so far is `.` followed by CR.
     DotCr { after_crlf: bool },
+    /// The line so far is droppable bytes only, held.
+    Prefix,
+    /// The line so far is `.` and droppable bytes, held (without the dot).
+    DotPrefix,
 }
 
 /// What one call to [`Body::feed`] found.
@@ -33,6 +58,9 @@ pub enum Progress {
     More,
     /// End-of-data ended after this many input bytes; the rest are commands.
     End { consumed: usize },
+    /// A line began with more control bytes than a text line may hold: the message
+    /// cannot be written safely and must be dropped.
+    Refused,
 }
 
 /// The scanner for one message body.
@@ -40,6 +68,9 @@ pub enum Progress {
 pub struct Body {
     state: State,
     bare_newlines: u64,
+    neutralized: u64,
+    /// The droppable bytes of `Prefix` / `DotPrefix`.
+    held: Vec<u8>,
 }
 
 impl Default for Body {
@@ -47,6 +78,8 @@ impl Default for Body {
         Body {
             state: State::LineStart { after_crlf: true },
             bare_newlines: 0,
+            neutralized: 0,
+            held: Vec::new(),
         }
     }
 }
@@ -55,6 +88,11 @@ impl Body {
     /// How many bare CRs and LFs were rewritten so far.
     pub fn bare_newlines(&self) -> u64 {
         self.bare_newlines
+    }
+
+    /// How many lines were rewritten so that no upstream can read them as the end.
+    pub fn neutralized(&self) -> u64 {
+        self.neutralized
     }
 
     /// Scans `input`, appending what the upstream must receive to `out`.
@@ -82,6 +120,10 @@ impl Body {
                 (State::LineStart { after_crlf }, b'.') => self.state = State::Dot { after_crlf },
                 (State::LineStart { .. } | State::Mid, b'\r') => self.state = State::Cr,
                 (State::LineStart { .. } | State::Mid, b'\n') => self.bare_line_end(out),
+                (State::LineStart { .. }, other) if is_droppable(other) => {
+                    self.held.push(other);
+                    self.state = State::Prefix;
+                }
                 (State::LineStart { .. } | State::Mid, other) => {
                     out.put_u8(other);
                     self.state = State::Mid;
@@ -98,6 +140,10 @@ impl Body {
                 (State::Dot { .. }, b'\n') => {
                     out.put_u8(b'.');
                     self.bare_line_end_dot(out);
+                }
+                (State::Dot { .. }, other) if is_droppable(other) => {
+                    self.held.push(other);
+                    self.state = State::DotPrefix;
                 }
                 (State::Dot { .. }, other) => {
                     out.put_slice(&[b'.', other]);
@@ -118,6 +164,45 @@ impl Body {
                     self.bare_line_end_dot(out);
                     i -= 1;
                 }
+                (State::Prefix | State::DotPrefix, other) if is_droppable(other) => {
+                    if self.held.len() >= MAX_HELD_PREFIX {
+                        return Progress::Refused;
+                    }
+                    self.held.push(other);
+                }
+                (State::Prefix | State::DotPrefix, b'.') => {
+                    // The first byte a dropping reader keeps is a dot: stuffed, so that
+                    // it can never stand alone. Already stuffed by the client: as sent.
+                    if self.state == State::Prefix {
+                        self.neutralized += 1;
+                    }
+                    out.put_u8(b'.');
+                    out.put_slice(&self.held);
+                    out.put_u8(b'.');
+                    self.held.clear();
+                    self.state = State::Mid;
+                }
+                (State::Prefix | State::DotPrefix, b'\r' | b'\n') => {
+                    // Only droppable bytes on the line: written without a dot, so that a
+                    // dropping reader sees an empty line. A client's stuffing dot here
+                    // stuffed nothing (RFC 5321 §4.5.2 removes it).
+                    if self.state == State::DotPrefix {
+                        self.neutralized += 1;
+                    }
+                    out.put_slice(&self.held);
+                    self.held.clear();
+                    self.state = State::Mid;
+                    i -= 1; // the line end, as inside any line
+                }
+                (State::Prefix | State::DotPrefix, other) => {
+                    if self.state == State::DotPrefix {
+                        out.put_u8(b'.');
+                    }
+                    out.put_slice(&self.held);
+                    out.put_u8(other);
+                    self.held.clear();
+                    self.state = State::Mid;
+                }
             }
         }
         Progress::More
@@ -125,15 +210,20 @@ impl Body {
 
     /// What of `input` the upstream gets unchanged, as (lines, rest): `lines` bytes of
     /// the current line's rest and whole lines, each ended by CRLF with no other CR or
-    /// LF, none but the current one starting with `.` (which may stuff or end the
-    /// data); then `rest` bytes of the next line with no CR or LF, not starting with `.`.
-    /// The byte after them, if any, is a CR, an LF or a line-starting `.`.
+    /// LF, none but the current one starting with `.` or a droppable byte (which may
+    /// stuff or end the data); then `rest` bytes of the next line with no CR or LF, not
+    /// starting with either. The byte after them, if any, is a CR, an LF or such a
+    /// line-starting byte.
     fn clean_run(&self, input: &[u8]) -> (usize, usize) {
         let mut lines = 0;
         // The current line may start with a dot only if it is already under way.
         let mut at_line_start = self.state != State::Mid;
         loop {
-            if at_line_start && input.get(lines) == Some(&b'.') {
+            if at_line_start
+                && input
+                    .get(lines)
+                    .is_some_and(|&b| b == b'.' || is_droppable(b))
+            {
                 return (lines, 0);
             }
             let Some(n) = memchr::memchr2(b'\r', b'\n', &input[lines..]) else {
@@ -172,7 +262,7 @@ mod tests {
         let mut body = Body::default();
         let mut out = BytesMut::new();
         let end = match body.feed(input, &mut out) {
-            Progress::More => None,
+            Progress::More | Progress::Refused => None,
             Progress::End { consumed } => Some(consumed),
         };
         (out.to_vec(), end, body.bare_newlines())
@@ -264,7 +354,104 @@ mod tests {
         assert_eq!(end, Some(10));
     }
 
+    /// Where a reader that drops every C0 control byte but CR and LF, and DEL, before it
+    /// looks at a line (a C-string legacy MTA) reads an end of data in `out`, if at all.
+    fn dropping_reader_end(out: &[u8]) -> Option<usize> {
+        let mut start = 0;
+        while let Some(n) = memchr::memchr(b'\n', &out[start..]) {
+            let line: Vec<u8> = out[start..start + n]
+                .iter()
+                .copied()
+                .filter(|&b| b != b'\r' && !is_droppable(b))
+                .collect();
+            start += n + 1;
+            if line == b"." {
+                return Some(start);
+            }
+        }
+        None
+    }
+
+    #[test]
+    fn lines_a_dropping_reader_would_end_on_are_content_for_every_reader() {
+        let table: &[(&[u8], &[u8], u64)] = &[
+            (b"\0.\r\n", b".\0.\r\n", 1),
+            (b".\0\r\n", b"\0\r\n", 1),
+            (b"\t\x7f.\r\n", b".\t\x7f.\r\n", 1),
+            (b".\x01\x02\n", b"\x01\x02\r\n", 1),
+            // Nothing a dropping reader could take for the end: as sent.
+            (b"\0\r\n", b"\0\r\n", 0),
+            (b"\tindented\r\n", b"\tindented\r\n", 0),
+            (b".\0.\r\n", b".\0.\r\n", 0),
+            (b".\0x\r\n", b".\0x\r\n", 0),
+            (b"..\0\r\n", b"..\0\r\n", 0),
+            (b"\0x.\r\n", b"\0x.\r\n", 0),
+        ];
+        for (input, expected, neutralized) in table {
+            let mut body = Body::default();
+            let mut out = BytesMut::new();
+            assert_eq!(body.feed(input, &mut out), Progress::More);
+            assert_eq!(
+                (String::from_utf8_lossy(&out), body.neutralized()),
+                (String::from_utf8_lossy(expected), *neutralized),
+                "input {:?}",
+                String::from_utf8_lossy(input)
+            );
+            assert_eq!(dropping_reader_end(&out), None);
+        }
+    }
+
+    #[test]
+    fn the_nul_dot_smuggling_body_ends_only_at_the_clients_crlf_dot_crlf() {
+        let input =
+            b"Subject: x\r\n\r\nhi\r\n\0.\r\nAUTH PLAIN AGFAYg==\r\nMAIL FROM:<a@b>\r\n.\r\n";
+        let (out, end, _) = scan(input);
+        assert_eq!(end, Some(input.len()));
+        assert_eq!(dropping_reader_end(&out), Some(out.len()));
+    }
+
+    #[test]
+    fn a_line_of_control_bytes_longer_than_a_text_line_is_refused() {
+        let mut body = Body::default();
+        let mut out = BytesMut::new();
+        let line = vec![0u8; MAX_HELD_PREFIX];
+        assert_eq!(body.feed(&line, &mut out), Progress::More);
+        assert_eq!(body.feed(b"\0", &mut out), Progress::Refused);
+        // Just within the bound, the line goes on as content.
+        let mut body = Body::default();
+        let mut out = BytesMut::new();
+        assert_eq!(body.feed(&line, &mut out), Progress::More);
+        assert_eq!(body.feed(b".\r\n", &mut out), Progress::More);
+        assert_eq!(out.len(), MAX_HELD_PREFIX + 4);
+        assert_eq!(out[0], b'.');
+    }
+
     proptest! {
+        /// Whatever the client sends, a reader that drops NUL and other control bytes
+        /// ends the message exactly where mailmoat did, and any chunking writes the same.
+        #[test]
+        fn a_dropping_reader_never_ends_early(
+            input in proptest::collection::vec(prop_oneof![
+                Just(b'\r'), Just(b'\n'), Just(b'.'), Just(b'a'), Just(0u8), Just(b'\t'), Just(0x7fu8), Just(0x01u8),
+            ], 0..300),
+            cut in 0usize..300,
+        ) {
+            let (out, end, _) = scan(&input);
+            match end {
+                Some(_) => prop_assert_eq!(dropping_reader_end(&out), Some(out.len())),
+                None => prop_assert_eq!(dropping_reader_end(&out), None),
+            }
+            let cut = cut.min(input.len());
+            let mut body = Body::default();
+            let mut chunked = BytesMut::new();
+            if let Progress::More = body.feed(&input[..cut], &mut chunked) {
+                body.feed(&input[cut..], &mut chunked);
+            }
+            let (bytewise, _, _) = scan_bytewise(&input);
+            prop_assert_eq!(&bytewise, &out);
+            prop_assert_eq!(chunked.to_vec(), out);
+        }
+
         /// Any chunking gives the same upstream bytes and the same end.
         #[test]
         fn chunking_is_invisible(

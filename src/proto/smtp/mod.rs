@@ -2,6 +2,7 @@
 //! and AUTH (RFC 4954), as the proxy sees it.
 
 pub mod body;
+pub mod canonical;
 pub mod parse;
 mod session;
 pub mod xclient;

@@ -23,13 +23,16 @@ use std::collections::VecDeque;
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 
 use super::body::{Body, Progress};
+use super::canonical;
 use super::parse::{self, Verb};
 use super::xclient;
 use crate::policy::{
     BareNewlines, Policy, UserHasher, is_channel_binding_mechanism, is_mangled_upgrade_verb,
 };
 use crate::proto::line::{Framer, Line};
-use crate::proto::{Action, Event, Phase, Tally, release_if_empty, release_queue_if_empty};
+use crate::proto::{
+    Action, Event, Phase, ReplyBudget, Tally, release_if_empty, release_queue_if_empty,
+};
 
 /// Replies the proxy gives itself (DESIGN §3, §4, §9).
 mod reply {
@@ -55,6 +58,9 @@ mod reply {
     pub const SHUTTING_DOWN: &[u8] = b"421 4.3.2 Service shutting down, closing connection\r\n";
     pub const TOO_MANY_PLAINTEXT: &[u8] =
         b"421 4.7.0 Too many commands before STARTTLS, closing connection\r\n";
+    pub const TOO_MANY_ERRORS: &[u8] = b"421 4.7.0 Too many errors, closing connection\r\n";
+    pub const CONTROL_LINE: &[u8] =
+        b"554 5.6.0 Error: message line of control characters only, closing connection\r\n";
     /// `xclient: true` and the upstream cannot take it (DESIGN §7).
     pub const IDENTITY_UNAVAILABLE: &[u8] =
         b"421 4.3.0 Service temporarily unavailable, closing connection\r\n";
@@ -84,6 +90,8 @@ pub struct Config {
     pub max_held_bytes: usize,
     /// Commands accepted before TLS under `require_tls` before the connection closes.
     pub max_plaintext_commands: u32,
+    /// Error replies the proxy gives itself before it closes the connection.
+    pub max_errors: u32,
     /// Hashes user names for `credentials_exposed`.
     pub user_hasher: UserHasher,
 }
@@ -97,9 +105,9 @@ enum Mode {
     Command,
     /// Inside a DATA body, after the upstream's 354.
     Data(Body),
-    /// Inside a BDAT chunk: `remaining` bytes are data, relayed by count (RFC 3030 §2),
-    /// or discarded when the BDAT command was refused.
-    Chunk { remaining: u64, forward: bool },
+    /// Inside the chunk of a refused BDAT: `remaining` bytes are data (RFC 3030 §2),
+    /// read and dropped, never commands.
+    SkipChunk { remaining: u64 },
     /// After a 334: the next client line is a SASL response, not a command.
     SaslResponse,
     /// STARTTLS accepted: the upstream gets RSET once all earlier replies are in, and
@@ -123,7 +131,8 @@ enum Awaiting {
     /// The proxy's XCLIENT; its positive reply is a new greeting, for the client.
     Xclient,
     Ehlo {
-        domain: Bytes,
+        /// The client's name, if it can be written into the HELO of a fallback.
+        domain: Option<Bytes>,
     },
     /// The upstream refused EHLO; HELO was sent in its place (DESIGN §2).
     HeloFallback,
@@ -198,13 +207,16 @@ pub struct Session {
     slots: VecDeque<Slot>,
     /// From the upstream's last EHLO reply.
     upstream_pipelining: bool,
-    upstream_chunking: bool,
     /// A successful EHLO or HELO since TLS started (RFC 3207 §4.2).
     greeted_since_tls: bool,
     /// The client was shown STARTTLS in an EHLO reply.
     starttls_offered: bool,
     /// Commands read before TLS.
     plaintext_commands: u32,
+    /// Error replies given by the proxy itself.
+    errors: u32,
+    /// Reply bytes not yet written by the driver.
+    replies: ReplyBudget,
     /// The client closed its sending side; the session ends once the replies still
     /// owed have been sent.
     client_done: bool,
@@ -232,10 +244,11 @@ impl Session {
                 awaiting: Awaiting::Greeting,
             }]),
             upstream_pipelining: false,
-            upstream_chunking: false,
             greeted_since_tls: false,
             starttls_offered: false,
             plaintext_commands: 0,
+            errors: 0,
+            replies: ReplyBudget::default(),
             client_done: false,
             actions: VecDeque::new(),
             counters: Tally::new(TALLY_ORDER, &["starttls", "auth"]),
@@ -251,7 +264,9 @@ impl Session {
     }
 
     fn send_client(&mut self, bytes: impl Into<Bytes>) {
-        self.actions.push_back(Action::ToClient(bytes.into()));
+        let bytes = bytes.into();
+        self.replies.queued(bytes.len());
+        self.actions.push_back(Action::ToClient(bytes));
     }
 
     fn send_upstream(&mut self, bytes: impl Into<Bytes>) {
@@ -294,12 +309,24 @@ impl Session {
             let Some(Slot::Local { verb, reply, close }) = self.slots.pop_front() else {
                 unreachable!("front is Local")
             };
-            self.counters.record(tally_name(verb), reply[0] < b'4');
+            let positive = reply[0] < b'4';
+            self.counters.record(tally_name(verb), positive);
             if close {
                 self.close_with(reply);
                 return;
             }
             self.send_client(reply);
+            if !positive {
+                // A client that only draws errors is probing: Postfix's
+                // smtpd_hard_error_limit, for the replies the proxy gives itself.
+                self.errors += 1;
+                if self.errors > self.config.max_errors {
+                    self.event(Event::LimitExceeded { limit: "errors" });
+                    self.slots.clear();
+                    self.close_with(reply::TOO_MANY_ERRORS);
+                    return;
+                }
+            }
         }
     }
 
@@ -320,7 +347,12 @@ impl Session {
         let mut out = BytesMut::with_capacity(line.len() + 2);
         out.put_slice(line);
         out.put_slice(b"\r\n");
-        self.send_upstream(out.freeze());
+        self.forward_written(verb, out.freeze(), awaiting);
+    }
+
+    /// Sends a command line the proxy wrote itself and waits for its reply.
+    fn forward_written(&mut self, verb: Verb, line: Bytes, awaiting: Awaiting) {
+        self.send_upstream(line);
         self.slots.push_back(Slot::Upstream { verb, awaiting });
     }
 
@@ -328,6 +360,11 @@ impl Session {
 
     fn process_client(&mut self) {
         loop {
+            if self.replies.is_full() && matches!(self.mode, Mode::Command) {
+                // The client has not taken what it was sent: no more commands are read
+                // until the driver has written it (`on_output_written`).
+                return;
+            }
             match &mut self.mode {
                 Mode::Greeting | Mode::Handshake | Mode::Closing | Mode::Closed => return,
                 Mode::TlsPending { rset_sent } => {
@@ -357,11 +394,21 @@ impl Session {
                         self.close_with(reply::BARE_NEWLINE);
                         return;
                     }
+                    let neutralized = body.neutralized();
+                    if progress == Progress::Refused {
+                        // The upstream never sees an end-of-data: the partial message
+                        // is discarded there.
+                        self.event(Event::LimitExceeded {
+                            limit: "control_line",
+                        });
+                        self.close_with(reply::CONTROL_LINE);
+                        return;
+                    }
                     if !out.is_empty() {
                         self.send_upstream(out.freeze());
                     }
                     match progress {
-                        Progress::More => {
+                        Progress::More | Progress::Refused => {
                             self.client_in.clear();
                             return;
                         }
@@ -369,6 +416,9 @@ impl Session {
                             self.client_in.advance(consumed);
                             if bare > 0 {
                                 self.event(Event::BareNewlineNormalized { count: bare });
+                            }
+                            if neutralized > 0 {
+                                self.event(Event::SmugglingNeutralized { count: neutralized });
                             }
                             self.mode = Mode::Command;
                             self.slots.push_back(Slot::Upstream {
@@ -378,7 +428,7 @@ impl Session {
                         }
                     }
                 }
-                Mode::Chunk { remaining, forward } => {
+                Mode::SkipChunk { remaining } => {
                     if self.client_in.is_empty() {
                         return;
                     }
@@ -386,11 +436,8 @@ impl Session {
                         .unwrap_or(usize::MAX)
                         .min(self.client_in.len());
                     *remaining -= n as u64;
-                    let (forward, done) = (*forward, *remaining == 0);
-                    let chunk = self.client_in.split_to(n).freeze();
-                    if forward {
-                        self.send_upstream(chunk);
-                    }
+                    let done = *remaining == 0;
+                    self.client_in.advance(n);
                     if done {
                         self.mode = Mode::Command;
                     }
@@ -495,18 +542,34 @@ impl Session {
             return self.refuse(&command, reply::HELO_FIRST);
         }
 
+        if verb == Verb::Bdat {
+            return self.on_bdat(&command);
+        }
         let awaiting = match verb {
             Verb::Ehlo => Awaiting::Ehlo {
-                domain: line.text.slice_ref(command.args),
+                domain: canonical::domain_or_literal(command.args)
+                    .map(|domain| line.text.slice_ref(domain)),
             },
             Verb::Helo => Awaiting::Helo,
             Verb::Data => Awaiting::Data,
             Verb::Auth => Awaiting::Auth,
             Verb::Quit => Awaiting::Quit,
-            Verb::Bdat => return self.on_bdat(&command),
             _ => Awaiting::Reply,
         };
-        self.forward(verb, &line.text, awaiting);
+        if self.tls_active {
+            return self.forward(verb, &line.text, awaiting);
+        }
+        // DESIGN §3, canonical forwarding: before TLS the upstream reads only lines the
+        // proxy wrote from its own parse; what it cannot read whole stays here.
+        match canonical::line(&command) {
+            Ok(written) => self.forward_written(verb, written, awaiting),
+            Err(canonical::Refusal(reply)) => {
+                self.event(Event::PlaintextCommandRefused {
+                    verb: verb_label(verb),
+                });
+                self.reply_local(verb, reply)
+            }
+        }
     }
 
     /// Answers a command locally. A refused BDAT's chunk follows it all the same: its
@@ -583,15 +646,19 @@ impl Session {
         self.mode = Mode::TlsPending { rset_sent: false };
     }
 
+    /// BDAT is never forwarded and CHUNKING never offered (DESIGN §5): its framing is
+    /// a byte count the upstream's chunk state decides how to read (Exim answers RSET
+    /// inside a chunked transaction with 250 and reads on, dot-terminated), where DATA's
+    /// end is one the proxy writes itself. The chunk that follows is read and dropped,
+    /// never taken for commands.
     fn on_bdat(&mut self, command: &parse::Command<'_>) {
-        let Ok((size, last)) = parse::bdat_args(command.args) else {
-            // Without a size nobody can know where the chunk ends; the upstream would
-            // read it as commands too, so the two stay in step.
+        let Ok((size, _)) = parse::bdat_args(command.args) else {
+            // Without a size nobody can know where the chunk ends: its bytes are read
+            // as commands by the proxy, and the upstream hears none of them.
             return self.reply_local(Verb::Bdat, reply::BDAT_SYNTAX);
         };
         if size > MAX_CHUNK_LEN {
-            // Exim reads the size into 32 bits: past that the two would disagree on
-            // where the chunk ends, and skipping gigabytes is no service either.
+            // Skipping gigabytes is no service: say so and close.
             self.event(Event::LimitExceeded {
                 limit: "chunk_size",
             });
@@ -603,27 +670,14 @@ impl Session {
             self.mode = Mode::Closing;
             return self.flush_local_replies();
         }
-        if !self.upstream_chunking {
-            return self.refuse(command, reply::BDAT_UNAVAILABLE);
-        }
-        // Rebuilt from the parsed values, never the client's spelling (RFC 3030 §4).
-        let canonical = format!("BDAT {size}{}", if last { " LAST" } else { "" });
-        self.forward(Verb::Bdat, canonical.as_bytes(), Awaiting::Reply);
-        if size > 0 {
-            self.mode = Mode::Chunk {
-                remaining: size,
-                forward: true,
-            };
-        }
+        self.event(Event::ForbiddenCommand { verb: "BDAT" });
+        self.refuse(command, reply::BDAT_UNAVAILABLE);
     }
 
     /// The bytes of a refused BDAT chunk are data all the same: read and drop them.
     fn skip_chunk(&mut self, size: u64) {
         if size > 0 {
-            self.mode = Mode::Chunk {
-                remaining: size,
-                forward: false,
-            };
+            self.mode = Mode::SkipChunk { remaining: size };
         }
     }
 
@@ -696,8 +750,9 @@ impl Session {
             Awaiting::Ehlo { domain } => {
                 if positive {
                     self.on_ehlo_reply(&lines);
-                } else if !self.tls_active && code >= 500 {
-                    // A HELO-only upstream: STARTTLS must not vanish because of it.
+                } else if let Some(domain) = domain.filter(|_| code >= 500) {
+                    // A HELO-only upstream: EHLO still gets a 250 (DESIGN §2), before TLS
+                    // with STARTTLS in it, after TLS as the client's new greeting.
                     let mut helo = BytesMut::from(&b"HELO "[..]);
                     helo.put_slice(&domain);
                     helo.put_slice(b"\r\n");
@@ -715,13 +770,18 @@ impl Session {
                 if positive {
                     let text = parse::reply_line(&lines[0].text).map_or(&b""[..], |r| r.text);
                     let mut out = BytesMut::new();
-                    out.put_slice(b"250-");
-                    out.put_slice(text);
-                    out.put_slice(b"\r\n250 STARTTLS\r\n");
+                    if self.tls_active {
+                        out.put_slice(b"250 ");
+                        out.put_slice(text);
+                        out.put_slice(b"\r\n");
+                    } else {
+                        out.put_slice(b"250-");
+                        out.put_slice(text);
+                        out.put_slice(b"\r\n250 STARTTLS\r\n");
+                        self.starttls_offered = true;
+                    }
                     self.send_client(out.freeze());
-                    self.starttls_offered = true;
                     self.upstream_pipelining = false;
-                    self.upstream_chunking = false;
                 } else {
                     self.relay(&lines);
                 }
@@ -729,7 +789,6 @@ impl Session {
             Awaiting::Helo => {
                 if positive {
                     self.upstream_pipelining = false;
-                    self.upstream_chunking = false;
                 }
                 self.relay(&lines);
             }
@@ -819,7 +878,6 @@ impl Session {
     fn on_ehlo_reply(&mut self, lines: &[Line]) {
         let offer_starttls = !self.tls_active;
         self.upstream_pipelining = false;
-        self.upstream_chunking = false;
         let mut kept: Vec<Bytes> = Vec::with_capacity(lines.len() + 1);
         for (index, line) in lines.iter().enumerate() {
             let text = parse::reply_line(&line.text).map_or(&b""[..], |r| r.text);
@@ -832,10 +890,15 @@ impl Session {
             let is = |name: &[u8]| keyword.eq_ignore_ascii_case(name);
             if is(b"PIPELINING") {
                 self.upstream_pipelining = true;
-            } else if is(b"CHUNKING") {
-                self.upstream_chunking = true;
             }
-            if is(b"STARTTLS") || is(b"XCLIENT") || is(b"XFORWARD") || is(b"PIPECONNECT") {
+            // CHUNKING (and BINARYMIME, which needs it) never cross: see `on_bdat`.
+            if is(b"STARTTLS")
+                || is(b"XCLIENT")
+                || is(b"XFORWARD")
+                || is(b"PIPECONNECT")
+                || is(b"CHUNKING")
+                || is(b"BINARYMIME")
+            {
                 continue;
             }
             if is(b"AUTH") {
@@ -975,7 +1038,7 @@ impl crate::proto::Session for Session {
         match self.mode {
             // Mid-DATA this drops the upstream without an end-of-data: no partial
             // message is ever delivered (DESIGN §9).
-            Mode::Data(_) | Mode::Chunk { .. } | Mode::SaslResponse => self.close(),
+            Mode::Data(_) | Mode::SkipChunk { .. } | Mode::SaslResponse => self.close(),
             // A client that pipelined its commands and half-closed still gets its
             // replies (and its last message is not lost).
             Mode::Command | Mode::Greeting if owed => {}
@@ -996,7 +1059,6 @@ impl crate::proto::Session for Session {
         self.tls_active = true;
         self.greeted_since_tls = false;
         self.upstream_pipelining = false;
-        self.upstream_chunking = false;
         // On an implicit-TLS listener this comes before the greeting, which is still
         // awaited: the mode stays.
         if matches!(self.mode, Mode::Handshake) {
@@ -1018,7 +1080,7 @@ impl crate::proto::Session for Session {
     fn phase(&self) -> Phase {
         match self.mode {
             Mode::Greeting => Phase::Greeting,
-            Mode::Data(_) | Mode::Chunk { .. } => Phase::Data,
+            Mode::Data(_) | Mode::SkipChunk { .. } => Phase::Data,
             Mode::Handshake => Phase::Handshake,
             _ => Phase::Command,
         }
@@ -1042,6 +1104,15 @@ impl crate::proto::Session for Session {
         if self.reply_lines.is_empty() {
             self.reply_lines = Vec::new();
         }
+    }
+
+    fn on_output_written(&mut self) -> bool {
+        let was_full = self.replies.is_full();
+        self.replies.written();
+        if was_full {
+            self.process_client();
+        }
+        !self.actions.is_empty()
     }
 
     fn close_if_idle(&mut self) -> bool {
@@ -1108,6 +1179,7 @@ mod tests {
             max_line_len: 512,
             max_held_bytes: 64 * 1024,
             max_plaintext_commands: 20,
+            max_errors: 20,
             user_hasher: UserHasher::new(b"test key"),
         }
     }
@@ -1260,7 +1332,7 @@ mod tests {
         assert_eq!(
             out.client,
             "250-legacy.example.test\r\n250-PIPELINING\r\n250-SIZE 52428800\r\n\
-250-ENHANCEDSTATUSCODES\r\n250-8BITMIME\r\n250-CHUNKING\r\n250 STARTTLS\r\n"
+250-ENHANCEDSTATUSCODES\r\n250-8BITMIME\r\n250 STARTTLS\r\n"
         );
     }
 
@@ -1314,7 +1386,7 @@ mod tests {
             out.client,
             "250-legacy.example.test\r\n250-PIPELINING\r\n250-SIZE 52428800\r\n\
 250-AUTH PLAIN LOGIN\r\n250-AUTH=PLAIN LOGIN\r\n250-ENHANCEDSTATUSCODES\r\n\
-250-8BITMIME\r\n250 CHUNKING\r\n"
+250 8BITMIME\r\n"
         );
     }
 
@@ -1338,6 +1410,25 @@ mod tests {
         let out = upstream(&mut s, "250 legacy.example.test\r\n");
         assert_eq!(out.client, "250-legacy.example.test\r\n250 STARTTLS\r\n");
         assert_eq!(s.summary(), "ehlo=1");
+    }
+
+    #[test]
+    fn a_helo_only_upstream_answers_ehlo_with_250_after_tls_too() {
+        let mut s = greeted(Policy::RequireTls);
+        client(&mut s, "STARTTLS\r\n");
+        upstream(&mut s, "250 2.0.0 Ok\r\n");
+        s.on_tls_established();
+        let out = client(&mut s, "EHLO c.example\r\n");
+        assert_eq!(out.upstream, "EHLO c.example\r\n");
+        let out = upstream(&mut s, "500 5.5.1 Unknown command\r\n");
+        assert_eq!(out.upstream, "HELO c.example\r\n");
+        let out = upstream(&mut s, "250 legacy.example.test Hello\r\n");
+        assert_eq!(out.client, "250 legacy.example.test Hello\r\n");
+        // The new greeting counts: mail may flow.
+        assert_eq!(
+            client(&mut s, "MAIL FROM:<a@b>\r\n").upstream,
+            "MAIL FROM:<a@b>\r\n"
+        );
     }
 
     #[test]
@@ -1708,27 +1799,146 @@ mod tests {
     }
 
     #[test]
-    fn bdat_chunks_are_relayed_by_exact_count() {
-        let mut s = after_tls(Policy::RequireTls);
-        let out = client(&mut s, "BDAT 13\r\nab\r\n.\r\nQUIT\r\nBDAT 0 LAST\r\n");
-        assert_eq!(
-            out.upstream,
-            "BDAT 13\r\nab\r\n.\r\nQUIT\r\nBDAT 0 LAST\r\n"
+    fn bdat_is_never_forwarded_and_its_chunk_is_never_commands() {
+        for line in ["BDAT 13", "BDAT\t13 LAST", "  bdat 13   last"] {
+            let mut s = after_tls(Policy::RequireTls);
+            let out = client(
+                &mut s,
+                &format!("{line}\r\nab\r\n.\r\nQUIT\r\nBDAT 0 LAST\r\n"),
+            );
+            assert_eq!(out.upstream, "", "{line:?}");
+            assert_eq!(
+                out.client,
+                "502 5.5.1 Error: command not implemented\r\n".repeat(2)
+            );
+            assert_eq!(names(&out.events), vec!["forbidden_command"; 2]);
+        }
+    }
+
+    /// Exim 4.96 answers RSET inside a chunked transaction with 250 and reads on, dot-
+    /// terminated: a `.` line in the next chunk ended the message there and the rest ran
+    /// as commands, AUTH before TLS included. The upstream now hears no chunk at all.
+    #[test]
+    fn the_exim_rset_inside_bdat_exploit_reaches_the_upstream_as_canonical_lines_only() {
+        let mut s = greeted(Policy::AuthRequiresTls);
+        client(&mut s, "EHLO attacker.example\r\n");
+        upstream(
+            &mut s,
+            "250-exim.example\r\n250-PIPELINING\r\n250-CHUNKING\r\n250 AUTH PLAIN\r\n",
         );
-        let out = upstream(&mut s, "250 2.0.0 13 octets\r\n250 2.0.0 Ok: queued\r\n");
+        let hidden = "x\r\n.\r\nAUTH PLAIN AGFsaWNlAHNlY3JldDE=\r\nMAIL FROM:<a@b>\r\n\
+RCPT TO:<v@exim.example>\r\nDATA\r\nhidden\r\n.\r\n";
+        let dialogue = format!(
+            "MAIL FROM:<a@attacker.example>\r\nRCPT TO:<v@exim.example>\r\nBDAT 5\r\nhello\r\n\
+RSET\r\nBDAT {}\r\n{hidden}QUIT\r\n",
+            hidden.len()
+        );
+        let mut to_upstream = client(&mut s, &dialogue).upstream;
+        to_upstream += &upstream(&mut s, "250 OK\r\n250 Accepted\r\n").upstream;
+        to_upstream += &upstream(&mut s, "250 Reset OK\r\n").upstream;
+        to_upstream += &upstream(&mut s, "221 bye\r\n").upstream;
         assert_eq!(
-            out.client,
-            "250 2.0.0 13 octets\r\n250 2.0.0 Ok: queued\r\n"
+            to_upstream,
+            "MAIL FROM:<a@attacker.example>\r\nRCPT TO:<v@exim.example>\r\nRSET\r\nQUIT\r\n"
         );
     }
 
     #[test]
-    fn bdat_is_forwarded_in_canonical_form_whatever_the_clients_spelling() {
-        for line in ["BDAT\t5 LAST", "  bdat 5   last", "BDAT 5 LAST"] {
-            let mut s = after_tls(Policy::RequireTls);
-            let out = client(&mut s, &format!("{line}\r\nab\r\n.NOOP\r\n"));
-            assert_eq!(out.upstream, "BDAT 5 LAST\r\nab\r\n.NOOP\r\n", "{line:?}");
+    fn before_tls_commands_reach_the_upstream_in_the_proxys_own_words() {
+        let mut s = greeted(Policy::AuthRequiresTls);
+        client(&mut s, "ehlo c.example\r\n");
+        upstream(&mut s, "250-legacy\r\n250 PIPELINING\r\n");
+        let out = client(
+            &mut s,
+            "mail from: <a@b.example> size=10\r\nrcpt to:c@d.example\r\nnoop AUTH PLAIN x\r\n\
+vrfy  bob\r\n",
+        );
+        assert_eq!(
+            out.upstream,
+            "MAIL FROM:<a@b.example> SIZE=10\r\nRCPT TO:<c@d.example>\r\nNOOP\r\nVRFY bob\r\n"
+        );
+        // What cannot be read whole is answered here, and never forwarded.
+        let mut s = greeted(Policy::RequireTls);
+        let out = client(&mut s, "EHLO two words\r\nRSET now\r\nEHLO a{5+}\r\n");
+        assert_eq!(out.upstream, "");
+        assert_eq!(
+            out.client,
+            "501 5.5.4 Syntax: EHLO/HELO hostname\r\n\
+501 5.5.4 Syntax error (no parameters allowed)\r\n\
+501 5.5.4 Syntax: EHLO/HELO hostname\r\n"
+        );
+        assert_eq!(names(&out.events), vec!["plaintext_command_refused"; 3]);
+        // After TLS the client's line goes as it came (from column 0).
+        let mut s = after_tls(Policy::RequireTls);
+        assert_eq!(
+            client(&mut s, "mail from: <a@b.example> size=10\r\n").upstream,
+            "mail from: <a@b.example> size=10\r\n"
+        );
+    }
+
+    #[test]
+    fn a_nul_dot_line_is_content_for_an_upstream_that_drops_nul() {
+        let mut s = greeted(Policy::AuthRequiresTls);
+        client(&mut s, "EHLO c\r\n");
+        upstream(&mut s, "250 legacy\r\n");
+        client(&mut s, "DATA\r\n");
+        upstream(&mut s, "354 go\r\n");
+        let out = client(
+            &mut s,
+            "hi\r\n\0.\r\nAUTH PLAIN AGFsaWNlAHNlY3JldDE=\r\n.\0\r\nQUIT\r\n.\r\n",
+        );
+        assert_eq!(
+            out.upstream,
+            "hi\r\n.\0.\r\nAUTH PLAIN AGFsaWNlAHNlY3JldDE=\r\n\0\r\nQUIT\r\n.\r\n"
+        );
+        assert_eq!(out.events, vec![Event::SmugglingNeutralized { count: 2 }]);
+    }
+
+    #[test]
+    fn a_session_that_only_draws_errors_is_closed() {
+        let mut s = greeted(Policy::AuthRequiresTls);
+        let out = client(&mut s, &"XYZZY\r\n".repeat(20));
+        assert_eq!(out.client.matches("500 5.5.2").count(), 20);
+        assert!(!out.closed);
+        let out = client(&mut s, "XYZZY\r\nNOOP\r\n");
+        assert_eq!(
+            out.client,
+            "500 5.5.2 Error: command not recognized\r\n\
+421 4.7.0 Too many errors, closing connection\r\n"
+        );
+        assert_eq!(out.upstream, "");
+        assert!(out.closed);
+        assert!(
+            out.events
+                .contains(&Event::LimitExceeded { limit: "errors" })
+        );
+    }
+
+    #[test]
+    fn a_flood_of_locally_answered_lines_waits_for_the_client_to_read() {
+        use crate::proto::MAX_UNWRITTEN_REPLY_BYTES;
+        let mut s = greeted(Policy::AuthRequiresTls);
+        s.config.max_errors = u32::MAX;
+        // The driver wrote the greeting.
+        assert!(!s.on_output_written());
+        let flood = "\n".repeat(64 * 1024);
+        let out = client(&mut s, &flood);
+        let reply_len = "500 5.5.2 Error: bad syntax\r\n".len();
+        let replies = out.client.len() / reply_len;
+        assert!(out.client.len() >= MAX_UNWRITTEN_REPLY_BYTES);
+        assert!(out.client.len() < MAX_UNWRITTEN_REPLY_BYTES + reply_len);
+        assert_eq!(s.client_in.len(), flood.len() - replies);
+        // The driver wrote it all: the next batch, no larger.
+        assert!(s.on_output_written());
+        let out = drain(&mut s);
+        assert_eq!(out.client.len(), replies * reply_len);
+        // Nothing is lost: every line gets its reply once the client reads.
+        let mut total = 2 * replies;
+        while s.on_output_written() {
+            total += drain(&mut s).client.len() / reply_len;
         }
+        assert_eq!(total, flood.len());
+        assert!(s.client_in.is_empty());
     }
 
     #[test]
@@ -1788,6 +1998,7 @@ mod tests {
     #[test]
     fn replies_owed_to_the_client_are_bounded() {
         let mut s = greeted(Policy::AuthRequiresTls);
+        s.config.max_errors = 1000;
         client(&mut s, "EHLO c\r\n");
         upstream(&mut s, "250-legacy\r\n250 PIPELINING\r\n");
         let out = client(

@@ -132,6 +132,7 @@ fn smtp_session(flags: Flags) -> smtp::Session {
             max_line_len: flags.max_line_len(),
             max_held_bytes: flags.max_held_bytes(),
             max_plaintext_commands: flags.max_plaintext_commands(),
+            max_errors: flags.max_plaintext_commands(),
             user_hasher: UserHasher::new(b"key"),
         },
         false,
@@ -144,6 +145,7 @@ fn imap_session(flags: Flags) -> imap::Session {
         max_literal_len: flags.max_literal_len(),
         max_held_bytes: flags.max_held_bytes(),
         max_plaintext_commands: flags.max_plaintext_commands(),
+        max_errors: flags.max_plaintext_commands(),
         user_hasher: UserHasher::new(b"key"),
     })
 }
@@ -153,6 +155,7 @@ fn pop3_session(flags: Flags) -> pop3::Session {
         max_line_len: flags.max_line_len(),
         max_held_bytes: flags.max_held_bytes(),
         max_plaintext_commands: flags.max_plaintext_commands(),
+        max_errors: flags.max_plaintext_commands(),
         user_hasher: UserHasher::new(b"key"),
     })
 }
@@ -268,6 +271,12 @@ impl Harness {
             if self.drain(&mut session) {
                 return;
             }
+            // As the driver does once it has written everything.
+            while session.on_output_written() {
+                if self.drain(&mut session) {
+                    return;
+                }
+            }
         }
         for &op in ops {
             if self.trace {
@@ -335,6 +344,12 @@ impl Harness {
             }
             if self.drain(&mut session) {
                 return;
+            }
+            // As the driver does once it has written everything.
+            while session.on_output_written() {
+                if self.drain(&mut session) {
+                    return;
+                }
             }
             // As the driver does before it waits between commands.
             if session.phase() == Phase::Command {
