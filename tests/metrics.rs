@@ -438,6 +438,144 @@ async fn the_endpoint_answers_health_and_refuses_bad_requests_without_stopping()
     );
 }
 
+/// What the endpoint did with a request it should refuse: `Some(status)` if it answered,
+/// `None` if it closed the connection (a reset included) without a response.
+async fn refusal(addr: SocketAddr, request: &[u8]) -> Option<u16> {
+    let mut stream = within(TcpStream::connect(addr)).await.unwrap();
+    // The endpoint may stop reading and close before all of it is sent.
+    let _ = within(stream.write_all(request)).await;
+    let mut response = Vec::new();
+    let _ = within(stream.read_to_end(&mut response)).await;
+    if response.is_empty() {
+        return None;
+    }
+    let status = response
+        .strip_prefix(b"HTTP/1.1 ")
+        .and_then(|rest| rest.get(..3))
+        .and_then(|code| std::str::from_utf8(code).ok()?.parse().ok());
+    assert!(
+        status.is_some(),
+        "not a response: {}",
+        String::from_utf8_lossy(&response)
+    );
+    status
+}
+
+#[tokio::test]
+async fn healthz_answers_while_hundreds_of_idle_and_half_sent_connections_are_open() {
+    let upstream = scripted_upstream(Behaviour::Esmtp).await;
+    let (_mailmoat, metrics) = start(upstream.addr).await;
+
+    // 200 connections that never send a byte and 50 stopped halfway through a request
+    // line: far more than the 32 the endpoint once served at once.
+    let mut held = Vec::new();
+    for i in 0..250 {
+        let mut stream = within(TcpStream::connect(metrics)).await.unwrap();
+        if i >= 200 {
+            within(stream.write_all(b"GET /hea")).await.unwrap();
+        }
+        held.push(stream);
+    }
+    let (status, head, body) = http(metrics, b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n").await;
+    assert_eq!((status, body.as_str()), (200, "ok\n"), "{head}");
+
+    // None of them is kept: each gets its 408 when its 2 s for a request head are up.
+    for (i, mut stream) in held.into_iter().enumerate() {
+        let mut response = Vec::new();
+        within(stream.read_to_end(&mut response)).await.unwrap();
+        assert!(
+            response.starts_with(b"HTTP/1.1 408 "),
+            "connection {i}: {}",
+            String::from_utf8_lossy(&response)
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_request_head_sent_slower_than_the_header_timeout_is_cut_off() {
+    let upstream = scripted_upstream(Behaviour::Esmtp).await;
+    let (_mailmoat, metrics) = start(upstream.addr).await;
+
+    let (mut reader, mut writer) = within(TcpStream::connect(metrics))
+        .await
+        .unwrap()
+        .into_split();
+    let closed = tokio::spawn(async move {
+        let mut response = Vec::new();
+        // A reset (a field sent as the server closed) ends it too; bytes read stay.
+        let _ = within(reader.read_to_end(&mut response)).await;
+        response
+    });
+    // Never silent, never done: a header field every 200 ms. The 2 s are for the whole
+    // head, so this is cut off however steadily it trickles. 40 fields take 8 s, well
+    // past the 2 s and short of the 10 s a connection may last at all, so the head's
+    // deadline is what ends it.
+    writer
+        .write_all(b"GET /healthz HTTP/1.1\r\n")
+        .await
+        .unwrap();
+    let mut fields = 0;
+    while fields < 40 && !closed.is_finished() {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        if writer
+            .write_all(format!("X-Slow-{fields}: y\r\n").as_bytes())
+            .await
+            .is_err()
+        {
+            break;
+        }
+        fields += 1;
+    }
+    let response = within(closed).await.unwrap();
+    assert!(fields < 40, "the endpoint waited for all {fields} fields");
+    // The 408 is lost only if a field arrives just as the server closes (a reset).
+    assert!(
+        response.is_empty() || response.starts_with(b"HTTP/1.1 408 "),
+        "{}",
+        String::from_utf8_lossy(&response)
+    );
+    assert_eq!(http(metrics, b"GET /healthz HTTP/1.1\r\n\r\n").await.0, 200);
+}
+
+#[tokio::test]
+async fn oversized_and_garbage_requests_are_refused_and_the_endpoint_carries_on() {
+    let upstream = scripted_upstream(Behaviour::Esmtp).await;
+    let (_mailmoat, metrics) = start(upstream.addr).await;
+
+    let long_field = format!(
+        "GET /metrics HTTP/1.1\r\nX-Long: {}\r\n\r\n",
+        "a".repeat(64 * 1024)
+    );
+    let many_fields = format!(
+        "GET /metrics HTTP/1.1\r\n{}\r\n",
+        (0..100)
+            .map(|i| format!("X-{i}: y\r\n"))
+            .collect::<String>()
+    );
+    let long_line = format!("GET /{} HTTP/1.1\r\n\r\n", "a".repeat(64 * 1024));
+    let requests: [&[u8]; 7] = [
+        long_field.as_bytes(),
+        many_fields.as_bytes(),
+        long_line.as_bytes(),
+        b"\x00\xff\xfe\x7f garbage \x01\r\n\r\n",
+        b"GET /healthz HTTP/9.9\r\n\r\n",
+        b"GET /healthz HTTP/1.1\r\nno colon here\r\n\r\n",
+        b"GET /healthz HTTP/1.1\r\nX-Bad: a\x00b\r\n\r\n",
+    ];
+    for (i, request) in requests.into_iter().enumerate() {
+        if let Some(status) = refusal(metrics, request).await {
+            assert!((400..500).contains(&status), "request {i}: {status}");
+        }
+        // The endpoint carries on after each.
+        let (status, head, body) = http(metrics, b"GET /healthz HTTP/1.1\r\n\r\n").await;
+        assert_eq!((status, body.as_str()), (200, "ok\n"), "after {i}: {head}");
+    }
+    assert!(scrape(metrics).await.contains_key(&series(
+        "mailmoat_sessions_active",
+        &[("listener", "submission"), ("protocol", "smtp")]
+    )));
+}
+
 #[test]
 fn the_metrics_key_is_validated_with_its_line() {
     let certs = certs();
