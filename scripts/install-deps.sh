@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# Install the legacy mail stack used by scripts/legacy.sh (Debian 12, run as root).
-# Idempotent: skips apt when everything is already there, and always makes sure the
-# system-wide postfix/dovecot are not left running on the standard ports.
+# Install the legacy mail stack used by scripts/legacy.sh and scripts/exim.sh (Debian 12,
+# run as root). Idempotent: skips apt when everything is already there, and always makes
+# sure the system-wide postfix/dovecot are not left running on the standard ports.
 set -euo pipefail
+cd "$(dirname "$0")/.."
 
 log() { echo "install-deps: $*" >&2; }
 
@@ -19,6 +20,17 @@ fi
 # swaks's STARTTLS (only recommended by the package, and recommends are not installed).
 PKGS=(postfix dovecot-core dovecot-imapd dovecot-pop3d swaks libnet-ssleay-perl openssl curl ca-certificates
     python3 fetchmail isync testssl.sh gnutls-bin python3-pip systemd procps gdb)
+
+# Exim 4.96 (scripts/exim.sh, tests/e2e_exim.rs): Debian's exim4-daemon-light conflicts
+# with postfix, so it is downloaded and unpacked into the checkout (dpkg -x, never
+# installed) at MAILMOAT_EXIM_ROOT (default target/exim/root). The libraries it links
+# against are ordinary packages and installed as such (libidn12 is the one a fresh
+# machine lacks). exim4-base (cron jobs, exim_* tools, the Debian-exim user's creation)
+# is not needed by the binary; the user is created below as its postinst would.
+EXIM_VERSION=4.96
+EXIM_ROOT=${MAILMOAT_EXIM_ROOT:-$PWD/target/exim/root}
+EXIM_LIBS=(libc6 libcrypt1 libdb5.3 libgnutls-dane0 libgnutls30 libidn12 libidn2-0 libnsl2 libpcre2-8-0)
+PKGS+=("${EXIM_LIBS[@]}")
 
 # command-injection-tester (PyPI): the STARTTLS command injection tester published with
 # the NO STARTTLS paper, used by tests/e2e_attack_tools.rs. One stdlib-only script, no
@@ -38,7 +50,10 @@ have_all() {
         [ -e /usr/lib/dovecot/modules/lib30_imap_zlib_plugin.so ] &&
         [ -s /etc/ssl/certs/ca-certificates.crt ] &&
         perl -MNet::SSLeay -e 1 >/dev/null 2>&1 &&
-        python3 -m pip --version >/dev/null 2>&1
+        python3 -m pip --version >/dev/null 2>&1 || return 1
+    for b in "${EXIM_LIBS[@]}"; do
+        [ "$(dpkg-query -W -f='${Status}' "$b" 2>/dev/null)" = "install ok installed" ] || return 1
+    done
 }
 
 # The pinned command-injection-tester, on $PATH, for the python3 the tests run.
@@ -104,6 +119,69 @@ else
     fi
 fi
 
+# ---- Exim 4.96, unpacked (see EXIM_ROOT above)
+
+# The version the unpacked binary reports, or nothing. Debian's binary looks up its
+# compiled-in user, Debian-exim, before it reads any config, so that user comes first.
+exim_unpacked_version() {
+    [ -x "$1/usr/sbin/exim4" ] || return 0
+    "$1/usr/sbin/exim4" -C /dev/null -bV </dev/null 2>/dev/null | sed -n 's/^Exim version \([^ ]*\) .*/\1/p'
+}
+
+# The newest exim4-daemon-light apt offers for EXIM_VERSION (4.96-15+deb12uN), or nothing.
+exim_deb_version() {
+    apt-cache madison exim4-daemon-light 2>/dev/null | awk -F'|' '{gsub(/ /, "", $2); print $2}' |
+        grep -m1 "^$EXIM_VERSION-" || true
+}
+
+if ! id -u Debian-exim >/dev/null 2>&1; then
+    log "creating the system user Debian-exim, as exim4-base's postinst would"
+    useradd --system --user-group --home-dir /nonexistent --no-create-home \
+        --shell /usr/sbin/nologin Debian-exim
+fi
+if [ "$(exim_unpacked_version "$EXIM_ROOT")" = "$EXIM_VERSION" ]; then
+    log "exim $EXIM_VERSION already unpacked in $EXIM_ROOT"
+else
+    deb_version=$(exim_deb_version)
+    if [ -z "$deb_version" ]; then
+        # Package lists missing or stale (apt was skipped above): fetch them once.
+        wait_for_apt
+        apt-get -o DPkg::Lock::Timeout=600 update
+        deb_version=$(exim_deb_version)
+    fi
+    if [ -z "$deb_version" ]; then
+        log "apt offers no exim4-daemon-light $EXIM_VERSION-* (Debian 12 has it)"
+        exit 1
+    fi
+    work=$(mktemp -d)
+    (cd "$work" && timeout 600 apt-get -o APT::Sandbox::User=root download "exim4-daemon-light=$deb_version")
+    deb=("$work"/exim4-daemon-light_*.deb)
+    if [ "$(dpkg-deb -f "${deb[0]}" Version)" != "$deb_version" ]; then
+        log "downloaded ${deb[0]} is not version $deb_version"
+        exit 1
+    fi
+    # Unpacked beside the old one and moved into place once it is known to work, so an
+    # interrupted run leaves no half-unpacked Exim that looks complete.
+    rm -rf "$EXIM_ROOT.new"
+    mkdir -p "$EXIM_ROOT.new"
+    dpkg -x "${deb[0]}" "$EXIM_ROOT.new"
+    rm -rf "$work"
+    missing=$(ldd "$EXIM_ROOT.new/usr/sbin/exim4" | sed -n 's/^[[:space:]]*\([^ ]*\) => not found.*/\1/p')
+    if [ -n "$missing" ]; then
+        log "the unpacked exim4 lacks libraries: $missing"
+        exit 1
+    fi
+    got=$(exim_unpacked_version "$EXIM_ROOT.new")
+    if [ "$got" != "$EXIM_VERSION" ]; then
+        log "the unpacked exim4 reports version '$got', not $EXIM_VERSION"
+        exit 1
+    fi
+    echo "$deb_version" >"$EXIM_ROOT.new/exim4-daemon-light.version"
+    rm -rf "$EXIM_ROOT"
+    mv "$EXIM_ROOT.new" "$EXIM_ROOT"
+    log "unpacked exim4-daemon-light $deb_version into $EXIM_ROOT"
+fi
+
 # No systemd in the sandbox. The package scripts may or may not have started the
 # system instances (policy-rc.d usually forbids it); stop them if they run so they
 # don't sit on ports 25/110/143. Failures here are tolerated on purpose.
@@ -116,7 +194,10 @@ if [ -s /run/dovecot/master.pid ] && kill -0 "$(cat /run/dovecot/master.pid)" 2>
     doveadm stop >/dev/null 2>&1 || service dovecot stop >/dev/null 2>&1 || true
 fi
 
-log "versions: postfix $(postconf -h mail_version), dovecot $(dovecot --version)"
+# postconf -d: the compiled-in version, which needs no main.cf (a fresh install may have
+# none, and then plain postconf only says "fatal: open /etc/postfix/main.cf").
+log "versions: postfix $(postconf -d -h mail_version 2>/dev/null), dovecot $(dovecot --version)," \
+    "exim $(exim_unpacked_version "$EXIM_ROOT") ($(cat "$EXIM_ROOT/exim4-daemon-light.version" 2>/dev/null))"
 log "clients: $(curl --version | head -n1 | cut -d' ' -f1-2), $(mbsync --version), fetchmail $(fetchmail --version 2>/dev/null | sed -n 's/^This is fetchmail release \([^+ ]*\).*/\1/p')"
 log "attack tools: testssl $(dpkg-query -W -f='${Version}' testssl.sh 2>/dev/null), $(gnutls-cli --version | head -n1), command-injection-tester $CIT_VERSION"
 log "ok"

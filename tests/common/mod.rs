@@ -16,6 +16,11 @@ use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWrite, AsyncWrite
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 
+/// A real Exim 4.96 upstream (`scripts/exim.sh`).
+pub mod exim;
+/// A recording forwarder for the upstream leg.
+pub mod recorder;
+
 /// Every await in a test is bounded by this: a hung test fails instead of hanging CI.
 pub const STEP: Duration = Duration::from_secs(20);
 
