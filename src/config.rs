@@ -1,7 +1,10 @@
-//! The YAML configuration: parsed into typed structs (unknown fields rejected), then
-//! validated as a whole, before any port is bound. Every problem found is reported with
-//! its YAML line.
+//! The YAML configuration, checked whole before any port is bound: the text becomes a
+//! YAML tree that keeps every node's line, the tree is read key by key (`read`: unknown
+//! and missing keys, each value by its type) and then checked across the file
+//! ([`Config::parse`]), every problem collected with its own line; only a file without
+//! any becomes the typed structs below (serde, unknown fields rejected).
 
+use std::collections::BTreeMap;
 use std::fmt;
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
@@ -11,6 +14,10 @@ use serde::{Deserialize, Deserializer};
 
 use crate::identity::{Cidr, ProxyVersion};
 use crate::policy::{BareNewlines, Policy};
+
+mod read;
+
+use read::Draft;
 
 /// The whole configuration.
 #[derive(Debug, Clone, Deserialize)]
@@ -385,9 +392,33 @@ impl fmt::Display for ConfigError {
 
 impl std::error::Error for ConfigError {}
 
+/// Where each key of a configuration file is: its path (`listeners[1].upstream`, as
+/// messages name it) to its 1-based line. A list entry's line is the line of its `-`.
+#[derive(Debug, Clone, Default)]
+pub struct Positions(BTreeMap<String, usize>);
+
+impl Positions {
+    /// The line of `path`, or of the nearest key around it that was in the file (a key left
+    /// out has the line of its mapping).
+    pub fn line(&self, path: &str) -> Option<usize> {
+        let mut path = path;
+        loop {
+            if let Some(line) = self.0.get(path) {
+                return Some(*line);
+            }
+            path = &path[..path.rfind(['.', '['])?];
+        }
+    }
+}
+
 impl Config {
     /// Reads and validates a configuration file.
     pub fn from_file(path: &Path) -> Result<Config, ConfigError> {
+        Config::load(path).map(|(config, _)| config)
+    }
+
+    /// Reads and validates a configuration file, and tells where each key is.
+    pub fn load(path: &Path) -> Result<(Config, Positions), ConfigError> {
         let origin = path.display().to_string();
         let text = std::fs::read_to_string(path).map_err(|err| ConfigError {
             origin: origin.clone(),
@@ -396,49 +427,71 @@ impl Config {
                 message: format!("cannot read: {err}"),
             }],
         })?;
-        Config::from_yaml(&text, &origin)
+        Config::parse(&text, &origin)
     }
 
     /// Parses and validates YAML text; `origin` names it in messages.
     pub fn from_yaml(text: &str, origin: &str) -> Result<Config, ConfigError> {
-        let config: Config = serde_yaml::from_str(text).map_err(|err| ConfigError {
-            origin: origin.to_owned(),
-            problems: vec![Problem {
-                line: err.location().map(|l| l.line()),
-                message: strip_location(&err.to_string()),
-            }],
-        })?;
-        let problems = config.validate(text);
-        if problems.is_empty() {
-            Ok(config)
-        } else {
-            Err(ConfigError {
-                origin: origin.to_owned(),
-                problems,
-            })
-        }
+        Config::parse(text, origin).map(|(config, _)| config)
     }
 
-    /// Whole-file checks that serde cannot make; `text` is the source, to find lines.
-    fn validate(&self, text: &str) -> Vec<Problem> {
-        let mut problems = Vec::new();
-        let mut problem = |needle: &str, message: String| {
-            problems.push(Problem {
-                line: line_of(text, needle),
-                message,
-            })
+    /// Parses and validates YAML text, and tells where each key is; `origin` names it in
+    /// messages.
+    ///
+    /// The text becomes a YAML tree that keeps every node's line; the tree is read and
+    /// checked whole (unknown keys, types, values, then the checks across the file), every
+    /// problem collected with its line; only a file without any becomes the typed `Config`,
+    /// built by serde from the same text.
+    pub fn parse(text: &str, origin: &str) -> Result<(Config, Positions), ConfigError> {
+        let (draft, reader) = read::read(text);
+        let mut problems = reader.problems;
+        if let Some(draft) = &draft {
+            problems.extend(validate(draft, &reader.positions));
+        }
+        // In file order; at one line, in the order found.
+        problems.sort_by_key(|p| p.line);
+        let fail = |problems| ConfigError {
+            origin: origin.to_owned(),
+            problems,
         };
-        if self.tls.certificates.is_empty() {
+        if !problems.is_empty() {
+            return Err(fail(problems));
+        }
+        // The tree reads every value with its type's own Deserialize, so this only fails
+        // if the two disagree; then serde's word is final.
+        let config = serde_yaml::from_str(text).map_err(|err| {
+            fail(vec![Problem {
+                line: err.location().map(|l| l.line()),
+                message: strip_location(&err.to_string()),
+            }])
+        })?;
+        Ok((config, reader.positions))
+    }
+}
+
+/// The checks across the file that no single value shows, on the draft of what could be
+/// read; `at` finds each problem's line by the path of its key.
+fn validate(draft: &Draft, at: &Positions) -> Vec<Problem> {
+    let mut problems = Vec::new();
+    let mut problem = |path: &str, message: String| {
+        problems.push(Problem {
+            line: at.line(path),
+            message,
+        })
+    };
+    if let Some(certificates) = &draft.certificates {
+        if certificates.is_empty() {
             problem(
-                "certificates",
+                "tls.certificates",
                 "tls.certificates: at least one certificate is needed".into(),
             );
         }
-        for (index, pair) in self.tls.certificates.iter().enumerate() {
+        for (index, pair) in certificates.iter().enumerate() {
+            let Some(pair) = pair else { continue };
             for (field, path) in [("cert", &pair.cert), ("key", &pair.key)] {
                 if let Err(err) = std::fs::metadata(path) {
                     problem(
-                        &path.display().to_string(),
+                        &format!("tls.certificates[{index}].{field}"),
                         format!(
                             "tls.certificates[{index}].{field}: {}: {err}",
                             path.display()
@@ -447,130 +500,141 @@ impl Config {
                 }
             }
         }
-        if self.listeners.is_empty() {
-            problem(
-                "listeners",
-                "listeners: at least one listener is needed".into(),
-            );
-        }
-        for (index, listener) in self.listeners.iter().enumerate() {
-            let at = format!("listeners[{index}] ({})", listener.name);
-            let name_needle = format!("name: {}", listener.name);
-            if self.listeners[..index]
-                .iter()
-                .any(|l| l.name == listener.name)
-            {
-                problem(
-                    &name_needle,
-                    format!("{at}.name: `{}` is used twice", listener.name),
-                );
-            }
-            // Port 0 asks the kernel for a free port: never a clash.
-            if listener.listen.port() != 0
-                && self.listeners[..index]
-                    .iter()
-                    .any(|l| l.listen == listener.listen)
-            {
-                problem(
-                    &name_needle,
-                    format!("{at}.listen: {} is used twice", listener.listen),
-                );
-            }
-            if listener.protocol != Protocol::Smtp && listener.policy != Policy::RequireTls {
-                problem(
-                    &name_needle,
-                    format!(
-                        "{at}.policy: {:?} is for SMTP MX listeners; IMAP and POP3 always \
-                         require TLS before login",
-                        listener.policy
-                    ),
-                );
-            }
-            if !listener.upstream.is_local() && !self.allow_remote_plaintext {
-                problem(
-                    &name_needle,
-                    format!(
-                        "{at}.upstream: {} is neither loopback nor a unix socket; plaintext \
-                         would cross the network (set allow_remote_plaintext: true to accept)",
-                        listener.upstream
-                    ),
-                );
-            }
-            for message in listener.identity_problems(self.allow_remote_plaintext) {
-                problem(&name_needle, format!("{at}.{message}"));
-            }
-        }
-        if let Some(metrics) = &self.metrics
-            && metrics.listen.port() != 0
-            && self.listeners.iter().any(|l| l.listen == metrics.listen)
-        {
-            problem(
-                "metrics",
-                format!(
-                    "metrics.listen: {} is also a listener's address",
-                    metrics.listen
-                ),
-            );
-        }
-        if !(512..=16_000).contains(&self.limits.max_line_len) {
-            problem(
-                "max_line_len",
-                format!(
-                    "limits.max_line_len: {} is outside 512..=16000 (RFC 5321 §4.5.3.1.4; legacy \
-                     servers split longer lines)",
-                    self.limits.max_line_len
-                ),
-            );
-        }
-        if self.limits.max_plaintext_commands == 0 {
-            problem(
-                "max_plaintext_commands",
-                "limits.max_plaintext_commands: must be at least 1 (STARTTLS itself counts)".into(),
-            );
-        }
-        if self.limits.max_connections_per_client == 0 {
-            problem(
-                "max_connections_per_client",
-                "limits.max_connections_per_client: must be at least 1".into(),
-            );
-        }
-        // The upper bound keeps the connection semaphore far from its own limit
-        // (usize::MAX >> 3), where tokio would panic, also on a SIGHUP.
-        if !(1..=MAX_CONNECTIONS_LIMIT).contains(&self.limits.max_connections) {
-            problem(
-                "max_connections",
-                format!("limits.max_connections: must be between 1 and {MAX_CONNECTIONS_LIMIT}"),
-            );
-        }
-        if self.limits.max_literal_len == 0 {
-            problem(
-                "max_literal_len",
-                "limits.max_literal_len: must be at least 1".into(),
-            );
-        }
-        if let Some(level) = &self.log.level
-            && let Err(why) = check_log_filter(level)
-        {
-            problem(
-                "level",
-                format!("log.level: {level:?} is not a level or filter ({why})"),
-            );
-        }
-        for (name, value) in [
-            ("upstream_connect", self.timeouts.upstream_connect),
-            ("greeting", self.timeouts.greeting),
-            ("tls_handshake", self.timeouts.tls_handshake),
-            ("idle", self.timeouts.idle),
-            ("data", self.timeouts.data),
-            ("idle_after_login", self.timeouts.idle_after_login),
-        ] {
-            if value.is_zero() {
-                problem(name, format!("timeouts.{name}: must be longer than 0"));
-            }
-        }
-        problems.sort_by_key(|p| p.line);
-        problems
     }
+    let listeners = draft.listeners.as_deref().unwrap_or_default();
+    if draft.listeners.as_ref().is_some_and(Vec::is_empty) {
+        problem(
+            "listeners",
+            "listeners: at least one listener is needed".into(),
+        );
+    }
+    for (index, listener) in listeners.iter().enumerate() {
+        let path = format!("listeners[{index}]");
+        let at = match &listener.name {
+            Some(name) => format!("{path} ({name})"),
+            None => path.clone(),
+        };
+        if let Some(name) = &listener.name
+            && listeners[..index]
+                .iter()
+                .any(|l| l.name.as_ref() == Some(name))
+        {
+            problem(
+                &format!("{path}.name"),
+                format!("{at}.name: `{name}` is used twice"),
+            );
+        }
+        // Port 0 asks the kernel for a free port: never a clash.
+        if let Some(listen) = listener.listen
+            && listen.port() != 0
+            && listeners[..index].iter().any(|l| l.listen == Some(listen))
+        {
+            problem(
+                &format!("{path}.listen"),
+                format!("{at}.listen: {listen} is used twice"),
+            );
+        }
+        let Some(listener) = &listener.config else {
+            continue;
+        };
+        if listener.protocol != Protocol::Smtp && listener.policy != Policy::RequireTls {
+            problem(
+                &format!("{path}.policy"),
+                format!(
+                    "{at}.policy: {:?} is for SMTP MX listeners; IMAP and POP3 always \
+                     require TLS before login",
+                    listener.policy
+                ),
+            );
+        }
+        if !listener.upstream.is_local() && !draft.allow_remote_plaintext {
+            problem(
+                &format!("{path}.upstream"),
+                format!(
+                    "{at}.upstream: {} is neither loopback nor a unix socket; plaintext \
+                     would cross the network (set allow_remote_plaintext: true to accept)",
+                    listener.upstream
+                ),
+            );
+        }
+        for (key, message) in listener.identity_problems(draft.allow_remote_plaintext) {
+            problem(&format!("{path}.{key}"), format!("{at}.{key}: {message}"));
+        }
+    }
+    if let Some(metrics) = &draft.metrics
+        && metrics.listen.port() != 0
+        && listeners.iter().any(|l| l.listen == Some(metrics.listen))
+    {
+        problem(
+            "metrics.listen",
+            format!(
+                "metrics.listen: {} is also a listener's address",
+                metrics.listen
+            ),
+        );
+    }
+    let limits = &draft.limits;
+    if !(512..=16_000).contains(&limits.max_line_len) {
+        problem(
+            "limits.max_line_len",
+            format!(
+                "limits.max_line_len: {} is outside 512..=16000 (RFC 5321 §4.5.3.1.4; legacy \
+                 servers split longer lines)",
+                limits.max_line_len
+            ),
+        );
+    }
+    if limits.max_plaintext_commands == 0 {
+        problem(
+            "limits.max_plaintext_commands",
+            "limits.max_plaintext_commands: must be at least 1 (STARTTLS itself counts)".into(),
+        );
+    }
+    if limits.max_connections_per_client == 0 {
+        problem(
+            "limits.max_connections_per_client",
+            "limits.max_connections_per_client: must be at least 1".into(),
+        );
+    }
+    // The upper bound keeps the connection semaphore far from its own limit
+    // (usize::MAX >> 3), where tokio would panic, also on a SIGHUP.
+    if !(1..=MAX_CONNECTIONS_LIMIT).contains(&limits.max_connections) {
+        problem(
+            "limits.max_connections",
+            format!("limits.max_connections: must be between 1 and {MAX_CONNECTIONS_LIMIT}"),
+        );
+    }
+    if limits.max_literal_len == 0 {
+        problem(
+            "limits.max_literal_len",
+            "limits.max_literal_len: must be at least 1".into(),
+        );
+    }
+    if let Some(level) = &draft.log.level
+        && let Err(why) = check_log_filter(level)
+    {
+        problem(
+            "log.level",
+            format!("log.level: {level:?} is not a level or filter ({why})"),
+        );
+    }
+    let timeouts = &draft.timeouts;
+    for (name, value) in [
+        ("upstream_connect", timeouts.upstream_connect),
+        ("greeting", timeouts.greeting),
+        ("tls_handshake", timeouts.tls_handshake),
+        ("idle", timeouts.idle),
+        ("data", timeouts.data),
+        ("idle_after_login", timeouts.idle_after_login),
+    ] {
+        if value.is_zero() {
+            problem(
+                &format!("timeouts.{name}"),
+                format!("timeouts.{name}: must be longer than 0"),
+            );
+        }
+    }
+    problems
 }
 
 impl ListenerConfig {
@@ -584,78 +648,93 @@ impl ListenerConfig {
         self.exempt_networks.iter().any(|net| net.contains(ip))
     }
 
-    /// What is wrong with the client-identity keys (DESIGN §7), each message starting
-    /// with the key's name.
-    fn identity_problems(&self, allow_remote_plaintext: bool) -> Vec<String> {
+    /// What is wrong with the client-identity keys (DESIGN §7), each with the key it is
+    /// about.
+    fn identity_problems(&self, allow_remote_plaintext: bool) -> Vec<(&'static str, String)> {
         let mut problems = Vec::new();
         if !self.exempt_networks.is_empty() && self.tls == TlsMode::Implicit {
-            problems.push(
-                "exempt_networks: an implicit-TLS listener has no plaintext to allow; \
+            problems.push((
+                "exempt_networks",
+                "an implicit-TLS listener has no plaintext to allow; \
                  exempt devices connect to a STARTTLS listener"
                     .to_owned(),
-            );
+            ));
         }
         if !self.exempt_networks.is_empty()
             && self.protocol == Protocol::Smtp
             && self.source_address.is_none()
             && self.upstream_proxy_protocol.is_none()
         {
-            problems.push(
-                "exempt_networks: give exempt SMTP sessions an identity of their own \
+            problems.push((
+                "exempt_networks",
+                "give exempt SMTP sessions an identity of their own \
                  (source_address or upstream_proxy_protocol): they are relayed unchanged, and \
                  an upstream that trusts mailmoat's address (smtpd_authorized_xclient_hosts \
                  for another listener's xclient, mynetworks) would believe a device's own \
                  XCLIENT"
                     .to_owned(),
-            );
+            ));
         }
         if !self.exempt_networks.is_empty() && self.xclient {
-            problems.push(
-                "exempt_networks: not with xclient: an exempt session's bytes reach the \
+            problems.push((
+                "exempt_networks",
+                "not with xclient: an exempt session's bytes reach the \
                  upstream unchanged, and an upstream that trusts mailmoat's XCLIENT would \
                  believe the device's"
                     .to_owned(),
-            );
+            ));
         }
         if self.bare_newlines.is_some() && self.protocol != Protocol::Smtp {
-            problems.push(
-                "bare_newlines: applies to SMTP message bodies only; IMAP and POP3 bytes \
+            problems.push((
+                "bare_newlines",
+                "applies to SMTP message bodies only; IMAP and POP3 bytes \
                  pass unchanged"
                     .to_owned(),
-            );
+            ));
         }
         if self.xclient && self.protocol != Protocol::Smtp {
-            problems.push(
-                "xclient: XCLIENT is an SMTP extension (Postfix); use \
+            problems.push((
+                "xclient",
+                "XCLIENT is an SMTP extension (Postfix); use \
                  upstream_proxy_protocol for IMAP and POP3"
                     .to_owned(),
-            );
+            ));
         }
         if self.xclient && self.upstream_proxy_protocol.is_some() {
-            problems.push(
-                "xclient: choose either xclient or upstream_proxy_protocol; both carry the \
+            problems.push((
+                "xclient",
+                "choose either xclient or upstream_proxy_protocol; both carry the \
                  client's address, and behind PROXY Postfix checks \
                  smtpd_authorized_xclient_hosts against the client, not mailmoat"
                     .to_owned(),
-            );
+            ));
         }
         if let Some(source) = self.source_address {
             match &self.upstream {
-                UpstreamAddr::Unix(_) => problems.push(format!(
-                    "source_address: {source} is meaningless for the unix socket upstream {}",
-                    self.upstream
+                UpstreamAddr::Unix(_) => problems.push((
+                    "source_address",
+                    format!(
+                        "{source} is meaningless for the unix socket upstream {}",
+                        self.upstream
+                    ),
                 )),
                 UpstreamAddr::Tcp(upstream) if upstream.is_ipv4() != source.is_ipv4() => problems
-                    .push(format!(
-                        "source_address: {source} and the upstream {upstream} are of \
-                         different address families"
+                    .push((
+                        "source_address",
+                        format!(
+                            "{source} and the upstream {upstream} are of different address \
+                             families"
+                        ),
                     )),
                 UpstreamAddr::Tcp(_) => {}
             }
             if !source.is_loopback() && !allow_remote_plaintext {
-                problems.push(format!(
-                    "source_address: {source} is not a loopback address; plaintext would \
-                     cross the network (set allow_remote_plaintext: true to accept)"
+                problems.push((
+                    "source_address",
+                    format!(
+                        "{source} is not a loopback address; plaintext would cross the \
+                         network (set allow_remote_plaintext: true to accept)"
+                    ),
                 ));
             }
         }
@@ -686,13 +765,6 @@ fn strip_location(message: &str) -> String {
         Some(index) => message[..index].to_owned(),
         None => message.to_owned(),
     }
-}
-
-/// The 1-based line of the first occurrence of `needle`.
-fn line_of(text: &str, needle: &str) -> Option<usize> {
-    text.lines()
-        .position(|line| line.contains(needle))
-        .map(|index| index + 1)
 }
 
 #[cfg(test)]

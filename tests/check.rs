@@ -51,7 +51,7 @@ timeouts:
         format!("error: {origin}:3: tls.certificates[0].key: /nonexistent/key.pem: "),
         format!("error: {origin}:5: listeners[0] (mx).upstream: 192.0.2.10:25 is neither"),
         format!("error: {origin}:6: listeners[1] (imap).policy: AuthRequiresTls is for SMTP"),
-        format!("error: {origin}:6: listeners[2] (imap).name: `imap` is used twice"),
+        format!("error: {origin}:7: listeners[2] (imap).name: `imap` is used twice"),
         format!("error: {origin}:9: limits.max_line_len: 100 is outside 512..=16000"),
         format!("error: {origin}:11: timeouts.greeting: must be longer than 0"),
     ];
@@ -66,6 +66,70 @@ timeouts:
     assert_eq!(
         checked.stdout,
         "check failed: 6 configuration error(s), nothing else was checked\n"
+    );
+}
+
+#[test]
+fn mistakes_of_every_kind_are_reported_together_each_with_its_exact_line() {
+    let certs = common::certs();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("bad.yaml");
+    // Type errors used to stop the check at the first one ("nothing else was checked").
+    let yaml = format!(
+        "tls:
+  certificates:
+    - {{ cert: {}, key: {} }}
+listeners:
+  - {{ name: mx, protocol: smtp, listen: \"127.0.0.1:0\", upstream: \"127.0.0.1:2525\", xclient: perhaps }}
+  - name: imap
+    protocol: imap
+    listen: \"127.0.0.1:0\"
+    upstream: \"127.0.0.1:1143\"
+    policy: auth_requires_tls
+    proxy_protocol_from: [10.0.0.1/8]
+    upstraem: \"127.0.0.1:1143\"
+timeouts:
+  idle: 5 minutes
+",
+        certs.default.0.display(),
+        certs.default.1.display()
+    );
+    std::fs::write(&path, yaml).unwrap();
+    let checked = check(&path, &["--offline"]);
+    assert_eq!(checked.code, Some(64), "{}", checked.both());
+    let origin = path.display();
+    let expected = [
+        format!(
+            "error: {origin}:5: listeners[0].xclient: invalid type: string \"perhaps\", expected a boolean"
+        ),
+        format!(
+            "error: {origin}:10: listeners[1] (imap).policy: AuthRequiresTls is for SMTP MX \
+             listeners; IMAP and POP3 always require TLS before login"
+        ),
+        format!(
+            "error: {origin}:11: listeners[1].proxy_protocol_from: `10.0.0.1/8`: host bits are \
+             set (did you mean 10.0.0.0/8?)"
+        ),
+        format!(
+            "error: {origin}:12: listeners[1]: unknown field `upstraem`, expected one of `name`, \
+             `protocol`, `listen`, `tls`, `policy`, `upstream`, `bare_newlines`, \
+             `proxy_protocol_from`, `upstream_proxy_protocol`, `xclient`, `source_address`, \
+             `exempt_networks`, `reuse_port`"
+        ),
+        format!(
+            "error: {origin}:14: timeouts: `5 minutes`: expected a duration such as 500ms, 30s, \
+             5m or 1h"
+        ),
+    ];
+    assert_eq!(
+        checked.stderr.lines().collect::<Vec<_>>(),
+        expected,
+        "{}",
+        checked.both()
+    );
+    assert_eq!(
+        checked.stdout,
+        "check failed: 5 configuration error(s), nothing else was checked\n"
     );
 }
 

@@ -145,8 +145,8 @@ fn invalid_fixtures_name_the_field_and_the_line() {
             &[
                 "several-mistakes.yaml:3: tls.certificates[0].cert: /nonexistent/cert.pem",
                 "several-mistakes.yaml:5: listeners[0] (mx).upstream: 192.0.2.10:25 is neither loopback nor a unix socket",
-                "several-mistakes.yaml:5: listeners[1] (mx).name: `mx` is used twice",
-                "several-mistakes.yaml:5: listeners[1] (mx).listen: 127.0.0.1:47125 is used twice",
+                "several-mistakes.yaml:6: listeners[1] (mx).name: `mx` is used twice",
+                "several-mistakes.yaml:6: listeners[1] (mx).listen: 127.0.0.1:47125 is used twice",
                 "several-mistakes.yaml:8: limits.max_line_len: 100 is outside 512..=16000",
             ],
         ),
@@ -367,4 +367,26 @@ fn exempt_networks_are_refused_on_implicit_tls_and_with_xclient() {
             "{err}"
         );
     }
+}
+
+#[test]
+fn a_mistake_inside_a_flow_mapping_has_the_line_of_that_mapping() {
+    let certs = common::certs();
+    let yaml = format!(
+        "tls:\n  certificates:\n    - {{ cert: {}, key: {} }}\nlisteners:\n  \
+         - {{ name: a, protocol: smtp, listen: \"127.0.0.1:0\", upstream: \"127.0.0.1:2525\" }}\n  \
+         - {{ name: b, protocol: smtp, listen: \"127.0.0.1:0\", upstream: \"127.0.0.1:2525\", tls: implict }}\n  \
+         - {{ name: c, protocol: smtp, listen: \"127.0.0.1:0\", upstream: \"127.0.0.1:2525\",\n      \
+         reuse_port: 1 }}\n  \
+         - {{ name: d, protocol: pop3,\n      listen: \"127.0.0.1:0\" }}\n",
+        certs.default.0.display(),
+        certs.default.1.display()
+    );
+    let err = Config::from_yaml(&yaml, "flow.yaml").unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "flow.yaml:6: listeners[1].tls: unknown variant `implict`, expected `starttls` or `implicit`\n\
+         flow.yaml:8: listeners[2].reuse_port: invalid type: integer `1`, expected a boolean\n\
+         flow.yaml:9: listeners[3]: missing field `upstream`"
+    );
 }

@@ -14,19 +14,19 @@ use x509_parser::certificate::X509Certificate;
 use x509_parser::extensions::GeneralName;
 
 use super::{Finding, Severity};
-use crate::config::TlsConfig;
+use crate::config::{Positions, TlsConfig};
 
 /// A certificate that expires within this many days gets a warning.
 pub const EXPIRY_WARNING_DAYS: i64 = 30;
 
 const SECONDS_PER_DAY: i64 = 24 * 60 * 60;
 
-/// Checks every configured certificate and key; `line_of` finds a path's YAML line.
+/// Checks every configured certificate and key; `positions` gives their lines.
 pub fn check(
     tls: &TlsConfig,
     provider: &CryptoProvider,
     now: SystemTime,
-    line_of: &dyn Fn(&str) -> Option<usize>,
+    positions: &Positions,
 ) -> Vec<Finding> {
     let now = now
         .duration_since(UNIX_EPOCH)
@@ -34,7 +34,7 @@ pub fn check(
     let mut findings = Vec::new();
     for (index, pair) in tls.certificates.iter().enumerate() {
         let subject = format!("tls.certificates[{index}]");
-        let line = line_of(&pair.cert.display().to_string());
+        let line = positions.line(&subject);
         let mut push = |severity, message: String| {
             findings.push(Finding {
                 severity,
