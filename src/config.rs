@@ -16,8 +16,10 @@ use crate::identity::{Cidr, ProxyVersion};
 use crate::policy::{BareNewlines, Policy};
 
 mod read;
+mod sockets;
 
 use read::Draft;
+use sockets::{Host, ThisHost};
 
 /// The whole configuration.
 #[derive(Debug, Clone, Deserialize)]
@@ -443,10 +445,19 @@ impl Config {
     /// problem collected with its line; only a file without any becomes the typed `Config`,
     /// built by serde from the same text.
     pub fn parse(text: &str, origin: &str) -> Result<(Config, Positions), ConfigError> {
+        Config::parse_on(text, origin, &ThisHost::default())
+    }
+
+    /// [`Config::parse`] for `host`.
+    fn parse_on(
+        text: &str,
+        origin: &str,
+        host: &dyn Host,
+    ) -> Result<(Config, Positions), ConfigError> {
         let (draft, reader) = read::read(text);
         let mut problems = reader.problems;
         if let Some(draft) = &draft {
-            problems.extend(validate(draft, &reader.positions));
+            problems.extend(validate(draft, &reader.positions, host));
         }
         // In file order; at one line, in the order found.
         problems.sort_by_key(|p| p.line);
@@ -470,12 +481,12 @@ impl Config {
 }
 
 /// The checks across the file that no single value shows, on the draft of what could be
-/// read; `at` finds each problem's line by the path of its key.
-fn validate(draft: &Draft, at: &Positions) -> Vec<Problem> {
+/// read; `positions` finds each problem's line by the path of its key.
+fn validate(draft: &Draft, positions: &Positions, host: &dyn Host) -> Vec<Problem> {
     let mut problems = Vec::new();
     let mut problem = |path: &str, message: String| {
         problems.push(Problem {
-            line: at.line(path),
+            line: positions.line(path),
             message,
         })
     };
@@ -524,15 +535,38 @@ fn validate(draft: &Draft, at: &Positions) -> Vec<Problem> {
                 format!("{at}.name: `{name}` is used twice"),
             );
         }
-        // Port 0 asks the kernel for a free port: never a clash.
-        if let Some(listen) = listener.listen
-            && listen.port() != 0
-            && listeners[..index].iter().any(|l| l.listen == Some(listen))
-        {
-            problem(
-                &format!("{path}.listen"),
-                format!("{at}.listen: {listen} is used twice"),
-            );
+        // What `run` could not bind: the same address twice (even with reuse_port, which
+        // would split one port's connections between two listeners at random), or
+        // addresses that overlap (see `sockets`).
+        if let Some(listen) = listener.listen {
+            let earlier = listeners[..index].iter().enumerate();
+            let mut clashes = earlier.filter_map(|(other_index, other)| {
+                let other_listen = other.listen?;
+                let twice = listen == other_listen && listen.port() != 0;
+                let overlap = sockets::overlap(listen, other_listen, host.ipv6_only())
+                    && !(listener.reuse_port && other.reuse_port);
+                (twice || overlap).then_some((other_index, other, other_listen))
+            });
+            if let Some((other_index, other, other_listen)) = clashes.next() {
+                let other_at = match &other.name {
+                    Some(name) => format!("listeners[{other_index}] ({name})"),
+                    None => format!("listeners[{other_index}]"),
+                };
+                let other_line = positions
+                    .line(&format!("listeners[{other_index}].listen"))
+                    .map_or_else(String::new, |line| format!(", line {line}"));
+                let message = if listen == other_listen {
+                    format!("{at}.listen: {listen} is used twice (also {other_at}{other_line})")
+                } else {
+                    format!(
+                        "{at}.listen: {listen} overlaps {other_listen} of {other_at}{other_line} \
+                         ({}): Linux binds only one of them, so `mailmoat run` would fail \
+                         (address in use)",
+                        sockets::why_overlap(listen, other_listen)
+                    )
+                };
+                problem(&format!("{path}.listen"), message);
+            }
         }
         let Some(listener) = &listener.config else {
             continue;
@@ -561,17 +595,35 @@ fn validate(draft: &Draft, at: &Positions) -> Vec<Problem> {
             problem(&format!("{path}.{key}"), format!("{at}.{key}: {message}"));
         }
     }
-    if let Some(metrics) = &draft.metrics
-        && metrics.listen.port() != 0
-        && listeners.iter().any(|l| l.listen == Some(metrics.listen))
-    {
-        problem(
-            "metrics.listen",
-            format!(
-                "metrics.listen: {} is also a listener's address",
-                metrics.listen
+    // The metrics endpoint is bound after the listeners, without SO_REUSEPORT.
+    if let Some(metrics) = &draft.metrics {
+        let listen = metrics.listen;
+        let clash = listeners.iter().enumerate().find_map(|(index, l)| {
+            let other = l.listen?;
+            sockets::overlap(listen, other, host.ipv6_only()).then_some((index, l, other))
+        });
+        match clash {
+            Some((_, _, other)) if other == listen => problem(
+                "metrics.listen",
+                format!("metrics.listen: {listen} is also a listener's address"),
             ),
-        );
+            Some((index, l, other)) => problem(
+                "metrics.listen",
+                format!(
+                    "metrics.listen: {listen} overlaps {other} of listeners[{index}]{}{} ({}): \
+                     Linux binds only one of them, so `mailmoat run` would fail (address in \
+                     use)",
+                    l.name
+                        .as_ref()
+                        .map_or_else(String::new, |name| format!(" ({name})")),
+                    positions
+                        .line(&format!("listeners[{index}].listen"))
+                        .map_or_else(String::new, |line| format!(", line {line}")),
+                    sockets::why_overlap(listen, other)
+                ),
+            ),
+            None => {}
+        }
     }
     let limits = &draft.limits;
     if !(512..=16_000).contains(&limits.max_line_len) {

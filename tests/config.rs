@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use mailmoat::config::Config;
+use mailmoat::listener::Server;
 
 /// Runs the real binary with `args` then the config path (bounded).
 fn mailmoat_cli(args: &[&str], path: &Path) -> common::Ran {
@@ -389,4 +390,111 @@ fn a_mistake_inside_a_flow_mapping_has_the_line_of_that_mapping() {
          flow.yaml:8: listeners[2].reuse_port: invalid type: integer `1`, expected a boolean\n\
          flow.yaml:9: listeners[3]: missing field `upstream`"
     );
+}
+
+#[tokio::test]
+async fn validation_refuses_the_listen_addresses_run_cannot_bind_together() {
+    let certs = common::certs();
+    let yaml = |listeners: &str| {
+        format!(
+            "tls:\n  certificates:\n    - {{ cert: {}, key: {} }}\nlisteners:\n{listeners}",
+            certs.default.0.display(),
+            certs.default.1.display()
+        )
+    };
+    let addresses = [
+        "0.0.0.0",
+        "127.0.0.1",
+        "127.0.0.2",
+        "[::]",
+        "[::1]",
+        "[::ffff:127.0.0.1]",
+    ];
+    for first in addresses {
+        for second in addresses {
+            for reuse_port in [false, true] {
+                let port = common::free_port();
+                let listener = |name: &str, ip: &str| {
+                    format!(
+                        "  - {{ name: {name}, protocol: smtp, listen: \"{ip}:{port}\", \
+                         upstream: \"127.0.0.1:2525\", reuse_port: {reuse_port} }}\n"
+                    )
+                };
+                // What the kernel says: both bound as `run` binds them (listener.rs).
+                let one = Config::from_yaml(&yaml(&listener("a", first)), "a.yaml").unwrap();
+                let other = Config::from_yaml(&yaml(&listener("b", second)), "b.yaml").unwrap();
+                let running = Server::bind(&one).await.unwrap();
+                let second_bind = Server::bind(&other).await;
+                let kernel_binds_both = second_bind.is_ok();
+                if let Ok(server) = second_bind {
+                    server.shut_down().await;
+                }
+                running.shut_down().await;
+                // What validation says of one file with both.
+                let both = yaml(&(listener("a", first) + &listener("b", second)));
+                let validated = Config::from_yaml(&both, "both.yaml");
+                // The one difference, by design: one address twice is refused even where
+                // reuse_port lets the kernel bind it twice.
+                let expected = kernel_binds_both && first != second;
+                assert_eq!(
+                    validated.is_ok(),
+                    expected,
+                    "{first} then {second}, reuse_port: {reuse_port}: kernel binds both: \
+                     {kernel_binds_both}; validation: {validated:?}"
+                );
+                if let Err(err) = validated {
+                    assert_eq!(err.problems.len(), 1, "{err}");
+                    let message = err.to_string();
+                    assert!(
+                        message.starts_with(&format!(
+                            "both.yaml:6: listeners[1] (b).listen: {second}:{port} "
+                        )) && message.contains("listeners[0] (a), line 5"),
+                        "{message}"
+                    );
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn check_and_run_refuse_overlapping_listen_addresses_with_the_line_of_each() {
+    let certs = common::certs();
+    let port = common::free_port();
+    let yaml = format!(
+        "tls:\n  certificates:\n    - {{ cert: {}, key: {} }}\nlisteners:\n  \
+         - {{ name: mx, protocol: smtp, listen: \"0.0.0.0:{port}\", upstream: \"127.0.0.1:2525\" }}\n  \
+         - {{ name: local, protocol: smtp, listen: \"127.0.0.1:{port}\", upstream: \"127.0.0.1:2525\" }}\n  \
+         - {{ name: v6, protocol: smtp, listen: \"[::]:{port}\", upstream: \"127.0.0.1:2525\" }}\n",
+        certs.default.0.display(),
+        certs.default.1.display()
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("overlap.yaml");
+    std::fs::write(&path, yaml).unwrap();
+    let origin = path.display();
+    for subcommand in ["check", "run"] {
+        let output = mailmoat_cli(&[subcommand, "-c"], &path);
+        assert_eq!(output.code, Some(64), "{subcommand}: {}", output.both());
+        assert_eq!(
+            output.stderr.lines().collect::<Vec<_>>(),
+            [
+                format!(
+                    "{}{origin}:6: listeners[1] (local).listen: 127.0.0.1:{port} overlaps \
+                     0.0.0.0:{port} of listeners[0] (mx), line 5 (the wildcard address takes \
+                     every address of its family): Linux binds only one of them, so \
+                     `mailmoat run` would fail (address in use)",
+                    if subcommand == "check" { "error: " } else { "" }
+                ),
+                format!(
+                    "{}{origin}:7: listeners[2] (v6).listen: [::]:{port} overlaps \
+                     0.0.0.0:{port} of listeners[0] (mx), line 5 ([::] takes IPv4 connections \
+                     too (net.ipv6.bindv6only is 0)): Linux binds only one of them, so \
+                     `mailmoat run` would fail (address in use)",
+                    if subcommand == "check" { "error: " } else { "" }
+                ),
+            ],
+            "{subcommand}"
+        );
+    }
 }

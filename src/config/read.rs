@@ -49,6 +49,7 @@ pub(super) struct Draft {
 pub(super) struct ListenerDraft {
     pub name: Option<String>,
     pub listen: Option<SocketAddr>,
+    pub reuse_port: bool,
     /// The whole listener, when its required keys are all there and valid.
     pub config: Option<ListenerConfig>,
 }
@@ -237,6 +238,7 @@ fn listener(r: &mut Reader, mut f: Fields<'_>) -> ListenerDraft {
     ListenerDraft {
         name,
         listen,
+        reuse_port,
         config,
     }
 }
