@@ -595,6 +595,7 @@ fn validate(draft: &Draft, positions: &Positions, host: &dyn Host) -> Vec<Proble
             problem(&format!("{path}.{key}"), format!("{at}.{key}: {message}"));
         }
     }
+    upstream_loops(listeners, host, &mut problem);
     // The metrics endpoint is bound after the listeners, without SO_REUSEPORT.
     if let Some(metrics) = &draft.metrics {
         let listen = metrics.listen;
@@ -687,6 +688,73 @@ fn validate(draft: &Draft, positions: &Positions, host: &dyn Host) -> Vec<Proble
         }
     }
     problems
+}
+
+/// Upstreams that lead back to their own listener.
+///
+/// An upstream that is another listener's address is a chain (an implicit-TLS listener in
+/// front of a STARTTLS one on loopback, say), which ends at a real upstream: allowed. A
+/// cycle never ends: each client connection would become sessions without end, each a
+/// connection from mailmoat to itself (one client made 40 before the review stopped it).
+/// Only cycles are refused, the one-listener cycle (an upstream that is the listener's own
+/// address, a wildcard's included) among them.
+fn upstream_loops(
+    listeners: &[read::ListenerDraft],
+    host: &dyn Host,
+    problem: &mut impl FnMut(&str, String),
+) {
+    let listening: Vec<(usize, SocketAddr)> = listeners
+        .iter()
+        .enumerate()
+        .filter_map(|(index, l)| Some((index, l.listen?)))
+        .collect();
+    // The listener each upstream reaches, if it is one.
+    let next: Vec<Option<usize>> = listeners
+        .iter()
+        .map(|l| match l.upstream {
+            Some(UpstreamAddr::Tcp(to)) => sockets::receiver(&listening, to, host),
+            _ => None,
+        })
+        .collect();
+    let name = |index: usize| {
+        listeners[index]
+            .name
+            .clone()
+            .unwrap_or_else(|| format!("listeners[{index}]"))
+    };
+    for (index, listener) in listeners.iter().enumerate() {
+        let (Some(listen), Some(upstream)) = (listener.listen, &listener.upstream) else {
+            continue;
+        };
+        let mut cycle = vec![index];
+        let mut reached = next[index];
+        while let Some(hop) = reached
+            && !cycle.contains(&hop)
+        {
+            cycle.push(hop);
+            reached = next[hop];
+        }
+        if reached != Some(index) {
+            continue;
+        }
+        let at = match &listener.name {
+            Some(name) => format!("listeners[{index}] ({name})"),
+            None => format!("listeners[{index}]"),
+        };
+        let how = if cycle.len() == 1 {
+            format!("is this listener's own address ({listen})")
+        } else {
+            let names: Vec<String> = cycle.iter().chain([&index]).map(|&i| name(i)).collect();
+            format!("leads back to this listener ({})", names.join(" -> "))
+        };
+        problem(
+            &format!("listeners[{index}].upstream"),
+            format!(
+                "{at}.upstream: {upstream} {how}: each connection would be relayed to \
+                 mailmoat itself, again and again"
+            ),
+        );
+    }
 }
 
 impl ListenerConfig {
@@ -850,5 +918,144 @@ mod tests {
         assert!(parse("localhost:25").is_err());
         assert!(UpstreamAddr::Tcp("[::1]:25".parse().unwrap()).is_local());
         assert!(!UpstreamAddr::Tcp("192.0.2.1:25".parse().unwrap()).is_local());
+    }
+
+    /// A host whose own addresses are loopback and 192.0.2.2; `[::]` takes IPv4.
+    struct FakeHost;
+
+    impl Host for FakeHost {
+        fn ipv6_only(&self) -> bool {
+            false
+        }
+        fn is_own_address(&self, ip: IpAddr) -> bool {
+            ip.is_loopback() || ip.is_unspecified() || ip == IpAddr::from([192, 0, 2, 2])
+        }
+    }
+
+    /// The messages for these listeners (`listen -> upstream` each) on [`FakeHost`].
+    fn loops(listeners: &[(&str, &str)]) -> Vec<String> {
+        // Any file that exists stands in for the certificate.
+        let file = concat!(env!("CARGO_MANIFEST_DIR"), "/Cargo.toml");
+        let mut yaml = format!(
+            "allow_remote_plaintext: true\ntls: {{ certificates: [{{ cert: {file}, key: {file} }}] }}\nlisteners:\n"
+        );
+        for (index, (listen, upstream)) in listeners.iter().enumerate() {
+            yaml.push_str(&format!(
+                "  - {{ name: l{index}, protocol: smtp, listen: \"{listen}\", upstream: \"{upstream}\" }}\n"
+            ));
+        }
+        match Config::parse_on(&yaml, "x", &FakeHost) {
+            Ok(_) => Vec::new(),
+            Err(err) => err
+                .problems
+                .into_iter()
+                .map(|p| format!("{:?}: {}", p.line, p.message))
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn an_upstream_that_leads_back_to_its_listener_is_refused() {
+        let own = |line: usize, index: usize, upstream: &str, listen: &str| {
+            vec![format!(
+                "Some({line}): listeners[{index}] (l{index}).upstream: {upstream} is this \
+                 listener's own address ({listen}): each connection would be relayed to \
+                 mailmoat itself, again and again"
+            )]
+        };
+        for (listen, upstream) in [
+            ("127.0.0.1:2525", "127.0.0.1:2525"),
+            ("0.0.0.0:2525", "127.0.0.1:2525"),
+            ("0.0.0.0:2525", "127.9.9.9:2525"),
+            ("0.0.0.0:2525", "192.0.2.2:2525"),
+            ("0.0.0.0:2525", "0.0.0.0:2525"),
+            ("[::]:2525", "127.0.0.1:2525"),
+            ("[::]:2525", "[::1]:2525"),
+            ("[::]:2525", "[::ffff:127.0.0.1]:2525"),
+            ("[::ffff:127.0.0.1]:2525", "127.0.0.1:2525"),
+        ] {
+            assert_eq!(
+                loops(&[(listen, upstream)]),
+                own(4, 0, upstream, listen),
+                "{listen}"
+            );
+        }
+        // Not loops: another host on the same port (the legacy MX elsewhere), another
+        // port, and an IPv6 upstream that no IPv4 listener takes (refused, not looped).
+        for (listen, upstream) in [
+            ("0.0.0.0:25", "192.0.2.9:25"),
+            ("0.0.0.0:25", "127.0.0.1:2525"),
+            ("0.0.0.0:2525", "[::1]:2525"),
+            ("127.0.0.1:2525", "127.0.0.2:2525"),
+            ("127.0.0.1:0", "127.0.0.1:0"),
+        ] {
+            assert_eq!(
+                loops(&[(listen, upstream)]),
+                Vec::<String>::new(),
+                "{listen}"
+            );
+        }
+        // A chain ends at a real upstream; a cycle does not.
+        assert_eq!(
+            loops(&[
+                ("[::]:465", "127.0.0.1:2587"),
+                ("127.0.0.1:2587", "127.0.0.1:2588")
+            ]),
+            Vec::<String>::new()
+        );
+        let cycle = loops(&[
+            ("[::]:465", "127.0.0.1:2587"),
+            ("127.0.0.1:2587", "127.0.0.1:2588"),
+            ("127.0.0.1:2588", "127.0.0.1:465"),
+        ]);
+        assert_eq!(
+            cycle,
+            [
+                "Some(4): listeners[0] (l0).upstream: 127.0.0.1:2587 leads back to this \
+                 listener (l0 -> l1 -> l2 -> l0): each connection would be relayed to mailmoat \
+                 itself, again and again",
+                "Some(5): listeners[1] (l1).upstream: 127.0.0.1:2588 leads back to this \
+                 listener (l1 -> l2 -> l0 -> l1): each connection would be relayed to mailmoat \
+                 itself, again and again",
+                "Some(6): listeners[2] (l2).upstream: 127.0.0.1:465 leads back to this \
+                 listener (l2 -> l0 -> l1 -> l2): each connection would be relayed to mailmoat \
+                 itself, again and again",
+            ]
+        );
+        // A listener that leads into a cycle it is not part of is a chain.
+        assert_eq!(
+            loops(&[
+                ("127.0.0.1:25", "127.0.0.1:26"),
+                ("127.0.0.1:26", "127.0.0.1:26")
+            ]),
+            own(5, 1, "127.0.0.1:26", "127.0.0.1:26")
+        );
+    }
+
+    #[test]
+    fn a_dual_stack_wildcard_beside_ipv4_is_refused_unless_ipv6_only() {
+        struct V6Only;
+        impl Host for V6Only {
+            fn ipv6_only(&self) -> bool {
+                true
+            }
+            fn is_own_address(&self, ip: IpAddr) -> bool {
+                ip.is_loopback()
+            }
+        }
+        let file = concat!(env!("CARGO_MANIFEST_DIR"), "/Cargo.toml");
+        let yaml = format!(
+            "tls: {{ certificates: [{{ cert: {file}, key: {file} }}] }}\nlisteners:\n  \
+             - {{ name: a, protocol: smtp, listen: \"0.0.0.0:25\", upstream: \"127.0.0.1:2525\" }}\n  \
+             - {{ name: b, protocol: smtp, listen: \"[::]:25\", upstream: \"127.0.0.1:2525\" }}\n"
+        );
+        assert!(Config::parse_on(&yaml, "x", &V6Only).is_ok());
+        let err = Config::parse_on(&yaml, "x", &FakeHost).unwrap_err();
+        assert!(
+            err.to_string().starts_with(
+                "x:4: listeners[1] (b).listen: [::]:25 overlaps 0.0.0.0:25 of listeners[0] (a), line 3"
+            ),
+            "{err}"
+        );
     }
 }

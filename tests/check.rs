@@ -75,12 +75,15 @@ fn mistakes_of_every_kind_are_reported_together_each_with_its_exact_line() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("bad.yaml");
     // Type errors used to stop the check at the first one ("nothing else was checked").
+    // Nothing is bound: the ports need not be free.
     let yaml = format!(
         "tls:
   certificates:
     - {{ cert: {}, key: {} }}
 listeners:
-  - {{ name: mx, protocol: smtp, listen: \"127.0.0.1:0\", upstream: \"127.0.0.1:2525\", xclient: perhaps }}
+  - {{ name: mx, protocol: smtp, listen: \"[::]:47302\", upstream: \"127.0.0.1:2525\", xclient: perhaps }}
+  - {{ name: smtps, protocol: smtp, tls: implicit, listen: \"0.0.0.0:47301\", upstream: \"127.0.0.1:47301\" }}
+  - {{ name: submission, protocol: smtp, listen: \"127.0.0.1:47302\", upstream: \"127.0.0.1:2587\", reuse_port: true }}
   - name: imap
     protocol: imap
     listen: \"127.0.0.1:0\"
@@ -102,22 +105,35 @@ timeouts:
         format!(
             "error: {origin}:5: listeners[0].xclient: invalid type: string \"perhaps\", expected a boolean"
         ),
+        // The wildcard takes the connections to its own upstream.
         format!(
-            "error: {origin}:10: listeners[1] (imap).policy: AuthRequiresTls is for SMTP MX \
+            "error: {origin}:6: listeners[1] (smtps).upstream: 127.0.0.1:47301 is this \
+             listener's own address (0.0.0.0:47301): each connection would be relayed to \
+             mailmoat itself, again and again"
+        ),
+        // reuse_port on one of the two is not enough.
+        format!(
+            "error: {origin}:7: listeners[2] (submission).listen: 127.0.0.1:47302 overlaps \
+             [::]:47302 of listeners[0] (mx), line 5 ([::] takes IPv4 connections too \
+             (net.ipv6.bindv6only is 0)): Linux binds only one of them, so `mailmoat run` \
+             would fail (address in use)"
+        ),
+        format!(
+            "error: {origin}:12: listeners[3] (imap).policy: AuthRequiresTls is for SMTP MX \
              listeners; IMAP and POP3 always require TLS before login"
         ),
         format!(
-            "error: {origin}:11: listeners[1].proxy_protocol_from: `10.0.0.1/8`: host bits are \
+            "error: {origin}:13: listeners[3].proxy_protocol_from: `10.0.0.1/8`: host bits are \
              set (did you mean 10.0.0.0/8?)"
         ),
         format!(
-            "error: {origin}:12: listeners[1]: unknown field `upstraem`, expected one of `name`, \
+            "error: {origin}:14: listeners[3]: unknown field `upstraem`, expected one of `name`, \
              `protocol`, `listen`, `tls`, `policy`, `upstream`, `bare_newlines`, \
              `proxy_protocol_from`, `upstream_proxy_protocol`, `xclient`, `source_address`, \
              `exempt_networks`, `reuse_port`"
         ),
         format!(
-            "error: {origin}:14: timeouts: `5 minutes`: expected a duration such as 500ms, 30s, \
+            "error: {origin}:16: timeouts: `5 minutes`: expected a duration such as 500ms, 30s, \
              5m or 1h"
         ),
     ];
@@ -129,7 +145,7 @@ timeouts:
     );
     assert_eq!(
         checked.stdout,
-        "check failed: 5 configuration error(s), nothing else was checked\n"
+        "check failed: 7 configuration error(s), nothing else was checked\n"
     );
 }
 

@@ -498,3 +498,32 @@ fn check_and_run_refuse_overlapping_listen_addresses_with_the_line_of_each() {
         );
     }
 }
+
+#[test]
+fn an_upstream_that_is_the_listener_itself_is_refused_by_check_and_run() {
+    let certs = common::certs();
+    let port = common::free_port();
+    // The wildcard takes the loopback connection: one client would become sessions
+    // without end.
+    let yaml = format!(
+        "tls:\n  certificates:\n    - {{ cert: {}, key: {} }}\nlisteners:\n  \
+         - name: mx\n    protocol: smtp\n    listen: \"[::]:{port}\"\n    \
+         upstream: \"127.0.0.1:{port}\"\n",
+        certs.default.0.display(),
+        certs.default.1.display()
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("loop.yaml");
+    std::fs::write(&path, yaml).unwrap();
+    let expected = format!(
+        "{}:8: listeners[0] (mx).upstream: 127.0.0.1:{port} is this listener's own address \
+         ([::]:{port}): each connection would be relayed to mailmoat itself, again and again\n",
+        path.display()
+    );
+    for subcommand in ["check", "run"] {
+        let output = mailmoat_cli(&[subcommand, "-c"], &path);
+        assert_eq!(output.code, Some(64), "{subcommand}: {}", output.both());
+        let prefix = if subcommand == "check" { "error: " } else { "" };
+        assert_eq!(output.stderr, format!("{prefix}{expected}"), "{subcommand}");
+    }
+}

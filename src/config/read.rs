@@ -49,6 +49,7 @@ pub(super) struct Draft {
 pub(super) struct ListenerDraft {
     pub name: Option<String>,
     pub listen: Option<SocketAddr>,
+    pub upstream: Option<UpstreamAddr>,
     pub reuse_port: bool,
     /// The whole listener, when its required keys are all there and valid.
     pub config: Option<ListenerConfig>,
@@ -238,6 +239,7 @@ fn listener(r: &mut Reader, mut f: Fields<'_>) -> ListenerDraft {
     ListenerDraft {
         name,
         listen,
+        upstream,
         reuse_port,
         config,
     }
