@@ -149,6 +149,82 @@ timeouts:
     );
 }
 
+/// A copy of the test key with `mode` (and group `gid`), in a directory anyone may enter,
+/// as /etc/mailmoat is; and a config file that names it on a line of its own (line 4).
+fn config_with_key(dir: &Path, mode: u32, gid: Option<u32>) -> (PathBuf, PathBuf) {
+    use std::os::unix::fs::PermissionsExt;
+    let certs = common::certs();
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let key = dir.join("mail.key");
+    std::fs::copy(&certs.default.1, &key).unwrap();
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(mode)).unwrap();
+    std::os::unix::fs::chown(&key, None, gid).unwrap();
+    let path = dir.join("mailmoat.yaml");
+    std::fs::write(
+        &path,
+        format!(
+            "tls:\n  certificates:\n    - cert: {}\n      key: {}\nlisteners:\n  \
+             - {{ name: mx, protocol: smtp, listen: \"127.0.0.1:0\", upstream: \"127.0.0.1:2525\" }}\n",
+            certs.default.0.display(),
+            key.display()
+        ),
+    )
+    .unwrap();
+    (path, key)
+}
+
+#[test]
+fn a_private_key_others_can_read_gets_a_warning_with_its_mode() {
+    // No entry in /etc/group: named by number.
+    const FOREIGN_GROUP: u32 = 54_321;
+    let cases = [
+        (0o644, None, Some("others (mode 0644)".to_owned())),
+        (
+            0o640,
+            Some(FOREIGN_GROUP),
+            Some(format!("group {FOREIGN_GROUP} (mode 0640)")),
+        ),
+        (
+            0o604,
+            Some(FOREIGN_GROUP),
+            Some("others (mode 0604)".to_owned()),
+        ),
+        (0o600, Some(FOREIGN_GROUP), None),
+        // The group this check runs as (the unit's Group=mailmoat for `run`).
+        (0o640, None, None),
+    ];
+    for (mode, gid, readers) in cases {
+        let dir = tempfile::tempdir().unwrap();
+        let (path, key) = config_with_key(dir.path(), mode, gid);
+        let checked = check(&path, &["--offline"]);
+        // A warning: the check still passes.
+        assert_eq!(checked.code, Some(0), "{mode:o}: {}", checked.both());
+        let origin = path.display();
+        match readers {
+            Some(readers) => {
+                assert_eq!(
+                    checked.stderr,
+                    format!(
+                        "warning: {origin}:4: tls.certificates[0]: {}: the private key is \
+                         readable by {readers}; chmod 600 it, or chmod 640 with owner root and \
+                         group mailmoat (chown root:mailmoat)\n",
+                        key.display()
+                    ),
+                    "{mode:o}"
+                );
+                assert!(
+                    checked
+                        .stdout
+                        .ends_with(&format!("check passed: {origin}: 0 errors, 1 warning(s)\n")),
+                    "{}",
+                    checked.both()
+                );
+            }
+            None => assert_eq!(checked.stderr, "", "{mode:o}"),
+        }
+    }
+}
+
 /// A self-signed certificate for mail.example.test valid from `not_before` to
 /// `not_after` seconds from now, written as (cert, key).
 fn dated_certificate(
@@ -173,7 +249,7 @@ fn dated_certificate(
     let cert_path = dir.join(format!("{name}.pem"));
     let key_path = dir.join(format!("{name}.key"));
     std::fs::write(&cert_path, cert.pem()).unwrap();
-    std::fs::write(&key_path, key.serialize_pem()).unwrap();
+    common::write_private_key(&key_path, &key.serialize_pem());
     (cert_path, key_path)
 }
 

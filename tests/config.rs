@@ -527,3 +527,60 @@ fn an_upstream_that_is_the_listener_itself_is_refused_by_check_and_run() {
         assert_eq!(output.stderr, format!("{prefix}{expected}"), "{subcommand}");
     }
 }
+
+#[test]
+fn run_warns_at_start_of_a_private_key_others_can_read() {
+    use std::os::unix::fs::PermissionsExt;
+    let certs = common::certs();
+    let dir = tempfile::tempdir().unwrap();
+    // A directory anyone may enter, as /etc/mailmoat is.
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let key = dir.path().join("mail.key");
+    std::fs::copy(&certs.default.1, &key).unwrap();
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let path = dir.path().join("mailmoat.yaml");
+    std::fs::write(
+        &path,
+        format!(
+            "tls:\n  certificates:\n    - {{ cert: {}, key: {} }}\nlisteners:\n  \
+             - {{ name: mx, protocol: smtp, listen: \"127.0.0.1:0\", upstream: \"127.0.0.1:2525\" }}\n",
+            certs.default.0.display(),
+            key.display()
+        ),
+    )
+    .unwrap();
+    let log = dir.path().join("mailmoat.log");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_mailmoat"))
+        .args(["run", "-c"])
+        .arg(&path)
+        .env_remove("RUST_LOG")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    // The warning comes before the ports are bound; it is served all the same.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    let text = loop {
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        if text.contains("listening") || std::time::Instant::now() > deadline {
+            break text;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    };
+    let _ = child.kill();
+    let _ = child.wait();
+    let warning = text
+        .lines()
+        .find(|line| line.contains("private key readable by others than mailmoat"))
+        .unwrap_or_else(|| panic!("no warning in the log:\n{text}"));
+    assert!(warning.contains(" WARN "), "{warning}");
+    for field in [
+        format!("key={}", key.display()),
+        "mode=0644".to_owned(),
+        "readers=others".to_owned(),
+        "advice=\"chmod 600 it".to_owned(),
+    ] {
+        assert!(warning.contains(&field), "{field}: {warning}");
+    }
+    assert!(text.contains("listening"), "{text}");
+}
