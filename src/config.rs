@@ -521,18 +521,24 @@ fn validate(draft: &Draft, positions: &Positions, host: &dyn Host) -> Vec<Proble
     }
     for (index, listener) in listeners.iter().enumerate() {
         let path = format!("listeners[{index}]");
-        let at = match &listener.name {
-            Some(name) => format!("{path} ({name})"),
-            None => path.clone(),
+        let at = listener.subject(index);
+        // `, line N` of the earlier listener's `key`.
+        let line_of = |other: usize, key: &str| {
+            positions
+                .line(&format!("listeners[{other}].{key}"))
+                .map_or_else(String::new, |line| format!(", line {line}"))
         };
         if let Some(name) = &listener.name
-            && listeners[..index]
+            && let Some(other) = listeners[..index]
                 .iter()
-                .any(|l| l.name.as_ref() == Some(name))
+                .position(|l| l.name.as_ref() == Some(name))
         {
             problem(
                 &format!("{path}.name"),
-                format!("{at}.name: `{name}` is used twice"),
+                format!(
+                    "{at}.name: `{name}` is used twice (also listeners[{other}]{})",
+                    line_of(other, "name")
+                ),
             );
         }
         // What `run` could not bind: the same address twice (even with reuse_port, which
@@ -548,13 +554,8 @@ fn validate(draft: &Draft, positions: &Positions, host: &dyn Host) -> Vec<Proble
                 (twice || overlap).then_some((other_index, other, other_listen))
             });
             if let Some((other_index, other, other_listen)) = clashes.next() {
-                let other_at = match &other.name {
-                    Some(name) => format!("listeners[{other_index}] ({name})"),
-                    None => format!("listeners[{other_index}]"),
-                };
-                let other_line = positions
-                    .line(&format!("listeners[{other_index}].listen"))
-                    .map_or_else(String::new, |line| format!(", line {line}"));
+                let other_at = other.subject(other_index);
+                let other_line = line_of(other_index, "listen");
                 let message = if listen == other_listen {
                     format!("{at}.listen: {listen} is used twice (also {other_at}{other_line})")
                 } else {
@@ -611,12 +612,9 @@ fn validate(draft: &Draft, positions: &Positions, host: &dyn Host) -> Vec<Proble
             Some((index, l, other)) => problem(
                 "metrics.listen",
                 format!(
-                    "metrics.listen: {listen} overlaps {other} of listeners[{index}]{}{} ({}): \
-                     Linux binds only one of them, so `mailmoat run` would fail (address in \
-                     use)",
-                    l.name
-                        .as_ref()
-                        .map_or_else(String::new, |name| format!(" ({name})")),
+                    "metrics.listen: {listen} overlaps {other} of {}{} ({}): Linux binds only \
+                     one of them, so `mailmoat run` would fail (address in use)",
+                    l.subject(index),
                     positions
                         .line(&format!("listeners[{index}].listen"))
                         .map_or_else(String::new, |line| format!(", line {line}")),
@@ -717,10 +715,11 @@ fn upstream_loops(
         })
         .collect();
     let name = |index: usize| {
-        listeners[index]
+        let listener = &listeners[index];
+        listener
             .name
             .clone()
-            .unwrap_or_else(|| format!("listeners[{index}]"))
+            .unwrap_or_else(|| listener.subject(index))
     };
     for (index, listener) in listeners.iter().enumerate() {
         let (Some(listen), Some(upstream)) = (listener.listen, &listener.upstream) else {
@@ -737,10 +736,7 @@ fn upstream_loops(
         if reached != Some(index) {
             continue;
         }
-        let at = match &listener.name {
-            Some(name) => format!("listeners[{index}] ({name})"),
-            None => format!("listeners[{index}]"),
-        };
+        let at = listener.subject(index);
         let how = if cycle.len() == 1 {
             format!("is this listener's own address ({listen})")
         } else {

@@ -55,6 +55,16 @@ pub(super) struct ListenerDraft {
     pub config: Option<ListenerConfig>,
 }
 
+impl ListenerDraft {
+    /// How messages name the listener at `index`: `listeners[1] (submission)`.
+    pub fn subject(&self, index: usize) -> String {
+        match &self.name {
+            Some(name) => format!("listeners[{index}] ({name})"),
+            None => format!("listeners[{index}]"),
+        }
+    }
+}
+
 /// What reading found: the problems, and where every key is.
 #[derive(Debug, Default)]
 pub(super) struct Reader {
@@ -97,21 +107,19 @@ pub(super) fn read(text: &str) -> (Option<Draft>, Reader) {
             "deserializing from YAML containing more than one document is not supported".into(),
         );
     }
-    let root = documents.first().map(untagged);
-    let fields = match root.map(|node| &node.data) {
+    let fields = match documents.first().map(untagged) {
         // An empty file: every required key is missing.
-        None | Some(YamlData::BadValue) => Fields::empty(),
-        Some(YamlData::Mapping(_)) => {
-            let root = root.expect("matched Some");
-            Fields::new(String::new(), root, None)
-        }
-        Some(_) => {
-            let root = root.expect("matched Some");
-            if let Err(message) = from_node::<Config>(root) {
-                r.problem(Some(line(root)), "", message);
+        None => Fields::empty(),
+        Some(root) => match &root.data {
+            YamlData::BadValue => Fields::empty(),
+            YamlData::Mapping(_) => Fields::new(String::new(), root, None),
+            _ => {
+                if let Err(message) = from_node::<Config>(root) {
+                    r.problem(Some(line(root)), "", message);
+                }
+                return (None, r);
             }
-            return (None, r);
-        }
+        },
     };
     let draft = config(&mut r, fields);
     (Some(draft), r)
@@ -888,6 +896,7 @@ extra: 1
                 (None, "missing field `listeners`".to_owned())
             ]
         );
+        assert_eq!(problems("# nothing yet\n"), problems(""));
         assert_eq!(
             problems("- a\n"),
             at(Some(1), "invalid type: sequence, expected struct Config")
