@@ -1,7 +1,10 @@
-//! The YAML configuration: parsed into typed structs (unknown fields rejected), then
-//! validated as a whole, before any port is bound. Every problem found is reported with
-//! its YAML line.
+//! The YAML configuration, checked whole before any port is bound: the text becomes a
+//! YAML tree that keeps every node's line, the tree is read key by key (`read`: unknown
+//! and missing keys, each value by its type) and then checked across the file
+//! ([`Config::parse`]), every problem collected with its own line; only a file without
+//! any becomes the typed structs below (serde, unknown fields rejected).
 
+use std::collections::BTreeMap;
 use std::fmt;
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
@@ -11,6 +14,12 @@ use serde::{Deserialize, Deserializer};
 
 use crate::identity::{Cidr, ProxyVersion};
 use crate::policy::{BareNewlines, Policy};
+
+mod read;
+mod sockets;
+
+use read::Draft;
+use sockets::{Host, ThisHost};
 
 /// The whole configuration.
 #[derive(Debug, Clone, Deserialize)]
@@ -390,9 +399,33 @@ impl fmt::Display for ConfigError {
 
 impl std::error::Error for ConfigError {}
 
+/// Where each key of a configuration file is: its path (`listeners[1].upstream`, as
+/// messages name it) to its 1-based line. A list entry's line is the line of its `-`.
+#[derive(Debug, Clone, Default)]
+pub struct Positions(BTreeMap<String, usize>);
+
+impl Positions {
+    /// The line of `path`, or of the nearest key around it that was in the file (a key left
+    /// out has the line of its mapping).
+    pub fn line(&self, path: &str) -> Option<usize> {
+        let mut path = path;
+        loop {
+            if let Some(line) = self.0.get(path) {
+                return Some(*line);
+            }
+            path = &path[..path.rfind(['.', '['])?];
+        }
+    }
+}
+
 impl Config {
     /// Reads and validates a configuration file.
     pub fn from_file(path: &Path) -> Result<Config, ConfigError> {
+        Config::load(path).map(|(config, _)| config)
+    }
+
+    /// Reads and validates a configuration file, and tells where each key is.
+    pub fn load(path: &Path) -> Result<(Config, Positions), ConfigError> {
         let origin = path.display().to_string();
         let text = std::fs::read_to_string(path).map_err(|err| ConfigError {
             origin: origin.clone(),
@@ -401,49 +434,80 @@ impl Config {
                 message: format!("cannot read: {err}"),
             }],
         })?;
-        Config::from_yaml(&text, &origin)
+        Config::parse(&text, &origin)
     }
 
     /// Parses and validates YAML text; `origin` names it in messages.
     pub fn from_yaml(text: &str, origin: &str) -> Result<Config, ConfigError> {
-        let config: Config = serde_yaml::from_str(text).map_err(|err| ConfigError {
-            origin: origin.to_owned(),
-            problems: vec![Problem {
-                line: err.location().map(|l| l.line()),
-                message: strip_location(&err.to_string()),
-            }],
-        })?;
-        let problems = config.validate(text);
-        if problems.is_empty() {
-            Ok(config)
-        } else {
-            Err(ConfigError {
-                origin: origin.to_owned(),
-                problems,
-            })
-        }
+        Config::parse(text, origin).map(|(config, _)| config)
     }
 
-    /// Whole-file checks that serde cannot make; `text` is the source, to find lines.
-    fn validate(&self, text: &str) -> Vec<Problem> {
-        let mut problems = Vec::new();
-        let mut problem = |needle: &str, message: String| {
-            problems.push(Problem {
-                line: line_of(text, needle),
-                message,
-            })
+    /// Parses and validates YAML text, and tells where each key is; `origin` names it in
+    /// messages.
+    ///
+    /// The text becomes a YAML tree that keeps every node's line; the tree is read and
+    /// checked whole (unknown keys, types, values, then the checks across the file), every
+    /// problem collected with its line; only a file without any becomes the typed `Config`,
+    /// built by serde from the same text.
+    pub fn parse(text: &str, origin: &str) -> Result<(Config, Positions), ConfigError> {
+        Config::parse_on(text, origin, &ThisHost::default())
+    }
+
+    /// [`Config::parse`] for `host`.
+    fn parse_on(
+        text: &str,
+        origin: &str,
+        host: &dyn Host,
+    ) -> Result<(Config, Positions), ConfigError> {
+        let (draft, reader) = read::read(text);
+        let mut problems = reader.problems;
+        if let Some(draft) = &draft {
+            problems.extend(validate(draft, &reader.positions, host));
+        }
+        // In file order; at one line, in the order found.
+        problems.sort_by_key(|p| p.line);
+        let fail = |problems| ConfigError {
+            origin: origin.to_owned(),
+            problems,
         };
-        if self.tls.certificates.is_empty() {
+        if !problems.is_empty() {
+            return Err(fail(problems));
+        }
+        // The tree reads every value with its type's own Deserialize, so this only fails
+        // if the two disagree; then serde's word is final.
+        let config = serde_yaml::from_str(text).map_err(|err| {
+            fail(vec![Problem {
+                line: err.location().map(|l| l.line()),
+                message: strip_location(&err.to_string()),
+            }])
+        })?;
+        Ok((config, reader.positions))
+    }
+}
+
+/// The checks across the file that no single value shows, on the draft of what could be
+/// read; `positions` finds each problem's line by the path of its key.
+fn validate(draft: &Draft, positions: &Positions, host: &dyn Host) -> Vec<Problem> {
+    let mut problems = Vec::new();
+    let mut problem = |path: &str, message: String| {
+        problems.push(Problem {
+            line: positions.line(path),
+            message,
+        })
+    };
+    if let Some(certificates) = &draft.certificates {
+        if certificates.is_empty() {
             problem(
-                "certificates",
+                "tls.certificates",
                 "tls.certificates: at least one certificate is needed".into(),
             );
         }
-        for (index, pair) in self.tls.certificates.iter().enumerate() {
+        for (index, pair) in certificates.iter().enumerate() {
+            let Some(pair) = pair else { continue };
             for (field, path) in [("cert", &pair.cert), ("key", &pair.key)] {
                 if let Err(err) = std::fs::metadata(path) {
                     problem(
-                        &path.display().to_string(),
+                        &format!("tls.certificates[{index}].{field}"),
                         format!(
                             "tls.certificates[{index}].{field}: {}: {err}",
                             path.display()
@@ -452,132 +516,251 @@ impl Config {
                 }
             }
         }
-        if self.listeners.is_empty() {
-            problem(
-                "listeners",
-                "listeners: at least one listener is needed".into(),
-            );
-        }
-        for (index, listener) in self.listeners.iter().enumerate() {
-            let at = format!("listeners[{index}] ({})", listener.name);
-            let name_needle = format!("name: {}", listener.name);
-            if self.listeners[..index]
+    }
+    let listeners = draft.listeners.as_deref().unwrap_or_default();
+    if draft.listeners.as_ref().is_some_and(Vec::is_empty) {
+        problem(
+            "listeners",
+            "listeners: at least one listener is needed".into(),
+        );
+    }
+    for (index, listener) in listeners.iter().enumerate() {
+        let path = format!("listeners[{index}]");
+        let at = listener.subject(index);
+        // `, line N` of the earlier listener's `key`.
+        let line_of = |other: usize, key: &str| {
+            positions
+                .line(&format!("listeners[{other}].{key}"))
+                .map_or_else(String::new, |line| format!(", line {line}"))
+        };
+        if let Some(name) = &listener.name
+            && let Some(other) = listeners[..index]
                 .iter()
-                .any(|l| l.name == listener.name)
-            {
-                problem(
-                    &name_needle,
-                    format!("{at}.name: `{}` is used twice", listener.name),
-                );
-            }
-            // Port 0 asks the kernel for a free port: never a clash.
-            if listener.listen.port() != 0
-                && self.listeners[..index]
-                    .iter()
-                    .any(|l| l.listen == listener.listen)
-            {
-                problem(
-                    &name_needle,
-                    format!("{at}.listen: {} is used twice", listener.listen),
-                );
-            }
-            if listener.protocol != Protocol::Smtp && listener.policy != Policy::RequireTls {
-                problem(
-                    &name_needle,
-                    format!(
-                        "{at}.policy: {:?} is for SMTP MX listeners; IMAP and POP3 always \
-                         require TLS before login",
-                        listener.policy
-                    ),
-                );
-            }
-            if !listener.upstream.is_local() && !self.allow_remote_plaintext {
-                problem(
-                    &name_needle,
-                    format!(
-                        "{at}.upstream: {} is neither loopback nor a unix socket; plaintext \
-                         would cross the network (set allow_remote_plaintext: true to accept)",
-                        listener.upstream
-                    ),
-                );
-            }
-            for message in listener.identity_problems(self.allow_remote_plaintext) {
-                problem(&name_needle, format!("{at}.{message}"));
-            }
-        }
-        if let Some(metrics) = &self.metrics
-            && metrics.listen.port() != 0
-            && self.listeners.iter().any(|l| l.listen == metrics.listen)
+                .position(|l| l.name.as_ref() == Some(name))
         {
             problem(
-                "metrics",
+                &format!("{path}.name"),
                 format!(
-                    "metrics.listen: {} is also a listener's address",
-                    metrics.listen
+                    "{at}.name: `{name}` is used twice (also listeners[{other}]{})",
+                    line_of(other, "name")
                 ),
             );
         }
-        if !(512..=16_000).contains(&self.limits.max_line_len) {
+        // What `run` could not bind: the same address twice (even with reuse_port, which
+        // would split one port's connections between two listeners at random), or
+        // addresses that overlap (see `sockets`).
+        if let Some(listen) = listener.listen {
+            let earlier = listeners[..index].iter().enumerate();
+            let mut clashes = earlier.filter_map(|(other_index, other)| {
+                let other_listen = other.listen?;
+                let twice = listen == other_listen && listen.port() != 0;
+                let overlap = sockets::overlap(listen, other_listen, host.ipv6_only())
+                    && !(listener.reuse_port && other.reuse_port);
+                (twice || overlap).then_some((other_index, other, other_listen))
+            });
+            if let Some((other_index, other, other_listen)) = clashes.next() {
+                let other_at = other.subject(other_index);
+                let other_line = line_of(other_index, "listen");
+                let message = if listen == other_listen {
+                    format!("{at}.listen: {listen} is used twice (also {other_at}{other_line})")
+                } else {
+                    format!(
+                        "{at}.listen: {listen} overlaps {other_listen} of {other_at}{other_line} \
+                         ({}): Linux binds only one of them, so `mailmoat run` would fail \
+                         (address in use)",
+                        sockets::why_overlap(listen, other_listen)
+                    )
+                };
+                problem(&format!("{path}.listen"), message);
+            }
+        }
+        let Some(listener) = &listener.config else {
+            continue;
+        };
+        if listener.protocol != Protocol::Smtp && listener.policy != Policy::RequireTls {
             problem(
-                "max_line_len",
+                &format!("{path}.policy"),
                 format!(
-                    "limits.max_line_len: {} is outside 512..=16000 (RFC 5321 §4.5.3.1.4; legacy \
-                     servers split longer lines)",
-                    self.limits.max_line_len
+                    "{at}.policy: {:?} is for SMTP MX listeners; IMAP and POP3 always \
+                     require TLS before login",
+                    listener.policy
                 ),
             );
         }
-        if self.limits.max_errors == 0 {
-            problem("max_errors", "limits.max_errors: must be at least 1".into());
-        }
-        if self.limits.max_plaintext_commands == 0 {
+        if !listener.upstream.is_local() && !draft.allow_remote_plaintext {
             problem(
-                "max_plaintext_commands",
-                "limits.max_plaintext_commands: must be at least 1 (STARTTLS itself counts)".into(),
+                &format!("{path}.upstream"),
+                format!(
+                    "{at}.upstream: {} is neither loopback nor a unix socket; plaintext \
+                     would cross the network (set allow_remote_plaintext: true to accept)",
+                    listener.upstream
+                ),
             );
         }
-        if self.limits.max_connections_per_client == 0 {
+        for (key, message) in listener.identity_problems(draft.allow_remote_plaintext) {
+            problem(&format!("{path}.{key}"), format!("{at}.{key}: {message}"));
+        }
+    }
+    upstream_loops(listeners, host, &mut problem);
+    // The metrics endpoint is bound after the listeners, without SO_REUSEPORT.
+    if let Some(metrics) = &draft.metrics {
+        let listen = metrics.listen;
+        let clash = listeners.iter().enumerate().find_map(|(index, l)| {
+            let other = l.listen?;
+            sockets::overlap(listen, other, host.ipv6_only()).then_some((index, l, other))
+        });
+        match clash {
+            Some((_, _, other)) if other == listen => problem(
+                "metrics.listen",
+                format!("metrics.listen: {listen} is also a listener's address"),
+            ),
+            Some((index, l, other)) => problem(
+                "metrics.listen",
+                format!(
+                    "metrics.listen: {listen} overlaps {other} of {}{} ({}): Linux binds only \
+                     one of them, so `mailmoat run` would fail (address in use)",
+                    l.subject(index),
+                    positions
+                        .line(&format!("listeners[{index}].listen"))
+                        .map_or_else(String::new, |line| format!(", line {line}")),
+                    sockets::why_overlap(listen, other)
+                ),
+            ),
+            None => {}
+        }
+    }
+    let limits = &draft.limits;
+    if !(512..=16_000).contains(&limits.max_line_len) {
+        problem(
+            "limits.max_line_len",
+            format!(
+                "limits.max_line_len: {} is outside 512..=16000 (RFC 5321 §4.5.3.1.4; legacy \
+                 servers split longer lines)",
+                limits.max_line_len
+            ),
+        );
+    }
+    if limits.max_errors == 0 {
+        problem(
+            "limits.max_errors",
+            "limits.max_errors: must be at least 1".into(),
+        );
+    }
+    if limits.max_plaintext_commands == 0 {
+        problem(
+            "limits.max_plaintext_commands",
+            "limits.max_plaintext_commands: must be at least 1 (STARTTLS itself counts)".into(),
+        );
+    }
+    if limits.max_connections_per_client == 0 {
+        problem(
+            "limits.max_connections_per_client",
+            "limits.max_connections_per_client: must be at least 1".into(),
+        );
+    }
+    // The upper bound keeps the connection semaphore far from its own limit
+    // (usize::MAX >> 3), where tokio would panic, also on a SIGHUP.
+    if !(1..=MAX_CONNECTIONS_LIMIT).contains(&limits.max_connections) {
+        problem(
+            "limits.max_connections",
+            format!("limits.max_connections: must be between 1 and {MAX_CONNECTIONS_LIMIT}"),
+        );
+    }
+    if limits.max_literal_len == 0 {
+        problem(
+            "limits.max_literal_len",
+            "limits.max_literal_len: must be at least 1".into(),
+        );
+    }
+    if let Some(level) = &draft.log.level
+        && let Err(why) = check_log_filter(level)
+    {
+        problem(
+            "log.level",
+            format!("log.level: {level:?} is not a level or filter ({why})"),
+        );
+    }
+    let timeouts = &draft.timeouts;
+    for (name, value) in [
+        ("upstream_connect", timeouts.upstream_connect),
+        ("greeting", timeouts.greeting),
+        ("tls_handshake", timeouts.tls_handshake),
+        ("idle", timeouts.idle),
+        ("data", timeouts.data),
+        ("idle_after_login", timeouts.idle_after_login),
+    ] {
+        if value.is_zero() {
             problem(
-                "max_connections_per_client",
-                "limits.max_connections_per_client: must be at least 1".into(),
+                &format!("timeouts.{name}"),
+                format!("timeouts.{name}: must be longer than 0"),
             );
         }
-        // The upper bound keeps the connection semaphore far from its own limit
-        // (usize::MAX >> 3), where tokio would panic, also on a SIGHUP.
-        if !(1..=MAX_CONNECTIONS_LIMIT).contains(&self.limits.max_connections) {
-            problem(
-                "max_connections",
-                format!("limits.max_connections: must be between 1 and {MAX_CONNECTIONS_LIMIT}"),
-            );
-        }
-        if self.limits.max_literal_len == 0 {
-            problem(
-                "max_literal_len",
-                "limits.max_literal_len: must be at least 1".into(),
-            );
-        }
-        if let Some(level) = &self.log.level
-            && let Err(why) = check_log_filter(level)
+    }
+    problems
+}
+
+/// Upstreams that lead back to their own listener.
+///
+/// An upstream that is another listener's address is a chain (an implicit-TLS listener in
+/// front of a STARTTLS one on loopback, say), which ends at a real upstream: allowed. A
+/// cycle never ends: each client connection would become sessions without end, each a
+/// connection from mailmoat to itself (one client made 40 before the review stopped it).
+/// Only cycles are refused, the one-listener cycle (an upstream that is the listener's own
+/// address, a wildcard's included) among them.
+fn upstream_loops(
+    listeners: &[read::ListenerDraft],
+    host: &dyn Host,
+    problem: &mut impl FnMut(&str, String),
+) {
+    let listening: Vec<(usize, SocketAddr)> = listeners
+        .iter()
+        .enumerate()
+        .filter_map(|(index, l)| Some((index, l.listen?)))
+        .collect();
+    // The listener each upstream reaches, if it is one.
+    let next: Vec<Option<usize>> = listeners
+        .iter()
+        .map(|l| match l.upstream {
+            Some(UpstreamAddr::Tcp(to)) => sockets::receiver(&listening, to, host),
+            _ => None,
+        })
+        .collect();
+    let name = |index: usize| {
+        let listener = &listeners[index];
+        listener
+            .name
+            .clone()
+            .unwrap_or_else(|| listener.subject(index))
+    };
+    for (index, listener) in listeners.iter().enumerate() {
+        let (Some(listen), Some(upstream)) = (listener.listen, &listener.upstream) else {
+            continue;
+        };
+        let mut cycle = vec![index];
+        let mut reached = next[index];
+        while let Some(hop) = reached
+            && !cycle.contains(&hop)
         {
-            problem(
-                "level",
-                format!("log.level: {level:?} is not a level or filter ({why})"),
-            );
+            cycle.push(hop);
+            reached = next[hop];
         }
-        for (name, value) in [
-            ("upstream_connect", self.timeouts.upstream_connect),
-            ("greeting", self.timeouts.greeting),
-            ("tls_handshake", self.timeouts.tls_handshake),
-            ("idle", self.timeouts.idle),
-            ("data", self.timeouts.data),
-            ("idle_after_login", self.timeouts.idle_after_login),
-        ] {
-            if value.is_zero() {
-                problem(name, format!("timeouts.{name}: must be longer than 0"));
-            }
+        if reached != Some(index) {
+            continue;
         }
-        problems.sort_by_key(|p| p.line);
-        problems
+        let at = listener.subject(index);
+        let how = if cycle.len() == 1 {
+            format!("is this listener's own address ({listen})")
+        } else {
+            let names: Vec<String> = cycle.iter().chain([&index]).map(|&i| name(i)).collect();
+            format!("leads back to this listener ({})", names.join(" -> "))
+        };
+        problem(
+            &format!("listeners[{index}].upstream"),
+            format!(
+                "{at}.upstream: {upstream} {how}: each connection would be relayed to \
+                 mailmoat itself, again and again"
+            ),
+        );
     }
 }
 
@@ -592,78 +775,93 @@ impl ListenerConfig {
         self.exempt_networks.iter().any(|net| net.contains(ip))
     }
 
-    /// What is wrong with the client-identity keys (DESIGN §7), each message starting
-    /// with the key's name.
-    fn identity_problems(&self, allow_remote_plaintext: bool) -> Vec<String> {
+    /// What is wrong with the client-identity keys (DESIGN §7), each with the key it is
+    /// about.
+    fn identity_problems(&self, allow_remote_plaintext: bool) -> Vec<(&'static str, String)> {
         let mut problems = Vec::new();
         if !self.exempt_networks.is_empty() && self.tls == TlsMode::Implicit {
-            problems.push(
-                "exempt_networks: an implicit-TLS listener has no plaintext to allow; \
+            problems.push((
+                "exempt_networks",
+                "an implicit-TLS listener has no plaintext to allow; \
                  exempt devices connect to a STARTTLS listener"
                     .to_owned(),
-            );
+            ));
         }
         if !self.exempt_networks.is_empty()
             && self.protocol == Protocol::Smtp
             && self.source_address.is_none()
             && self.upstream_proxy_protocol.is_none()
         {
-            problems.push(
-                "exempt_networks: give exempt SMTP sessions an identity of their own \
+            problems.push((
+                "exempt_networks",
+                "give exempt SMTP sessions an identity of their own \
                  (source_address or upstream_proxy_protocol): they are relayed unchanged, and \
                  an upstream that trusts mailmoat's address (smtpd_authorized_xclient_hosts \
                  for another listener's xclient, mynetworks) would believe a device's own \
                  XCLIENT"
                     .to_owned(),
-            );
+            ));
         }
         if !self.exempt_networks.is_empty() && self.xclient {
-            problems.push(
-                "exempt_networks: not with xclient: an exempt session's bytes reach the \
+            problems.push((
+                "exempt_networks",
+                "not with xclient: an exempt session's bytes reach the \
                  upstream unchanged, and an upstream that trusts mailmoat's XCLIENT would \
                  believe the device's"
                     .to_owned(),
-            );
+            ));
         }
         if self.bare_newlines.is_some() && self.protocol != Protocol::Smtp {
-            problems.push(
-                "bare_newlines: applies to SMTP message bodies only; IMAP and POP3 bytes \
+            problems.push((
+                "bare_newlines",
+                "applies to SMTP message bodies only; IMAP and POP3 bytes \
                  pass unchanged"
                     .to_owned(),
-            );
+            ));
         }
         if self.xclient && self.protocol != Protocol::Smtp {
-            problems.push(
-                "xclient: XCLIENT is an SMTP extension (Postfix); use \
+            problems.push((
+                "xclient",
+                "XCLIENT is an SMTP extension (Postfix); use \
                  upstream_proxy_protocol for IMAP and POP3"
                     .to_owned(),
-            );
+            ));
         }
         if self.xclient && self.upstream_proxy_protocol.is_some() {
-            problems.push(
-                "xclient: choose either xclient or upstream_proxy_protocol; both carry the \
+            problems.push((
+                "xclient",
+                "choose either xclient or upstream_proxy_protocol; both carry the \
                  client's address, and behind PROXY Postfix checks \
                  smtpd_authorized_xclient_hosts against the client, not mailmoat"
                     .to_owned(),
-            );
+            ));
         }
         if let Some(source) = self.source_address {
             match &self.upstream {
-                UpstreamAddr::Unix(_) => problems.push(format!(
-                    "source_address: {source} is meaningless for the unix socket upstream {}",
-                    self.upstream
+                UpstreamAddr::Unix(_) => problems.push((
+                    "source_address",
+                    format!(
+                        "{source} is meaningless for the unix socket upstream {}",
+                        self.upstream
+                    ),
                 )),
                 UpstreamAddr::Tcp(upstream) if upstream.is_ipv4() != source.is_ipv4() => problems
-                    .push(format!(
-                        "source_address: {source} and the upstream {upstream} are of \
-                         different address families"
+                    .push((
+                        "source_address",
+                        format!(
+                            "{source} and the upstream {upstream} are of different address \
+                             families"
+                        ),
                     )),
                 UpstreamAddr::Tcp(_) => {}
             }
             if !source.is_loopback() && !allow_remote_plaintext {
-                problems.push(format!(
-                    "source_address: {source} is not a loopback address; plaintext would \
-                     cross the network (set allow_remote_plaintext: true to accept)"
+                problems.push((
+                    "source_address",
+                    format!(
+                        "{source} is not a loopback address; plaintext would cross the \
+                         network (set allow_remote_plaintext: true to accept)"
+                    ),
                 ));
             }
         }
@@ -694,13 +892,6 @@ fn strip_location(message: &str) -> String {
         Some(index) => message[..index].to_owned(),
         None => message.to_owned(),
     }
-}
-
-/// The 1-based line of the first occurrence of `needle`.
-fn line_of(text: &str, needle: &str) -> Option<usize> {
-    text.lines()
-        .position(|line| line.contains(needle))
-        .map(|index| index + 1)
 }
 
 #[cfg(test)]
@@ -734,5 +925,144 @@ mod tests {
         assert!(parse("localhost:25").is_err());
         assert!(UpstreamAddr::Tcp("[::1]:25".parse().unwrap()).is_local());
         assert!(!UpstreamAddr::Tcp("192.0.2.1:25".parse().unwrap()).is_local());
+    }
+
+    /// A host whose own addresses are loopback and 192.0.2.2; `[::]` takes IPv4.
+    struct FakeHost;
+
+    impl Host for FakeHost {
+        fn ipv6_only(&self) -> bool {
+            false
+        }
+        fn is_own_address(&self, ip: IpAddr) -> bool {
+            ip.is_loopback() || ip.is_unspecified() || ip == IpAddr::from([192, 0, 2, 2])
+        }
+    }
+
+    /// The messages for these listeners (`listen -> upstream` each) on [`FakeHost`].
+    fn loops(listeners: &[(&str, &str)]) -> Vec<String> {
+        // Any file that exists stands in for the certificate.
+        let file = concat!(env!("CARGO_MANIFEST_DIR"), "/Cargo.toml");
+        let mut yaml = format!(
+            "allow_remote_plaintext: true\ntls: {{ certificates: [{{ cert: {file}, key: {file} }}] }}\nlisteners:\n"
+        );
+        for (index, (listen, upstream)) in listeners.iter().enumerate() {
+            yaml.push_str(&format!(
+                "  - {{ name: l{index}, protocol: smtp, listen: \"{listen}\", upstream: \"{upstream}\" }}\n"
+            ));
+        }
+        match Config::parse_on(&yaml, "x", &FakeHost) {
+            Ok(_) => Vec::new(),
+            Err(err) => err
+                .problems
+                .into_iter()
+                .map(|p| format!("{:?}: {}", p.line, p.message))
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn an_upstream_that_leads_back_to_its_listener_is_refused() {
+        let own = |line: usize, index: usize, upstream: &str, listen: &str| {
+            vec![format!(
+                "Some({line}): listeners[{index}] (l{index}).upstream: {upstream} is this \
+                 listener's own address ({listen}): each connection would be relayed to \
+                 mailmoat itself, again and again"
+            )]
+        };
+        for (listen, upstream) in [
+            ("127.0.0.1:2525", "127.0.0.1:2525"),
+            ("0.0.0.0:2525", "127.0.0.1:2525"),
+            ("0.0.0.0:2525", "127.9.9.9:2525"),
+            ("0.0.0.0:2525", "192.0.2.2:2525"),
+            ("0.0.0.0:2525", "0.0.0.0:2525"),
+            ("[::]:2525", "127.0.0.1:2525"),
+            ("[::]:2525", "[::1]:2525"),
+            ("[::]:2525", "[::ffff:127.0.0.1]:2525"),
+            ("[::ffff:127.0.0.1]:2525", "127.0.0.1:2525"),
+        ] {
+            assert_eq!(
+                loops(&[(listen, upstream)]),
+                own(4, 0, upstream, listen),
+                "{listen}"
+            );
+        }
+        // Not loops: another host on the same port (the legacy MX elsewhere), another
+        // port, and an IPv6 upstream that no IPv4 listener takes (refused, not looped).
+        for (listen, upstream) in [
+            ("0.0.0.0:25", "192.0.2.9:25"),
+            ("0.0.0.0:25", "127.0.0.1:2525"),
+            ("0.0.0.0:2525", "[::1]:2525"),
+            ("127.0.0.1:2525", "127.0.0.2:2525"),
+            ("127.0.0.1:0", "127.0.0.1:0"),
+        ] {
+            assert_eq!(
+                loops(&[(listen, upstream)]),
+                Vec::<String>::new(),
+                "{listen}"
+            );
+        }
+        // A chain ends at a real upstream; a cycle does not.
+        assert_eq!(
+            loops(&[
+                ("[::]:465", "127.0.0.1:2587"),
+                ("127.0.0.1:2587", "127.0.0.1:2588")
+            ]),
+            Vec::<String>::new()
+        );
+        let cycle = loops(&[
+            ("[::]:465", "127.0.0.1:2587"),
+            ("127.0.0.1:2587", "127.0.0.1:2588"),
+            ("127.0.0.1:2588", "127.0.0.1:465"),
+        ]);
+        assert_eq!(
+            cycle,
+            [
+                "Some(4): listeners[0] (l0).upstream: 127.0.0.1:2587 leads back to this \
+                 listener (l0 -> l1 -> l2 -> l0): each connection would be relayed to mailmoat \
+                 itself, again and again",
+                "Some(5): listeners[1] (l1).upstream: 127.0.0.1:2588 leads back to this \
+                 listener (l1 -> l2 -> l0 -> l1): each connection would be relayed to mailmoat \
+                 itself, again and again",
+                "Some(6): listeners[2] (l2).upstream: 127.0.0.1:465 leads back to this \
+                 listener (l2 -> l0 -> l1 -> l2): each connection would be relayed to mailmoat \
+                 itself, again and again",
+            ]
+        );
+        // A listener that leads into a cycle it is not part of is a chain.
+        assert_eq!(
+            loops(&[
+                ("127.0.0.1:25", "127.0.0.1:26"),
+                ("127.0.0.1:26", "127.0.0.1:26")
+            ]),
+            own(5, 1, "127.0.0.1:26", "127.0.0.1:26")
+        );
+    }
+
+    #[test]
+    fn a_dual_stack_wildcard_beside_ipv4_is_refused_unless_ipv6_only() {
+        struct V6Only;
+        impl Host for V6Only {
+            fn ipv6_only(&self) -> bool {
+                true
+            }
+            fn is_own_address(&self, ip: IpAddr) -> bool {
+                ip.is_loopback()
+            }
+        }
+        let file = concat!(env!("CARGO_MANIFEST_DIR"), "/Cargo.toml");
+        let yaml = format!(
+            "tls: {{ certificates: [{{ cert: {file}, key: {file} }}] }}\nlisteners:\n  \
+             - {{ name: a, protocol: smtp, listen: \"0.0.0.0:25\", upstream: \"127.0.0.1:2525\" }}\n  \
+             - {{ name: b, protocol: smtp, listen: \"[::]:25\", upstream: \"127.0.0.1:2525\" }}\n"
+        );
+        assert!(Config::parse_on(&yaml, "x", &V6Only).is_ok());
+        let err = Config::parse_on(&yaml, "x", &FakeHost).unwrap_err();
+        assert!(
+            err.to_string().starts_with(
+                "x:4: listeners[1] (b).listen: [::]:25 overlaps 0.0.0.0:25 of listeners[0] (a), line 3"
+            ),
+            "{err}"
+        );
     }
 }

@@ -103,6 +103,7 @@ fn main() -> ExitCode {
                 log_format.unwrap_or(config.log.format),
                 config.log.level.as_deref(),
             );
+            warn_exposed_keys(&config);
             runtime.block_on(serve(config_path, config))
         }
     }
@@ -163,7 +164,10 @@ async fn reload(path: &std::path::Path, server: &mut Server) {
     reloading.extend(sd_notify::NotifyState::monotonic_usec_now().ok());
     notify_systemd(&reloading);
     let result = match Config::from_file(path) {
-        Ok(config) => server.reload(&config).await.map_err(|err| err.to_string()),
+        Ok(config) => {
+            warn_exposed_keys(&config);
+            server.reload(&config).await.map_err(|err| err.to_string())
+        }
         Err(err) => Err(err.to_string()),
     };
     match result {
@@ -181,6 +185,22 @@ async fn reload(path: &std::path::Path, server: &mut Server) {
         ),
     }
     notify_systemd(&[sd_notify::NotifyState::Ready]);
+}
+
+/// A private key that others can read is served all the same (refusing it would take the
+/// mail service down over a file mode), but said at every start and reload.
+fn warn_exposed_keys(config: &Config) {
+    for pair in &config.tls.certificates {
+        if let Some(exposure) = mailmoat::check::certificates::key_exposure(&pair.key) {
+            tracing::warn!(
+                key = %pair.key.display(),
+                mode = %format!("{:04o}", exposure.mode),
+                readers = %exposure.readers,
+                advice = mailmoat::check::certificates::KEY_ADVICE,
+                "private key readable by others than mailmoat"
+            );
+        }
+    }
 }
 
 /// Tells systemd (Type=notify) about readiness; a no-op outside systemd.

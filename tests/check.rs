@@ -51,7 +51,7 @@ timeouts:
         format!("error: {origin}:3: tls.certificates[0].key: /nonexistent/key.pem: "),
         format!("error: {origin}:5: listeners[0] (mx).upstream: 192.0.2.10:25 is neither"),
         format!("error: {origin}:6: listeners[1] (imap).policy: AuthRequiresTls is for SMTP"),
-        format!("error: {origin}:6: listeners[2] (imap).name: `imap` is used twice"),
+        format!("error: {origin}:7: listeners[2] (imap).name: `imap` is used twice"),
         format!("error: {origin}:9: limits.max_line_len: 100 is outside 512..=16000"),
         format!("error: {origin}:11: timeouts.greeting: must be longer than 0"),
     ];
@@ -67,6 +67,162 @@ timeouts:
         checked.stdout,
         "check failed: 6 configuration error(s), nothing else was checked\n"
     );
+}
+
+#[test]
+fn mistakes_of_every_kind_are_reported_together_each_with_its_exact_line() {
+    let certs = common::certs();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("bad.yaml");
+    // Type errors used to stop the check at the first one ("nothing else was checked").
+    // Nothing is bound: the ports need not be free.
+    let yaml = format!(
+        "tls:
+  certificates:
+    - {{ cert: {}, key: {} }}
+listeners:
+  - {{ name: mx, protocol: smtp, listen: \"[::]:47302\", upstream: \"127.0.0.1:2525\", xclient: perhaps }}
+  - {{ name: smtps, protocol: smtp, tls: implicit, listen: \"0.0.0.0:47301\", upstream: \"127.0.0.1:47301\" }}
+  - {{ name: submission, protocol: smtp, listen: \"127.0.0.1:47302\", upstream: \"127.0.0.1:2587\", reuse_port: true }}
+  - name: imap
+    protocol: imap
+    listen: \"127.0.0.1:0\"
+    upstream: \"127.0.0.1:1143\"
+    policy: auth_requires_tls
+    proxy_protocol_from: [10.0.0.1/8]
+    upstraem: \"127.0.0.1:1143\"
+timeouts:
+  idle: 5 minutes
+",
+        certs.default.0.display(),
+        certs.default.1.display()
+    );
+    std::fs::write(&path, yaml).unwrap();
+    let checked = check(&path, &["--offline"]);
+    assert_eq!(checked.code, Some(64), "{}", checked.both());
+    let origin = path.display();
+    let expected = [
+        format!(
+            "error: {origin}:5: listeners[0].xclient: invalid type: string \"perhaps\", expected a boolean"
+        ),
+        // The wildcard takes the connections to its own upstream.
+        format!(
+            "error: {origin}:6: listeners[1] (smtps).upstream: 127.0.0.1:47301 is this \
+             listener's own address (0.0.0.0:47301): each connection would be relayed to \
+             mailmoat itself, again and again"
+        ),
+        // reuse_port on one of the two is not enough.
+        format!(
+            "error: {origin}:7: listeners[2] (submission).listen: 127.0.0.1:47302 overlaps \
+             [::]:47302 of listeners[0] (mx), line 5 ([::] takes IPv4 connections too \
+             (net.ipv6.bindv6only is 0)): Linux binds only one of them, so `mailmoat run` \
+             would fail (address in use)"
+        ),
+        format!(
+            "error: {origin}:12: listeners[3] (imap).policy: AuthRequiresTls is for SMTP MX \
+             listeners; IMAP and POP3 always require TLS before login"
+        ),
+        format!(
+            "error: {origin}:13: listeners[3].proxy_protocol_from: `10.0.0.1/8`: host bits are \
+             set (did you mean 10.0.0.0/8?)"
+        ),
+        format!(
+            "error: {origin}:14: listeners[3]: unknown field `upstraem`, expected one of `name`, \
+             `protocol`, `listen`, `tls`, `policy`, `upstream`, `bare_newlines`, \
+             `proxy_protocol_from`, `upstream_proxy_protocol`, `xclient`, `source_address`, \
+             `exempt_networks`, `reuse_port`"
+        ),
+        format!(
+            "error: {origin}:16: timeouts: `5 minutes`: expected a duration such as 500ms, 30s, \
+             5m or 1h"
+        ),
+    ];
+    assert_eq!(
+        checked.stderr.lines().collect::<Vec<_>>(),
+        expected,
+        "{}",
+        checked.both()
+    );
+    assert_eq!(
+        checked.stdout,
+        "check failed: 7 configuration error(s), nothing else was checked\n"
+    );
+}
+
+/// A copy of the test key with `mode` (and group `gid`), in a directory anyone may enter,
+/// as /etc/mailmoat is; and a config file that names it on a line of its own (line 4).
+fn config_with_key(dir: &Path, mode: u32, gid: Option<u32>) -> (PathBuf, PathBuf) {
+    use std::os::unix::fs::PermissionsExt;
+    let certs = common::certs();
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let key = dir.join("mail.key");
+    std::fs::copy(&certs.default.1, &key).unwrap();
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(mode)).unwrap();
+    std::os::unix::fs::chown(&key, None, gid).unwrap();
+    let path = dir.join("mailmoat.yaml");
+    std::fs::write(
+        &path,
+        format!(
+            "tls:\n  certificates:\n    - cert: {}\n      key: {}\nlisteners:\n  \
+             - {{ name: mx, protocol: smtp, listen: \"127.0.0.1:0\", upstream: \"127.0.0.1:2525\" }}\n",
+            certs.default.0.display(),
+            key.display()
+        ),
+    )
+    .unwrap();
+    (path, key)
+}
+
+#[test]
+fn a_private_key_others_can_read_gets_a_warning_with_its_mode() {
+    // No entry in /etc/group: named by number.
+    const FOREIGN_GROUP: u32 = 54_321;
+    let cases = [
+        (0o644, None, Some("others (mode 0644)".to_owned())),
+        (
+            0o640,
+            Some(FOREIGN_GROUP),
+            Some(format!("group {FOREIGN_GROUP} (mode 0640)")),
+        ),
+        (
+            0o604,
+            Some(FOREIGN_GROUP),
+            Some("others (mode 0604)".to_owned()),
+        ),
+        (0o600, Some(FOREIGN_GROUP), None),
+        // The group this check runs as (the unit's Group=mailmoat for `run`).
+        (0o640, None, None),
+    ];
+    for (mode, gid, readers) in cases {
+        let dir = tempfile::tempdir().unwrap();
+        let (path, key) = config_with_key(dir.path(), mode, gid);
+        let checked = check(&path, &["--offline"]);
+        // A warning: the check still passes.
+        assert_eq!(checked.code, Some(0), "{mode:o}: {}", checked.both());
+        let origin = path.display();
+        match readers {
+            Some(readers) => {
+                assert_eq!(
+                    checked.stderr,
+                    format!(
+                        "warning: {origin}:4: tls.certificates[0]: {}: the private key is \
+                         readable by {readers}; chmod 600 it, or chmod 640 with owner root and \
+                         group mailmoat (chown root:mailmoat)\n",
+                        key.display()
+                    ),
+                    "{mode:o}"
+                );
+                assert!(
+                    checked
+                        .stdout
+                        .ends_with(&format!("check passed: {origin}: 0 errors, 1 warning(s)\n")),
+                    "{}",
+                    checked.both()
+                );
+            }
+            None => assert_eq!(checked.stderr, "", "{mode:o}"),
+        }
+    }
 }
 
 /// A self-signed certificate for mail.example.test valid from `not_before` to
@@ -93,7 +249,7 @@ fn dated_certificate(
     let cert_path = dir.join(format!("{name}.pem"));
     let key_path = dir.join(format!("{name}.key"));
     std::fs::write(&cert_path, cert.pem()).unwrap();
-    std::fs::write(&key_path, key.serialize_pem()).unwrap();
+    common::write_private_key(&key_path, &key.serialize_pem());
     (cert_path, key_path)
 }
 

@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use mailmoat::config::Config;
+use mailmoat::listener::Server;
 
 /// Runs the real binary with `args` then the config path (bounded).
 fn mailmoat_cli(args: &[&str], path: &Path) -> common::Ran {
@@ -145,8 +146,8 @@ fn invalid_fixtures_name_the_field_and_the_line() {
             &[
                 "several-mistakes.yaml:3: tls.certificates[0].cert: /nonexistent/cert.pem",
                 "several-mistakes.yaml:5: listeners[0] (mx).upstream: 192.0.2.10:25 is neither loopback nor a unix socket",
-                "several-mistakes.yaml:5: listeners[1] (mx).name: `mx` is used twice",
-                "several-mistakes.yaml:5: listeners[1] (mx).listen: 127.0.0.1:47125 is used twice",
+                "several-mistakes.yaml:6: listeners[1] (mx).name: `mx` is used twice",
+                "several-mistakes.yaml:6: listeners[1] (mx).listen: 127.0.0.1:47125 is used twice",
                 "several-mistakes.yaml:8: limits.max_line_len: 100 is outside 512..=16000",
             ],
         ),
@@ -367,4 +368,219 @@ fn exempt_networks_are_refused_on_implicit_tls_and_with_xclient() {
             "{err}"
         );
     }
+}
+
+#[test]
+fn a_mistake_inside_a_flow_mapping_has_the_line_of_that_mapping() {
+    let certs = common::certs();
+    let yaml = format!(
+        "tls:\n  certificates:\n    - {{ cert: {}, key: {} }}\nlisteners:\n  \
+         - {{ name: a, protocol: smtp, listen: \"127.0.0.1:0\", upstream: \"127.0.0.1:2525\" }}\n  \
+         - {{ name: b, protocol: smtp, listen: \"127.0.0.1:0\", upstream: \"127.0.0.1:2525\", tls: implict }}\n  \
+         - {{ name: c, protocol: smtp, listen: \"127.0.0.1:0\", upstream: \"127.0.0.1:2525\",\n      \
+         reuse_port: 1 }}\n  \
+         - {{ name: d, protocol: pop3,\n      listen: \"127.0.0.1:0\" }}\n",
+        certs.default.0.display(),
+        certs.default.1.display()
+    );
+    let err = Config::from_yaml(&yaml, "flow.yaml").unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "flow.yaml:6: listeners[1].tls: unknown variant `implict`, expected `starttls` or `implicit`\n\
+         flow.yaml:8: listeners[2].reuse_port: invalid type: integer `1`, expected a boolean\n\
+         flow.yaml:9: listeners[3]: missing field `upstream`"
+    );
+}
+
+#[tokio::test]
+async fn validation_refuses_the_listen_addresses_run_cannot_bind_together() {
+    let certs = common::certs();
+    let yaml = |listeners: &str| {
+        format!(
+            "tls:\n  certificates:\n    - {{ cert: {}, key: {} }}\nlisteners:\n{listeners}",
+            certs.default.0.display(),
+            certs.default.1.display()
+        )
+    };
+    let addresses = [
+        "0.0.0.0",
+        "127.0.0.1",
+        "127.0.0.2",
+        "[::]",
+        "[::1]",
+        "[::ffff:127.0.0.1]",
+    ];
+    for first in addresses {
+        for second in addresses {
+            for reuse_port in [false, true] {
+                let port = common::free_port();
+                let listener = |name: &str, ip: &str| {
+                    format!(
+                        "  - {{ name: {name}, protocol: smtp, listen: \"{ip}:{port}\", \
+                         upstream: \"127.0.0.1:2525\", reuse_port: {reuse_port} }}\n"
+                    )
+                };
+                // What the kernel says: both bound as `run` binds them (listener.rs).
+                let one = Config::from_yaml(&yaml(&listener("a", first)), "a.yaml").unwrap();
+                let other = Config::from_yaml(&yaml(&listener("b", second)), "b.yaml").unwrap();
+                let running = Server::bind(&one).await.unwrap();
+                let second_bind = Server::bind(&other).await;
+                let kernel_binds_both = second_bind.is_ok();
+                if let Ok(server) = second_bind {
+                    server.shut_down().await;
+                }
+                running.shut_down().await;
+                // What validation says of one file with both.
+                let both = yaml(&(listener("a", first) + &listener("b", second)));
+                let validated = Config::from_yaml(&both, "both.yaml");
+                // The one difference, by design: one address twice is refused even where
+                // reuse_port lets the kernel bind it twice.
+                let expected = kernel_binds_both && first != second;
+                assert_eq!(
+                    validated.is_ok(),
+                    expected,
+                    "{first} then {second}, reuse_port: {reuse_port}: kernel binds both: \
+                     {kernel_binds_both}; validation: {validated:?}"
+                );
+                if let Err(err) = validated {
+                    assert_eq!(err.problems.len(), 1, "{err}");
+                    let message = err.to_string();
+                    assert!(
+                        message.starts_with(&format!(
+                            "both.yaml:6: listeners[1] (b).listen: {second}:{port} "
+                        )) && message.contains("listeners[0] (a), line 5"),
+                        "{message}"
+                    );
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn check_and_run_refuse_overlapping_listen_addresses_with_the_line_of_each() {
+    let certs = common::certs();
+    let port = common::free_port();
+    let yaml = format!(
+        "tls:\n  certificates:\n    - {{ cert: {}, key: {} }}\nlisteners:\n  \
+         - {{ name: mx, protocol: smtp, listen: \"0.0.0.0:{port}\", upstream: \"127.0.0.1:2525\" }}\n  \
+         - {{ name: local, protocol: smtp, listen: \"127.0.0.1:{port}\", upstream: \"127.0.0.1:2525\" }}\n  \
+         - {{ name: v6, protocol: smtp, listen: \"[::]:{port}\", upstream: \"127.0.0.1:2525\" }}\n",
+        certs.default.0.display(),
+        certs.default.1.display()
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("overlap.yaml");
+    std::fs::write(&path, yaml).unwrap();
+    let origin = path.display();
+    for subcommand in ["check", "run"] {
+        let output = mailmoat_cli(&[subcommand, "-c"], &path);
+        assert_eq!(output.code, Some(64), "{subcommand}: {}", output.both());
+        assert_eq!(
+            output.stderr.lines().collect::<Vec<_>>(),
+            [
+                format!(
+                    "{}{origin}:6: listeners[1] (local).listen: 127.0.0.1:{port} overlaps \
+                     0.0.0.0:{port} of listeners[0] (mx), line 5 (the wildcard address takes \
+                     every address of its family): Linux binds only one of them, so \
+                     `mailmoat run` would fail (address in use)",
+                    if subcommand == "check" { "error: " } else { "" }
+                ),
+                format!(
+                    "{}{origin}:7: listeners[2] (v6).listen: [::]:{port} overlaps \
+                     0.0.0.0:{port} of listeners[0] (mx), line 5 ([::] takes IPv4 connections \
+                     too (net.ipv6.bindv6only is 0)): Linux binds only one of them, so \
+                     `mailmoat run` would fail (address in use)",
+                    if subcommand == "check" { "error: " } else { "" }
+                ),
+            ],
+            "{subcommand}"
+        );
+    }
+}
+
+#[test]
+fn an_upstream_that_is_the_listener_itself_is_refused_by_check_and_run() {
+    let certs = common::certs();
+    let port = common::free_port();
+    // The wildcard takes the loopback connection: one client would become sessions
+    // without end.
+    let yaml = format!(
+        "tls:\n  certificates:\n    - {{ cert: {}, key: {} }}\nlisteners:\n  \
+         - name: mx\n    protocol: smtp\n    listen: \"[::]:{port}\"\n    \
+         upstream: \"127.0.0.1:{port}\"\n",
+        certs.default.0.display(),
+        certs.default.1.display()
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("loop.yaml");
+    std::fs::write(&path, yaml).unwrap();
+    let expected = format!(
+        "{}:8: listeners[0] (mx).upstream: 127.0.0.1:{port} is this listener's own address \
+         ([::]:{port}): each connection would be relayed to mailmoat itself, again and again\n",
+        path.display()
+    );
+    for subcommand in ["check", "run"] {
+        let output = mailmoat_cli(&[subcommand, "-c"], &path);
+        assert_eq!(output.code, Some(64), "{subcommand}: {}", output.both());
+        let prefix = if subcommand == "check" { "error: " } else { "" };
+        assert_eq!(output.stderr, format!("{prefix}{expected}"), "{subcommand}");
+    }
+}
+
+#[test]
+fn run_warns_at_start_of_a_private_key_others_can_read() {
+    use std::os::unix::fs::PermissionsExt;
+    let certs = common::certs();
+    let dir = tempfile::tempdir().unwrap();
+    // A directory anyone may enter, as /etc/mailmoat is.
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let key = dir.path().join("mail.key");
+    std::fs::copy(&certs.default.1, &key).unwrap();
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let path = dir.path().join("mailmoat.yaml");
+    std::fs::write(
+        &path,
+        format!(
+            "tls:\n  certificates:\n    - {{ cert: {}, key: {} }}\nlisteners:\n  \
+             - {{ name: mx, protocol: smtp, listen: \"127.0.0.1:0\", upstream: \"127.0.0.1:2525\" }}\n",
+            certs.default.0.display(),
+            key.display()
+        ),
+    )
+    .unwrap();
+    let log = dir.path().join("mailmoat.log");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_mailmoat"))
+        .args(["run", "-c"])
+        .arg(&path)
+        .env_remove("RUST_LOG")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    // The warning comes before the ports are bound; it is served all the same.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    let text = loop {
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        if text.contains("listening") || std::time::Instant::now() > deadline {
+            break text;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    };
+    let _ = child.kill();
+    let _ = child.wait();
+    let warning = text
+        .lines()
+        .find(|line| line.contains("private key readable by others than mailmoat"))
+        .unwrap_or_else(|| panic!("no warning in the log:\n{text}"));
+    assert!(warning.contains(" WARN "), "{warning}");
+    for field in [
+        format!("key={}", key.display()),
+        "mode=0644".to_owned(),
+        "readers=others".to_owned(),
+        "advice=\"chmod 600 it".to_owned(),
+    ] {
+        assert!(warning.contains(&field), "{field}: {warning}");
+    }
+    assert!(text.contains("listening"), "{text}");
 }

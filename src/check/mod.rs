@@ -17,7 +17,7 @@ use std::fmt::Write as _;
 use std::path::Path;
 use std::time::SystemTime;
 
-use crate::config::{Config, ListenerConfig, Protocol};
+use crate::config::{Config, ListenerConfig, Positions, Protocol};
 use crate::probe::{self, RELAY_PROBE_RECIPIENT, RELAY_PROBE_SENDER, RelayVerdict, quoted};
 
 /// Everything checked is fine (warnings allowed).
@@ -87,8 +87,8 @@ pub struct Options {
 /// code.
 pub async fn run(path: &Path, options: Options) -> u8 {
     let origin = path.display().to_string();
-    let config = match Config::from_file(path) {
-        Ok(config) => config,
+    let (config, positions) = match Config::load(path) {
+        Ok(loaded) => loaded,
         Err(err) => {
             for problem in &err.problems {
                 match problem.line {
@@ -103,27 +103,24 @@ pub async fn run(path: &Path, options: Options) -> u8 {
             return EXIT_CONFIG;
         }
     };
-    // The file was just read; reading it again only serves to find lines.
-    let text = std::fs::read_to_string(path).unwrap_or_default();
-    let findings = check_config(&config, &text, options).await;
+    let findings = check_config(&config, &positions, options).await;
     report(&origin, &findings)
 }
 
-/// Every finding for a parsed configuration; `text` is its YAML, to find lines.
-pub async fn check_config(config: &Config, text: &str, options: Options) -> Vec<Finding> {
-    let line_of = |needle: &str| {
-        text.lines()
-            .position(|line| line.contains(needle))
-            .map(|index| index + 1)
-    };
+/// Every finding for a parsed configuration; `positions` gives their lines.
+pub async fn check_config(
+    config: &Config,
+    positions: &Positions,
+    options: Options,
+) -> Vec<Finding> {
     let provider = crate::tls::provider();
-    let mut findings = certificates::check(&config.tls, &provider, SystemTime::now(), &line_of);
+    let mut findings = certificates::check(&config.tls, &provider, SystemTime::now(), positions);
     if options.offline {
         return findings;
     }
     for (index, listener) in config.listeners.iter().enumerate() {
         let subject = format!("listeners[{index}] ({})", listener.name);
-        let line = line_of(&format!("name: {}", listener.name));
+        let line = positions.line(&format!("listeners[{index}].upstream"));
         let outcome = probe::probe(listener, &config.timeouts).await;
         for (severity, message, detail) in judge(listener, outcome) {
             findings.push(Finding {

@@ -41,6 +41,14 @@ pub struct TestCerts {
     pub other: (PathBuf, PathBuf, CertificateDer<'static>),
 }
 
+/// A private key file as it should be, readable by its owner only (`mailmoat check` warns
+/// about any other).
+pub fn write_private_key(path: &std::path::Path, pem: &str) {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::write(path, pem).unwrap();
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).unwrap();
+}
+
 pub fn certs() -> &'static TestCerts {
     static CERTS: OnceLock<TestCerts> = OnceLock::new();
     CERTS.get_or_init(|| {
@@ -65,7 +73,7 @@ pub fn certs() -> &'static TestCerts {
             let cert_path = dir.path().join(format!("{name}.pem"));
             let key_path = dir.path().join(format!("{name}.key"));
             std::fs::write(&cert_path, cert.pem()).unwrap();
-            std::fs::write(&key_path, key.serialize_pem()).unwrap();
+            write_private_key(&key_path, &key.serialize_pem());
             (cert_path, key_path, cert.der().clone())
         };
         let default = leaf("mail.example.test");
