@@ -25,6 +25,19 @@ pub fn login_username(initial_response: &[u8]) -> Option<String> {
     String::from_utf8(decoded).ok()
 }
 
+/// The line the upstream gets for a client's SASL response: the line itself when it is
+/// base64 (`base64 = base64-char ... ["="]`) or the cancel `*` (RFC 4954 §4, RFC 9051
+/// §6.2.2, RFC 5034 §4), else `*`. A response is data the proxy cannot check, so it must
+/// at least be nothing an upstream could read as more than one line: a bare CR or a NUL
+/// inside would be a second command to some parsers. Cancelling gets the client the
+/// upstream's own refusal of the exchange.
+pub fn response_line(line: &[u8]) -> &[u8] {
+    let base64 = line
+        .iter()
+        .all(|&b| b.is_ascii_alphanumeric() || b == b'+' || b == b'/' || b == b'=');
+    if base64 || line == b"*" { line } else { b"*" }
+}
+
 /// The mechanism name for logs, if it looks like one (RFC 4422 §3.1: upper-case
 /// letters, digits, hyphen, underscore, at most 20), else `unknown`: it is client text.
 pub fn mechanism_label(mechanism: &[u8]) -> String {
@@ -62,5 +75,21 @@ mod tests {
         assert_eq!(plain_authcid(b"not base64!"), None);
         assert_eq!(plain_authcid(b"YWxpY2U="), None);
         assert_eq!(login_username(b"YWxpY2U=").as_deref(), Some("alice"));
+    }
+
+    #[test]
+    fn a_sasl_response_that_is_not_base64_becomes_a_cancel() {
+        for ok in [&b"AGFsaWNlAHNlY3JldA=="[..], b"", b"*", b"dXNlcg=="] {
+            assert_eq!(response_line(ok), ok);
+        }
+        for bad in [
+            &b"dXNlcg==\rMAIL FROM:<a@b>"[..],
+            b"dXNl\0cg==",
+            b"dXNlcg== ",
+            b"* ",
+            b"a b",
+        ] {
+            assert_eq!(response_line(bad), b"*", "{bad:?}");
+        }
     }
 }

@@ -24,6 +24,7 @@ mod reply {
     pub const NOT_ALLOWED: &[u8] = b" BAD Command not allowed before STARTTLS\r\n";
     pub const ARGUMENTS: &[u8] = b" BAD Unexpected arguments\r\n";
     pub const LITERAL_NOT_ALLOWED: &[u8] = b" BAD Literal not allowed here\r\n";
+    pub const CONTROL_CHARACTER: &[u8] = b" BAD Control character in command\r\n";
     pub const TOO_MANY_ERRORS: &[u8] = b"* BYE Too many invalid commands\r\n";
     pub const BEGIN_TLS: &[u8] = b" OK Begin TLS negotiation now\r\n";
     pub const TLS_ACTIVE: &[u8] = b" BAD TLS is already active\r\n";
@@ -307,8 +308,10 @@ impl Session {
                 }
                 Mode::SaslResponse(command) => match self.next_client_line() {
                     Ok(Some(line)) => {
-                        // RFC 9051 §6.2.2: base64 data or `*`, never a command.
-                        self.forward_line(&line);
+                        // RFC 9051 §6.2.2: base64 data or `*`, never a command, and
+                        // never bytes an upstream could read as a second line.
+                        let response = crate::proto::sasl::response_line(&line.text);
+                        self.send_upstream(Bytes::from([response, b"\r\n"].concat()));
                         (Mode::AwaitResponse(command), true)
                     }
                     Ok(None) => (Mode::SaslResponse(command), false),
@@ -444,6 +447,16 @@ impl Session {
         text: &[u8],
         literal: Option<Literal>,
     ) -> Mode {
+        if command.local_reply.is_none()
+            && text.iter().any(|&b| (b < 0x20 && b != b'\t') || b == 0x7f)
+        {
+            // As on a first line (`parse::command_start`): implementations split such
+            // lines differently.
+            if command.forwarded {
+                return self.close_with(&tagged(&command.tag, reply::CONTROL_CHARACTER));
+            }
+            command.local_reply = Some(tagged(&command.tag, reply::CONTROL_CHARACTER));
+        }
         if command.local_reply.is_none() && command.verb == Verb::Login {
             command.login = parse::login_line(command.login, text);
         }
@@ -1199,6 +1212,14 @@ a OK Pre-login capabilities listed, post-login capabilities have more.\r\n"
         );
         assert_eq!(out.client, "b BAD Literal not allowed here\r\n");
         assert_eq!(out.upstream, "d NOOP\r\n");
+        // A continuation line holds no control character either.
+        let mut s = after_tls();
+        client(&mut s, "a LOGIN {5}\r\n");
+        upstream(&mut s, "+ OK\r\n");
+        let out = client(&mut s, "alice \"pw\rb NOOP\"\r\n");
+        assert_eq!(out.client, "a BAD Control character in command\r\n");
+        assert_eq!(out.upstream, "alice");
+        assert!(out.closed);
         // The password line after a literal user id must be just that.
         let mut s = after_tls();
         client(&mut s, "a LOGIN {5}\r\n");
@@ -1419,8 +1440,9 @@ a OK Pre-login capabilities listed, post-login capabilities have more.\r\n"
         );
         let out = upstream(&mut s, "+ \r\n");
         assert_eq!(out.client, "+ \r\n");
-        // The SASL response is data even when it looks like a command.
-        assert_eq!(client(&mut s, "b LOGOUT\r\n").upstream, "b LOGOUT\r\n");
+        // The SASL response is data even when it looks like a command: not base64, so
+        // the exchange is cancelled (RFC 9051 §6.2.2), never forwarded as a line.
+        assert_eq!(client(&mut s, "b LOGOUT\r\n").upstream, "*\r\n");
         let out = upstream(&mut s, "a OK Logged in\r\n");
         assert!(out.relay);
     }

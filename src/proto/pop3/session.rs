@@ -314,10 +314,11 @@ impl Session {
                 },
                 Mode::SaslResponse => match self.next_client_line() {
                     Some(line) => {
-                        // RFC 5034 §4: a SASL response (or `*` to cancel), relayed as is.
+                        // RFC 5034 §4: a SASL response (or `*` to cancel), relayed as is
+                        // when it is base64; anything else cancels.
                         self.mode = Mode::Command;
                         let mut out = BytesMut::with_capacity(line.text.len() + 2);
-                        out.put_slice(&line.text);
+                        out.put_slice(crate::proto::sasl::response_line(&line.text));
                         out.put_slice(b"\r\n");
                         self.push(Action::ToUpstream(out.freeze()));
                         self.owed = Owed::Reply(Awaiting::Auth);

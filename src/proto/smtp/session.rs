@@ -445,8 +445,10 @@ impl Session {
                 Mode::SaslResponse => match self.next_client_line() {
                     Some(line) => {
                         self.mode = Mode::Command;
-                        // A SASL response is data: verbatim (RFC 4954 §4).
-                        self.send_upstream(Bytes::from([&line.text[..], b"\r\n"].concat()));
+                        // A SASL response is data (RFC 4954 §4): base64 or a cancel, never
+                        // bytes an upstream could read as a second line.
+                        let response = crate::proto::sasl::response_line(&line.text);
+                        self.send_upstream(Bytes::from([response, b"\r\n"].concat()));
                         self.slots.push_back(Slot::Upstream {
                             verb: Verb::Auth,
                             awaiting: Awaiting::Auth,
@@ -1680,8 +1682,9 @@ mod tests {
         assert_eq!(out.upstream, "AUTH LOGIN\r\n");
         let out = upstream(&mut s, "334 VXNlcm5hbWU6\r\n");
         assert_eq!(out.client, "334 VXNlcm5hbWU6\r\n");
-        // The line queued behind AUTH is the SASL response, not a command.
-        assert_eq!(out.upstream, "MAIL FROM:<early@b>\r\n");
+        // The line queued behind AUTH is the SASL response, not a command; not being
+        // base64, it cancels the exchange (RFC 4954 §4) rather than cross as a line.
+        assert_eq!(out.upstream, "*\r\n");
         let out = upstream(&mut s, "334 UGFzc3dvcmQ6\r\n");
         assert_eq!(out.upstream, "");
         assert_eq!(client(&mut s, "cHc=\r\n").upstream, "cHc=\r\n");
