@@ -927,6 +927,32 @@ mod tests {
         assert!(!UpstreamAddr::Tcp("192.0.2.1:25".parse().unwrap()).is_local());
     }
 
+    #[test]
+    fn max_errors_is_read_and_must_be_at_least_one() {
+        let file = concat!(env!("CARGO_MANIFEST_DIR"), "/Cargo.toml");
+        let yaml = |limits: &str| {
+            format!(
+                "tls: {{ certificates: [{{ cert: {file}, key: {file} }}] }}\nlimits: {{ {limits} }}\n\
+                 listeners:\n  - {{ name: l, protocol: smtp, listen: \"127.0.0.1:2587\", \
+                 upstream: \"127.0.0.1:2588\" }}\n"
+            )
+        };
+        let (config, _) = Config::parse_on(&yaml("max_errors: 5"), "x", &FakeHost).unwrap();
+        assert_eq!(config.limits.max_errors, 5);
+        let (default, _) = Config::parse_on(&yaml(""), "x", &FakeHost).unwrap();
+        assert_eq!(default.limits.max_errors, 20);
+        let err = Config::parse_on(&yaml("max_errors: 0"), "x", &FakeHost).unwrap_err();
+        let problems: Vec<_> = err
+            .problems
+            .iter()
+            .map(|p| (p.line, p.message.as_str()))
+            .collect();
+        assert_eq!(
+            problems,
+            vec![(Some(2), "limits.max_errors: must be at least 1")]
+        );
+    }
+
     /// A host whose own addresses are loopback and 192.0.2.2; `[::]` takes IPv4.
     struct FakeHost;
 
