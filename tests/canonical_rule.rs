@@ -161,6 +161,11 @@ fn answer(dialect: Dialect, offers: Offers, received: &Received) -> (Vec<u8>, bo
 /// Drives a fresh session of `dialect` with the client's `reads`, then its end of
 /// stream, against the scripted upstream; stops at STARTTLS, a close or a relay.
 /// Returns the first breach of the canonical rule.
+///
+/// The driver reads the client only while `wants_client_data()`; so does this. A session
+/// that holds client input back until the driver says its output is written (a call
+/// the `Session` trait does not have yet) merely gets fewer bytes here: no check
+/// depends on it.
 fn run(dialect: Dialect, offers: Offers, reads: &[Vec<u8>]) -> Result<(), String> {
     let mut session = session(dialect);
     let mut upstream = Canonical::new(dialect);
