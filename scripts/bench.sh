@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Benchmarks mailmoat against its own plaintext upstream, in the same run, on loopback.
 #
-#   scripts/bench.sh [--quick] [--reps N] [--keep] [--glibc-default]
+#   scripts/bench.sh [--quick] [--reps N] [--keep] [--glibc-default] [--only PREFIX]
 #
 # Starts Postfix's smtp-sink (a fast SMTP upstream) and a private Dovecot (scripts/
 # legacy.sh) holding a prepared 10 MB message, then two mailmoat instances (ECDSA P-256
@@ -13,6 +13,7 @@
 # WORKDIR/results.jsonl. Root is needed to install packages and for smtp-sink -u.
 # mailmoat runs with the environment config/mailmoat.service gives it (its glibc copy
 # tuning); bulk DATA is also measured without it, and --glibc-default drops it everywhere.
+# --only PREFIX runs only the scenarios whose names start with PREFIX (e.g. --only flood).
 # Bounded: every generator run has a --timeout, the whole script a watchdog (25 min).
 set -euo pipefail
 
@@ -21,13 +22,15 @@ QUICK=0
 REPS=
 KEEP=0
 GLIBC_DEFAULT=0
+ONLY=
 while [ $# -gt 0 ]; do
     case "$1" in
         --quick) QUICK=1 ;;
         --reps) REPS=${2:?--reps N}; shift ;;
         --keep) KEEP=1 ;;
         --glibc-default) GLIBC_DEFAULT=1 ;;
-        -h | --help) sed -n '2,17p' "$0"; exit 0 ;;
+        --only) ONLY=${2:?--only PREFIX}; shift ;;
+        -h | --help) sed -n '2,19p' "$0"; exit 0 ;;
         *) echo "bench.sh: unknown argument $1" >&2; exit 2 ;;
     esac
     shift
@@ -35,12 +38,14 @@ done
 if [ "$QUICK" = 1 ]; then
     REPS=${REPS:-2}
     N_HANDSHAKE=400; N_RESUME=400; BULK_SIZE=2000000; BULK_MSGS=3; IMAP_FETCHES=3
-    LAT_TX=500; N_IDLE=1000; N_CONC=300; IDLE_REPS=1
+    LAT_TX=500; N_IDLE=1000; N_CONC=300; IDLE_REPS=1; N_FLOOD=100; FLOOD_REPS=1
 else
     REPS=${REPS:-5}
     N_HANDSHAKE=2000; N_RESUME=2000; BULK_SIZE=10000000; BULK_MSGS=4; IMAP_FETCHES=4
-    LAT_TX=2000; N_IDLE=5000; N_CONC=1000; IDLE_REPS=3
+    LAT_TX=2000; N_IDLE=5000; N_CONC=1000; IDLE_REPS=3; N_FLOOD=100; FLOOD_REPS=3
 fi
+# Whether scenario NAME runs (--only).
+want() { [ -z "$ONLY" ] || [[ "$1" == "$ONLY"* ]]; }
 
 log() { echo "bench.sh: $*" >&2; }
 die() { log "$*"; exit 1; }
@@ -67,8 +72,8 @@ fi
 
 log "building release binaries"
 (cd "$ROOT" && cargo build --release --bin mailmoat --bin mailmoat-bench >&2)
-MM=$ROOT/target/release/mailmoat
-GEN=$ROOT/target/release/mailmoat-bench
+MM=${CARGO_TARGET_DIR:-$ROOT/target}/release/mailmoat
+GEN=${CARGO_TARGET_DIR:-$ROOT/target}/release/mailmoat-bench
 
 # ------------------------------------------------------------------ cores, limits
 CORES=$(nproc)
@@ -164,8 +169,8 @@ MM_TUNABLES=$UNIT_TUNABLES
 [ "$GLIBC_DEFAULT" = 1 ] && MM_TUNABLES=
 # start_mailmoat NAME CERT KEY [TUNABLES] -> sets PID_<NAME>, and ports in SUB_<NAME> etc.
 start_mailmoat() {
-    local name=$1 cert=$2 key=$3 tunables=${4-$MM_TUNABLES} sub smtps imap pid
-    sub=$(free_port); smtps=$(free_port); imap=$(free_port)
+    local name=$1 cert=$2 key=$3 tunables=${4-$MM_TUNABLES} sub smtps imap mx pid
+    sub=$(free_port); smtps=$(free_port); imap=$(free_port); mx=$(free_port)
     cat >"$WORK/$name.yaml" <<EOF
 tls:
   certificates:
@@ -174,6 +179,7 @@ listeners:
   - { name: submission, protocol: smtp, listen: "127.0.0.1:$sub", tls: starttls, upstream: "127.0.0.1:$SINK_PORT" }
   - { name: smtps, protocol: smtp, listen: "127.0.0.1:$smtps", tls: implicit, upstream: "127.0.0.1:$SINK_PORT" }
   - { name: imap, protocol: imap, listen: "127.0.0.1:$imap", tls: starttls, upstream: "127.0.0.1:$IMAP_PORT" }
+  - { name: mx, protocol: smtp, listen: "127.0.0.1:$mx", tls: starttls, policy: auth_requires_tls, upstream: "127.0.0.1:$SINK_PORT" }
 limits:
   max_connections: 20000
   max_connections_per_client: 20000
@@ -183,11 +189,12 @@ EOF
         >>"$WORK/$name.log" 2>&1 &
     pid=$!
     PIDS+=("$pid")
-    wait_port "$sub"; wait_port "$smtps"; wait_port "$imap"
+    wait_port "$sub"; wait_port "$smtps"; wait_port "$imap"; wait_port "$mx"
     printf -v "PID_$name" %s "$pid"
     printf -v "SUB_$name" %s "$sub"
     printf -v "SMTPS_$name" %s "$smtps"
     printf -v "IMAP_$name" %s "$imap"
+    printf -v "MX_$name" %s "$mx"
 }
 stop_pid() {
     kill "$1" 2>/dev/null || true
@@ -219,6 +226,7 @@ gen() {
 # pair SCENARIO "DIRECT ARGS" "MAILMOAT ARGS": REPS alternating runs (order flips).
 pair() {
     local scenario=$1 direct=$2 proxied=$3 rep
+    want "$scenario" || return 0
     log "scenario $scenario ($REPS repetitions)"
     for rep in $(seq 1 "$REPS"); do
         if [ $((rep % 2)) = 1 ]; then
@@ -281,22 +289,41 @@ pair smtp_concurrent "$CONC $SINK" "$CONC $CA --addr 127.0.0.1:$SUB_ecdsa --prox
 
 # Idle sessions: a fresh mailmoat each time (a used one keeps freed memory around),
 # N sessions held open after STARTTLS and EHLO; growth of its RSS per session.
-log "scenario idle_${N_IDLE} ($IDLE_REPS repetitions, fresh mailmoat each)"
 stop_pid "$PID_rsa"
-for rep in $(seq 1 "$IDLE_REPS"); do
-    start_mailmoat idle "$CERTS/mail.example.test.pem" "$CERTS/mail.example.test.key"
-    sleep 0.5
-    gen "idle_$N_IDLE" mailmoat "$rep" idle --sessions "$N_IDLE" --concurrency 50 --settle 2 \
-        $CA --addr "127.0.0.1:$SUB_idle" --proxy-pid "$PID_idle"
-    stop_pid "$PID_idle"
-done
+if want "idle_$N_IDLE"; then
+    log "scenario idle_${N_IDLE} ($IDLE_REPS repetitions, fresh mailmoat each)"
+    for rep in $(seq 1 "$IDLE_REPS"); do
+        start_mailmoat idle "$CERTS/mail.example.test.pem" "$CERTS/mail.example.test.key"
+        sleep 0.5
+        gen "idle_$N_IDLE" mailmoat "$rep" idle --sessions "$N_IDLE" --concurrency 50 --settle 2 \
+            $CA --addr "127.0.0.1:$SUB_idle" --proxy-pid "$PID_idle"
+        stop_pid "$PID_idle"
+    done
+fi
+# Flooding clients that never read: a fresh mailmoat each time; N_FLOOD connections to
+# its MX listener (no pre-TLS command budget there) send bare LF lines and unknown verbs,
+# answered by mailmoat itself, and never read a reply, while 20 full STARTTLS sessions
+# run through its submission listener; growth of its RSS per attacking connection,
+# sampled with the attackers still connected.
+if want "flood_$N_FLOOD"; then
+    log "scenario flood_${N_FLOOD} ($FLOOD_REPS repetitions, fresh mailmoat each)"
+    for rep in $(seq 1 "$FLOOD_REPS"); do
+        start_mailmoat flood "$CERTS/mail.example.test.pem" "$CERTS/mail.example.test.key"
+        sleep 0.5
+        gen "flood_$N_FLOOD" mailmoat "$rep" flood --attackers "$N_FLOOD" --flood-bytes 16777216 \
+            --stall 2 --settle 2 --sessions 20 --concurrency 4 --size 2048 \
+            $CA --addr "127.0.0.1:$SUB_flood" --flood-addr "127.0.0.1:$MX_flood" \
+            --proxy-pid "$PID_flood"
+        stop_pid "$PID_flood"
+    done
+fi
 ELAPSED=$(( $(date +%s) - STARTED ))
 
 # ------------------------------------------------------------------ table
 LOADAVG=$(cut -d' ' -f1-3 /proc/loadavg)
-python3 - "$RESULTS" "$REPS" "$ELAPSED" "$CORES" "$LOADAVG" "$N_IDLE" "$MM_TUNABLES" <<'EOF'
+python3 - "$RESULTS" "$REPS" "$ELAPSED" "$CORES" "$LOADAVG" "$N_IDLE" "$MM_TUNABLES" "$N_FLOOD" <<'EOF'
 import json, statistics, sys
-path, reps, elapsed, cores, loadavg, n_idle, tunables = sys.argv[1:8]
+path, reps, elapsed, cores, loadavg, n_idle, tunables, n_flood = sys.argv[1:9]
 runs = {}
 errors = []
 for line in open(path):
@@ -335,6 +362,8 @@ def fmt(v, digits=1):
 rows = []
 def row(scenario, metric, path, target="", base_side="direct", base_label="direct",
         scale=1.0, digits=1, ratio=True):
+    if not any(sc == scenario for (sc, _) in runs):
+        return  # not run (--only)
     b = med(scenario, base_side, path) if base_side else None
     m = med(scenario, "mailmoat", path)
     b = None if b is None else b * scale
@@ -378,6 +407,8 @@ def total(scenario, side, path):
     vals = [get(r, path) for r in runs.get((scenario, side), [])]
     return sum(v for v in vals if isinstance(v, (int, float)))
 def total_row(scenario, metric, path, target=""):
+    if not any(sc == scenario for (sc, _) in runs):
+        return
     rows.append((scenario, metric, "direct", fmt(total(scenario, "direct", path), 0),
                  fmt(total(scenario, "mailmoat", path), 0), "-", target))
 total_row("smtp_concurrent", "errors, all repetitions", "errors", "0")
@@ -387,6 +418,13 @@ row("smtp_concurrent", "ok sessions", "ok", digits=0, ratio=False)
 row("smtp_concurrent", "session p99 ms", "session_latency_us.p99", scale=1e-3, digits=1)
 row(f"idle_{n_idle}", "KiB resident per session", "proxy.rss_kib_per_conn", "<= 12", base_side=None)
 row(f"idle_{n_idle}", "held open", "held_open", digits=0, base_side=None)
+row(f"flood_{n_flood}", "KiB resident per flooding connection", "proxy.rss_kib_per_attacker",
+    "bounded", base_side=None)
+row(f"flood_{n_flood}", "MiB accepted per flooding connection",
+    lambda r: r["attacker_bytes_mean"] / 2**20, base_side=None, digits=2)
+row(f"flood_{n_flood}", "flooding connections still open", "attackers_held_open", digits=0,
+    base_side=None)
+row(f"flood_{n_flood}", "well-behaved sessions ok (of 20)", "ok", digits=0, base_side=None)
 
 lat_d = med("smtp_latency", "direct", "transaction_latency_us.p50")
 lat_m = med("smtp_latency", "mailmoat", "transaction_latency_us.p50")

@@ -1,13 +1,15 @@
 #!/usr/bin/env bash
 # Runs mailmoat's cargo-fuzz targets (tests/fuzz, issue 5), one after the other.
 #
-#   scripts/fuzz.sh [SECONDS_PER_TARGET] [TARGET...]
+#   scripts/fuzz.sh [TIME_PER_TARGET] [TARGET...]
 #
+# TIME_PER_TARGET: seconds, or a number with s or m (5, 5s, 2m); CI runs 5 s each.
 # Defaults: 60 seconds, every target (line_framer smtp_body smtp_session imap_session
-# pop3_session). Installs cargo-fuzz if it is missing, copies the seeds of
-# tests/fuzz/seeds/<target>/ into tests/fuzz/corpus/<target>/, runs each target with
-# -max_total_time, and prints one summary line per target. Exits non-zero if any target
-# crashed (or failed to build); crash inputs stay in tests/fuzz/artifacts/<target>/.
+# pop3_session). Installs cargo-fuzz (pinned: CARGO_FUZZ_VERSION below) if it is
+# missing, copies the seeds of tests/fuzz/seeds/<target>/ into tests/fuzz/corpus/<target>/,
+# runs each target with -max_total_time, and prints one summary line per target. Exits
+# non-zero if any target crashed (or failed to build); crash inputs stay in
+# tests/fuzz/artifacts/<target>/.
 #
 # The toolchain is stable: cargo fuzz needs nightly flags, so RUSTC_BOOTSTRAP=1.
 # Environment:
@@ -18,6 +20,7 @@
 #   FUZZ_KEEP_GOING 1: do not stop at the first crash (-fork mode, -ignore_crashes=1), to
 #                   collect every distinct crash of a long run; still exits non-zero
 #   FUZZ_ARGS       extra libFuzzer arguments, e.g. "-max_len=8192"
+#   FUZZ_TARGET_DIR where the fuzz build goes (default tests/fuzz/target)
 #
 # Replay one input:   RUSTC_BOOTSTRAP=1 cargo fuzz run --fuzz-dir tests/fuzz -s none TARGET FILE
 # Minimise a crash:   RUSTC_BOOTSTRAP=1 cargo fuzz tmin --fuzz-dir tests/fuzz -s none TARGET FILE
@@ -28,11 +31,20 @@ root=$(pwd)
 fuzz_dir="$root/tests/fuzz"
 all_targets=(line_framer smtp_body smtp_session imap_session pop3_session)
 
-seconds=${1:-60}
+# The version CI and fresh machines install (cargo install --locked).
+CARGO_FUZZ_VERSION=0.13.2
+
+time_arg=${1:-60}
+case "$time_arg" in
+    *m) seconds=${time_arg%m}; unit=60 ;;
+    *s) seconds=${time_arg%s}; unit=1 ;;
+    *) seconds=$time_arg; unit=1 ;;
+esac
 if ! [[ "$seconds" =~ ^[0-9]+$ ]] || [ "$seconds" -eq 0 ]; then
-    echo "usage: scripts/fuzz.sh [SECONDS_PER_TARGET] [TARGET...]" >&2
+    echo "usage: scripts/fuzz.sh [TIME_PER_TARGET (5, 5s, 2m)] [TARGET...]" >&2
     exit 64
 fi
+seconds=$((10#$seconds * unit))
 shift || true
 targets=("$@")
 if [ ${#targets[@]} -eq 0 ]; then
@@ -57,17 +69,18 @@ elif [ "$jobs" -gt 1 ]; then
 fi
 
 if ! cargo fuzz --version >/dev/null 2>&1; then
-    echo "installing cargo-fuzz" >&2
-    cargo install cargo-fuzz --locked
+    echo "installing cargo-fuzz $CARGO_FUZZ_VERSION" >&2
+    cargo install cargo-fuzz --version "$CARGO_FUZZ_VERSION" --locked
 fi
 
+target_dir=${FUZZ_TARGET_DIR:-$fuzz_dir/target}
 fuzz() {
-    cargo fuzz "$1" --fuzz-dir "$fuzz_dir" --target-dir "$fuzz_dir/target" -s "$sanitizer" "${@:2}"
+    cargo fuzz "$1" --fuzz-dir "$fuzz_dir" --target-dir "$target_dir" -s "$sanitizer" "${@:2}"
 }
 
 # One build for all targets, so that a compile error is reported once and early.
 fuzz build
-binary_dir="$fuzz_dir/target/$(rustc -vV | sed -n 's/^host: //p')/release"
+binary_dir="$target_dir/$(rustc -vV | sed -n 's/^host: //p')/release"
 
 logs="$fuzz_dir/artifacts/logs"
 mkdir -p "$logs"

@@ -198,6 +198,60 @@ async fn smtp_starttls_and_implicit_sessions_are_verified_end_to_end() {
     assert!(json["proxy"]["rss_kib_per_conn"].is_number(), "{json}");
 }
 
+/// Flood: attackers that send lines the proxy answers itself and never read, on an MX
+/// listener, while full sessions run through the submission listener; every session's
+/// replies are still verified, and the proxy's memory per attacker is reported.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn flood_mode_runs_verified_sessions_beside_non_reading_attackers() {
+    let upstream = scripted_upstream(Behaviour::Esmtp).await;
+    let mailmoat = Mailmoat::start(&[
+        ("sub", "smtp", "starttls", "require_tls", upstream.addr),
+        ("mx", "smtp", "starttls", "auth_requires_tls", upstream.addr),
+    ]);
+    let (code, json, stderr) = bench(&args(&[
+        "flood",
+        "--addr",
+        &format!("127.0.0.1:{}", mailmoat.port("sub")),
+        "--flood-addr",
+        &format!("127.0.0.1:{}", mailmoat.port("mx")),
+        "--ca",
+        &ca(),
+        "--attackers",
+        "4",
+        "--flood-bytes",
+        "262144",
+        "--stall",
+        "1",
+        "--settle",
+        "0",
+        "--sessions",
+        "3",
+        "--concurrency",
+        "3",
+        "--proxy-pid",
+        &mailmoat.pid().to_string(),
+    ]))
+    .await;
+    assert_eq!(code, 0, "{json}\n{stderr}");
+    assert_eq!(json["mode"], "flood");
+    assert_eq!(
+        (json["ok"].as_u64(), json["errors"].as_u64()),
+        (Some(3), Some(0)),
+        "{json}"
+    );
+    assert_eq!(json["attackers"], 4);
+    assert_eq!(json["attackers_failed"], 0, "{json}");
+    assert!(json["attacker_bytes"].as_u64().unwrap() > 0, "{json}");
+    assert!(json["proxy"]["rss_kib_per_attacker"].is_number(), "{json}");
+    // The upstream saw the sessions' messages, and none of the flood.
+    let recording = upstream.recording.lock().unwrap();
+    assert_eq!(recording.messages.len(), 3);
+    assert!(
+        !recording.commands.iter().any(|c| c.contains("XYZZY")),
+        "the flood reached the upstream"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn imap_fetch_through_mailmoat_checks_the_literal_size() {
     let legacy = legacy();

@@ -6,6 +6,9 @@
 //! `MAILMOAT_FUZZ_TRACE=1 RUSTC_BOOTSTRAP=1 cargo fuzz run --fuzz-dir tests/fuzz -s none TARGET FILE`.
 
 #[allow(dead_code)]
+#[path = "fuzz/src/canonical.rs"]
+mod canonical;
+#[allow(dead_code)]
 #[path = "fuzz/src/session_script.rs"]
 mod session_script;
 
@@ -72,5 +75,83 @@ fn smtp_starttls_answered_after_the_client_closed_starts_no_handshake() {
         Protocol::Smtp,
         b"\x00\x05\x12221 lega+cy ESMTP\r\x00+STARTTlS\r\nRSET PLAIN AGFsaWN\r\n\x00  ok\r\n\
           \x0c\xbe\xc2=\r\n,\x05\x0e270 2.0.0 Ok\r\n\x05\x12220 legacy ESMTP\r\n\x00 \x0c",
+    );
+}
+
+/// A session script in the fuzz targets' format: `flags`, then client (`true`) or
+/// upstream (`false`) data ops, each at most 255 bytes.
+fn script(flags: u8, ops: &[(bool, &[u8])]) -> Vec<u8> {
+    let mut out = vec![flags];
+    for (client, bytes) in ops {
+        out.push(if *client { 0 } else { 5 });
+        out.push(u8::try_from(bytes.len()).expect("at most 255 bytes per op"));
+        out.extend_from_slice(bytes);
+    }
+    out
+}
+
+/// The harness's canonical-rule invariant (DESIGN §3, `fuzz/src/canonical.rs`): one
+/// breach per session target, each of the class the targets crash on until the sessions
+/// forward only commands they serialise themselves. All are tried; the failures are
+/// listed together.
+#[test]
+fn the_session_targets_hold_every_plaintext_listener_to_the_canonical_rule() {
+    let cases: [(&str, Protocol, Vec<u8>); 4] = [
+        (
+            "IMAP: NOOP ending in a literal8 that hides a LOGIN",
+            Protocol::Imap,
+            script(
+                0,
+                &[
+                    (false, b"* OK [CAPABILITY IMAP4rev1 LITERAL+] hi\r\n"),
+                    (true, b"a NOOP ~{31+}\r\nb LOGIN alice alice-secret-pw\r\n"),
+                ],
+            ),
+        ),
+        (
+            "POP3: CAPA with an argument",
+            Protocol::Pop3,
+            script(0, &[(false, b"+OK hi\r\n"), (true, b"CAPA x\r\n")]),
+        ),
+        (
+            "SMTP submission: EHLO in lower case",
+            Protocol::Smtp,
+            script(0, &[(false, b"220 hi\r\n"), (true, b"ehlo x.example\r\n")]),
+        ),
+        (
+            "SMTP MX: a body line `.` NUL that a NUL-dropping upstream ends the message at",
+            Protocol::Smtp,
+            script(
+                2,
+                &[
+                    (false, b"220 hi\r\n"),
+                    (true, b"DATA\r\n"),
+                    (false, b"354 go\r\n"),
+                    (true, b"a\r\n.\0\r\nRSET\r\n"),
+                ],
+            ),
+        ),
+    ];
+    let failures: Vec<String> = cases
+        .iter()
+        .filter_map(|(what, protocol, input)| {
+            std::panic::catch_unwind(|| run(*protocol, input))
+                .err()
+                .map(|panic| {
+                    let message = panic
+                        .downcast_ref::<String>()
+                        .cloned()
+                        .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
+                        .unwrap_or_default();
+                    format!("- {what}: {message}")
+                })
+        })
+        .collect();
+    assert!(
+        failures.is_empty(),
+        "{} of {} scripts broke an invariant:\n{}",
+        failures.len(),
+        cases.len(),
+        failures.join("\n")
     );
 }

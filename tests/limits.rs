@@ -417,3 +417,162 @@ async fn a_tls_client_that_never_reads_its_replies_is_cut_off_at_the_idle_deadli
     }
     flood.abort();
 }
+
+/// A POP3 upstream that accepts any login and answers everything `+OK`.
+async fn quiet_pop3_upstream() -> SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let (read, mut write) = stream.into_split();
+                let mut read = BufReader::new(read);
+                let _ = write.write_all(b"+OK quiet ready\r\n").await;
+                let mut line = String::new();
+                while read.read_line(&mut line).await.unwrap_or(0) > 0 {
+                    let verb = line.split_whitespace().next().unwrap_or("").to_uppercase();
+                    let reply: &[u8] = match verb.as_str() {
+                        "CAPA" => b"+OK\r\nUSER\r\nSASL PLAIN\r\nPIPELINING\r\n.\r\n",
+                        "PASS" => b"+OK logged in\r\n",
+                        "STAT" => b"+OK 0 0\r\n",
+                        "QUIT" => b"+OK bye\r\n",
+                        _ => b"+OK\r\n",
+                    };
+                    if write.write_all(reply).await.is_err() || verb == "QUIT" {
+                        break;
+                    }
+                    line.clear();
+                }
+            });
+        }
+    });
+    addr
+}
+
+/// One line from the peer, CRLF included (bounded).
+async fn line<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(
+    client: &mut Client<S>,
+) -> String {
+    let mut line = String::new();
+    within(client.stream.read_line(&mut line)).await.unwrap();
+    line
+}
+
+/// A client that floods `addr` with lines the proxy answers itself (bare LF lines and
+/// unknown verbs) and never reads: at most 4 MiB, until the proxy stops taking them for
+/// a second; then it stays connected, unread, until aborted.
+fn flooder(addr: SocketAddr) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.set_recv_buffer_size(4096).unwrap();
+        let Ok(mut stream) = socket.connect(addr).await else {
+            return;
+        };
+        let chunk = "\n\n\n\nXYZZY\r\n\n\n\n\nFLOOD x\r\n".repeat(2048);
+        let mut sent = 0;
+        while sent < 4 * 1024 * 1024 {
+            match tokio::time::timeout(Duration::from_secs(1), stream.write(chunk.as_bytes())).await
+            {
+                Ok(Ok(n)) if n > 0 => sent += n,
+                _ => break,
+            }
+        }
+        std::future::pending::<()>().await;
+    })
+}
+
+/// IMAP through STARTTLS to a login, each reply checked.
+async fn imap_well_behaved(addr: SocketAddr) {
+    let mut client = connect(addr).await;
+    let greeting = line(&mut client).await;
+    assert!(
+        greeting.starts_with("* OK [CAPABILITY IMAP4rev1 IDLE STARTTLS LOGINDISABLED]"),
+        "{greeting:?}"
+    );
+    client.send(b"a CAPABILITY\r\n").await;
+    assert_eq!(line(&mut client).await, "a OK done\r\n");
+    client.send(b"s STARTTLS\r\n").await;
+    assert_eq!(
+        line(&mut client).await,
+        "s OK Begin TLS negotiation now\r\n"
+    );
+    let tls = tls_connect(client.into_inner(), "mail.example.test", &[])
+        .await
+        .unwrap();
+    let mut client = Client::new(tls);
+    client.send(b"l LOGIN alice secret\r\n").await;
+    assert_eq!(line(&mut client).await, "l OK done\r\n");
+    client.send(b"n NOOP\r\n").await;
+    assert_eq!(line(&mut client).await, "n OK done\r\n");
+}
+
+/// POP3 through STLS to a login, each reply checked.
+async fn pop3_well_behaved(addr: SocketAddr) {
+    let mut client = connect(addr).await;
+    assert_eq!(line(&mut client).await, "+OK quiet ready\r\n");
+    client.send(b"CAPA\r\n").await;
+    let mut capa = Vec::new();
+    loop {
+        let l = line(&mut client).await;
+        let end = l == ".\r\n";
+        capa.push(l);
+        if end {
+            break;
+        }
+    }
+    assert_eq!(capa, ["+OK\r\n", "PIPELINING\r\n", "STLS\r\n", ".\r\n"]);
+    client.send(b"STLS\r\n").await;
+    assert_eq!(line(&mut client).await, "+OK Begin TLS negotiation\r\n");
+    let tls = tls_connect(client.into_inner(), "mail.example.test", &[])
+        .await
+        .unwrap();
+    let mut client = Client::new(tls);
+    client.send(b"USER alice\r\n").await;
+    assert_eq!(line(&mut client).await, "+OK\r\n");
+    client.send(b"PASS secret\r\n").await;
+    assert_eq!(line(&mut client).await, "+OK logged in\r\n");
+    client.send(b"STAT\r\n").await;
+    assert_eq!(line(&mut client).await, "+OK 0 0\r\n");
+    client.send(b"QUIT\r\n").await;
+    assert_eq!(line(&mut client).await, "+OK bye\r\n");
+}
+
+/// Clients that make the proxy answer them (bare LF lines, unknown verbs) and never
+/// read a reply, on all three protocols at once (the pre-TLS command budget lifted, so
+/// nothing cuts them off early): meanwhile well-behaved SMTP, IMAP and POP3 sessions
+/// through the same proxy complete, every reply as expected.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn well_behaved_sessions_complete_beside_clients_flooding_replies_they_never_read() {
+    let smtp_upstream = scripted_upstream(Behaviour::Esmtp).await;
+    let imap_upstream = quiet_imap_upstream().await.to_string();
+    let pop3_upstream = quiet_pop3_upstream().await.to_string();
+    let proxy = proxy(
+        &[
+            smtp_listener("mx", "starttls", "auth_requires_tls", smtp_upstream.addr),
+            listener("imap", "imap", "starttls", "require_tls", &imap_upstream),
+            listener("pop3", "pop3", "starttls", "require_tls", &pop3_upstream),
+        ],
+        "limits: { max_plaintext_commands: 1000000 }\n",
+    )
+    .await;
+    let mut flooders = Vec::new();
+    for (name, count) in [("mx", 8), ("imap", 4), ("pop3", 4)] {
+        for _ in 0..count {
+            flooders.push(flooder(proxy.addr(name)));
+        }
+    }
+    for _ in 0..3 {
+        well_behaved(proxy.addr("mx")).await;
+        imap_well_behaved(proxy.addr("imap")).await;
+        pop3_well_behaved(proxy.addr("pop3")).await;
+    }
+    for flooder in flooders {
+        flooder.abort();
+    }
+    let recording = smtp_upstream.recording.lock().unwrap();
+    assert_eq!(recording.messages.len(), 3, "the well-behaved messages");
+    assert!(
+        !recording.commands.iter().any(|c| c.contains("XYZZY")),
+        "the flood reached the upstream"
+    );
+}

@@ -3,7 +3,9 @@
 //!
 //! Modes: `smtp` (full sessions, M messages each), `latency` (one established session,
 //! K timed MAIL/RCPT/DATA/RSET transactions), `imap` (LOGIN, SELECT, FETCH of a large
-//! message), `idle` (hold N TLS sessions open and measure the proxy's memory). With
+//! message), `idle` (hold N TLS sessions open and measure the proxy's memory), `flood`
+//! (K attackers flood the proxy with lines it answers itself and never read, while
+//! full SMTP sessions run through it; the proxy's memory per attacker). With
 //! `--proxy-pid` the proxy's CPU time (the run time of its threads from
 //! `/proc/PID/task/*/schedstat`; the user/system split from `/proc/PID/stat`'s 10 ms
 //! ticks) and resident memory (`VmRSS` from `/proc/PID/status`) are read before and
@@ -15,6 +17,7 @@
 #![forbid(unsafe_code)]
 
 mod conn;
+mod flood;
 mod imap;
 mod smtp;
 
@@ -106,6 +109,10 @@ enum Mode {
     Imap(ImapArgs),
     /// Holds --sessions SMTP sessions open after TLS and EHLO; reports proxy memory.
     Idle(IdleArgs),
+    /// --attackers connections to --flood-addr send lines the proxy answers itself and
+    /// never read, while --sessions full SMTP sessions (as `smtp`) run at --addr; reports
+    /// the proxy's memory per attacker, held while the attackers stay connected.
+    Flood(FloodArgs),
 }
 
 #[derive(Args, Debug)]
@@ -150,6 +157,29 @@ struct IdleArgs {
     /// Seconds to wait after the last session is up before sampling memory.
     #[arg(long, default_value_t = 2)]
     settle: u64,
+}
+
+#[derive(Args, Debug)]
+struct FloodArgs {
+    /// Attacking connections, all at once.
+    #[arg(long, default_value_t = 100)]
+    attackers: u64,
+    /// Where the attackers connect (loopback only): a listener that answers the flood
+    /// itself, such as an SMTP MX (`auth_requires_tls`, no pre-TLS command budget).
+    #[arg(long)]
+    flood_addr: SocketAddr,
+    /// Most bytes each attacker sends.
+    #[arg(long, default_value_t = 16 * 1024 * 1024)]
+    flood_bytes: u64,
+    /// Seconds without write progress after which an attacker counts the proxy as no
+    /// longer reading it (and stops writing, its connection held open).
+    #[arg(long, default_value_t = 2)]
+    stall: u64,
+    /// Seconds to wait, attackers held, after the well-behaved sessions before sampling.
+    #[arg(long, default_value_t = 2)]
+    settle: u64,
+    #[command(flatten)]
+    smtp: SmtpArgs,
 }
 
 /// What one session measured.
@@ -369,6 +399,7 @@ async fn run(cli: Cli) -> Result<serde_json::Value> {
 
     let mode_name;
     let mut extra = serde_json::Map::new();
+    let mut attackers_total = 0u64;
     let (mut totals, timed_out, idle_rss) = match &cli.mode {
         Mode::Smtp(args) | Mode::Latency(args) => {
             let latency = matches!(cli.mode, Mode::Latency(_));
@@ -480,6 +511,86 @@ async fn run(cli: Cli) -> Result<serde_json::Value> {
             }
             (totals, timed_out, rss)
         }
+        Mode::Flood(args) => {
+            mode_name = "flood";
+            if !args.flood_addr.ip().is_loopback() {
+                bail!("--flood-addr {} is not a loopback address", args.flood_addr);
+            }
+            let body = Arc::new(smtp::body(args.smtp.size));
+            let plan = Arc::new(smtp::Plan {
+                tls_mode: common.tls,
+                tls,
+                step,
+                auth: None,
+                body,
+                messages: args.smtp.messages,
+                from: args.smtp.from.clone(),
+                to: args.smtp.to.clone(),
+                rset: false,
+                pipelining: args.smtp.pipelining,
+            });
+            // The attackers first, all at once; the sessions run while they flood.
+            let mut flooders = tokio::task::JoinSet::new();
+            for _ in 0..args.attackers {
+                flooders.spawn(flood::attacker(
+                    args.flood_addr,
+                    args.flood_bytes,
+                    Duration::from_secs(args.stall.max(1)),
+                    step,
+                ));
+            }
+            let addr = common.addr;
+            let (totals, sessions_timed_out) = drive(common, deadline, move |_| {
+                let plan = Arc::clone(&plan);
+                async move {
+                    let mut out = Outcome::default();
+                    smtp::session(addr, &plan, &mut out).await.map(|()| out)
+                }
+            })
+            .await;
+            let mut held = Vec::new();
+            let (mut stalled, mut closed, mut bytes, mut failed) = (0u64, 0u64, 0u64, 0u64);
+            let collected = tokio::time::timeout(deadline, async {
+                while let Some(joined) = flooders.join_next().await {
+                    match joined {
+                        Ok(Ok((stream, attack))) => {
+                            stalled += u64::from(attack.stalled);
+                            closed += u64::from(attack.closed);
+                            bytes += attack.bytes;
+                            if !attack.closed {
+                                held.push(stream);
+                            }
+                        }
+                        Ok(Err(e)) => {
+                            failed += 1;
+                            eprintln!("mailmoat-bench: attacker failed: {e:#}");
+                        }
+                        Err(e) => {
+                            failed += 1;
+                            eprintln!("mailmoat-bench: attacker task failed: {e}");
+                        }
+                    }
+                }
+            })
+            .await;
+            flooders.abort_all();
+            tokio::time::sleep(Duration::from_secs(args.settle)).await;
+            let rss = proxy.as_deref().and_then(rss_kib);
+            attackers_total = args.attackers;
+            extra.insert("attackers".into(), json!(args.attackers));
+            extra.insert("attackers_held_open".into(), json!(held.len()));
+            extra.insert("attackers_stalled".into(), json!(stalled));
+            extra.insert("attackers_closed".into(), json!(closed));
+            extra.insert("attackers_failed".into(), json!(failed));
+            extra.insert("attacker_bytes".into(), json!(bytes));
+            extra.insert(
+                "attacker_bytes_mean".into(),
+                json!(bytes / args.attackers.max(1)),
+            );
+            extra.insert("flood_bytes_limit".into(), json!(args.flood_bytes));
+            drop(held);
+            (totals, sessions_timed_out || collected.is_err(), rss)
+        }
     };
     let elapsed = started.elapsed();
     let elapsed_s = elapsed.as_secs_f64().max(1e-9);
@@ -526,6 +637,15 @@ async fn run(cli: Cli) -> Result<serde_json::Value> {
                     rss_after
                         .filter(|_| totals.ok > 0)
                         .map(|a| (a as f64 - rss_before as f64) / totals.ok as f64)
+                );
+            }
+            if mode_name == "flood" {
+                // Sampled after the sessions ended, the attackers still connected (unless
+                // the proxy closed them): the growth over all K attackers.
+                p["rss_kib_per_attacker"] = json!(
+                    rss_after
+                        .filter(|_| attackers_total > 0)
+                        .map(|a| (a as f64 - rss_before as f64) / attackers_total as f64)
                 );
             }
             p

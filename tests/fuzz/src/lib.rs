@@ -1,9 +1,12 @@
 //! The checks behind mailmoat's fuzz targets (`fuzz_targets/`), kept in modules that
-//! depend only on `mailmoat` and `bytes` so that `tests/fuzz_regressions.rs` in the main
+//! depend only on `mailmoat`, `bytes` and `std` so that `tests/fuzz_regressions.rs` in the main
 //! package can include them and replay a crashing input through the same code.
 //!
 //! - [`framing`]: `line_framer` and `smtp_body`.
 //! - [`session_script`]: `smtp_session`, `imap_session`, `pop3_session`.
+//! - [`canonical`]: the strict reader of DESIGN §3's canonical rule that the session
+//!   targets check with (also used by `tests/canonical_rule.rs`).
 
+pub mod canonical;
 pub mod framing;
 pub mod session_script;

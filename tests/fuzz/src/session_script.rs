@@ -69,12 +69,23 @@
 //!   upstream answered `+`, not if it answered the command with a tagged response.
 //! - IMAP: nothing is forwarded between a synchronising literal and the upstream's
 //!   answer to it (RFC 9051 §4.3).
+//! - The canonical rule (DESIGN §3), on every listener that starts in plaintext, MX
+//!   included: before TLS the upstream receives only canonical allow-listed commands
+//!   (`crate::canonical`, a strict parser independent of mailmoat's), no command line
+//!   left without its CRLF when TLS starts or the script ends, and on an MX no message
+//!   body that an upstream dropping NUL and other controls, or taking a bare LF for a
+//!   line end, would end anywhere but at the client's real `CRLF.CRLF`. Which reply
+//!   answers which command (a `354` to DATA) is read from the upstream's bytes in order.
+//!   It holds whatever the driver does between batches of actions (it depends on no
+//!   call but those modelled here).
 
 use std::collections::VecDeque;
 use std::sync::OnceLock;
 
 use mailmoat::policy::{BareNewlines, Policy, UserHasher};
 use mailmoat::proto::{Action, Event, Phase, Session, imap, pop3, smtp};
+
+use crate::canonical::{Canonical, Dialect};
 
 /// Which session a script drives.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -229,10 +240,20 @@ pub fn run(protocol: Protocol, data: &[u8]) {
     if trace {
         eprintln!("{protocol:?} {flags:?} checked={checked}");
     }
+    // The canonical rule holds on every listener that starts in plaintext.
+    let canonical = (!flags.implicit_tls()).then(|| {
+        Canonical::new(match (protocol, flags.policy()) {
+            (Protocol::Smtp, Policy::RequireTls) => Dialect::SmtpSubmission,
+            (Protocol::Smtp, Policy::AuthRequiresTls) => Dialect::SmtpMx,
+            (Protocol::Imap, _) => Dialect::Imap,
+            (Protocol::Pop3, _) => Dialect::Pop3,
+        })
+    });
     let harness = Harness {
         protocol: Some(protocol),
         trace,
         upstream: UpstreamView::new(protocol, checked),
+        canonical,
         ..Harness::default()
     };
     match protocol {
@@ -248,6 +269,9 @@ struct Harness {
     /// Print every event and action to stderr.
     trace: bool,
     upstream: UpstreamView,
+    /// The strict reader of the canonical rule, on listeners that start in plaintext;
+    /// `None` once TLS is up.
+    canonical: Option<Canonical>,
     /// `on_tls_established` was called.
     tls: bool,
     /// `StartTls` was handed out; the handshake runs.
@@ -329,6 +353,9 @@ impl Harness {
                     self.bytes_in += bytes.len();
                     if !self.tls {
                         self.upstream.upstream_sent(bytes);
+                        if let Some(canonical) = &mut self.canonical {
+                            canonical.replied(bytes);
+                        }
                     }
                     session.on_upstream_data(bytes);
                 }
@@ -355,6 +382,11 @@ impl Harness {
             if session.phase() == Phase::Command {
                 session.release_idle_memory();
             }
+        }
+        if let Some(canonical) = &self.canonical
+            && let Err(violation) = canonical.finish()
+        {
+            panic!("{violation}");
         }
         // Whatever the state, these must not panic either.
         let _ = session.phase();
@@ -415,10 +447,21 @@ impl Harness {
                     );
                     if !self.tls {
                         self.upstream.before_tls(&bytes);
+                        if let Some(canonical) = &mut self.canonical
+                            && let Err(violation) = canonical.forwarded(&bytes)
+                        {
+                            panic!("{violation}");
+                        }
                     }
                 }
                 Action::StartTls { .. } => {
                     assert!(!self.tls && !self.handshake, "StartTls with TLS up");
+                    // The plaintext phase is over: what the upstream got must be whole.
+                    if let Some(canonical) = self.canonical.take()
+                        && let Err(violation) = canonical.finish()
+                    {
+                        panic!("{violation}");
+                    }
                     self.handshake = true;
                     after_starttls = true;
                 }
