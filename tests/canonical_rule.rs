@@ -55,6 +55,7 @@ fn session(dialect: Dialect) -> Box<dyn Session> {
                 max_held_bytes: 64 * 1024,
                 // Far above the default (20), so that the properties reach deep dialogues.
                 max_plaintext_commands: 1000,
+                max_errors: 1000,
                 user_hasher: hasher,
             },
             false,
@@ -64,12 +65,14 @@ fn session(dialect: Dialect) -> Box<dyn Session> {
             max_literal_len: 64 * 1024,
             max_held_bytes: 64 * 1024,
             max_plaintext_commands: 1000,
+            max_errors: 1000,
             user_hasher: hasher,
         })),
         Dialect::Pop3 => Box::new(pop3::Session::new(pop3::Config {
             max_line_len: 4096,
             max_held_bytes: 64 * 1024,
             max_plaintext_commands: 1000,
+            max_errors: 1000,
             user_hasher: hasher,
         })),
     }
@@ -208,6 +211,11 @@ fn run(dialect: Dialect, offers: Offers, reads: &[Vec<u8>]) -> Result<(), String
                 upstream.replied(&bytes);
                 session.on_upstream_data(&bytes);
                 session.on_upstream_eof();
+                continue;
+            }
+            // As the driver does once it has written everything: a session that held
+            // input back for its replies goes on.
+            if session.on_output_written() {
                 continue;
             }
             if to_session.is_empty() {

@@ -42,8 +42,8 @@ pub fn line(command: &Command<'_>) -> Result<Bytes, Refusal> {
             });
             out.put_slice(domain);
         }
-        Verb::Mail => envelope(&mut out, b"MAIL FROM:", b"FROM:", args, reply::MAIL_SYNTAX)?,
-        Verb::Rcpt => envelope(&mut out, b"RCPT TO:", b"TO:", args, reply::RCPT_SYNTAX)?,
+        Verb::Mail => envelope(&mut out, Envelope::Mail, args)?,
+        Verb::Rcpt => envelope(&mut out, Envelope::Rcpt, args)?,
         Verb::Data | Verb::Rset | Verb::Quit => {
             if !args.is_empty() {
                 return Err(Refusal(reply::NO_PARAMS));
@@ -52,11 +52,16 @@ pub fn line(command: &Command<'_>) -> Result<Bytes, Refusal> {
         }
         // RFC 5321 §4.1.1.9: NOOP's argument "has no effect"; it is not passed on.
         Verb::Noop => out.put_slice(b"NOOP"),
+        // `vrfy = "VRFY" SP String`, `expn = "EXPN" SP String`, `help = "HELP" [ SP
+        // String ]` (RFC 5321 §4.1.1.6-8).
         Verb::Vrfy | Verb::Expn | Verb::Help => {
             out.put_slice(verb_name(command.verb));
             if !args.is_empty() || command.verb != Verb::Help {
+                if !is_smtp_string(args) {
+                    return Err(Refusal(reply::ARGUMENT_SYNTAX));
+                }
                 out.put_u8(b' ');
-                words(&mut out, args).ok_or(Refusal(reply::ARGUMENT_SYNTAX))?;
+                out.put_slice(args);
             }
         }
         Verb::Etrn => {
@@ -88,41 +93,114 @@ fn verb_name(verb: Verb) -> &'static [u8] {
     }
 }
 
-/// `Domain / address-literal` (RFC 5321 §4.1.2), read as hosts name themselves: letters,
-/// digits, `-`, `.` and `_` (Windows host names), or `[...]` holding an IPv4 or
-/// `IPv6:` address. Returns the whole argument, which is then safe to write as it is.
+/// `Domain / address-literal` (RFC 5321 §4.1.2), read as hosts name themselves: labels
+/// of letters, digits, `-` and `_` (Windows host names) and UTF-8 (RFC 6531), or
+/// `[...]` holding `dcontent`. Returns the whole argument, which is then safe to write as
+/// it is.
 pub fn domain_or_literal(arg: &[u8]) -> Option<&[u8]> {
-    let valid = match arg {
-        [b'[', inner @ .., b']'] => {
+    (is_domain(arg) || is_address_literal(arg)).then_some(arg)
+}
+
+/// `Domain = sub-domain *("." sub-domain)`, `sub-domain = Let-dig [Ldh-str]`, with `_`
+/// and UTF-8 allowed as real host names have them.
+fn is_domain(text: &[u8]) -> bool {
+    let label_char = |b: u8| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b >= 0x80;
+    !text.is_empty()
+        && text.len() <= 255
+        && text.split(|&b| b == b'.').all(|label| {
+            !label.is_empty()
+                && label.iter().all(|&b| label_char(b))
+                && label[0] != b'-'
+                && label[label.len() - 1] != b'-'
+        })
+}
+
+/// `address-literal = "[" ... "]"`, its inside read as `1*dcontent`, `dcontent =
+/// %d33-90 / %d94-126` (RFC 5321 §4.1.3).
+fn is_address_literal(text: &[u8]) -> bool {
+    text.strip_prefix(b"[")
+        .and_then(|t| t.strip_suffix(b"]"))
+        .is_some_and(|inner| {
             !inner.is_empty()
                 && inner
                     .iter()
-                    .all(|&b| b.is_ascii_alphanumeric() || b":.-".contains(&b))
-        }
-        _ => {
-            !arg.is_empty()
-                && arg[0] != b'.'
-                && arg
-                    .iter()
-                    .all(|&b| b.is_ascii_alphanumeric() || b"-._".contains(&b))
-        }
+                    .all(|&b| (33..=90).contains(&b) || (94..=126).contains(&b))
+        })
+}
+
+/// `atext` (RFC 5322 §3.2.3), UTF-8 allowed (RFC 6531 §3.3).
+fn is_atext(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || b"!#$%&'*+-/=?^_`{|}~".contains(&b) || b >= 0x80
+}
+
+/// `Quoted-string = DQUOTE *QcontentSMTP DQUOTE`, `qtextSMTP = %d32-33 / %d35-91 /
+/// %d93-126`, `quoted-pairSMTP = %d92 %d32-126` (RFC 5321 §4.1.2), UTF-8 allowed.
+fn is_quoted_string(text: &[u8]) -> bool {
+    let Some(inner) = text.strip_prefix(b"\"").and_then(|t| t.strip_suffix(b"\"")) else {
+        return false;
     };
-    (valid && arg.len() <= 255).then_some(arg)
+    let mut bytes = inner.iter();
+    while let Some(&b) = bytes.next() {
+        let ok = match b {
+            b'\\' => bytes.next().is_some_and(|b| (32..=126).contains(b)),
+            b'"' => false,
+            _ => b >= 32 && b != 127,
+        };
+        if !ok {
+            return false;
+        }
+    }
+    true
+}
+
+/// `String = Atom / Quoted-string` (RFC 5321 §4.1.2).
+fn is_smtp_string(text: &[u8]) -> bool {
+    (!text.is_empty() && text.iter().all(|&b| is_atext(b))) || is_quoted_string(text)
+}
+
+/// `Mailbox = Local-part "@" ( Domain / address-literal )`, `Local-part = Dot-string /
+/// Quoted-string`, `Dot-string = Atom *("." Atom)`.
+fn is_mailbox(text: &[u8]) -> bool {
+    let Some(at) = text.iter().rposition(|&b| b == b'@') else {
+        return false;
+    };
+    let (local, domain) = (&text[..at], &text[at + 1..]);
+    let dot_string = local
+        .split(|&b| b == b'.')
+        .all(|atom| !atom.is_empty() && atom.iter().all(|&b| is_atext(b)));
+    (dot_string || is_quoted_string(local)) && domain_or_literal(domain).is_some()
+}
+
+/// Which envelope command.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Envelope {
+    Mail,
+    Rcpt,
 }
 
 /// `MAIL FROM:<path> [SP params]` / `RCPT TO:<path> [SP params]` (RFC 5321 §4.1.1.2-3),
-/// written as `prefix <address>` and each parameter after one SP.
-fn envelope(
-    out: &mut BytesMut,
-    prefix: &[u8],
-    keyword: &[u8],
-    args: &[u8],
-    syntax: &'static [u8],
-) -> Result<(), Refusal> {
-    let refuse = Refusal(syntax);
+/// written as `MAIL FROM:<address>` / `RCPT TO:<address>` and each parameter after one
+/// SP.
+fn envelope(out: &mut BytesMut, which: Envelope, args: &[u8]) -> Result<(), Refusal> {
+    let (keyword, prefix, refuse) = match which {
+        Envelope::Mail => (
+            &b"FROM:"[..],
+            &b"MAIL FROM:"[..],
+            Refusal(reply::MAIL_SYNTAX),
+        ),
+        Envelope::Rcpt => (&b"TO:"[..], &b"RCPT TO:"[..], Refusal(reply::RCPT_SYNTAX)),
+    };
     let rest = strip_prefix_ignore_case(args, keyword).ok_or(refuse)?;
-    let rest = rest.trim_ascii_start();
-    let (address, rest) = path(rest).ok_or(refuse)?;
+    let (address, rest) = path(rest.trim_ascii_start()).ok_or(refuse)?;
+    let address_ok = match which {
+        // `Reverse-path = Path / "<>"`.
+        Envelope::Mail => address.is_empty() || is_mailbox(address),
+        // `Forward-path = Path`, and `<Postmaster>` (RFC 5321 §4.1.1.3).
+        Envelope::Rcpt => address.eq_ignore_ascii_case(b"Postmaster") || is_mailbox(address),
+    };
+    if !address_ok {
+        return Err(refuse);
+    }
     out.put_slice(prefix);
     out.put_u8(b'<');
     out.put_slice(address);
@@ -141,56 +219,41 @@ fn strip_prefix_ignore_case<'a>(text: &'a [u8], prefix: &[u8]) -> Option<&'a [u8
         .then(|| &text[prefix.len()..])
 }
 
-/// A reverse- or forward-path: `<>`, `<address>`, or an address without brackets (as
-/// Postfix accepts by default). Returns the address and what follows the path.
-///
-/// The address is read, not interpreted: no control character, DEL, `<` or `>`
-/// anywhere, and no space outside a quoted local part (`"john doe"@example.org`, RFC
-/// 5321 §4.1.2 `Quoted-string`, with `\` escapes); UTF-8 passes (RFC 6531).
+/// A path: `<address>`, `<>`, or an address without brackets (as Postfix accepts by
+/// default). A source route (`<@relay:user@host>`) is dropped, as RFC 5321 §4.1.1.3 lets
+/// a server do. Returns the address (its grammar is checked by the caller) and what
+/// follows the path.
 fn path(text: &[u8]) -> Option<(&[u8], &[u8])> {
-    let bracketed = text.first() == Some(&b'<');
-    let body = if bracketed { &text[1..] } else { text };
-    let mut in_quotes = false;
-    let mut escaped = false;
-    let mut end = None;
-    for (i, &b) in body.iter().enumerate() {
-        if b < 0x20 || b == 0x7f {
-            return None;
+    let (address, rest) = match text.strip_prefix(b"<") {
+        Some(inner) => {
+            // The closing bracket outside a quoted local part.
+            let mut in_quotes = false;
+            let mut escaped = false;
+            let close = inner.iter().position(|&b| {
+                let close = b == b'>' && !in_quotes;
+                if escaped {
+                    escaped = false;
+                } else if b == b'\\' && in_quotes {
+                    escaped = true;
+                } else if b == b'"' {
+                    in_quotes = !in_quotes;
+                }
+                close
+            })?;
+            (&inner[..close], &inner[close + 1..])
         }
-        if escaped {
-            escaped = false;
-            continue;
-        }
-        match b {
-            b'\\' if in_quotes => escaped = true,
-            b'"' => in_quotes = !in_quotes,
-            b'>' if !in_quotes && bracketed => {
-                end = Some(i);
-                break;
+        None => {
+            let end = text.iter().position(|&b| b == b' ').unwrap_or(text.len());
+            if end == 0 {
+                return None;
             }
-            b' ' if !in_quotes && !bracketed => {
-                end = Some(i);
-                break;
-            }
-            b'<' | b'>' | b' ' if !in_quotes => return None,
-            _ => {}
+            (&text[..end], &text[end..])
         }
-    }
-    let end = match end {
-        Some(end) => end,
-        None if !bracketed && !in_quotes => body.len(),
-        None => return None,
     };
-    let address = &body[..end];
-    let rest = if bracketed {
-        &body[end + 1..]
-    } else {
-        &body[end..]
+    let address = match address.first() {
+        Some(b'@') => &address[address.iter().position(|&b| b == b':')? + 1..],
+        _ => address,
     };
-    // An address without brackets must be one: `FROM:` alone is no path.
-    if !bracketed && address.is_empty() {
-        return None;
-    }
     Some((address, rest))
 }
 
@@ -209,7 +272,7 @@ fn esmtp_param(out: &mut BytesMut, parameter: &[u8]) -> Option<()> {
     let value_ok = value.is_none_or(|v| {
         !v.is_empty()
             && v.iter()
-                .all(|&b| (0x21..=0x7e).contains(&b) && b != b'=' || b >= 0x80)
+                .all(|&b| ((0x21..=0x7e).contains(&b) && b != b'=') || b >= 0x80)
     });
     if !keyword_ok || !value_ok {
         return None;
@@ -221,26 +284,6 @@ fn esmtp_param(out: &mut BytesMut, parameter: &[u8]) -> Option<()> {
         out.put_slice(value);
     }
     Some(())
-}
-
-/// Words of printable text (VRFY's user, HELP's topic) written with one SP between
-/// them; at least one word.
-fn words(out: &mut BytesMut, args: &[u8]) -> Option<()> {
-    let mut any = false;
-    for word in args
-        .split(|&b| b == b' ' || b == b'\t')
-        .filter(|w| !w.is_empty())
-    {
-        if word.iter().any(|&b| b < 0x21 || b == 0x7f) {
-            return None;
-        }
-        if any {
-            out.put_u8(b' ');
-        }
-        out.put_slice(word);
-        any = true;
-    }
-    any.then_some(())
 }
 
 #[cfg(test)]
@@ -263,6 +306,7 @@ mod tests {
             ("EHLO [IPv6:2001:db8::1]", "EHLO [IPv6:2001:db8::1]\r\n"),
             ("HELO DESKTOP_01", "HELO DESKTOP_01\r\n"),
             ("mail from:<a@b.example>", "MAIL FROM:<a@b.example>\r\n"),
+            ("MAIL FROM:<\"a>b\"@c>", "MAIL FROM:<\"a>b\"@c>\r\n"),
             ("MAIL FROM: <a@b.example>", "MAIL FROM:<a@b.example>\r\n"),
             ("MAIL FROM:a@b.example", "MAIL FROM:<a@b.example>\r\n"),
             ("MAIL FROM:<>", "MAIL FROM:<>\r\n"),
@@ -283,7 +327,12 @@ mod tests {
             ("rset", "RSET\r\n"),
             ("quit", "QUIT\r\n"),
             ("noop anything at all", "NOOP\r\n"),
-            ("vrfy  alice  smith", "VRFY alice smith\r\n"),
+            ("vrfy  alice", "VRFY alice\r\n"),
+            ("EXPN \"staff list\"", "EXPN \"staff list\"\r\n"),
+            (
+                "MAIL FROM:<@relay.example:a@b.example>",
+                "MAIL FROM:<a@b.example>\r\n",
+            ),
             ("help", "HELP\r\n"),
             ("etrn @example.org", "ETRN @example.org\r\n"),
         ];
@@ -311,6 +360,13 @@ mod tests {
             "MAIL FROM:<a@b> SIZE==1",
             "MAIL FROM:<a<b@c>",
             "RCPT TO:<\"unterminated@b>",
+            "RCPT TO:<>",
+            "MAIL FROM:!",
+            "MAIL FROM:<a..b@c>",
+            "MAIL FROM:<a@-b>",
+            "MAIL FROM:<@relay>",
+            "VRFY a b",
+            "HELP a b",
             "DATA now",
             "RSET x",
             "QUIT bye",
@@ -326,7 +382,7 @@ mod tests {
     fn nothing_written_holds_a_control_character_or_a_second_line() {
         // The parser refuses control characters before this module sees them; the
         // writer adds exactly one CRLF.
-        for input in ["MAIL FROM:<a@b> X=1", "EHLO a", "VRFY x y"] {
+        for input in ["MAIL FROM:<a@b> X=1", "EHLO a", "VRFY x"] {
             let out = canonical(input).unwrap();
             assert_eq!(out.matches("\r\n").count(), 1);
             assert!(out.ends_with("\r\n"));
