@@ -98,7 +98,13 @@ fn verb_name(verb: Verb) -> &'static [u8] {
 /// `[...]` holding `dcontent`. Returns the whole argument, which is then safe to write as
 /// it is.
 pub fn domain_or_literal(arg: &[u8]) -> Option<&[u8]> {
-    (is_domain(arg) || is_address_literal(arg)).then_some(arg)
+    ((is_domain(arg) && is_utf8(arg)) || is_address_literal(arg)).then_some(arg)
+}
+
+/// Bytes above ASCII pass only as UTF-8 (RFC 6531 §3.3): an upstream may read any other
+/// sequence its own way.
+fn is_utf8(text: &[u8]) -> bool {
+    std::str::from_utf8(text).is_ok()
 }
 
 /// `Domain = sub-domain *("." sub-domain)`, `sub-domain = Let-dig [Ldh-str]`, with `_`
@@ -155,7 +161,8 @@ fn is_quoted_string(text: &[u8]) -> bool {
 
 /// `String = Atom / Quoted-string` (RFC 5321 §4.1.2).
 fn is_smtp_string(text: &[u8]) -> bool {
-    (!text.is_empty() && text.iter().all(|&b| is_atext(b))) || is_quoted_string(text)
+    ((!text.is_empty() && text.iter().all(|&b| is_atext(b))) || is_quoted_string(text))
+        && is_utf8(text)
 }
 
 /// `Mailbox = Local-part "@" ( Domain / address-literal )`, `Local-part = Dot-string /
@@ -168,7 +175,7 @@ fn is_mailbox(text: &[u8]) -> bool {
     let dot_string = local
         .split(|&b| b == b'.')
         .all(|atom| !atom.is_empty() && atom.iter().all(|&b| is_atext(b)));
-    (dot_string || is_quoted_string(local)) && domain_or_literal(domain).is_some()
+    (dot_string || is_quoted_string(local)) && is_utf8(local) && domain_or_literal(domain).is_some()
 }
 
 /// Which envelope command.
@@ -271,6 +278,7 @@ fn esmtp_param(out: &mut BytesMut, parameter: &[u8]) -> Option<()> {
             .all(|&b| b.is_ascii_alphanumeric() || b == b'-');
     let value_ok = value.is_none_or(|v| {
         !v.is_empty()
+            && is_utf8(v)
             && v.iter()
                 .all(|&b| ((0x21..=0x7e).contains(&b) && b != b'=') || b >= 0x80)
     });
@@ -288,6 +296,7 @@ fn esmtp_param(out: &mut BytesMut, parameter: &[u8]) -> Option<()> {
 
 #[cfg(test)]
 mod tests {
+    use super::line as line_of;
     use super::*;
     use crate::proto::smtp::parse::command;
 
@@ -375,6 +384,27 @@ mod tests {
             "ETRN #",
         ] {
             assert!(canonical(input).is_err(), "{input:?}");
+        }
+    }
+
+    #[test]
+    fn bytes_above_ascii_pass_only_as_utf8() {
+        // Found by the smtp_session fuzz target: `EHLO c.exa\xff\xffle`.
+        for line in [
+            &b"EHLO c.exa\xff\xffle"[..],
+            b"MAIL FROM:<a\xc3@b>",
+            b"MAIL FROM:<a@b> X=\xff",
+            b"VRFY \xfe",
+        ] {
+            let command = command(line).unwrap();
+            assert!(line_of(&command).is_err(), "{line:?}");
+        }
+        for line in [
+            &b"EHLO b\xc3\xbccher.example"[..],
+            "MAIL FROM:<j\u{f6}rg@b\u{fc}cher.example> SMTPUTF8".as_bytes(),
+        ] {
+            let command = command(line).unwrap();
+            assert!(line_of(&command).is_ok(), "{line:?}");
         }
     }
 
