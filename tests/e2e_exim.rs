@@ -26,6 +26,7 @@ use common::recorder::{Leg, Recorder};
 use common::*;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
+use tokio_rustls::client::TlsStream;
 
 /// mailmoat in front of a private Exim, through a recording forwarder. Fields drop in
 /// this order: mailmoat first, Exim last.
@@ -449,14 +450,8 @@ fn dot_stuffed(message: &[u8]) -> Vec<u8> {
     out
 }
 
-/// One message by BDAT in two chunks (the second LAST), refused, then one by DATA, in
-/// one session.
-async fn send_bdat_and_data<S: AsyncRead + AsyncWrite + Unpin>(
-    client: &mut Client<S>,
-    bdat: &[u8],
-    data: &[u8],
-) {
-    let (first, second) = bdat.split_at(bdat.len() / 3);
+/// MAIL FROM bob and RCPT TO alice, each answered 250.
+async fn envelope<S: AsyncRead + AsyncWrite + Unpin>(client: &mut Client<S>) {
     assert!(
         client
             .cmd("MAIL FROM:<bob@remote.example>")
@@ -469,6 +464,35 @@ async fn send_bdat_and_data<S: AsyncRead + AsyncWrite + Unpin>(
             .await
             .starts_with("250")
     );
+}
+
+/// STARTTLS, after EHLO, and the handshake.
+async fn starttls(mut client: Client<TcpStream>) -> Client<TlsStream<TcpStream>> {
+    assert_eq!(
+        client.cmd("STARTTLS").await,
+        "220 2.0.0 Ready to start TLS\r\n"
+    );
+    let tls = tls_connect(client.into_inner(), "mail.example.test", &[])
+        .await
+        .unwrap();
+    Client::new(tls)
+}
+
+/// One message by BDAT in two chunks (the second LAST), refused, then one by DATA, in
+/// one session, their subjects unique and starting with `label`: the DATA message
+/// reaches Exim intact, the BDAT one never.
+async fn send_bdat_and_data<S: AsyncRead + AsyncWrite + Unpin>(
+    rig: &Rig,
+    client: &mut Client<S>,
+    label: &str,
+) {
+    let (bdat_tag, data_tag) = (
+        unique(&format!("{label}-bdat")),
+        unique(&format!("{label}-data")),
+    );
+    let (bdat, data) = (message(&bdat_tag, 500), message(&data_tag, 500));
+    let (first, second) = bdat.split_at(bdat.len() / 3);
+    envelope(client).await;
     // A client that uses BDAT although it was not offered: refused by mailmoat, each
     // chunk read and dropped.
     client
@@ -483,23 +507,18 @@ async fn send_bdat_and_data<S: AsyncRead + AsyncWrite + Unpin>(
     assert_eq!(reply, "502 5.5.1 Error: command not implemented\r\n");
     assert!(client.cmd("RSET").await.starts_with("250"));
 
-    assert!(
-        client
-            .cmd("MAIL FROM:<bob@remote.example>")
-            .await
-            .starts_with("250")
-    );
-    assert!(
-        client
-            .cmd("RCPT TO:<alice@example.test>")
-            .await
-            .starts_with("250")
-    );
+    envelope(client).await;
     assert!(client.cmd("DATA").await.starts_with("354 "));
-    client.send(&dot_stuffed(data)).await;
+    client.send(&dot_stuffed(&data)).await;
     let reply = client.reply().await;
     assert!(reply.starts_with("250 "), "{reply}");
     assert!(client.cmd("QUIT").await.starts_with("221 "));
+    assert_delivered_intact(
+        &rig.exim.wait_for_delivery(&data_tag),
+        &data,
+        "bob@remote.example",
+    );
+    assert!(rig.exim.messages_with_subject(&bdat_tag).is_empty());
 }
 
 #[tokio::test]
@@ -507,23 +526,13 @@ async fn data_messages_reach_exim_intact_and_bdat_never_does_in_plaintext_and_af
     let rig = rig(Greeting::Esmtp);
 
     // The MX in plaintext.
-    let (bdat_tag, data_tag) = (unique("mx-bdat"), unique("mx-data"));
-    let (bdat, data) = (message(&bdat_tag, 500), message(&data_tag, 500));
     let mut client = connect(mailmoat_addr(&rig, "mx")).await;
     assert!(client.reply().await.starts_with("220 "));
     let ehlo = client.cmd("EHLO client.example").await;
     assert!(!ehlo.contains("CHUNKING"), "{ehlo}");
-    send_bdat_and_data(&mut client, &bdat, &data).await;
-    assert_delivered_intact(
-        &rig.exim.wait_for_delivery(&data_tag),
-        &data,
-        "bob@remote.example",
-    );
-    assert!(rig.exim.messages_with_subject(&bdat_tag).is_empty());
+    send_bdat_and_data(&rig, &mut client, "mx").await;
 
     // Submission, after STARTTLS: AUTH is back, CHUNKING still never offered.
-    let (bdat_tag, data_tag) = (unique("tls-bdat"), unique("tls-data"));
-    let (bdat, data) = (message(&bdat_tag, 500), message(&data_tag, 500));
     let mut client = connect(mailmoat_addr(&rig, "submission")).await;
     assert!(client.reply().await.starts_with("220 "));
     assert!(
@@ -532,26 +541,13 @@ async fn data_messages_reach_exim_intact_and_bdat_never_does_in_plaintext_and_af
             .await
             .contains("250 STARTTLS\r\n")
     );
-    assert_eq!(
-        client.cmd("STARTTLS").await,
-        "220 2.0.0 Ready to start TLS\r\n"
-    );
-    let tls = tls_connect(client.into_inner(), "mail.example.test", &[])
-        .await
-        .unwrap();
-    let mut client = Client::new(tls);
+    let mut client = starttls(client).await;
     let ehlo = client.cmd("EHLO client.example").await;
     assert!(
         !ehlo.contains("CHUNKING") && ehlo.contains("AUTH PLAIN"),
         "{ehlo}"
     );
-    send_bdat_and_data(&mut client, &bdat, &data).await;
-    assert_delivered_intact(
-        &rig.exim.wait_for_delivery(&data_tag),
-        &data,
-        "bob@remote.example",
-    );
-    assert!(rig.exim.messages_with_subject(&bdat_tag).is_empty());
+    send_bdat_and_data(&rig, &mut client, "tls").await;
 }
 
 // ---- a HELO-only legacy server ----
@@ -572,14 +568,7 @@ async fn a_helo_only_exim_still_answers_ehlo_with_250_before_and_after_starttls(
             ehlo.starts_with("250") && ehlo.ends_with("250 STARTTLS\r\n"),
             "{listener}: {ehlo}"
         );
-        assert_eq!(
-            client.cmd("STARTTLS").await,
-            "220 2.0.0 Ready to start TLS\r\n"
-        );
-        let tls = tls_connect(client.into_inner(), "mail.example.test", &[])
-            .await
-            .unwrap();
-        let mut client = Client::new(tls);
+        let mut client = starttls(client).await;
         let ehlo = client.cmd("EHLO client.example").await;
         assert!(
             ehlo.starts_with("250") && !ehlo.contains("STARTTLS"),
