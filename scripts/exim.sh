@@ -34,9 +34,9 @@ set -euo pipefail
 PROG=$(basename "$0")
 SELF=$(readlink -f "$0")
 REPO=$(dirname "$(dirname "$SELF")")
-
-die() { echo "$PROG: $*" >&2; exit 1; }
-note() { echo "$PROG: $*" >&2; }
+# die, note, the directory, ports, /proc and the watcher's wait, as legacy.sh has them.
+# shellcheck source-path=SCRIPTDIR
+. "$(dirname "$SELF")/lib/instance.sh"
 
 usage() {
     cat >&2 <<EOF
@@ -50,21 +50,12 @@ EOF
 
 EXIM_VERSION=4.96
 EXIM_USER=Debian-exim
+# Exim's daemon notifier socket is named after the spool directory (108 bytes).
 MAX_DIR_LEN=70
 
 set_paths() {
-    DIR=$1
-    case "$DIR" in
-        /*) ;;
-        *) die "DIR must be an absolute path: $DIR" ;;
-    esac
-    DIR=${DIR%/}
     # The path goes unquoted into exim.conf and exim.env.
-    case "$DIR" in
-        *[!A-Za-z0-9._/+-]*) die "DIR may only contain [A-Za-z0-9._/+-]: $DIR" ;;
-    esac
-    # Exim's daemon notifier socket is named after the spool directory (108 bytes).
-    [ "${#DIR}" -le "$MAX_DIR_LEN" ] || die "DIR is ${#DIR} chars; keep it <= $MAX_DIR_LEN: $DIR"
+    set_dir "$1"
     CONF=$DIR/exim.conf
     SPOOL=$DIR/spool
     LOG_DIR=$DIR/log
@@ -80,43 +71,6 @@ set_paths() {
 
 # ---------------------------------------------------------------- processes
 
-# Fields of /proc/PID/stat after the command name: "state ppid pgrp ...".
-stat_fields() {
-    local line
-    { IFS= read -r line <"/proc/$1/stat"; } 2>/dev/null || return 1
-    echo "${line##*) }"
-}
-
-# Exists and is not a zombie.
-proc_running() {
-    local f
-    f=($(stat_fields "$1")) || return 1
-    [ "${#f[@]}" -gt 0 ] && [ "${f[0]}" != Z ]
-}
-
-# Start time of a process (field 22 of /proc/PID/stat), to detect pid reuse.
-proc_start() {
-    local f
-    f=($(stat_fields "$1")) || return 1
-    [ "${#f[@]}" -gt 19 ] || return 1
-    echo "${f[19]}"
-}
-
-proc_alive() { # PID STARTTIME
-    local f
-    f=($(stat_fields "$1")) || return 1
-    [ "${#f[@]}" -gt 19 ] && [ "${f[0]}" != Z ] && [ "${f[19]}" = "$2" ]
-}
-
-# Does /proc/PID/cmdline hold ITEM as one argument?
-cmdline_has() {
-    local entry
-    while IFS= read -r -d '' entry; do
-        [ "$entry" = "$2" ] && return 0
-    done 2>/dev/null <"/proc/$1/cmdline"
-    return 1
-}
-
 # Every live process of this instance: each Exim process (the daemon, a connection's
 # child, a delivery re-executed with -C) names this instance's config file.
 instance_pids() {
@@ -124,38 +78,9 @@ instance_pids() {
     for p in /proc/[0-9]*; do
         p=${p#/proc/}
         [ "$p" != $$ ] || continue
-        cmdline_has "$p" "$CONF" && proc_running "$p" && echo "$p"
+        proc_has "$p" cmdline "$CONF" && proc_running "$p" && echo "$p"
     done
     return 0
-}
-
-# Waits until none of PIDS runs, for at most TENTHS tenths of a second.
-wait_gone() {
-    local tenths=$1 i p alive
-    shift
-    for i in $(seq 1 "$tenths"); do
-        alive=0
-        for p in "$@"; do
-            proc_running "$p" && alive=1 && break
-        done
-        [ "$alive" = 0 ] && return 0
-        sleep 0.1
-    done
-    return 1
-}
-
-port_in_use() {
-    timeout 2 bash -c 'exec 3<>"/dev/tcp/127.0.0.1/$1"' _ "$1" 2>/dev/null
-}
-
-# The port answers with a "220 " banner.
-banner_ok() {
-    timeout 3 bash -c '
-        exec 3<>"/dev/tcp/127.0.0.1/$1" || exit 1
-        IFS= read -r -t 2 line <&3 || exit 1
-        exec 3>&-
-        case "$line" in "220 "*) exit 0 ;; *) exit 1 ;; esac
-    ' _ "$1" 2>/dev/null
 }
 
 # ---------------------------------------------------------------- stop
@@ -163,8 +88,8 @@ banner_ok() {
 kill_watcher() {
     local pid
     pid=$(head -n1 "$WATCH_PID_FILE" 2>/dev/null | tr -dc '0-9') || true
-    if [ -n "$pid" ] && proc_running "$pid" && cmdline_has "$pid" __watch &&
-        cmdline_has "$pid" "$DIR" && [ "$pid" != "${EXIM_WATCHER_PID:-}" ]; then
+    if [ -n "$pid" ] && proc_running "$pid" && proc_has "$pid" cmdline __watch &&
+        proc_has "$pid" cmdline "$DIR" && [ "$pid" != "${EXIM_WATCHER_PID:-}" ]; then
         kill "$pid" 2>/dev/null || true
     fi
     rm -f "$WATCH_PID_FILE"
@@ -276,12 +201,7 @@ EOF
 # ---------------------------------------------------------------- start
 
 print_logs() {
-    local f
-    for f in "$LOG_DIR/control.log" "$MAINLOG" "$LOG_DIR/paniclog"; do
-        [ -e "$f" ] || continue
-        echo "==== $f (last 40 lines)" >&2
-        tail -n 40 "$f" >&2 || true
-    done
+    print_tails 40 "$LOG_DIR/control.log" "$MAINLOG" "$LOG_DIR/paniclog"
 }
 
 check_exim() {
@@ -307,17 +227,9 @@ do_start() {
 
     mkdir -p "$DIR" "$SPOOL" "$LOG_DIR" "$MAIL_DIR" "$RUN_DIR"
     rm -f "$ENV_FILE"
-    # The Exim user must reach DIR: temp dirs are often 0700, so add o+x (search only).
-    local d
+    # The Exim user must reach DIR.
     chmod 0755 "$DIR"
-    d=$(dirname "$DIR")
-    while [ "$d" != / ] && [ -n "$d" ]; do
-        if [ -d "$d" ] && [ "$(( 0$(stat -c %a "$d") & 1 ))" = 0 ]; then
-            note "adding o+x to $d so the Exim user can reach $DIR"
-            chmod o+x "$d"
-        fi
-        d=$(dirname "$d")
-    done
+    open_ancestors "the Exim user"
     chown "$EXIM_USER:$EXIM_USER" "$SPOOL" "$LOG_DIR" "$MAIL_DIR"
     write_config
     : >"$COMMAND_LOG"
@@ -330,7 +242,7 @@ do_start() {
     local exim_pid=$!
 
     local deadline=$((SECONDS + 20))
-    until banner_ok "$PORT"; do
+    until banner_ok "$PORT" "220 "; do
         if ! proc_running "$exim_pid"; then
             note "exim exited at start"
             print_logs
@@ -374,18 +286,7 @@ EOF
 
 # Background watcher: stop the instance once PID has exited.
 do_watch() {
-    local pid=$1 st=$2
-    echo $$ >"$WATCH_PID_FILE"
-    echo "$(date -Is) watcher $$ watching pid $pid"
-    while proc_alive "$pid" "$st"; do
-        # A later start or stop of this DIR replaced or removed our registration.
-        if [ "$(cat "$WATCH_PID_FILE" 2>/dev/null)" != "$$" ]; then
-            echo "$(date -Is) watcher $$ superseded, exiting"
-            exit 0
-        fi
-        sleep 1
-    done
-    echo "$(date -Is) pid $pid gone, stopping instance"
+    watch_until_gone "$1" "$2"
     EXIM_WATCHER_PID=$$ do_stop
     echo "$(date -Is) stopped"
 }

@@ -17,9 +17,9 @@ set -euo pipefail
 
 PROG=$(basename "$0")
 SELF=$(readlink -f "$0")
-
-die() { echo "$PROG: $*" >&2; exit 1; }
-note() { echo "$PROG: $*" >&2; }
+# die, note, the directory, ports, /proc and the watcher's wait, as exim.sh has them.
+# shellcheck source-path=SCRIPTDIR
+. "$(dirname "$SELF")/lib/instance.sh"
 
 usage() {
     cat >&2 <<EOF
@@ -40,18 +40,8 @@ EOF
 MAX_DIR_LEN=70
 
 set_paths() {
-    DIR=$1
-    case "$DIR" in
-        /*) ;;
-        *) die "DIR must be an absolute path: $DIR" ;;
-    esac
-    DIR=${DIR%/}
     # The path goes unquoted into main.cf, dovecot.conf and legacy.env.
-    case "$DIR" in
-        *[!A-Za-z0-9._/+-]*) die "DIR may only contain [A-Za-z0-9._/+-]: $DIR" ;;
-    esac
-    [ "${#DIR}" -le "$MAX_DIR_LEN" ] ||
-        die "DIR is ${#DIR} chars; keep it <= $MAX_DIR_LEN (unix socket path limit): $DIR"
+    set_dir "$1" "unix socket path limit"
     PF_CONF=$DIR/postfix
     PF_QUEUE=$DIR/spool
     PF_DATA=$DIR/data
@@ -76,14 +66,6 @@ live_pid() {
     echo "$pid"
 }
 
-# Fields of /proc/PID/stat after the command name: "state ppid pgrp ...".
-# Pure bash (no forks) because it runs for every process on the box.
-stat_fields() {
-    local line
-    { IFS= read -r line <"/proc/$1/stat"; } 2>/dev/null || return 1
-    echo "${line##*) }"
-}
-
 # All descendants of PID, from /proc so we need no procps.
 descendants() {
     local f pid fields st ppid rest todo=("$1") out=() p
@@ -105,55 +87,7 @@ descendants() {
     echo "${out[@]:-}"
 }
 
-# "host port" answers with a banner starting with PREFIX?
-banner_ok() {
-    local port=$1 prefix=$2
-    timeout 3 bash -c '
-        exec 3<>"/dev/tcp/127.0.0.1/$1" || exit 1
-        IFS= read -r -t 2 line <&3 || exit 1
-        exec 3>&-
-        case "$line" in "$2"*) exit 0 ;; *) exit 1 ;; esac
-    ' _ "$port" "$prefix" 2>/dev/null
-}
-
-port_in_use() {
-    timeout 2 bash -c 'exec 3<>"/dev/tcp/127.0.0.1/$1"' _ "$1" 2>/dev/null
-}
-
-# Start time of a process (field 22 of /proc/PID/stat), to detect pid reuse.
-proc_start() {
-    local f
-    f=($(stat_fields "$1"))
-    [ "${#f[@]}" -gt 19 ] || return 1
-    echo "${f[19]}"
-}
-
-# Exists and is not a zombie (zombies re-parented to a non-reaping init linger).
-proc_running() {
-    local f
-    f=($(stat_fields "$1"))
-    [ "${#f[@]}" -gt 0 ] && [ "${f[0]}" != Z ]
-}
-
-proc_alive() { # PID STARTTIME
-    local f
-    f=($(stat_fields "$1"))
-    [ "${#f[@]}" -gt 19 ] || return 1
-    # A zombie has already exited; its parent just has not reaped it yet.
-    [ "${f[0]}" != Z ] && [ "${f[19]}" = "$2" ]
-}
-
 # ---------------------------------------------------------------- stop
-
-# Does /proc/PID/{environ,cmdline} contain ITEM as one NUL-separated entry?
-proc_has() {
-    local pid=$1 what=$2 item=$3 entry
-    [ -n "$pid" ] || return 1
-    while IFS= read -r -d '' entry; do
-        [ "$entry" = "$item" ] && return 0
-    done 2>/dev/null <"/proc/$pid/$what"
-    return 1
-}
 
 kill_watcher() {
     local pid
@@ -164,20 +98,6 @@ kill_watcher() {
         kill "$pid" 2>/dev/null || true
     fi
     rm -f "$WATCH_PID_FILE"
-}
-
-# Waits until none of PIDS runs, for at most TENTHS tenths of a second.
-wait_gone() {
-    local tenths=$1 i p alive
-    shift
-    for i in $(seq 1 "$tenths"); do
-        alive=0
-        for p in "$@"; do
-            proc_running "$p" && alive=1 && break
-        done
-        [ "$alive" = 0 ] && return 0
-        sleep 0.1
-    done
 }
 
 do_stop() {
@@ -209,7 +129,7 @@ do_stop() {
     fi
 
     # Wait up to 10 s for a clean exit, then kill what is left.
-    wait_gone 100 "${pids[@]}"
+    wait_gone 100 "${pids[@]}" || true
     for p in "${pids[@]}"; do
         kill -9 "$p" 2>/dev/null || true
     done
@@ -232,7 +152,7 @@ do_stop() {
         done
     done
     # SIGKILL lands asynchronously: wait (bounded) until every one is gone.
-    wait_gone 50 "${pids[@]}" "${swept[@]}"
+    wait_gone 50 "${pids[@]}" "${swept[@]}" || true
     rm -f "$AUTH_SOCK"
 }
 
@@ -462,12 +382,7 @@ refuse_postfix_warnings() {
 # ---------------------------------------------------------------- start
 
 print_logs() {
-    local f
-    for f in "$LOG_DIR/control.log" "$PF_LOG" "$DC_LOG"; do
-        [ -e "$f" ] || continue
-        echo "==== $f (last 60 lines)" >&2
-        tail -n 60 "$f" >&2 || true
-    done
+    print_tails 60 "$LOG_DIR/control.log" "$PF_LOG" "$DC_LOG"
 }
 
 do_start() {
@@ -481,17 +396,9 @@ do_start() {
     mkdir -p "$LOG_DIR"
     rm -f "$ENV_FILE"
 
-    # Daemons run as postfix/dovecot/dovenull/mail and must traverse every ancestor
-    # of DIR; temp dirs are often 0700 (e.g. Rust's tempfile), so add o+x (search only).
-    local d
-    d=$(dirname "$DIR") # DIR itself is chmod 0755 in write_configs
-    while [ "$d" != / ] && [ -n "$d" ]; do
-        if [ -d "$d" ] && [ "$(( 0$(stat -c %a "$d") & 1 ))" = 0 ]; then
-            note "adding o+x to $d so mail daemons can reach $DIR"
-            chmod o+x "$d"
-        fi
-        d=$(dirname "$d")
-    done
+    # Daemons run as postfix/dovecot/dovenull/mail. DIR itself is chmod 0755 in
+    # write_configs.
+    open_ancestors "mail daemons"
 
     local p
     for p in "$SMTP_PORT" "$IMAP_PORT" "$POP3_PORT"; do
@@ -569,19 +476,7 @@ EOF
 
 # Background watcher: stop the instance once PID has exited.
 do_watch() {
-    local pid=$1 st=$2
-    echo $$ >"$WATCH_PID_FILE"
-    echo "$(date -Is) watcher $$ watching pid $pid"
-    while proc_alive "$pid" "$st"; do
-        # A later start/stop of this DIR replaces or removes our registration:
-        # then this instance is no longer ours to stop.
-        if [ "$(cat "$WATCH_PID_FILE" 2>/dev/null)" != "$$" ]; then
-            echo "$(date -Is) watcher $$ superseded, exiting"
-            exit 0
-        fi
-        sleep 1
-    done
-    echo "$(date -Is) pid $pid gone, stopping instance"
+    watch_until_gone "$1" "$2"
     LEGACY_WATCHER_PID=$$ do_stop
     echo "$(date -Is) stopped"
 }

@@ -26,6 +26,7 @@ use common::recorder::{Leg, Recorder};
 use common::*;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
+use tokio_rustls::client::TlsStream;
 
 /// mailmoat in front of a private Exim, through a recording forwarder. Fields drop in
 /// this order: mailmoat first, Exim last.
@@ -114,6 +115,12 @@ impl Attacker {
     async fn reply(&mut self) -> String {
         self.read_until(|text| text.contains("\r\n"), STEP).await
     }
+
+    /// QUIT, then whatever comes until the peer closes or is quiet for 5 s.
+    async fn quit(&mut self) {
+        self.send(b"QUIT\r\n").await;
+        self.read_until(|_| false, Duration::from_secs(5)).await;
+    }
 }
 
 /// Greeting, EHLO, and an envelope for alice, in plaintext on the MX listener.
@@ -133,6 +140,15 @@ async fn plaintext_envelope(attacker: &mut Attacker) {
     attacker.reply().await;
     attacker.send(b"RCPT TO:<alice@example.test>\r\n").await;
     assert!(attacker.reply().await.starts_with("250"));
+}
+
+/// mailmoat in front of an ESMTP Exim, and an attacker on the MX listener that has an
+/// envelope for alice ([`plaintext_envelope`]).
+async fn rig_and_attacker() -> (Rig, Attacker) {
+    let rig = rig(Greeting::Esmtp);
+    let mut attacker = Attacker::connect(mailmoat_addr(&rig, "mx")).await;
+    plaintext_envelope(&mut attacker).await;
+    (rig, attacker)
 }
 
 // ---- what the session left behind, on every side ----
@@ -210,6 +226,11 @@ enum Credentials {
     MustNotCrossTheLeg,
 }
 
+/// The entries of `lines` that `keep` holds for.
+fn those(lines: &[String], keep: impl Fn(&String) -> bool) -> Vec<&String> {
+    lines.iter().filter(|line| keep(line)).collect()
+}
+
 /// The safe outcome of an attack that hid `AUTH PLAIN` and a message with `hidden` as
 /// its subject from `ceo@bank.example`: checked all at once, so that a failure shows
 /// every way the attack got through, with the evidence.
@@ -226,48 +247,38 @@ fn assert_nothing_smuggled(
     {
         got_through.push("the plaintext credentials crossed the upstream leg".to_owned());
     }
-    let auth: Vec<&String> = evidence
-        .exim_commands
-        .iter()
-        .filter(|c| c.to_ascii_uppercase().starts_with("AUTH"))
-        .collect();
-    if !auth.is_empty() {
-        got_through.push(format!("Exim read AUTH as a command: {auth:?}"));
-    }
-    let hidden_envelope: Vec<&String> = evidence
-        .exim_commands
-        .iter()
-        .filter(|c| c.contains("ceo@bank.example"))
-        .collect();
-    if !hidden_envelope.is_empty() {
-        got_through.push(format!(
-            "Exim read the hidden envelope as commands: {hidden_envelope:?}"
-        ));
-    }
-    let accepted: Vec<String> = evidence
-        .leg
-        .replies()
-        .into_iter()
-        .filter(|r| r.starts_with("235"))
-        .collect();
-    if !accepted.is_empty() {
-        got_through.push(format!("Exim accepted an AUTH: {accepted:?}"));
-    }
-    let authenticated: Vec<&String> = evidence
-        .exim_log
-        .iter()
-        .filter(|l| l.contains("A=plain") || l.contains("authenticator"))
-        .collect();
-    if !authenticated.is_empty() {
-        got_through.push(format!("Exim logged authentication: {authenticated:?}"));
-    }
-    let received: Vec<&String> = evidence
-        .exim_log
-        .iter()
-        .filter(|l| l.contains(" <= ") && l.contains(hidden))
-        .collect();
-    if !received.is_empty() {
-        got_through.push(format!("Exim accepted the hidden message: {received:?}"));
+    let replies = evidence.leg.replies();
+    for (what, found) in [
+        (
+            "Exim read AUTH as a command",
+            those(&evidence.exim_commands, |c| {
+                c.to_ascii_uppercase().starts_with("AUTH")
+            }),
+        ),
+        (
+            "Exim read the hidden envelope as commands",
+            those(&evidence.exim_commands, |c| c.contains("ceo@bank.example")),
+        ),
+        (
+            "Exim accepted an AUTH",
+            those(&replies, |r| r.starts_with("235")),
+        ),
+        (
+            "Exim logged authentication",
+            those(&evidence.exim_log, |l| {
+                l.contains("A=plain") || l.contains("authenticator")
+            }),
+        ),
+        (
+            "Exim accepted the hidden message",
+            those(&evidence.exim_log, |l| {
+                l.contains(" <= ") && l.contains(hidden)
+            }),
+        ),
+    ] {
+        if !found.is_empty() {
+            got_through.push(format!("{what}: {found:?}"));
+        }
     }
     for message in rig.exim.messages_with_subject(hidden) {
         got_through.push(format!(
@@ -313,11 +324,18 @@ async fn send_second_chunk(attacker: &mut Attacker, commands: &str, hidden: &str
     attacker
         .read_until(|t| t.contains("250 OK id="), Duration::from_secs(2))
         .await;
-    attacker.send(b"QUIT\r\n").await;
-    attacker.read_until(|_| false, Duration::from_secs(5)).await;
+    attacker.quit().await;
 }
 
 const FIRST_CHUNK: &str = "Subject: first, never finished\r\n\r\nfirst chunk\r\n";
+
+/// [`FIRST_CHUNK`] by BDAT, not the last chunk, and the reply.
+async fn send_first_chunk(attacker: &mut Attacker) {
+    attacker
+        .send(format!("BDAT {}\r\n{FIRST_CHUNK}", FIRST_CHUNK.len()).as_bytes())
+        .await;
+    attacker.reply().await;
+}
 
 /// The smuggling attempt as first reported: a chunk that is not the last, RSET, and a
 /// second chunk with an end-of-data line, AUTH PLAIN and a hidden message. Exim 4.96
@@ -326,14 +344,9 @@ const FIRST_CHUNK: &str = "Subject: first, never finished\r\n\r\nfirst chunk\r\n
 /// after RSET, and the plaintext credentials in it must not cross the upstream leg.
 #[tokio::test]
 async fn bdat_rset_bdat_smuggles_no_auth_and_no_message_into_exim() {
-    let rig = rig(Greeting::Esmtp);
+    let (rig, mut attacker) = rig_and_attacker().await;
     let hidden = unique("hidden-after-rset");
-    let mut attacker = Attacker::connect(mailmoat_addr(&rig, "mx")).await;
-    plaintext_envelope(&mut attacker).await;
-    attacker
-        .send(format!("BDAT {}\r\n{FIRST_CHUNK}", FIRST_CHUNK.len()).as_bytes())
-        .await;
-    attacker.reply().await;
+    send_first_chunk(&mut attacker).await;
     attacker.send(b"RSET\r\n").await;
     attacker.reply().await;
     let commands = format!(
@@ -353,14 +366,9 @@ async fn bdat_rset_bdat_smuggles_no_auth_and_no_message_into_exim() {
 /// reads the RSET at its start, then AUTH PLAIN (235 without TLS) and a whole message.
 #[tokio::test]
 async fn a_chunk_exim_reads_as_commands_smuggles_no_auth_and_no_message() {
-    let rig = rig(Greeting::Esmtp);
+    let (rig, mut attacker) = rig_and_attacker().await;
     let hidden = unique("hidden-in-chunk");
-    let mut attacker = Attacker::connect(mailmoat_addr(&rig, "mx")).await;
-    plaintext_envelope(&mut attacker).await;
-    attacker
-        .send(format!("BDAT {}\r\n{FIRST_CHUNK}", FIRST_CHUNK.len()).as_bytes())
-        .await;
-    attacker.reply().await;
+    send_first_chunk(&mut attacker).await;
     attacker
         .send(b"MAIL FROM:<mallory@attacker.example>\r\n")
         .await;
@@ -381,11 +389,9 @@ async fn a_chunk_exim_reads_as_commands_smuggles_no_auth_and_no_message() {
 /// NUL before the dot is an attempt worth an event.
 #[tokio::test]
 async fn a_nul_dot_line_in_a_data_body_smuggles_no_auth_and_no_message() {
-    let rig = rig(Greeting::Esmtp);
+    let (rig, mut attacker) = rig_and_attacker().await;
     let outer = unique("nul-outer");
     let hidden = unique("nul-hidden");
-    let mut attacker = Attacker::connect(mailmoat_addr(&rig, "mx")).await;
-    plaintext_envelope(&mut attacker).await;
     attacker.send(b"DATA\r\n").await;
     attacker.reply().await;
     let body = format!(
@@ -398,8 +404,7 @@ async fn a_nul_dot_line_in_a_data_body_smuggles_no_auth_and_no_message() {
     attacker
         .read_until(|t| t.contains("\r\n"), Duration::from_secs(5))
         .await;
-    attacker.send(b"QUIT\r\n").await;
-    attacker.read_until(|_| false, Duration::from_secs(5)).await;
+    attacker.quit().await;
 
     let evidence = assert_nothing_smuggled(&rig, &attacker, &hidden, Credentials::MayCrossAsData);
     let mail = evidence
@@ -445,14 +450,8 @@ fn dot_stuffed(message: &[u8]) -> Vec<u8> {
     out
 }
 
-/// One message by BDAT in two chunks (the second LAST), refused, then one by DATA, in
-/// one session.
-async fn send_bdat_and_data<S: AsyncRead + AsyncWrite + Unpin>(
-    client: &mut Client<S>,
-    bdat: &[u8],
-    data: &[u8],
-) {
-    let (first, second) = bdat.split_at(bdat.len() / 3);
+/// MAIL FROM bob and RCPT TO alice, each answered 250.
+async fn envelope<S: AsyncRead + AsyncWrite + Unpin>(client: &mut Client<S>) {
     assert!(
         client
             .cmd("MAIL FROM:<bob@remote.example>")
@@ -465,6 +464,35 @@ async fn send_bdat_and_data<S: AsyncRead + AsyncWrite + Unpin>(
             .await
             .starts_with("250")
     );
+}
+
+/// STARTTLS, after EHLO, and the handshake.
+async fn starttls(mut client: Client<TcpStream>) -> Client<TlsStream<TcpStream>> {
+    assert_eq!(
+        client.cmd("STARTTLS").await,
+        "220 2.0.0 Ready to start TLS\r\n"
+    );
+    let tls = tls_connect(client.into_inner(), "mail.example.test", &[])
+        .await
+        .unwrap();
+    Client::new(tls)
+}
+
+/// One message by BDAT in two chunks (the second LAST), refused, then one by DATA, in
+/// one session, their subjects unique and starting with `label`: the DATA message
+/// reaches Exim intact, the BDAT one never.
+async fn send_bdat_and_data<S: AsyncRead + AsyncWrite + Unpin>(
+    rig: &Rig,
+    client: &mut Client<S>,
+    label: &str,
+) {
+    let (bdat_tag, data_tag) = (
+        unique(&format!("{label}-bdat")),
+        unique(&format!("{label}-data")),
+    );
+    let (bdat, data) = (message(&bdat_tag, 500), message(&data_tag, 500));
+    let (first, second) = bdat.split_at(bdat.len() / 3);
+    envelope(client).await;
     // A client that uses BDAT although it was not offered: refused by mailmoat, each
     // chunk read and dropped.
     client
@@ -479,23 +507,18 @@ async fn send_bdat_and_data<S: AsyncRead + AsyncWrite + Unpin>(
     assert_eq!(reply, "502 5.5.1 Error: command not implemented\r\n");
     assert!(client.cmd("RSET").await.starts_with("250"));
 
-    assert!(
-        client
-            .cmd("MAIL FROM:<bob@remote.example>")
-            .await
-            .starts_with("250")
-    );
-    assert!(
-        client
-            .cmd("RCPT TO:<alice@example.test>")
-            .await
-            .starts_with("250")
-    );
+    envelope(client).await;
     assert!(client.cmd("DATA").await.starts_with("354 "));
-    client.send(&dot_stuffed(data)).await;
+    client.send(&dot_stuffed(&data)).await;
     let reply = client.reply().await;
     assert!(reply.starts_with("250 "), "{reply}");
     assert!(client.cmd("QUIT").await.starts_with("221 "));
+    assert_delivered_intact(
+        &rig.exim.wait_for_delivery(&data_tag),
+        &data,
+        "bob@remote.example",
+    );
+    assert!(rig.exim.messages_with_subject(&bdat_tag).is_empty());
 }
 
 #[tokio::test]
@@ -503,23 +526,13 @@ async fn data_messages_reach_exim_intact_and_bdat_never_does_in_plaintext_and_af
     let rig = rig(Greeting::Esmtp);
 
     // The MX in plaintext.
-    let (bdat_tag, data_tag) = (unique("mx-bdat"), unique("mx-data"));
-    let (bdat, data) = (message(&bdat_tag, 500), message(&data_tag, 500));
     let mut client = connect(mailmoat_addr(&rig, "mx")).await;
     assert!(client.reply().await.starts_with("220 "));
     let ehlo = client.cmd("EHLO client.example").await;
     assert!(!ehlo.contains("CHUNKING"), "{ehlo}");
-    send_bdat_and_data(&mut client, &bdat, &data).await;
-    assert_delivered_intact(
-        &rig.exim.wait_for_delivery(&data_tag),
-        &data,
-        "bob@remote.example",
-    );
-    assert!(rig.exim.messages_with_subject(&bdat_tag).is_empty());
+    send_bdat_and_data(&rig, &mut client, "mx").await;
 
     // Submission, after STARTTLS: AUTH is back, CHUNKING still never offered.
-    let (bdat_tag, data_tag) = (unique("tls-bdat"), unique("tls-data"));
-    let (bdat, data) = (message(&bdat_tag, 500), message(&data_tag, 500));
     let mut client = connect(mailmoat_addr(&rig, "submission")).await;
     assert!(client.reply().await.starts_with("220 "));
     assert!(
@@ -528,26 +541,13 @@ async fn data_messages_reach_exim_intact_and_bdat_never_does_in_plaintext_and_af
             .await
             .contains("250 STARTTLS\r\n")
     );
-    assert_eq!(
-        client.cmd("STARTTLS").await,
-        "220 2.0.0 Ready to start TLS\r\n"
-    );
-    let tls = tls_connect(client.into_inner(), "mail.example.test", &[])
-        .await
-        .unwrap();
-    let mut client = Client::new(tls);
+    let mut client = starttls(client).await;
     let ehlo = client.cmd("EHLO client.example").await;
     assert!(
         !ehlo.contains("CHUNKING") && ehlo.contains("AUTH PLAIN"),
         "{ehlo}"
     );
-    send_bdat_and_data(&mut client, &bdat, &data).await;
-    assert_delivered_intact(
-        &rig.exim.wait_for_delivery(&data_tag),
-        &data,
-        "bob@remote.example",
-    );
-    assert!(rig.exim.messages_with_subject(&bdat_tag).is_empty());
+    send_bdat_and_data(&rig, &mut client, "tls").await;
 }
 
 // ---- a HELO-only legacy server ----
@@ -568,14 +568,7 @@ async fn a_helo_only_exim_still_answers_ehlo_with_250_before_and_after_starttls(
             ehlo.starts_with("250") && ehlo.ends_with("250 STARTTLS\r\n"),
             "{listener}: {ehlo}"
         );
-        assert_eq!(
-            client.cmd("STARTTLS").await,
-            "220 2.0.0 Ready to start TLS\r\n"
-        );
-        let tls = tls_connect(client.into_inner(), "mail.example.test", &[])
-            .await
-            .unwrap();
-        let mut client = Client::new(tls);
+        let mut client = starttls(client).await;
         let ehlo = client.cmd("EHLO client.example").await;
         assert!(
             ehlo.starts_with("250") && !ehlo.contains("STARTTLS"),

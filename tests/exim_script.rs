@@ -22,6 +22,13 @@ fn processes_naming(dir: &Path) -> Vec<(u32, String)> {
         .collect()
 }
 
+/// Runs `start` (an `exim.sh start`), which must fail with exit code 1 saying `words`.
+fn assert_start_refused(start: &mut std::process::Command, words: &str) {
+    let started = common::run_bounded(start, EXIM_SCRIPT_LIMIT);
+    assert_eq!(started.code, Some(1), "{}", started.both());
+    assert!(started.stderr.contains(words), "{}", started.both());
+}
+
 #[test]
 fn stop_ends_the_daemon_its_watcher_and_a_session_in_the_middle_of_data() {
     let exim = Exim::start(Greeting::Esmtp);
@@ -78,20 +85,12 @@ fn a_start_on_a_busy_port_is_refused_and_leaves_nothing_running() {
         .prefix("mailmoat-exim-")
         .tempdir()
         .unwrap();
-    let started = common::run_bounded(
+    assert_start_refused(
         exim_command("start", dir.path())
             .arg("--watch")
             .arg(std::process::id().to_string())
             .env("EXIM_SMTP_PORT", port.to_string()),
-        EXIM_SCRIPT_LIMIT,
-    );
-    assert_eq!(started.code, Some(1), "{}", started.both());
-    assert!(
-        started
-            .stderr
-            .contains(&format!("port 127.0.0.1:{port} is already in use")),
-        "{}",
-        started.both()
+        &format!("port 127.0.0.1:{port} is already in use"),
     );
     assert_eq!(processes_naming(dir.path()), []);
 }
@@ -100,19 +99,11 @@ fn a_start_on_a_busy_port_is_refused_and_leaves_nothing_running() {
 fn a_start_without_the_unpacked_exim_is_refused_naming_install_deps() {
     let dir = tempfile::tempdir().unwrap();
     let nowhere = tempfile::tempdir().unwrap();
-    let started = common::run_bounded(
+    assert_start_refused(
         exim_command("start", &dir.path().join("instance"))
             .env("EXIM_SMTP_PORT", common::free_port().to_string())
             .env("MAILMOAT_EXIM_ROOT", nowhere.path()),
-        EXIM_SCRIPT_LIMIT,
-    );
-    assert_eq!(started.code, Some(1), "{}", started.both());
-    assert!(
-        started
-            .stderr
-            .contains("run scripts/install-deps.sh as root"),
-        "{}",
-        started.both()
+        "run scripts/install-deps.sh as root",
     );
     assert!(!dir.path().join("instance").exists());
 }

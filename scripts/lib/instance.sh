@@ -1,0 +1,148 @@
+# shellcheck shell=bash
+# What scripts/legacy.sh and scripts/exim.sh share: each runs a private legacy server
+# instance under a directory of its own. Sourced, never run; the script that sources it
+# sets PROG (its name, for messages), and for the watcher WATCH_PID_FILE.
+#
+# Processes are read from /proc, so neither script needs procps.
+
+die() { echo "$PROG: $*" >&2; exit 1; }
+note() { echo "$PROG: $*" >&2; }
+
+# ---------------------------------------------------------------- the directory
+
+# Sets DIR to PATH without a trailing slash, or dies unless PATH is absolute, holds
+# only [A-Za-z0-9._/+-] (the scripts write it unquoted into the servers' configs and
+# their env files) and is at most MAX_DIR_LEN long; WHY, if given, says why that limit.
+set_dir() { # PATH [WHY]
+    DIR=$1
+    case "$DIR" in
+        /*) ;;
+        *) die "DIR must be an absolute path: $DIR" ;;
+    esac
+    DIR=${DIR%/}
+    case "$DIR" in
+        *[!A-Za-z0-9._/+-]*) die "DIR may only contain [A-Za-z0-9._/+-]: $DIR" ;;
+    esac
+    [ "${#DIR}" -le "$MAX_DIR_LEN" ] ||
+        die "DIR is ${#DIR} chars; keep it <= $MAX_DIR_LEN${2:+ ($2)}: $DIR"
+}
+
+# Daemons that drop root (WHO, for the message) must traverse every ancestor of DIR;
+# temp dirs are often 0700 (e.g. Rust's tempfile), so add o+x (search only).
+open_ancestors() { # WHO
+    local d
+    d=$(dirname "$DIR")
+    while [ "$d" != / ] && [ -n "$d" ]; do
+        if [ -d "$d" ] && [ "$(( 0$(stat -c %a "$d") & 1 ))" = 0 ]; then
+            note "adding o+x to $d so $1 can reach $DIR"
+            chmod o+x "$d"
+        fi
+        d=$(dirname "$d")
+    done
+}
+
+# The last LINES lines of each FILE that exists, on stderr.
+print_tails() { # LINES FILE...
+    local lines=$1 f
+    shift
+    for f in "$@"; do
+        [ -e "$f" ] || continue
+        echo "==== $f (last $lines lines)" >&2
+        tail -n "$lines" "$f" >&2 || true
+    done
+}
+
+# ---------------------------------------------------------------- ports
+
+port_in_use() {
+    timeout 2 bash -c 'exec 3<>"/dev/tcp/127.0.0.1/$1"' _ "$1" 2>/dev/null
+}
+
+# 127.0.0.1:PORT answers with a banner starting with PREFIX?
+banner_ok() { # PORT PREFIX
+    timeout 3 bash -c '
+        exec 3<>"/dev/tcp/127.0.0.1/$1" || exit 1
+        IFS= read -r -t 2 line <&3 || exit 1
+        exec 3>&-
+        case "$line" in "$2"*) exit 0 ;; *) exit 1 ;; esac
+    ' _ "$1" "$2" 2>/dev/null
+}
+
+# ---------------------------------------------------------------- processes
+
+# Fields of /proc/PID/stat after the command name: "state ppid pgrp ...".
+# Pure bash (no forks) because it runs for every process on the box.
+stat_fields() {
+    local line
+    { IFS= read -r line <"/proc/$1/stat"; } 2>/dev/null || return 1
+    echo "${line##*) }"
+}
+
+# Exists and is not a zombie (zombies re-parented to a non-reaping init linger).
+proc_running() {
+    local f
+    f=($(stat_fields "$1")) || return 1
+    [ "${#f[@]}" -gt 0 ] && [ "${f[0]}" != Z ]
+}
+
+# Start time of a process (field 22 of /proc/PID/stat), to detect pid reuse.
+proc_start() {
+    local f
+    f=($(stat_fields "$1")) || return 1
+    [ "${#f[@]}" -gt 19 ] || return 1
+    echo "${f[19]}"
+}
+
+proc_alive() { # PID STARTTIME
+    local f
+    f=($(stat_fields "$1")) || return 1
+    [ "${#f[@]}" -gt 19 ] || return 1
+    # A zombie has already exited; its parent just has not reaped it yet.
+    [ "${f[0]}" != Z ] && [ "${f[19]}" = "$2" ]
+}
+
+# Does /proc/PID/{environ,cmdline} contain ITEM as one NUL-separated entry?
+proc_has() { # PID WHAT ITEM
+    local pid=$1 what=$2 item=$3 entry
+    [ -n "$pid" ] || return 1
+    while IFS= read -r -d '' entry; do
+        [ "$entry" = "$item" ] && return 0
+    done 2>/dev/null <"/proc/$pid/$what"
+    return 1
+}
+
+# Waits until none of PIDS runs, for at most TENTHS tenths of a second; fails if one
+# still does.
+wait_gone() { # TENTHS PID...
+    local tenths=$1 i p alive
+    shift
+    for i in $(seq 1 "$tenths"); do
+        alive=0
+        for p in "$@"; do
+            proc_running "$p" && alive=1 && break
+        done
+        [ "$alive" = 0 ] && return 0
+        sleep 0.1
+    done
+    return 1
+}
+
+# ---------------------------------------------------------------- the watcher
+
+# The background watcher's wait: registers this process in WATCH_PID_FILE and returns
+# once PID (started at STARTTIME) has exited, for the caller to stop the instance. A
+# later start or stop of this DIR replaces or removes the registration: then the
+# instance is no longer this watcher's to stop, and it exits.
+watch_until_gone() { # PID STARTTIME
+    local pid=$1 st=$2
+    echo $$ >"$WATCH_PID_FILE"
+    echo "$(date -Is) watcher $$ watching pid $pid"
+    while proc_alive "$pid" "$st"; do
+        if [ "$(cat "$WATCH_PID_FILE" 2>/dev/null)" != "$$" ]; then
+            echo "$(date -Is) watcher $$ superseded, exiting"
+            exit 0
+        fi
+        sleep 1
+    done
+    echo "$(date -Is) pid $pid gone, stopping instance"
+}
