@@ -595,6 +595,25 @@ impl Seen {
     }
 }
 
+/// No password, no hidden user name and no SASL response in mailmoat's trace-level log
+/// (DESIGN §3: a user name refused before TLS is logged as a keyed hash).
+#[track_caller]
+fn assert_no_secret_logged(rig: &Rig) {
+    let log = rig.mailmoat.log_text();
+    for secret in [PASSWORD, HIDDEN_PASSWORD, HIDDEN_USER, &plain_response()] {
+        let lines: Vec<&str> = log.lines().filter(|l| l.contains(secret)).take(3).collect();
+        assert!(
+            lines.is_empty(),
+            "{secret:?} is in mailmoat's log: {lines:#?}"
+        );
+    }
+}
+
+/// alice's AUTHENTICATE PLAIN response (RFC 4616).
+fn plain_response() -> String {
+    base64::engine::general_purpose::STANDARD.encode(format!("\0{USER}\0{PASSWORD}"))
+}
+
 #[track_caller]
 fn assert_all_clean(program: Program, seen: &[Seen], hidden_tag: Option<&str>) {
     let mut report = String::new();
@@ -688,6 +707,7 @@ async fn imap_a_login_hidden_after_a_literal_or_a_bare_lf_never_reaches_imap4d()
         seen.push(imap_variant(&rig, variant).await);
     }
     assert_all_clean(Program::Imap4d, &seen, Some("b"));
+    assert_no_secret_logged(&rig);
 }
 
 async fn pop3_variant(rig: &Rig, variant: &Pop3Variant) -> Seen {
@@ -744,6 +764,7 @@ async fn pop3_credentials_behind_allowed_commands_never_reach_pop3d() {
         seen.push(pop3_variant(&rig, variant).await);
     }
     assert_all_clean(Program::Pop3d, &seen, None);
+    assert_no_secret_logged(&rig);
 }
 
 // ---------------------------------------------------------------- well-behaved clients
@@ -834,6 +855,7 @@ async fn the_harness_passes_a_well_behaved_imap_and_pop3_client() {
     assert_eq!(seen.upstream_before_tls, show(b"CAPA\r\n"));
     let problems = seen.problems(Program::Pop3d, None);
     assert!(problems.is_empty(), "{problems:#?}\n{}", seen.log);
+    assert_no_secret_logged(&rig);
 }
 
 /// imap4d ends its tagged OK to a successful AUTHENTICATE with a bare LF; after STARTTLS
@@ -853,9 +875,7 @@ async fn imap_authenticate_after_starttls_relays_imap4ds_bare_lf_ok_unchanged() 
     tls.send(b"a AUTHENTICATE PLAIN\r\n").await.unwrap();
     let go_ahead = tls.line().await.unwrap();
     assert!(go_ahead.starts_with('+'), "{go_ahead:?}");
-    let response =
-        base64::engine::general_purpose::STANDARD.encode(format!("\0{USER}\0{PASSWORD}"));
-    tls.send(format!("{response}\r\n").as_bytes())
+    tls.send(format!("{}\r\n", plain_response()).as_bytes())
         .await
         .unwrap();
     let ok = tls.until(tagged("a")).await;
@@ -872,4 +892,5 @@ async fn imap_authenticate_after_starttls_relays_imap4ds_bare_lf_ok_unchanged() 
             && rest.last().unwrap().starts_with("z OK"),
         "{rest:?}"
     );
+    assert_no_secret_logged(&rig);
 }
