@@ -68,6 +68,14 @@ impl Program {
             Program::Pop3d => "pop3d",
         }
     }
+
+    /// Where Debian's package puts it (so a `PATH` without /usr/sbin finds it too).
+    pub fn path(self) -> &'static str {
+        match self {
+            Program::Imap4d => "/usr/sbin/imap4d",
+            Program::Pop3d => "/usr/sbin/pop3d",
+        }
+    }
 }
 
 /// imap4d and pop3d, each behind an accept loop of its own; stopped when dropped.
@@ -83,7 +91,7 @@ impl Mailutils {
     /// A private instance on free loopback ports.
     pub fn start() -> Mailutils {
         for program in [Program::Imap4d, Program::Pop3d] {
-            let found = Command::new(program.name())
+            let found = Command::new(program.path())
                 .arg("--version")
                 .stdin(Stdio::null())
                 .output();
@@ -94,7 +102,7 @@ impl Mailutils {
             assert!(
                 version.starts_with(&format!("{} (GNU Mailutils) 3.15", program.name())),
                 "no GNU Mailutils 3.15 {} ({found:?}): run scripts/install-deps.sh as root",
-                program.name()
+                program.path()
             );
         }
         let dir = tempfile::Builder::new()
@@ -144,7 +152,7 @@ impl Mailutils {
         std::fs::write(&config_file, config).unwrap();
         for program in [Program::Imap4d, Program::Pop3d] {
             let lint = super::run_bounded(
-                Command::new(program.name())
+                Command::new(program.path())
                     .arg(format!("--config-file={}", config_file.display()))
                     .arg("--config-lint"),
                 Duration::from_secs(20),
@@ -293,7 +301,7 @@ impl AcceptLoop {
                     ) else {
                         continue;
                     };
-                    let child = Command::new(program.name())
+                    let child = Command::new(program.path())
                         .arg("--inetd")
                         .arg(&config_arg)
                         .stdin(Stdio::from(OwnedFd::from(stream)))
