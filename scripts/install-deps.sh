@@ -18,8 +18,13 @@ fi
 # systemd-analyze, for tests/systemd_unit.rs (nothing is started). procps and gdb:
 # scripts/check.sh shows what a test that overran its time was doing. libnet-ssleay-perl:
 # swaks's STARTTLS (only recommended by the package, and recommends are not installed).
+# mailutils-imap4d and mailutils-pop3d: GNU Mailutils 3.15, the second legacy IMAP/POP3
+# upstream (tests/common/mailutils.rs, tests/e2e_mailutils.rs). They sit beside Dovecot
+# (both only Provide imap-server/pop3-server; apt removes nothing) and, like it, must not
+# be left running on 143/110 (see the end of this script).
 PKGS=(postfix dovecot-core dovecot-imapd dovecot-pop3d swaks libnet-ssleay-perl openssl curl ca-certificates
-    python3 fetchmail isync testssl.sh gnutls-bin python3-pip systemd procps gdb)
+    python3 fetchmail isync testssl.sh gnutls-bin python3-pip systemd procps gdb
+    mailutils-imap4d mailutils-pop3d)
 
 # Exim 4.96 (scripts/exim.sh, tests/e2e_exim.rs): Debian's exim4-daemon-light conflicts
 # with postfix, so it is downloaded and unpacked into the checkout (dpkg -x, never
@@ -42,7 +47,7 @@ CIT_SHA256=762ebeefba7255c3f69e5311df0dad033186e4d2c4f119a23120e3f75209c364
 have_all() {
     local b
     for b in postfix postconf postsuper dovecot doveadm swaks openssl curl python3 setsid fetchmail mbsync \
-        testssl gnutls-cli stdbuf systemd-analyze ps gdb; do
+        testssl gnutls-cli stdbuf systemd-analyze ps gdb imap4d pop3d; do
         command -v "$b" >/dev/null 2>&1 || return 1
     done
     # imap/pop3 come from separate packages; the binaries live outside $PATH.
@@ -194,10 +199,24 @@ if [ -s /run/dovecot/master.pid ] && kill -0 "$(cat /run/dovecot/master.pid)" 2>
     doveadm stop >/dev/null 2>&1 || service dovecot stop >/dev/null 2>&1 || true
 fi
 
+# The packages' own imap4d/pop3d (their systemd units run `imap4d --daemon` and
+# `pop3d --daemon` on 143/110 with /etc/mailutils.conf). The tests' instances always
+# name a config file of their own (--config-file=...), so any imap4d or pop3d without
+# one is the system's: stopped here, as postfix and dovecot above.
+for d in imap4d pop3d; do
+    for pid in $(pgrep -x "$d" 2>/dev/null || true); do
+        if ! tr '\0' '\n' <"/proc/$pid/cmdline" 2>/dev/null | grep -q '^--config-file='; then
+            log "stopping system-wide $d (pid $pid)"
+            systemctl stop "mailutils-$d" >/dev/null 2>&1 || kill "$pid" 2>/dev/null || true
+        fi
+    done
+done
+
 # postconf -d: the compiled-in version, which needs no main.cf (a fresh install may have
 # none, and then plain postconf only says "fatal: open /etc/postfix/main.cf").
 log "versions: postfix $(postconf -d -h mail_version 2>/dev/null), dovecot $(dovecot --version)," \
-    "exim $(exim_unpacked_version "$EXIM_ROOT") ($(cat "$EXIM_ROOT/exim4-daemon-light.version" 2>/dev/null))"
+    "exim $(exim_unpacked_version "$EXIM_ROOT") ($(cat "$EXIM_ROOT/exim4-daemon-light.version" 2>/dev/null))," \
+    "mailutils $(imap4d --version 2>/dev/null | sed -n '1s/^imap4d (GNU Mailutils) //p')"
 log "clients: $(curl --version | head -n1 | cut -d' ' -f1-2), $(mbsync --version), fetchmail $(fetchmail --version 2>/dev/null | sed -n 's/^This is fetchmail release \([^+ ]*\).*/\1/p')"
 log "attack tools: testssl $(dpkg-query -W -f='${Version}' testssl.sh 2>/dev/null), $(gnutls-cli --version | head -n1), command-injection-tester $CIT_VERSION"
 log "ok"

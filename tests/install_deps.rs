@@ -10,7 +10,7 @@ mod common;
 use std::time::Duration;
 
 #[test]
-fn the_versions_line_names_postfix_dovecot_and_exim_even_without_a_main_cf() {
+fn the_versions_line_names_postfix_dovecot_exim_and_mailutils_even_without_a_main_cf() {
     let empty = tempfile::tempdir().unwrap();
     let ran = common::run_bounded(
         std::process::Command::new("bash")
@@ -39,4 +39,6 @@ fn the_versions_line_names_postfix_dovecot_and_exim_even_without_a_main_cf() {
     assert!(version_of("dovecot").starts_with("2."), "{versions}");
     // The unpacked Debian 12 package, pinned to upstream 4.96.
     assert!(version_of("exim").starts_with("4.96 (4.96-"), "{versions}");
+    // Debian 12's mailutils-imap4d and mailutils-pop3d (tests/e2e_mailutils.rs).
+    assert_eq!(version_of("mailutils"), "3.15", "{versions}");
 }

@@ -18,6 +18,8 @@ use tokio::sync::watch;
 
 /// A real Exim 4.96 upstream (`scripts/exim.sh`).
 pub mod exim;
+/// Real GNU Mailutils 3.15 imap4d and pop3d upstreams.
+pub mod mailutils;
 /// A recording forwarder for the upstream leg.
 pub mod recorder;
 
