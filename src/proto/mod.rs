@@ -189,14 +189,18 @@ pub trait Session {
     fn on_output_written(&mut self) -> bool;
 }
 
-/// Most reply bytes a session queues for the client before the driver has written them.
-/// Past this a session processes no more client input until [`Session::on_output_written`]:
-/// a client that floods lines the proxy answers itself and never reads its replies holds
-/// this much, not one reply per line it sent (a 64 KiB read of bare newlines would
-/// otherwise queue 65,000 replies).
+/// Most memory a session's queued output may take before the driver has written it:
+/// reply bytes, plus the size of an [`Action`] for each reply and each event. Past this a
+/// session processes no more client input until [`Session::on_output_written`]: a client
+/// that floods lines the proxy answers itself and never reads its replies holds this
+/// much, not one reply per line it sent (a 64 KiB read of bare newlines would otherwise
+/// queue 65,000 replies).
 pub const MAX_UNWRITTEN_REPLY_BYTES: usize = 16 * 1024;
 
-/// Counts the reply bytes a session queued since the driver last wrote its output.
+/// What one queued action costs besides its bytes: the queue's slot.
+pub(crate) const ACTION_COST: usize = std::mem::size_of::<Action>();
+
+/// Counts what a session queued for the driver since it last wrote its output.
 #[derive(Debug, Clone, Copy, Default)]
 pub(crate) struct ReplyBudget {
     unwritten: usize,
@@ -205,7 +209,12 @@ pub(crate) struct ReplyBudget {
 impl ReplyBudget {
     /// A reply of `len` bytes was queued.
     pub(crate) fn queued(&mut self, len: usize) {
-        self.unwritten = self.unwritten.saturating_add(len);
+        self.unwritten = self.unwritten.saturating_add(len + ACTION_COST);
+    }
+
+    /// An event was queued.
+    pub(crate) fn event(&mut self) {
+        self.unwritten = self.unwritten.saturating_add(ACTION_COST);
     }
 
     /// The driver wrote everything.

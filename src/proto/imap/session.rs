@@ -251,6 +251,7 @@ impl Session {
     }
 
     fn event(&mut self, event: Event) {
+        self.replies.event();
         self.actions.push_back(Action::Event(event));
     }
 
@@ -1271,8 +1272,9 @@ a OK Pre-login capabilities listed, post-login capabilities have more.\r\n"
         let flood = "\n".repeat(64 * 1024);
         let out = client(&mut s, &flood);
         let reply_len = reply::BAD_LINE.len();
-        assert!(out.client.len() >= MAX_UNWRITTEN_REPLY_BYTES);
-        assert!(out.client.len() < MAX_UNWRITTEN_REPLY_BYTES + reply_len);
+        // Each reply costs its bytes and its action's slot in the queue.
+        let batch = MAX_UNWRITTEN_REPLY_BYTES.div_ceil(reply_len + crate::proto::ACTION_COST);
+        assert_eq!(out.client.len(), batch * reply_len);
         let mut total = out.client.len() / reply_len;
         while s.on_output_written() {
             let out = drain(&mut s);
