@@ -40,16 +40,15 @@ mod common;
 mod canonical;
 
 use std::net::SocketAddr;
-use std::time::{Duration, Instant};
 
 use base64::Engine;
 use canonical::{Canonical, Dialect, show};
+use common::canonical_e2e::{Attacked, Lines, Login, imap_attack, pop3_attack, tagged, tls_lines};
 use common::mailutils::{
     HIDDEN_PASSWORD, HIDDEN_USER, Mailutils, PASSWORD, Program, USER, commands, logins,
 };
 use common::recorder::{Leg, Recorder};
 use common::*;
-use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncWrite, AsyncWriteExt, BufReader};
 use tokio::net::TcpStream;
 
 /// The local part Mailutils logs for the hidden user.
@@ -192,71 +191,6 @@ const POP3_VARIANTS: &[Pop3Variant] = &[
         refusal_event: true,
     },
 ];
-
-// ---------------------------------------------------------------- a line client
-
-/// Lines over any stream, each read bounded; bare LF lines kept as they came.
-struct Lines<S> {
-    stream: BufReader<S>,
-}
-
-impl<S: AsyncRead + AsyncWrite + Unpin> Lines<S> {
-    fn new(stream: S) -> Self {
-        Lines {
-            stream: BufReader::new(stream),
-        }
-    }
-
-    async fn send(&mut self, bytes: &[u8]) -> Result<(), String> {
-        let stream = self.stream.get_mut();
-        tokio::time::timeout(STEP, async {
-            stream.write_all(bytes).await?;
-            stream.flush().await
-        })
-        .await
-        .map_err(|_| "write timed out".to_owned())?
-        .map_err(|e| format!("write: {e}"))
-    }
-
-    /// The next line, its line end included; an error at the end of the stream.
-    async fn line(&mut self) -> Result<String, String> {
-        let mut line = Vec::new();
-        let n = tokio::time::timeout(STEP, self.stream.read_until(b'\n', &mut line))
-            .await
-            .map_err(|_| "no line within the step deadline".to_owned())?
-            .map_err(|e| format!("read: {e}"))?;
-        if n == 0 {
-            return Err("the connection closed".to_owned());
-        }
-        Ok(String::from_utf8_lossy(&line).into_owned())
-    }
-
-    /// Lines up to and including the first that `last` accepts (at most 200), or up to
-    /// the end of the stream (noted as `<...>`).
-    async fn until(&mut self, last: impl Fn(&str) -> bool) -> Vec<String> {
-        let mut lines = Vec::new();
-        while lines.len() < 200 {
-            match self.line().await {
-                Ok(line) => {
-                    let done = last(&line);
-                    lines.push(line);
-                    if done {
-                        break;
-                    }
-                }
-                Err(e) => {
-                    lines.push(format!("<{e}>"));
-                    break;
-                }
-            }
-        }
-        lines
-    }
-}
-
-fn tagged(tag: &'static str) -> impl Fn(&str) -> bool {
-    move |line: &str| line.starts_with(&format!("{tag} "))
-}
 
 // ---------------------------------------------------------------- the control
 
@@ -401,50 +335,6 @@ impl Rig {
     }
 }
 
-/// The port of mailmoat's upstream connection for the session of the client at
-/// `client`: the `upstream_port` field of its log lines (DESIGN §7), bounded wait.
-async fn upstream_port(mailmoat: &Mailmoat, client: SocketAddr) -> u16 {
-    let tag = format!("client={client}");
-    within(async {
-        loop {
-            let found = mailmoat.log_text().lines().find_map(|line| {
-                if !line.contains(&tag) {
-                    return None;
-                }
-                let at = line.find("upstream_port=")? + "upstream_port=".len();
-                let digits: String = line[at..]
-                    .chars()
-                    .take_while(char::is_ascii_digit)
-                    .collect();
-                digits.parse().ok()
-            });
-            match found {
-                Some(port) => break port,
-                None => tokio::time::sleep(Duration::from_millis(20)).await,
-            }
-        }
-    })
-    .await
-}
-
-/// Whether mailmoat's log holds `event` for the session of the client at `client`
-/// (bounded wait for the log file's write).
-async fn mailmoat_logged(mailmoat: &Mailmoat, client: SocketAddr, event: &str) -> bool {
-    let tag = format!("client={client}");
-    let event = format!("event=\"{event}\"");
-    let deadline = Instant::now() + Duration::from_secs(5);
-    loop {
-        let found = mailmoat
-            .log_text()
-            .lines()
-            .any(|l| l.contains(&tag) && l.contains(&event));
-        if found || Instant::now() > deadline {
-            return found;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
 /// The strict reader's verdict on the upstream leg's bytes before TLS.
 fn judge(dialect: Dialect, bytes: &[u8]) -> Result<(), String> {
     let mut reader = Canonical::new(dialect);
@@ -475,124 +365,77 @@ fn real_login(program: Program, line: &str) -> bool {
     }
 }
 
-/// What one variant did, on every side.
-#[derive(Debug)]
-struct Seen {
-    variant: String,
-    /// Everything the client got before STARTTLS.
-    replies: Vec<String>,
-    /// The upstream leg before STARTTLS, shown and judged.
-    upstream_before_tls: String,
-    upstream_verdict: Result<(), String>,
-    /// The session's log on the server.
-    log: String,
-    /// Whether mailmoat must log `plaintext_command_refused` for the session.
-    refusal_expected: bool,
-    refusal_logged: bool,
-    /// STARTTLS then the real login in the same connection.
-    after_tls: Result<(), String>,
+/// The real user, as the attacks log in after TLS.
+const LOGIN: Login = Login {
+    user: USER,
+    password: PASSWORD,
+};
+
+/// What one variant did, on every side; the server's part is the session's log.
+type Seen = common::canonical_e2e::Seen<String>;
+
+/// The client's side is over: joins the session to its upstream leg (mailmoat's
+/// `upstream_port`) and reads that leg as it was before TLS, the server's log of the
+/// connection (complete once the server's process has exited) and mailmoat's log.
+async fn settle(seen: &mut Seen, rig: &Rig, program: Program, attacked: Attacked) {
+    let dialect = match program {
+        Program::Imap4d => Dialect::Imap,
+        Program::Pop3d => Dialect::Pop3,
+    };
+    seen.settle(
+        &rig.mailmoat,
+        attacked,
+        show,
+        |bytes| judge(dialect, bytes),
+        async |leg: &Leg, after_tls: Result<(), String>| {
+            let log = rig
+                .mailutils
+                .finished_session_log(program, leg.upstream_port);
+            (after_tls, log)
+        },
+    )
+    .await;
 }
 
-impl Seen {
-    fn new(variant: String) -> Seen {
-        Seen {
-            variant,
-            replies: Vec::new(),
-            upstream_before_tls: String::new(),
-            upstream_verdict: Err("not judged".into()),
-            log: String::new(),
-            refusal_expected: true,
-            refusal_logged: false,
-            after_tls: Err("not tried".into()),
-        }
+fn problems(seen: &Seen, program: Program, hidden_tag: Option<&str>) -> Vec<String> {
+    let mut out = Vec::new();
+    seen.told_logged_in(&mut out, |l| {
+        hidden_tag.is_some_and(|tag| l.starts_with(&format!("{tag} OK")))
+            || l.starts_with("+OK opened mailbox")
+    });
+    let logins = logins(&seen.server);
+    if logins.contains(&HIDDEN.to_owned()) {
+        out.push(format!("{} logged bob in", program.name()));
     }
-
-    /// The client's side is over: joins the session to its upstream leg (mailmoat's
-    /// `upstream_port`) and reads that leg as it was before TLS, the server's log of the
-    /// connection (complete once the server's process has exited) and mailmoat's log.
-    async fn settle(
-        &mut self,
-        rig: &Rig,
-        program: Program,
-        client: SocketAddr,
-        before_tls: &[Leg],
-        after_tls: Result<(), String>,
-    ) {
-        let from = upstream_port(&rig.mailmoat, client).await;
-        let leg = before_tls
-            .iter()
-            .find(|leg| leg.client_port == from)
-            .unwrap_or_else(|| panic!("no upstream leg from port {from}"));
-        self.upstream_before_tls = show(&leg.to_upstream);
-        let dialect = match program {
-            Program::Imap4d => Dialect::Imap,
-            Program::Pop3d => Dialect::Pop3,
-        };
-        self.upstream_verdict = judge(dialect, &leg.to_upstream);
-        self.after_tls = after_tls;
-        self.log = rig
-            .mailutils
-            .finished_session_log(program, leg.upstream_port);
-        self.refusal_logged =
-            mailmoat_logged(&rig.mailmoat, client, "plaintext_command_refused").await;
+    if logins != [REAL] {
+        out.push(format!(
+            "{} logged in {logins:?}, not alice alone after TLS",
+            program.name()
+        ));
     }
-
-    fn problems(&self, program: Program, hidden_tag: Option<&str>) -> Vec<String> {
-        let mut out = Vec::new();
-        let told: Vec<&String> = self
-            .replies
-            .iter()
-            .filter(|l| {
-                hidden_tag.is_some_and(|tag| l.starts_with(&format!("{tag} OK")))
-                    || l.starts_with("+OK opened mailbox")
-            })
-            .collect();
-        if !told.is_empty() {
-            out.push(format!("the client was told it is logged in: {told:?}"));
-        }
-        let logins = logins(&self.log);
-        if logins.contains(&HIDDEN.to_owned()) {
-            out.push(format!("{} logged bob in", program.name()));
-        }
-        if logins != [REAL] {
-            out.push(format!(
-                "{} logged in {logins:?}, not alice alone after TLS",
-                program.name()
-            ));
-        }
-        // Everything the server read before alice's login came before TLS (or is
-        // mailmoat's own canonical command after it).
-        let read = commands(&self.log);
-        let before_login: Vec<&String> = read
-            .iter()
-            .take_while(|c| !real_login(program, c))
-            .collect();
-        let strange: Vec<&&String> = before_login
-            .iter()
-            .filter(|c| !canonical_line(program, c))
-            .collect();
-        if !strange.is_empty() {
-            out.push(format!(
-                "{} read non-canonical commands before the real login: {strange:?}",
-                program.name()
-            ));
-        }
-        if let Err(e) = &self.upstream_verdict {
-            out.push(format!("upstream leg before TLS: {e}"));
-        }
-        for word in ["LOGIN", "USER", "PASS", HIDDEN_USER, HIDDEN_PASSWORD] {
-            if self.upstream_before_tls.contains(word) {
-                out.push(format!("{word:?} crossed the upstream leg before TLS"));
-            }
-        }
-        if self.refusal_expected && !self.refusal_logged {
-            out.push("mailmoat logged no plaintext_command_refused for the session".into());
-        }
-        if let Err(e) = &self.after_tls {
-            out.push(format!("STARTTLS and the real login afterwards: {e}"));
-        }
-        out
+    // Everything the server read before alice's login came before TLS (or is
+    // mailmoat's own canonical command after it).
+    let read = commands(&seen.server);
+    let before_login: Vec<&String> = read
+        .iter()
+        .take_while(|c| !real_login(program, c))
+        .collect();
+    let strange: Vec<&&String> = before_login
+        .iter()
+        .filter(|c| !canonical_line(program, c))
+        .collect();
+    if !strange.is_empty() {
+        out.push(format!(
+            "{} read non-canonical commands before the real login: {strange:?}",
+            program.name()
+        ));
     }
+    seen.leg_problems(
+        &mut out,
+        &["LOGIN", "USER", "PASS", HIDDEN_USER, HIDDEN_PASSWORD],
+        false,
+    );
+    out
 }
 
 /// No password, no hidden user name and no SASL response in mailmoat's trace-level log
@@ -619,7 +462,7 @@ fn assert_all_clean(program: Program, seen: &[Seen], hidden_tag: Option<&str>) {
     let mut report = String::new();
     let mut failed = 0;
     for seen in seen {
-        let problems = seen.problems(program, hidden_tag);
+        let problems = problems(seen, program, hidden_tag);
         report.push_str(&format!(
             "\n== {} -> {}\n   client got: {:?}\n   upstream leg before TLS: {}\n   {} read: {:?}\n",
             seen.variant,
@@ -627,7 +470,7 @@ fn assert_all_clean(program: Program, seen: &[Seen], hidden_tag: Option<&str>) {
             seen.replies,
             seen.upstream_before_tls,
             program.name(),
-            commands(&seen.log)
+            commands(&seen.server)
         ));
         if !problems.is_empty() {
             failed += 1;
@@ -647,55 +490,17 @@ fn assert_all_clean(program: Program, seen: &[Seen], hidden_tag: Option<&str>) {
 
 async fn imap_variant(rig: &Rig, variant: &ImapVariant) -> Seen {
     let mut seen = Seen::new(variant.name());
-    let tcp = traceable_tcp(rig.addr("imap")).await;
-    let client_addr = tcp.local_addr().unwrap();
-    let mut client = Lines::new(tcp);
-    let greeting = client.line().await.unwrap();
-    assert!(greeting.starts_with("* OK "), "{greeting:?}");
-    let _ = client.send(CAPABILITY_FIRST).await;
-    let capability = client.until(tagged("x")).await;
-    assert!(
-        capability.iter().any(|l| l.contains(" LITERAL+")),
-        "{capability:?}"
-    );
-
-    // The attack: the octets after the head are a LOGIN line of their own.
-    client.send(variant.head().as_bytes()).await.unwrap();
-    if variant.synchronising {
-        // A client waits for `+`; a refusal comes instead, and the octets follow anyway.
-        let first = client.line().await.unwrap_or_else(|e| format!("<{e}>"));
-        seen.replies.push(first);
-    }
-    let _ = client.send(hidden_login().as_bytes()).await;
-    // An empty line ends whatever command mailmoat may think still goes on; then a NOOP
-    // of a tag of its own, whose tagged reply closes what the client reads.
-    let _ = client.send(b"\r\nc NOOP\r\n").await;
-    seen.replies.extend(client.until(tagged("c")).await);
-    let before_tls = rig.imap.legs();
-
-    let after_tls = async {
-        client.send(b"s STARTTLS\r\n").await?;
-        let go = client.until(tagged("s")).await;
-        if !go.last().is_some_and(|l| l.starts_with("s OK")) {
-            return Err(format!("STARTTLS: {go:?}"));
-        }
-        let tls = tls_connect(client.stream.into_inner(), "mail.example.test", &[])
-            .await
-            .map_err(|e| format!("TLS handshake: {e}"))?;
-        let mut tls = Lines::new(tls);
-        tls.send(format!("l LOGIN {USER} {PASSWORD}\r\n").as_bytes())
-            .await?;
-        let login = tls.until(tagged("l")).await;
-        if !login.last().is_some_and(|l| l.starts_with("l OK")) {
-            return Err(format!("LOGIN as {USER} after TLS: {login:?}"));
-        }
-        tls.send(b"z LOGOUT\r\n").await?;
-        tls.until(tagged("z")).await;
-        Ok(())
-    }
+    let attacked = imap_attack(
+        rig.addr("imap"),
+        &rig.imap,
+        Some(CAPABILITY_FIRST),
+        &variant.head(),
+        variant.synchronising,
+        &hidden_login(),
+        LOGIN,
+    )
     .await;
-    seen.settle(rig, Program::Imap4d, client_addr, &before_tls, after_tls)
-        .await;
+    settle(&mut seen, rig, Program::Imap4d, attacked).await;
     seen
 }
 
@@ -713,46 +518,15 @@ async fn imap_a_login_hidden_after_a_literal_or_a_bare_lf_never_reaches_imap4d()
 async fn pop3_variant(rig: &Rig, variant: &Pop3Variant) -> Seen {
     let mut seen = Seen::new(format!("{:?}", variant.bytes));
     seen.refusal_expected = variant.refusal_event;
-    let tcp = traceable_tcp(rig.addr("pop3")).await;
-    let client_addr = tcp.local_addr().unwrap();
-    let mut client = Lines::new(tcp);
-    let greeting = client.line().await.unwrap();
-    assert!(greeting.starts_with("+OK"), "{greeting:?}");
-
-    let _ = client.send(variant.bytes.as_bytes()).await;
-    // STLS closes what the client reads before TLS: mailmoat answers it once every
-    // earlier command is answered (POP3 goes one command at a time).
-    let _ = client.send(b"STLS\r\n").await;
-    seen.replies
-        .extend(client.until(|l| l.starts_with("+OK Begin TLS")).await);
-    let before_tls = rig.pop3.legs();
-
-    let go_ahead = seen
-        .replies
-        .last()
-        .is_some_and(|l| l.starts_with("+OK Begin TLS"));
-    let after_tls = async {
-        if !go_ahead {
-            return Err("no go-ahead for STLS".to_owned());
-        }
-        let tls = tls_connect(client.stream.into_inner(), "mail.example.test", &[])
-            .await
-            .map_err(|e| format!("TLS handshake: {e}"))?;
-        let mut tls = Lines::new(tls);
-        tls.send(format!("USER {USER}\r\n").as_bytes()).await?;
-        let user = tls.line().await?;
-        tls.send(format!("PASS {PASSWORD}\r\n").as_bytes()).await?;
-        let pass = tls.line().await?;
-        if !user.starts_with("+OK") || !pass.starts_with("+OK opened mailbox") {
-            return Err(format!("USER/PASS as {USER} after TLS: {user:?} {pass:?}"));
-        }
-        tls.send(b"QUIT\r\n").await?;
-        let _ = tls.line().await;
-        Ok(())
-    }
+    let attacked = pop3_attack(
+        rig.addr("pop3"),
+        &rig.pop3,
+        variant.bytes,
+        LOGIN,
+        "+OK opened mailbox",
+    )
     .await;
-    seen.settle(rig, Program::Pop3d, client_addr, &before_tls, after_tls)
-        .await;
+    settle(&mut seen, rig, Program::Pop3d, attacked).await;
     seen
 }
 
@@ -768,6 +542,34 @@ async fn pop3_credentials_behind_allowed_commands_never_reach_pop3d() {
 }
 
 // ---------------------------------------------------------------- well-behaved clients
+
+/// A well-behaved session through the rig, settled: no refusal logged for it, exactly
+/// `upstream` crossed the upstream leg before TLS, and no check finds a problem.
+async fn assert_well_behaved(
+    rig: &Rig,
+    program: Program,
+    name: &str,
+    client: SocketAddr,
+    before_tls: &[Leg],
+    upstream: &[u8],
+) {
+    let mut seen = Seen::new(name.into());
+    seen.refusal_expected = false;
+    let attacked = Attacked {
+        client,
+        replies: Vec::new(),
+        before_tls: before_tls.to_vec(),
+        after_tls: Ok(()),
+    };
+    settle(&mut seen, rig, program, attacked).await;
+    assert!(
+        !seen.refusal_logged,
+        "a refusal logged for a well-behaved client"
+    );
+    assert_eq!(seen.upstream_before_tls, show(upstream));
+    let problems = problems(&seen, program, None);
+    assert!(problems.is_empty(), "{problems:#?}\n{}", seen.server);
+}
 
 /// The harness itself: canonical dialogues through the same rig pass every check above
 /// (they must not fail for reasons of their own), and reach the mailboxes.
@@ -790,10 +592,7 @@ async fn the_harness_passes_a_well_behaved_imap_and_pop3_client() {
     let before_tls = rig.imap.legs();
     client.send(b"s STARTTLS\r\n").await.unwrap();
     assert!(client.line().await.unwrap().starts_with("s OK"));
-    let tls = tls_connect(client.stream.into_inner(), "mail.example.test", &[])
-        .await
-        .unwrap();
-    let mut tls = Lines::new(tls);
+    let mut tls = tls_lines(client).await.unwrap();
     tls.send(format!("l LOGIN {USER} {PASSWORD}\r\nm SELECT INBOX\r\nz LOGOUT\r\n").as_bytes())
         .await
         .unwrap();
@@ -805,20 +604,15 @@ async fn the_harness_passes_a_well_behaved_imap_and_pop3_client() {
                 .any(|l| l.starts_with("m OK [READ-WRITE] SELECT")),
         "{session:?}"
     );
-    let mut seen = Seen::new("well-behaved IMAP".into());
-    seen.refusal_expected = false;
-    seen.settle(&rig, Program::Imap4d, client_addr, &before_tls, Ok(()))
-        .await;
-    assert!(
-        !seen.refusal_logged,
-        "a refusal logged for a well-behaved client"
-    );
-    assert_eq!(
-        seen.upstream_before_tls,
-        show(b"a CAPABILITY\r\nb NOOP\r\n")
-    );
-    let problems = seen.problems(Program::Imap4d, None);
-    assert!(problems.is_empty(), "{problems:#?}\n{}", seen.log);
+    assert_well_behaved(
+        &rig,
+        Program::Imap4d,
+        "well-behaved IMAP",
+        client_addr,
+        &before_tls,
+        b"a CAPABILITY\r\nb NOOP\r\n",
+    )
+    .await;
 
     let tcp = traceable_tcp(rig.addr("pop3")).await;
     let client_addr = tcp.local_addr().unwrap();
@@ -830,10 +624,7 @@ async fn the_harness_passes_a_well_behaved_imap_and_pop3_client() {
     let before_tls = rig.pop3.legs();
     client.send(b"STLS\r\n").await.unwrap();
     assert!(client.line().await.unwrap().starts_with("+OK"));
-    let tls = tls_connect(client.stream.into_inner(), "mail.example.test", &[])
-        .await
-        .unwrap();
-    let mut tls = Lines::new(tls);
+    let mut tls = tls_lines(client).await.unwrap();
     tls.send(format!("USER {USER}\r\nPASS {PASSWORD}\r\nSTAT\r\nQUIT\r\n").as_bytes())
         .await
         .unwrap();
@@ -844,17 +635,15 @@ async fn the_harness_passes_a_well_behaved_imap_and_pop3_client() {
         "{session:?}"
     );
     assert_eq!(session[2], "+OK 0 0\r\n", "{session:?}");
-    let mut seen = Seen::new("well-behaved POP3".into());
-    seen.refusal_expected = false;
-    seen.settle(&rig, Program::Pop3d, client_addr, &before_tls, Ok(()))
-        .await;
-    assert!(
-        !seen.refusal_logged,
-        "a refusal logged for a well-behaved client"
-    );
-    assert_eq!(seen.upstream_before_tls, show(b"CAPA\r\n"));
-    let problems = seen.problems(Program::Pop3d, None);
-    assert!(problems.is_empty(), "{problems:#?}\n{}", seen.log);
+    assert_well_behaved(
+        &rig,
+        Program::Pop3d,
+        "well-behaved POP3",
+        client_addr,
+        &before_tls,
+        b"CAPA\r\n",
+    )
+    .await;
     assert_no_secret_logged(&rig);
 }
 
@@ -868,10 +657,7 @@ async fn imap_authenticate_after_starttls_relays_imap4ds_bare_lf_ok_unchanged() 
     assert!(client.line().await.unwrap().starts_with("* OK "));
     client.send(b"s STARTTLS\r\n").await.unwrap();
     assert!(client.line().await.unwrap().starts_with("s OK"));
-    let tls = tls_connect(client.stream.into_inner(), "mail.example.test", &[])
-        .await
-        .unwrap();
-    let mut tls = Lines::new(tls);
+    let mut tls = tls_lines(client).await.unwrap();
     tls.send(b"a AUTHENTICATE PLAIN\r\n").await.unwrap();
     let go_ahead = tls.line().await.unwrap();
     assert!(go_ahead.starts_with('+'), "{go_ahead:?}");

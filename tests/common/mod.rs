@@ -16,6 +16,8 @@ use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWrite, AsyncWrite
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 
+/// The harness of the canonical rule against a real legacy server.
+pub mod canonical_e2e;
 /// A real Exim 4.96 upstream (`scripts/exim.sh`).
 pub mod exim;
 /// Real GNU Mailutils 3.15 imap4d and pop3d upstreams.
