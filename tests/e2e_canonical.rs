@@ -34,7 +34,8 @@ use std::time::{Duration, Instant};
 
 use canonical::{Canonical, Dialect, show};
 use common::canonical_e2e::{
-    Attacked, Lines, Login, imap_attack, pop3_attack, session_leg, tagged, tls_lines,
+    Attacked, Login, WellBehaved, imap_attack, imap_well_behaved, pop3_attack, pop3_well_behaved,
+    session_leg, tagged,
 };
 use common::recorder::{Leg, Recorder};
 use common::*;
@@ -274,17 +275,14 @@ async fn pop3_credentials_in_the_arguments_of_allowed_commands_never_reach_dovec
 async fn the_harness_passes_a_well_behaved_imap_and_pop3_client() {
     let (mailmoat, imap, pop3) = setup();
 
-    let tcp = traceable_tcp(addr(&mailmoat, "imap")).await;
-    let client_addr = tcp.local_addr().unwrap();
-    let mut client = Lines::new(tcp);
-    assert!(client.line().await.unwrap().starts_with("* OK "));
-    client.send(b"a CAPABILITY\r\nb NOOP\r\n").await.unwrap();
-    let replies = client.until(tagged("b")).await;
-    assert!(replies.last().unwrap().starts_with("b OK"), "{replies:?}");
-    let before_tls = imap.legs();
-    client.send(b"s STARTTLS\r\n").await.unwrap();
-    assert!(client.line().await.unwrap().starts_with("s OK"));
-    let mut tls = tls_lines(client).await.unwrap();
+    let (
+        WellBehaved {
+            client: client_addr,
+            before_tls,
+            mut tls,
+        },
+        _replies,
+    ) = imap_well_behaved(addr(&mailmoat, "imap"), &imap).await;
     tls.send(format!("l LOGIN {USER} {PASSWORD}\r\n").as_bytes())
         .await
         .unwrap();
@@ -297,17 +295,11 @@ async fn the_harness_passes_a_well_behaved_imap_and_pop3_client() {
     let lines = wait_for_dovecot_login(rport, USER).await.unwrap();
     assert!(!lines.iter().any(|l| l.contains(HIDDEN_USER)), "{lines:#?}");
 
-    let tcp = traceable_tcp(addr(&mailmoat, "pop3")).await;
-    let client_addr = tcp.local_addr().unwrap();
-    let mut client = Lines::new(tcp);
-    assert!(client.line().await.unwrap().starts_with("+OK"));
-    client.send(b"CAPA\r\n").await.unwrap();
-    let capa = client.until(|l| l == ".\r\n").await;
-    assert!(capa.iter().any(|l| l == "STLS\r\n"), "{capa:?}");
-    let before_tls = pop3.legs();
-    client.send(b"STLS\r\n").await.unwrap();
-    assert!(client.line().await.unwrap().starts_with("+OK"));
-    let mut tls = tls_lines(client).await.unwrap();
+    let WellBehaved {
+        client: client_addr,
+        before_tls,
+        mut tls,
+    } = pop3_well_behaved(addr(&mailmoat, "pop3"), &pop3).await;
     tls.send(format!("USER {USER}\r\nPASS {PASSWORD}\r\n").as_bytes())
         .await
         .unwrap();

@@ -43,7 +43,10 @@ use std::net::SocketAddr;
 
 use base64::Engine;
 use canonical::{Canonical, Dialect, show};
-use common::canonical_e2e::{Attacked, Lines, Login, imap_attack, pop3_attack, tagged, tls_lines};
+use common::canonical_e2e::{
+    Attacked, Lines, Login, WellBehaved, imap_attack, imap_well_behaved, pop3_attack,
+    pop3_well_behaved, tagged, tls_lines,
+};
 use common::mailutils::{
     HIDDEN_PASSWORD, HIDDEN_USER, Mailutils, PASSWORD, Program, USER, commands, logins,
 };
@@ -577,22 +580,19 @@ async fn assert_well_behaved(
 async fn the_harness_passes_a_well_behaved_imap_and_pop3_client() {
     let rig = rig();
 
-    let tcp = traceable_tcp(rig.addr("imap")).await;
-    let client_addr = tcp.local_addr().unwrap();
-    let mut client = Lines::new(tcp);
-    assert!(client.line().await.unwrap().starts_with("* OK "));
-    client.send(b"a CAPABILITY\r\nb NOOP\r\n").await.unwrap();
-    let replies = client.until(tagged("b")).await;
-    assert!(replies.last().unwrap().starts_with("b OK"), "{replies:?}");
+    let (
+        WellBehaved {
+            client: client_addr,
+            before_tls,
+            mut tls,
+        },
+        replies,
+    ) = imap_well_behaved(rig.addr("imap"), &rig.imap).await;
     let capability = replies.iter().find(|l| l.starts_with("* CAPABILITY"));
     assert!(
         capability.is_some_and(|l| l.contains(" STARTTLS") && l.contains("LOGINDISABLED")),
         "{replies:?}"
     );
-    let before_tls = rig.imap.legs();
-    client.send(b"s STARTTLS\r\n").await.unwrap();
-    assert!(client.line().await.unwrap().starts_with("s OK"));
-    let mut tls = tls_lines(client).await.unwrap();
     tls.send(format!("l LOGIN {USER} {PASSWORD}\r\nm SELECT INBOX\r\nz LOGOUT\r\n").as_bytes())
         .await
         .unwrap();
@@ -614,17 +614,11 @@ async fn the_harness_passes_a_well_behaved_imap_and_pop3_client() {
     )
     .await;
 
-    let tcp = traceable_tcp(rig.addr("pop3")).await;
-    let client_addr = tcp.local_addr().unwrap();
-    let mut client = Lines::new(tcp);
-    assert!(client.line().await.unwrap().starts_with("+OK"));
-    client.send(b"CAPA\r\n").await.unwrap();
-    let capa = client.until(|l| l == ".\r\n").await;
-    assert!(capa.iter().any(|l| l == "STLS\r\n"), "{capa:?}");
-    let before_tls = rig.pop3.legs();
-    client.send(b"STLS\r\n").await.unwrap();
-    assert!(client.line().await.unwrap().starts_with("+OK"));
-    let mut tls = tls_lines(client).await.unwrap();
+    let WellBehaved {
+        client: client_addr,
+        before_tls,
+        mut tls,
+    } = pop3_well_behaved(rig.addr("pop3"), &rig.pop3).await;
     tls.send(format!("USER {USER}\r\nPASS {PASSWORD}\r\nSTAT\r\nQUIT\r\n").as_bytes())
         .await
         .unwrap();

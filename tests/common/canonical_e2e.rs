@@ -297,6 +297,62 @@ pub async fn pop3_attack(
     }
 }
 
+// ---------------------------------------------------------------- well-behaved clients
+
+/// A client through TLS: its address (its session in mailmoat's log), the upstream legs
+/// as they were before STARTTLS, and the connection after the TLS handshake.
+pub struct WellBehaved {
+    pub client: SocketAddr,
+    pub before_tls: Vec<Leg>,
+    pub tls: Lines<tokio_rustls::client::TlsStream<TcpStream>>,
+}
+
+/// A well-behaved IMAP client of mailmoat's listener at `addr` up to TLS: `a CAPABILITY`
+/// and `b NOOP` (their replies returned), then STARTTLS.
+pub async fn imap_well_behaved(
+    addr: SocketAddr,
+    recorder: &Recorder,
+) -> (WellBehaved, Vec<String>) {
+    let tcp = traceable_tcp(addr).await;
+    let client_addr = tcp.local_addr().unwrap();
+    let mut client = Lines::new(tcp);
+    assert!(client.line().await.unwrap().starts_with("* OK "));
+    client.send(b"a CAPABILITY\r\nb NOOP\r\n").await.unwrap();
+    let replies = client.until(tagged("b")).await;
+    assert!(replies.last().unwrap().starts_with("b OK"), "{replies:?}");
+    let before_tls = recorder.legs();
+    client.send(b"s STARTTLS\r\n").await.unwrap();
+    assert!(client.line().await.unwrap().starts_with("s OK"));
+    let tls = tls_lines(client).await.unwrap();
+    let client = WellBehaved {
+        client: client_addr,
+        before_tls,
+        tls,
+    };
+    (client, replies)
+}
+
+/// A well-behaved POP3 client of mailmoat's listener at `addr` up to TLS: `CAPA` (which
+/// must announce STLS), then STLS.
+pub async fn pop3_well_behaved(addr: SocketAddr, recorder: &Recorder) -> WellBehaved {
+    let tcp = traceable_tcp(addr).await;
+    let client_addr = tcp.local_addr().unwrap();
+    let mut client = Lines::new(tcp);
+    assert!(client.line().await.unwrap().starts_with("+OK"));
+    client.send(b"CAPA\r\n").await.unwrap();
+    let capa = client.until(|l| l == ".\r\n").await;
+    assert!(capa.iter().any(|l| l == "STLS\r\n"), "{capa:?}");
+    let before_tls = recorder.legs();
+    client.send(b"STLS\r\n").await.unwrap();
+    assert!(client.line().await.unwrap().starts_with("+OK"));
+    let tls = tls_lines(client).await.unwrap();
+    WellBehaved {
+        client: client_addr,
+        before_tls,
+        tls,
+    }
+}
+
 // ---------------------------------------------------------------- what a variant did
 
 /// What one variant did, on every side; `server` is what the legacy server's log says
