@@ -657,11 +657,30 @@ impl Mailmoat {
     }
 
     /// As `start_with`, with extra environment variables for the process.
+    ///
+    /// A port `free_port` found free may be taken before mailmoat binds it (another test's
+    /// connection can get it as its local port): a start that fails with "Address already
+    /// in use" is tried again on new ports, twice at most.
     pub fn start_with_env(
         listeners: &[(&str, &str, &str, &str, SocketAddr)],
         extra: &str,
         env: &[(&str, &str)],
     ) -> Mailmoat {
+        for attempt in 1..=3 {
+            match Self::try_start(listeners, extra, env) {
+                Ok(mailmoat) => return mailmoat,
+                Err(failure) if attempt < 3 && failure.contains("Address already in use") => {}
+                Err(failure) => panic!("{failure}"),
+            }
+        }
+        unreachable!("the last attempt returns or panics")
+    }
+
+    fn try_start(
+        listeners: &[(&str, &str, &str, &str, SocketAddr)],
+        extra: &str,
+        env: &[(&str, &str)],
+    ) -> Result<Mailmoat, String> {
         let certs = certs();
         let dir = tempfile::tempdir().unwrap();
         let mut ports = HashMap::new();
@@ -690,24 +709,29 @@ impl Mailmoat {
             .stderr(std::fs::File::create(&log).unwrap())
             .spawn()
             .unwrap();
-        let mailmoat = Mailmoat {
+        let mut mailmoat = Mailmoat {
             child,
             _dir: dir,
             log,
             config,
             ports,
         };
-        for port in mailmoat.ports.values() {
+        let ports: Vec<u16> = mailmoat.ports.values().copied().collect();
+        for port in ports {
             let deadline = std::time::Instant::now() + Duration::from_secs(20);
-            while std::net::TcpStream::connect(("127.0.0.1", *port)).is_err() {
-                assert!(
-                    std::time::Instant::now() < deadline,
-                    "mailmoat did not listen"
-                );
+            while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+                let exited = mailmoat.child.try_wait().ok().flatten();
+                if exited.is_some() || std::time::Instant::now() >= deadline {
+                    return Err(format!(
+                        "mailmoat did not listen on {port} (exit: {exited:?}); its config:\n{}\nits log:\n{}",
+                        std::fs::read_to_string(&mailmoat.config).unwrap_or_default(),
+                        std::fs::read_to_string(&mailmoat.log).unwrap_or_default()
+                    ));
+                }
                 std::thread::sleep(Duration::from_millis(20));
             }
         }
-        mailmoat
+        Ok(mailmoat)
     }
 
     pub fn port(&self, name: &str) -> u16 {
