@@ -319,6 +319,18 @@ impl<P: Session> Dialogue<P> {
     /// Does what the session asks, as the driver would, but records instead of
     /// handshaking.
     async fn carry_out(&mut self) -> Result<(), Error> {
+        loop {
+            self.carry_out_queued().await?;
+            // Everything asked so far is done: a session that held input back for its
+            // replies (`MAX_UNWRITTEN_REPLY_BYTES`) goes on, as under the driver.
+            if !self.session.on_output_written() {
+                return Ok(());
+            }
+        }
+    }
+
+    /// The actions queued now.
+    async fn carry_out_queued(&mut self) -> Result<(), Error> {
         while let Some(action) = self.session.next_action() {
             match action {
                 Action::ToClient(bytes) => self.client_in.extend_from_slice(&bytes),
