@@ -13,7 +13,7 @@ use criterion::{BatchSize, Criterion, Throughput, criterion_group, criterion_mai
 use mailmoat::policy::{BareNewlines, Policy, UserHasher};
 use mailmoat::proto::line::Framer;
 use mailmoat::proto::smtp::body::{Body, Progress};
-use mailmoat::proto::{Action, Session as _, imap, smtp};
+use mailmoat::proto::{Action, Limits, Session as _, imap, smtp};
 
 const MB: usize = 1 << 20;
 
@@ -101,10 +101,12 @@ fn smtp_config() -> smtp::Config {
     smtp::Config {
         policy: Policy::RequireTls,
         bare_newlines: BareNewlines::Normalize,
-        max_line_len: 4096,
-        max_held_bytes: 64 * 1024,
-        max_plaintext_commands: 20,
-        max_errors: 20,
+        limits: Limits {
+            max_line_len: 4096,
+            max_held_bytes: 64 * 1024,
+            max_plaintext_commands: 20,
+            max_errors: 20,
+        },
         user_hasher: UserHasher::new(b"bench key"),
     }
 }
@@ -177,11 +179,13 @@ fn smtp_capabilities(c: &mut Criterion) {
 
 fn imap_config() -> imap::Config {
     imap::Config {
-        max_line_len: 8192,
         max_literal_len: 65536,
-        max_held_bytes: 64 * 1024,
-        max_plaintext_commands: 20,
-        max_errors: 20,
+        limits: Limits {
+            max_line_len: 8192,
+            max_held_bytes: 64 * 1024,
+            max_plaintext_commands: 20,
+            max_errors: 20,
+        },
         user_hasher: UserHasher::new(b"bench key"),
     }
 }

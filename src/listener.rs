@@ -25,7 +25,7 @@ use crate::driver::{self, ConnectionSettings};
 use crate::identity::{self, Origin};
 use crate::metrics::ListenerMetrics;
 use crate::policy::UserHasher;
-use crate::proto::{imap, pop3, smtp};
+use crate::proto::{self, imap, pop3, smtp};
 use crate::{telemetry, tls, upstream};
 
 /// Why the server could not start.
@@ -215,30 +215,28 @@ pub fn session_config(
     user_hasher: &UserHasher,
 ) -> SessionConfig {
     let limits = &config.limits;
+    let shared = proto::Limits {
+        max_line_len: limits.max_line_len,
+        max_held_bytes: MAX_HELD_BYTES,
+        max_plaintext_commands: limits.max_plaintext_commands,
+        max_errors: limits.max_errors,
+    };
+    let user_hasher = user_hasher.clone();
     match listener.protocol {
         Protocol::Smtp => SessionConfig::Smtp(smtp::Config {
             policy: listener.policy,
             bare_newlines: listener.bare_newlines.unwrap_or_default(),
-            max_line_len: limits.max_line_len,
-            max_held_bytes: MAX_HELD_BYTES,
-            max_plaintext_commands: limits.max_plaintext_commands,
-            max_errors: limits.max_errors,
-            user_hasher: user_hasher.clone(),
+            limits: shared,
+            user_hasher,
         }),
         Protocol::Imap => SessionConfig::Imap(imap::Config {
-            max_line_len: limits.max_line_len,
             max_literal_len: limits.max_literal_len,
-            max_held_bytes: MAX_HELD_BYTES,
-            max_plaintext_commands: limits.max_plaintext_commands,
-            max_errors: limits.max_errors,
-            user_hasher: user_hasher.clone(),
+            limits: shared,
+            user_hasher,
         }),
         Protocol::Pop3 => SessionConfig::Pop3(pop3::Config {
-            max_line_len: limits.max_line_len,
-            max_held_bytes: MAX_HELD_BYTES,
-            max_plaintext_commands: limits.max_plaintext_commands,
-            max_errors: limits.max_errors,
-            user_hasher: user_hasher.clone(),
+            limits: shared,
+            user_hasher,
         }),
     }
 }

@@ -34,6 +34,40 @@ pub fn is_channel_binding_mechanism(mechanism: &[u8]) -> bool {
     mechanism.len() >= 5 && mechanism[mechanism.len() - 5..].eq_ignore_ascii_case(b"-PLUS")
 }
 
+/// A capability's mechanism list as the client may see it through the proxy.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Mechanisms {
+    /// No channel-binding mechanism was in it: the line goes as it was.
+    Unchanged,
+    /// The keyword and the mechanisms that remain, space-separated, without a line end.
+    Without(bytes::BytesMut),
+    /// Only channel-binding mechanisms were in it: the line goes away.
+    Empty,
+}
+
+/// `keyword` followed by `mechanisms` minus the channel-binding ones (SMTP's `AUTH`
+/// EHLO keyword, POP3's `SASL` CAPA tag).
+pub fn without_channel_binding<'a>(
+    keyword: &[u8],
+    mechanisms: impl Iterator<Item = &'a [u8]> + Clone,
+) -> Mechanisms {
+    if !mechanisms.clone().any(is_channel_binding_mechanism) {
+        return Mechanisms::Unchanged;
+    }
+    let mut out = bytes::BytesMut::from(keyword);
+    let mut kept = 0;
+    for mechanism in mechanisms.filter(|m| !is_channel_binding_mechanism(m)) {
+        out.extend_from_slice(b" ");
+        out.extend_from_slice(mechanism);
+        kept += 1;
+    }
+    if kept == 0 {
+        Mechanisms::Empty
+    } else {
+        Mechanisms::Without(out)
+    }
+}
+
 /// `XXXXXXXX`, `STARTTLX`, `XXXX`, `STLX`...: what in-path boxes that strip the upgrade
 /// command leave behind: as long as `upgrade`, and all `X` or one letter off.
 pub fn is_mangled_upgrade_verb(verb: &[u8], upgrade: &[u8]) -> bool {

@@ -20,7 +20,7 @@ mod canonical;
 
 use canonical::{Canonical, Dialect, Received, show};
 use mailmoat::policy::{BareNewlines, Policy, UserHasher};
-use mailmoat::proto::{Action, Session, imap, pop3, smtp};
+use mailmoat::proto::{Action, Limits, Session, imap, pop3, smtp};
 use proptest::prelude::*;
 
 /// What the scripted upstream offers.
@@ -51,28 +51,34 @@ fn session(dialect: Dialect) -> Box<dyn Session> {
                     Policy::RequireTls
                 },
                 bare_newlines: BareNewlines::Normalize,
-                max_line_len: 4096,
-                max_held_bytes: 64 * 1024,
-                // Far above the default (20), so that the properties reach deep dialogues.
-                max_plaintext_commands: 1000,
-                max_errors: 1000,
+                limits: Limits {
+                    max_line_len: 4096,
+                    max_held_bytes: 64 * 1024,
+                    // Far above the default (20), so that the properties reach deep dialogues.
+                    max_plaintext_commands: 1000,
+                    max_errors: 1000,
+                },
                 user_hasher: hasher,
             },
             false,
         )),
         Dialect::Imap => Box::new(imap::Session::new(imap::Config {
-            max_line_len: 4096,
             max_literal_len: 64 * 1024,
-            max_held_bytes: 64 * 1024,
-            max_plaintext_commands: 1000,
-            max_errors: 1000,
+            limits: Limits {
+                max_line_len: 4096,
+                max_held_bytes: 64 * 1024,
+                max_plaintext_commands: 1000,
+                max_errors: 1000,
+            },
             user_hasher: hasher,
         })),
         Dialect::Pop3 => Box::new(pop3::Session::new(pop3::Config {
-            max_line_len: 4096,
-            max_held_bytes: 64 * 1024,
-            max_plaintext_commands: 1000,
-            max_errors: 1000,
+            limits: Limits {
+                max_line_len: 4096,
+                max_held_bytes: 64 * 1024,
+                max_plaintext_commands: 1000,
+                max_errors: 1000,
+            },
             user_hasher: hasher,
         })),
     }

@@ -13,7 +13,7 @@ mod canonical;
 mod session_script;
 
 use mailmoat::policy::UserHasher;
-use mailmoat::proto::{Action, Session, imap};
+use mailmoat::proto::{Action, Limits, Session, imap};
 use session_script::{Protocol, run};
 
 /// `imap_session` (minimised): the greeting, then `a NOOP` followed straight away by a
@@ -28,11 +28,13 @@ use session_script::{Protocol, run};
 #[test]
 fn imap_command_name_glued_to_a_non_sp_byte_is_not_forwarded_before_tls() {
     let mut session = imap::Session::new(imap::Config {
-        max_line_len: 512,
         max_literal_len: 64 * 1024,
-        max_held_bytes: 64 * 1024,
-        max_plaintext_commands: 20,
-        max_errors: 20,
+        limits: Limits {
+            max_line_len: 512,
+            max_held_bytes: 64 * 1024,
+            max_plaintext_commands: 20,
+            max_errors: 20,
+        },
         user_hasher: UserHasher::new(b"key"),
     });
     session.on_upstream_data(b"* OK hi\r\n");

@@ -2,22 +2,29 @@
 //! device that cannot do TLS. Nothing is rewritten or refused; the driver relays its
 //! bytes unchanged from the first one, and the session is logged and counted.
 
-use std::collections::VecDeque;
-
-use crate::proto::{Action, Event, Phase};
+use crate::policy::UserHasher;
+use crate::proto::{Conn, Event, Goodbye, Limits, Phase, Tally};
 
 /// Relays blindly from the start, after one `exempt_plaintext_session` event.
 #[derive(Debug)]
 pub struct Session {
-    actions: VecDeque<Action>,
+    conn: Conn,
 }
 
 impl Session {
-    /// The session of an exempt client.
+    /// The session of an exempt client: the event, then the relay, before any byte.
     pub fn new() -> Self {
-        Session {
-            actions: VecDeque::from([Action::Event(Event::ExemptPlaintextSession), Action::Relay]),
-        }
+        let limits = Limits {
+            max_line_len: 0,
+            max_held_bytes: 0,
+            max_plaintext_commands: 0,
+            max_errors: 0,
+        };
+        let mut conn = Conn::new(limits, UserHasher::new(b""), 0, Tally::new(&[], &[]));
+        conn.tally.record("exempt", true);
+        conn.event(Event::ExemptPlaintextSession);
+        conn.go_blind();
+        Session { conn }
     }
 }
 
@@ -27,33 +34,25 @@ impl Default for Session {
     }
 }
 
+/// Nothing is ever read or said: the session is relayed before it starts.
 impl crate::proto::Session for Session {
-    fn on_client_data(&mut self, _data: &[u8]) {}
-    fn on_upstream_data(&mut self, _data: &[u8]) {}
+    fn conn(&self) -> &Conn {
+        &self.conn
+    }
+    fn conn_mut(&mut self) -> &mut Conn {
+        &mut self.conn
+    }
+    fn process_client(&mut self) {}
+    fn process_upstream(&mut self) {}
+    fn goodbye(&self, _why: Goodbye) -> &'static [u8] {
+        b""
+    }
     fn on_client_eof(&mut self) {}
     fn on_upstream_eof(&mut self) {}
-    fn on_tls_established(&mut self) {}
     fn on_timeout(&mut self) {}
-    /// Holds nothing: it goes straight to the relay.
-    fn release_idle_memory(&mut self) {}
-    fn on_output_written(&mut self) -> bool {
-        false
-    }
 
     fn phase(&self) -> Phase {
         Phase::Command
-    }
-
-    fn wants_client_data(&self) -> bool {
-        false
-    }
-
-    fn next_action(&mut self) -> Option<Action> {
-        self.actions.pop_front()
-    }
-
-    fn summary(&self) -> String {
-        "exempt=1".to_owned()
     }
 
     /// Relayed from the start: there is no boundary to wait for.
@@ -65,7 +64,7 @@ impl crate::proto::Session for Session {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::proto::Session as _;
+    use crate::proto::{Action, Session as _};
 
     #[test]
     fn an_exempt_session_is_counted_then_relayed_before_any_byte() {

@@ -5,14 +5,20 @@
 //! never touches a socket, a clock or a logger, so every transcript can be replayed in a
 //! unit test, and every chunking of the same bytes must give the same actions.
 
+pub mod conn;
 pub mod exempt;
 pub mod imap;
 pub mod line;
 pub mod pop3;
 pub mod sasl;
 pub mod smtp;
+#[cfg(test)]
+pub(crate) mod testing;
 
 use bytes::Bytes;
+
+pub use conn::{Conn, Limits, LineTooLong, MAX_UNWRITTEN_REPLY_BYTES, Stage};
+use line::Line;
 
 /// What the driver must do next, in the order given.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -150,95 +156,157 @@ impl Phase {
     }
 }
 
-/// The interface the driver runs every protocol through.
+/// Why the proxy itself ends a session. Each protocol maps every condition to its
+/// goodbye in one table, [`Session::goodbye`] (STYLE.md #8).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Goodbye {
+    /// A client line longer than `max_line_len`: nothing can be resynchronised.
+    LineTooLong,
+    /// More commands before TLS than `max_plaintext_commands`.
+    TooManyPlaintext,
+    /// More error replies of the proxy's own than `max_errors`.
+    TooManyErrors,
+    /// The upstream went away, or never greeted.
+    UpstreamUnavailable,
+    /// The upstream broke its protocol.
+    UpstreamBroken,
+    /// The client was silent past its deadline.
+    IdleTimeout,
+    /// The server is shutting down (ARCHITECTURE.md §8).
+    ShuttingDown,
+}
+
+/// The interface the driver runs every protocol through. A protocol provides its
+/// [`Conn`], its grammar (`process_client`, `process_upstream`), its goodbyes and its
+/// phases; what every protocol does alike is the default methods, written once.
 pub trait Session {
-    /// Bytes arrived from the client.
-    fn on_client_data(&mut self, data: &[u8]);
-    /// Bytes arrived from the upstream.
-    fn on_upstream_data(&mut self, data: &[u8]);
-    /// The client closed its side (or its TLS ended).
-    fn on_client_eof(&mut self);
+    /// The state every protocol shares.
+    fn conn(&self) -> &Conn;
+    /// The state every protocol shares, to change.
+    fn conn_mut(&mut self) -> &mut Conn;
+    /// Reads what it can of the client's bytes.
+    fn process_client(&mut self);
+    /// Reads what it can of the upstream's bytes.
+    fn process_upstream(&mut self);
+    /// The protocol's reply for a condition that ends the session.
+    fn goodbye(&self, why: Goodbye) -> &'static [u8];
     /// The upstream closed its side.
     fn on_upstream_eof(&mut self);
-    /// The TLS handshake asked for by [`Action::StartTls`] completed.
-    fn on_tls_established(&mut self);
     /// The deadline of the current [`Phase`] expired.
     fn on_timeout(&mut self);
     /// Which deadline applies now.
     fn phase(&self) -> Phase;
+    /// The server is shutting down (ARCHITECTURE.md §8). At a command boundary (nothing
+    /// owed by either side, no command or message half read) the session queues the
+    /// protocol's goodbye and a close, and returns true; otherwise it returns false and
+    /// the driver asks again after the next step. A blindly relayed session is never at
+    /// a boundary the proxy can see: it runs until the grace period ends.
+    fn close_if_idle(&mut self) -> bool;
+
+    /// Bytes arrived from the client.
+    fn on_client_data(&mut self, data: &[u8]) {
+        if self.conn().is_open() {
+            self.conn_mut().receive_client(data);
+            self.process_client();
+        }
+    }
+
+    /// Bytes arrived from the upstream. During the handshake they wait;
+    /// `on_tls_established` refuses them.
+    fn on_upstream_data(&mut self, data: &[u8]) {
+        if matches!(self.conn().stage, Stage::Open | Stage::Handshake) {
+            self.conn_mut().receive_upstream(data);
+            self.process_upstream();
+            self.process_client();
+        }
+    }
+
+    /// The client closed its side (or its TLS ended).
+    fn on_client_eof(&mut self) {
+        self.conn_mut().close();
+    }
+
+    /// The TLS handshake asked for by [`Action::StartTls`] completed (or, on an
+    /// implicit-TLS listener, the one before the session started).
+    fn on_tls_established(&mut self) {
+        if !self.conn_mut().tls_established() {
+            return self.upstream_broken("upstream spoke during the TLS handshake");
+        }
+        self.process_client();
+    }
+
     /// False while the session holds as many unprocessed client bytes as it may: the
     /// driver stops reading the client until this turns true again.
-    fn wants_client_data(&self) -> bool;
+    fn wants_client_data(&self) -> bool {
+        self.conn().wants_client_data()
+    }
+
     /// The next action, if any.
-    fn next_action(&mut self) -> Option<Action>;
+    fn next_action(&mut self) -> Option<Action> {
+        self.conn_mut().next_action()
+    }
+
     /// The Postfix-style summary of the session's commands (`ehlo=1 starttls=1/1 ...`).
-    fn summary(&self) -> String;
-    /// The server is shutting down (DESIGN §8). At a command boundary (nothing owed by
-    /// either side, no command or message half read) the session queues the protocol's
-    /// goodbye and a close, and returns true; otherwise it returns false and the driver
-    /// asks again after the next step. A blindly relayed session is never at a boundary
-    /// the proxy can see: it runs until the grace period ends.
-    fn close_if_idle(&mut self) -> bool;
+    fn summary(&self) -> String {
+        self.conn().tally.summary()
+    }
+
     /// The driver is about to wait for bytes, maybe for a long time (an idle client):
     /// buffers and queues that are empty give their memory back.
-    fn release_idle_memory(&mut self);
+    fn release_idle_memory(&mut self) {
+        self.conn_mut().release_idle_memory();
+    }
+
     /// The driver has written every action handed out so far: the client took the
     /// replies. A session that held client input back because too many of its replies
     /// were unwritten ([`MAX_UNWRITTEN_REPLY_BYTES`]) goes on with it now. Returns true
     /// when that queued new actions.
-    fn on_output_written(&mut self) -> bool;
-}
-
-/// Most memory a session's queued output may take before the driver has written it:
-/// reply bytes, plus the size of an [`Action`] for each reply and each event. Past this a
-/// session processes no more client input until [`Session::on_output_written`]: a client
-/// that floods lines the proxy answers itself and never reads its replies holds this
-/// much, not one reply per line it sent (a 64 KiB read of bare newlines would otherwise
-/// queue 65,000 replies).
-pub const MAX_UNWRITTEN_REPLY_BYTES: usize = 16 * 1024;
-
-/// What one queued action costs besides its bytes: the queue's slot.
-pub(crate) const ACTION_COST: usize = std::mem::size_of::<Action>();
-
-/// Counts what a session queued for the driver since it last wrote its output.
-#[derive(Debug, Clone, Copy, Default)]
-pub(crate) struct ReplyBudget {
-    unwritten: usize,
-}
-
-impl ReplyBudget {
-    /// A reply of `len` bytes was queued.
-    pub(crate) fn queued(&mut self, len: usize) {
-        self.unwritten = self.unwritten.saturating_add(len + ACTION_COST);
+    fn on_output_written(&mut self) -> bool {
+        if self.conn_mut().output_written() && self.conn().is_open() {
+            self.process_client();
+        }
+        self.conn().has_output()
     }
 
-    /// An event was queued.
-    pub(crate) fn event(&mut self) {
-        self.unwritten = self.unwritten.saturating_add(ACTION_COST);
+    /// Ends the session with the protocol's goodbye.
+    fn end(&mut self, why: Goodbye) {
+        let reply = self.goodbye(why);
+        self.conn_mut().close_with(reply);
     }
 
-    /// The driver wrote everything.
-    pub(crate) fn written(&mut self) {
-        self.unwritten = 0;
+    /// The upstream broke its protocol: the event, then the goodbye.
+    fn upstream_broken(&mut self, detail: &'static str) {
+        self.conn_mut()
+            .event(Event::UpstreamProtocolError { detail });
+        self.end(Goodbye::UpstreamBroken);
     }
 
-    /// No more client input may be processed until the driver writes.
-    pub(crate) fn is_full(&self) -> bool {
-        self.unwritten >= MAX_UNWRITTEN_REPLY_BYTES
+    /// The next complete client line; an over-long one ends the session.
+    fn next_client_line(&mut self) -> Option<Line> {
+        match self.conn_mut().next_client_line() {
+            Ok(line) => line,
+            Err(LineTooLong) => {
+                self.end(Goodbye::LineTooLong);
+                None
+            }
+        }
     }
-}
 
-/// Drops the allocation of an empty buffer; the next bytes allocate what they need.
-pub(crate) fn release_if_empty(buffer: &mut bytes::BytesMut) {
-    if buffer.is_empty() && buffer.capacity() > 0 {
-        *buffer = bytes::BytesMut::new();
+    /// Counts a command read before TLS; true when that spent the budget and ended the
+    /// session.
+    fn plaintext_budget_spent(&mut self) -> bool {
+        let spent = self.conn_mut().plaintext_budget_spent();
+        if spent {
+            self.end(Goodbye::TooManyPlaintext);
+        }
+        spent
     }
-}
 
-/// Drops the allocation of an empty queue.
-pub(crate) fn release_queue_if_empty<T>(queue: &mut std::collections::VecDeque<T>) {
-    if queue.is_empty() && queue.capacity() > 0 {
-        *queue = std::collections::VecDeque::new();
+    /// Counts an error reply of the proxy's own; past the budget the session ends.
+    fn count_error(&mut self) {
+        if self.conn_mut().error_budget_spent() {
+            self.end(Goodbye::TooManyErrors);
+        }
     }
 }
 

@@ -1,21 +1,19 @@
 //! The IMAP session before login: capabilities rewritten wherever they appear,
 //! LOGINDISABLED enforced, STARTTLS owned by the proxy, literals tracked so their octets
 //! are never read as commands, and a blind relay once the upstream accepts the login
-//! (DESIGN §1-§4, §10).
+//! (ARCHITECTURE.md §1-§4, §10).
 //!
 //! Before login one command is handled at a time: a forwarded command's tagged response
 //! is awaited before the next client line is read, so local replies and upstream
 //! responses can never cross, and bytes a client pipelines behind LOGIN or AUTHENTICATE
-//! are held until the upstream has answered (Courier drops early input, DESIGN §10).
+//! are held until the upstream has answered (Courier drops early input, ARCHITECTURE.md §10).
 
 use bytes::{BufMut, Bytes, BytesMut};
 
 use super::parse::{self, Astring, Literal, LoginProgress, Response, Status, Verb};
-use crate::policy::{UserHasher, is_channel_binding_mechanism, is_mangled_upgrade_verb};
-use crate::proto::line::{Framer, Line};
-use crate::proto::{
-    Action, Event, Phase, ReplyBudget, Tally, release_if_empty, release_queue_if_empty,
-};
+use crate::policy::{UserHasher, is_channel_binding_mechanism};
+use crate::proto::line::Line;
+use crate::proto::{Conn, Event, Goodbye, Limits, Phase, Session as _, Stage, Tally};
 
 /// Replies the proxy gives itself. Tagged ones follow `TAG`.
 mod reply {
@@ -57,16 +55,10 @@ const LITERAL_MINUS_MAX: u64 = 4096;
 /// How a session is set up, from its listener's configuration.
 #[derive(Debug, Clone)]
 pub struct Config {
-    /// Longest client command line, CRLF included.
-    pub max_line_len: usize,
-    /// Largest literal accepted before login.
+    /// Most octets of a command's literals before login.
     pub max_literal_len: u64,
-    /// Most client bytes held unprocessed before the driver stops reading.
-    pub max_held_bytes: usize,
-    /// Commands accepted before TLS before the connection closes.
-    pub max_plaintext_commands: u32,
-    /// Error replies the proxy gives itself before it closes the connection.
-    pub max_errors: u32,
+    /// The bounds every protocol shares.
+    pub limits: Limits,
     /// Hashes user names for `credentials_exposed`.
     pub user_hasher: UserHasher,
 }
@@ -90,7 +82,7 @@ struct Command {
     literal_octets: u64,
 }
 
-/// What the session is doing.
+/// What the session is doing (the handshake, the relay, the close: [`Stage`]).
 #[derive(Debug)]
 enum Mode {
     /// Waiting for the upstream's greeting; nothing from the client is read.
@@ -109,24 +101,16 @@ enum Mode {
     AwaitResponse(Command),
     /// AUTHENTICATE: the upstream sent a challenge; the next client line is SASL data.
     SaslResponse(Command),
-    /// The driver runs the TLS handshake.
-    Handshake,
-    /// Logged in: the driver relays blindly.
-    Relayed,
-    /// The session is over.
-    Closed,
+    /// The stage is no longer open: nothing more is read.
+    Done,
 }
 
 /// The sans-I/O IMAP session.
 #[derive(Debug)]
 pub struct Session {
-    config: Config,
-    tls_active: bool,
+    conn: Conn,
+    max_literal_len: u64,
     mode: Mode,
-    client_in: BytesMut,
-    client_lines: Framer,
-    upstream_in: BytesMut,
-    upstream_lines: Framer,
     /// Octets of a literal inside the current upstream response still to relay.
     upstream_literal: u64,
     /// The next upstream line continues a response after its literal.
@@ -134,16 +118,6 @@ pub struct Session {
     /// The upstream advertised LITERAL+ / LITERAL- (RFC 7888).
     literal_plus: bool,
     literal_minus: bool,
-    /// The client was shown STARTTLS in a capability list.
-    starttls_offered: bool,
-    /// Commands read before TLS.
-    plaintext_commands: u32,
-    /// Error replies given by the proxy itself.
-    errors: u32,
-    /// Reply bytes not yet written by the driver.
-    replies: ReplyBudget,
-    actions: std::collections::VecDeque<Action>,
-    counters: Tally,
 }
 
 fn tally_name(verb: Verb) -> &'static str {
@@ -194,169 +168,104 @@ impl Session {
     /// A session for a new connection, TLS off (implicit-TLS listeners call
     /// `on_tls_established` before the greeting arrives).
     pub fn new(config: Config) -> Self {
-        let client_lines = Framer::new(config.max_line_len);
+        let tally = Tally::new(
+            &[
+                "capability",
+                "id",
+                "starttls",
+                "login",
+                "authenticate",
+                "noop",
+                "logout",
+                "other",
+            ],
+            &["starttls", "login", "authenticate"],
+        );
         Session {
-            config,
-            tls_active: false,
+            conn: Conn::new(
+                config.limits,
+                config.user_hasher,
+                MAX_UPSTREAM_LINE_LEN,
+                tally,
+            ),
+            max_literal_len: config.max_literal_len,
             mode: Mode::Greeting,
-            client_in: BytesMut::new(),
-            client_lines,
-            upstream_in: BytesMut::new(),
-            upstream_lines: Framer::new(MAX_UPSTREAM_LINE_LEN),
             upstream_literal: 0,
             upstream_continues: false,
             literal_plus: false,
             literal_minus: false,
-            starttls_offered: false,
-            plaintext_commands: 0,
-            errors: 0,
-            replies: ReplyBudget::default(),
-            actions: std::collections::VecDeque::new(),
-            counters: Tally::new(
-                &[
-                    "capability",
-                    "id",
-                    "starttls",
-                    "login",
-                    "authenticate",
-                    "noop",
-                    "logout",
-                    "other",
-                ],
-                &["starttls", "login", "authenticate"],
-            ),
         }
     }
 
-    fn send_client(&mut self, bytes: impl Into<Bytes>) {
-        let bytes = bytes.into();
-        self.replies.queued(bytes.len());
-        self.actions.push_back(Action::ToClient(bytes));
-    }
-
-    /// An error reply of the proxy's own; past `max_errors` of them the session ends
-    /// (a client that only draws errors is probing, as Postfix's hard error limit has it).
-    fn reply_error(&mut self, reply: Bytes) -> Mode {
-        self.send_client(reply);
-        self.errors += 1;
-        if self.errors > self.config.max_errors {
-            self.event(Event::LimitExceeded { limit: "errors" });
-            return self.close_with(reply::TOO_MANY_ERRORS);
-        }
+    /// An error reply of the proxy's own; past `max_errors` of them the session ends.
+    fn reply_error(&mut self, reply: &[u8]) -> Mode {
+        self.conn.send_client(reply);
+        self.count_error();
         Mode::Command
     }
 
-    fn send_upstream(&mut self, bytes: impl Into<Bytes>) {
-        self.actions.push_back(Action::ToUpstream(bytes.into()));
-    }
-
-    fn event(&mut self, event: Event) {
-        self.replies.event();
-        self.actions.push_back(Action::Event(event));
-    }
-
-    /// Replies (unless mid-handshake), closes, and returns the closed mode.
+    /// Replies (where a reply can reach the client), closes.
     fn close_with(&mut self, reply: &[u8]) -> Mode {
-        if !matches!(self.mode, Mode::Handshake) {
-            self.send_client(Bytes::copy_from_slice(reply));
-        }
-        self.actions.push_back(Action::Close);
-        Mode::Closed
-    }
-
-    fn forward_line(&mut self, line: &Line) {
-        let mut out = BytesMut::with_capacity(line.text.len() + 2);
-        out.put_slice(&line.text);
-        out.put_slice(b"\r\n");
-        self.send_upstream(out.freeze());
+        self.conn.close_with(reply);
+        Mode::Done
     }
 
     // ---- client side ----
 
-    fn process_client(&mut self) {
-        loop {
-            if self.replies.is_full() {
-                // The client has not taken what it was sent: nothing more is read until
-                // the driver has written it (`on_output_written`).
-                return;
-            }
-            let mode = std::mem::replace(&mut self.mode, Mode::Closed);
-            let (next, progressed) = match mode {
-                Mode::Command => match self.next_client_line() {
-                    Ok(Some(line)) => (self.on_command_line(line), true),
-                    Ok(None) => (Mode::Command, false),
-                    Err(mode) => (mode, false),
-                },
-                Mode::Continuation(command) => match self.next_client_line() {
-                    Ok(Some(line)) => (self.on_continuation_line(command, line), true),
-                    Ok(None) => (Mode::Continuation(command), false),
-                    Err(mode) => (mode, false),
-                },
-                Mode::Literal { command, remaining } if !self.client_in.is_empty() => {
-                    let n = usize::try_from(remaining)
-                        .unwrap_or(usize::MAX)
-                        .min(self.client_in.len());
-                    let octets = self.client_in.split_to(n).freeze();
-                    if command.local_reply.is_none() {
-                        self.send_upstream(octets);
-                    }
-                    let remaining = remaining - n as u64;
-                    if remaining == 0 {
-                        (Mode::Continuation(command), true)
-                    } else {
-                        (Mode::Literal { command, remaining }, true)
-                    }
+    /// One step of reading the client; false when nothing more can be read now.
+    fn client_step(&mut self) -> bool {
+        let mode = std::mem::replace(&mut self.mode, Mode::Done);
+        let (next, progressed) = match mode {
+            Mode::Command => match self.next_client_line() {
+                Some(line) => (self.on_command_line(line), true),
+                None => (Mode::Command, false),
+            },
+            Mode::Continuation(command) => match self.next_client_line() {
+                Some(line) => (self.on_continuation_line(command, line), true),
+                None => (Mode::Continuation(command), false),
+            },
+            Mode::Literal { command, remaining } if !self.conn.client_in.is_empty() => {
+                let n = usize::try_from(remaining)
+                    .unwrap_or(usize::MAX)
+                    .min(self.conn.client_in.len());
+                let octets = self.conn.client_in.split_to(n).freeze();
+                if command.local_reply.is_none() {
+                    self.conn.send_upstream(octets);
                 }
-                Mode::SaslResponse(command) => match self.next_client_line() {
-                    Ok(Some(line)) => {
-                        // RFC 9051 §6.2.2: base64 data or `*`, never a command, and
-                        // never bytes an upstream could read as a second line.
-                        let response = crate::proto::sasl::response_line(&line.text);
-                        self.send_upstream(Bytes::from([response, b"\r\n"].concat()));
-                        (Mode::AwaitResponse(command), true)
-                    }
-                    Ok(None) => (Mode::SaslResponse(command), false),
-                    Err(mode) => (mode, false),
-                },
-                other => (other, false),
-            };
-            self.mode = next;
-            if !progressed {
-                return;
+                let remaining = remaining - n as u64;
+                if remaining == 0 {
+                    (Mode::Continuation(command), true)
+                } else {
+                    (Mode::Literal { command, remaining }, true)
+                }
             }
-        }
-    }
-
-    /// The next client line; on an over-long line, the goodbye and the closed mode.
-    fn next_client_line(&mut self) -> Result<Option<Line>, Mode> {
-        self.client_lines
-            .next_line(&mut self.client_in)
-            .map_err(|_| {
-                self.client_in.clear();
-                self.event(Event::LimitExceeded {
-                    limit: "line_length",
-                });
-                self.close_with(reply::LINE_TOO_LONG)
-            })
+            Mode::SaslResponse(command) => match self.next_client_line() {
+                Some(line) => {
+                    // RFC 9051 §6.2.2: base64 data or `*`, never a command, and never
+                    // bytes an upstream could read as a second line.
+                    let response = crate::proto::sasl::response_line(&line.text);
+                    self.conn.send_upstream_line(&[response]);
+                    (Mode::AwaitResponse(command), true)
+                }
+                None => (Mode::SaslResponse(command), false),
+            },
+            other => (other, false),
+        };
+        self.mode = next;
+        progressed
     }
 
     fn on_command_line(&mut self, line: Line) -> Mode {
-        if !self.tls_active {
-            self.plaintext_commands += 1;
-            if self.plaintext_commands > self.config.max_plaintext_commands {
-                self.event(Event::LimitExceeded {
-                    limit: "plaintext_commands",
-                });
-                return self.close_with(reply::TOO_MANY_PLAINTEXT);
-            }
+        if self.plaintext_budget_spent() {
+            return Mode::Done;
         }
         let start = match parse::command_start(&line.text) {
             Ok(start) => start,
             Err(parse::Error::MissingCommand) => {
                 let tag = line.text.split(|&b| b == b' ').next().unwrap_or_default();
-                return self.reply_error(tagged(tag, reply::MISSING_COMMAND));
+                return self.reply_error(&tagged(tag, reply::MISSING_COMMAND));
             }
-            Err(_) => return self.reply_error(Bytes::from_static(reply::BAD_LINE)),
+            Err(_) => return self.reply_error(reply::BAD_LINE),
         };
         let tag = line.text.slice_ref(start.tag);
         let literal = parse::trailing_literal(&line.text);
@@ -372,16 +281,16 @@ impl Session {
             login: LoginProgress::Start,
             literal_octets: 0,
         };
-        if !self.tls_active {
+        if !self.conn.tls_active {
             command.local_reply = match start.verb {
-                // DESIGN §3, canonical forwarding: these take no arguments, and only the
+                // ARCHITECTURE.md §3, canonical forwarding: these take no arguments, and only the
                 // proxy's own `TAG VERB` reaches the upstream. A literal, an argument or
                 // anything else on the line is refused here, whatever the upstream's
                 // parser would make of it (Dovecot reads `NOOP ~{n+}` as a parse error
                 // and the literal's octets as commands).
                 Verb::Capability | Verb::Noop | Verb::Logout if start.args.is_empty() => None,
                 Verb::Capability | Verb::Noop | Verb::Logout => {
-                    self.event(Event::PlaintextCommandRefused {
+                    self.conn.event(Event::PlaintextCommandRefused {
                         verb: verb_label(start.verb),
                     });
                     Some(tagged(&command.tag, reply::ARGUMENTS))
@@ -390,14 +299,10 @@ impl Session {
                 // the upstream before TLS.
                 Verb::Id => Some(self.id_reply(&command.tag)),
                 Verb::Login | Verb::Authenticate => {
-                    self.event(Event::PlaintextCommandRefused {
+                    self.conn.event(Event::PlaintextCommandRefused {
                         verb: verb_label(start.verb),
                     });
-                    if self.starttls_offered {
-                        self.event(Event::StarttlsStrippingSuspected {
-                            reason: "auth_after_starttls_offered",
-                        });
-                    }
+                    self.conn.note_login_before_tls();
                     if start.verb == Verb::Login {
                         command.password_may_follow = self.note_plaintext_login(start.args);
                     } else {
@@ -406,12 +311,9 @@ impl Session {
                     Some(tagged(&command.tag, reply::PRIVACY_REQUIRED))
                 }
                 Verb::Other | Verb::StartTls => {
-                    if is_mangled_upgrade_verb(start.name, b"STARTTLS") {
-                        self.event(Event::StarttlsStrippingSuspected {
-                            reason: "mangled_verb",
-                        });
-                    }
-                    self.event(Event::PlaintextCommandRefused { verb: "unknown" });
+                    self.conn.note_mangled_upgrade(start.name, b"STARTTLS");
+                    self.conn
+                        .event(Event::PlaintextCommandRefused { verb: "unknown" });
                     Some(tagged(&command.tag, reply::NOT_ALLOWED))
                 }
             };
@@ -428,10 +330,7 @@ impl Session {
                 args.user,
                 Some(Astring::Inline(_)) | Some(Astring::Literal(Literal { non_sync: true, .. }))
             ) {
-                self.event(Event::CredentialsExposed {
-                    mechanism: "LOGIN".into(),
-                    user_hash: None,
-                });
+                self.conn.credentials_exposed("LOGIN".into(), None);
             }
         }
         let literal = parse::trailing_literal(&line.text);
@@ -462,7 +361,7 @@ impl Session {
             command.login = parse::login_line(command.login, text);
         }
         if command.local_reply.is_none() && literal.is_some() && !literal_due(&command) {
-            // DESIGN §3: a literal is honoured only where the proxy is certain the
+            // ARCHITECTURE.md §3: a literal is honoured only where the proxy is certain the
             // upstream reads one too; elsewhere the upstream might read its octets as
             // commands.
             if command.forwarded {
@@ -473,9 +372,8 @@ impl Session {
         }
         // The bound holds for the whole command, not each literal: chained literals
         // would pass megabytes otherwise.
-        let too_big = literal.is_some_and(|l| {
-            command.literal_octets.saturating_add(l.len) > self.config.max_literal_len
-        });
+        let too_big = literal
+            .is_some_and(|l| command.literal_octets.saturating_add(l.len) > self.max_literal_len);
         if let Some(l) = literal {
             command.literal_octets = command.literal_octets.saturating_add(l.len);
         }
@@ -497,17 +395,17 @@ impl Session {
                     non_sync: false, ..
                 }),
             ) if too_big && !command.forwarded => {
-                // DESIGN §9: refused before the `+`, so the octets are never sent.
-                self.event(Event::LimitExceeded {
+                // ARCHITECTURE.md §9: refused before the `+`, so the octets are never sent.
+                self.conn.event(Event::LimitExceeded {
                     limit: "literal_size",
                 });
-                self.counters.record(tally_name(command.verb), false);
-                self.reply_error(tagged(&command.tag, reply::TOO_BIG))
+                self.conn.tally.record(tally_name(command.verb), false);
+                self.reply_error(&tagged(&command.tag, reply::TOO_BIG))
             }
             (_, Some(_)) if too_big => {
                 // The octets are on their way (or the upstream holds half a command):
                 // nothing can be resynchronised (RFC 7888 §4 allows closing).
-                self.event(Event::LimitExceeded {
+                self.conn.event(Event::LimitExceeded {
                     limit: "literal_size",
                 });
                 self.close_with(&tagged(&command.tag, reply::TOO_BIG_FATAL))
@@ -528,7 +426,7 @@ impl Session {
                     non_sync: false,
                 }),
             ) => {
-                self.forward_line(line);
+                self.conn.send_upstream_line(&[&line.text]);
                 command.forwarded = true;
                 Mode::AwaitContinuation { command, len }
             }
@@ -541,14 +439,14 @@ impl Session {
             ) => {
                 let allowed = self.literal_plus || (self.literal_minus && len <= LITERAL_MINUS_MAX);
                 if allowed {
-                    self.forward_line(line);
+                    self.conn.send_upstream_line(&[&line.text]);
                     command.forwarded = true;
                     Mode::Literal {
                         command,
                         remaining: len,
                     }
                 } else if !command.forwarded {
-                    // DESIGN §2: honoured only if the upstream advertised it. The octets
+                    // ARCHITECTURE.md §2: honoured only if the upstream advertised it. The octets
                     // follow at once; read and drop them, then refuse.
                     command.local_reply = Some(tagged(&command.tag, reply::NON_SYNC_UNSUPPORTED));
                     Mode::Literal {
@@ -563,28 +461,23 @@ impl Session {
     }
 
     /// The last line of a forwarded command. Before TLS only the proxy's own words go:
-    /// `TAG VERB` for a verb that takes no arguments (DESIGN §3, canonical forwarding).
+    /// `TAG VERB` for a verb that takes no arguments (ARCHITECTURE.md §3, canonical forwarding).
     fn forward_command_line(&mut self, command: &Command, line: &Line) {
-        if self.tls_active {
-            return self.forward_line(line);
+        if self.conn.tls_active {
+            return self.conn.send_upstream_line(&[&line.text]);
         }
         let verb = verb_label(command.verb).as_bytes();
-        let mut out = BytesMut::with_capacity(command.tag.len() + verb.len() + 3);
-        out.put_slice(&command.tag);
-        out.put_u8(b' ');
-        out.put_slice(verb);
-        out.put_slice(b"\r\n");
-        self.send_upstream(out.freeze());
+        self.conn.send_upstream_line(&[&command.tag, b" ", verb]);
     }
 
     /// A command answered by the proxy: its reply, counted as an error unless it was ID.
     fn finish_local(&mut self, command: Command) -> Mode {
         let accepted = command.verb == Verb::Id;
-        self.counters.record(tally_name(command.verb), accepted);
+        self.conn.tally.record(tally_name(command.verb), accepted);
         match command.local_reply {
-            Some(reply) if !accepted => self.reply_error(reply),
+            Some(reply) if !accepted => self.reply_error(&reply),
             Some(reply) => {
-                self.send_client(reply);
+                self.conn.send_client(&reply);
                 Mode::Command
             }
             None => Mode::Command,
@@ -602,19 +495,16 @@ impl Session {
     /// password may still follow (the user name was a non-synchronising literal).
     fn note_plaintext_login(&mut self, args: &[u8]) -> bool {
         let login = parse::login_args(args);
-        let user_hash = match &login.user {
-            Some(Astring::Inline(user)) => Some(self.config.user_hasher.hash(user)),
-            _ => None,
-        };
         let exposed = matches!(
             login.password,
             Some(Astring::Inline(_)) | Some(Astring::Literal(Literal { non_sync: true, .. }))
         );
         if exposed {
-            self.event(Event::CredentialsExposed {
-                mechanism: "LOGIN".into(),
-                user_hash,
-            });
+            let user = match &login.user {
+                Some(Astring::Inline(user)) => Some(user.as_bytes()),
+                _ => None,
+            };
+            self.conn.credentials_exposed("LOGIN".into(), user);
         }
         matches!(
             login.user,
@@ -624,117 +514,95 @@ impl Session {
 
     /// An AUTHENTICATE before TLS with an initial response (RFC 4959): exposed.
     fn note_plaintext_authenticate(&mut self, args: &[u8]) {
-        let Some((mechanism, Some(response))) = parse::authenticate_args(args) else {
-            return;
-        };
-        let user = if mechanism.eq_ignore_ascii_case(b"PLAIN") {
-            crate::proto::sasl::plain_authcid(response)
-        } else {
-            None
-        };
-        let mechanism = crate::proto::sasl::mechanism_label(mechanism);
-        self.event(Event::CredentialsExposed {
-            mechanism,
-            user_hash: user.map(|u| self.config.user_hasher.hash(&u)),
-        });
+        if let Some((mechanism, Some(response))) = parse::authenticate_args(args) {
+            self.conn.sasl_exposed("", mechanism, response);
+        }
     }
 
     fn on_starttls(&mut self, tag: Bytes, no_arguments: bool) -> Mode {
-        if self.tls_active {
-            self.counters.record("starttls", false);
-            return self.reply_error(tagged(&tag, reply::TLS_ACTIVE));
+        if self.conn.tls_active {
+            self.conn.tally.record("starttls", false);
+            return self.reply_error(&tagged(&tag, reply::TLS_ACTIVE));
         }
         if !no_arguments {
-            self.counters.record("starttls", false);
-            return self.reply_error(tagged(&tag, reply::STARTTLS_ARGUMENTS));
+            self.conn.tally.record("starttls", false);
+            return self.reply_error(&tagged(&tag, reply::STARTTLS_ARGUMENTS));
         }
-        if !self.upstream_in.is_empty() || self.upstream_literal > 0 || self.upstream_continues {
-            // Half an unsolicited response would arrive inside TLS (DESIGN §9).
-            self.event(Event::UpstreamProtocolError {
-                detail: "upstream data pending at STARTTLS",
-            });
-            return self.close_with(reply::UPSTREAM_BROKEN);
+        if !self.conn.upstream_in.is_empty() || self.upstream_literal > 0 || self.upstream_continues
+        {
+            // Half an unsolicited response would arrive inside TLS (ARCHITECTURE.md §9).
+            self.upstream_broken("upstream data pending at STARTTLS");
+            return Mode::Done;
         }
-        self.counters.record("starttls", true);
-        self.send_client(tagged(&tag, reply::BEGIN_TLS));
-        // RFC 9051 §6.2.1 option 1 (DESIGN §4): whatever follows is the TLS handshake.
-        let early = self.client_in.split().freeze();
-        self.client_lines.reset();
-        if !early.is_empty() && early[0] != 0x16 {
-            self.event(Event::StarttlsInjection { bytes: early.len() });
-        }
-        self.actions.push_back(Action::StartTls { early });
-        Mode::Handshake
+        self.conn.tally.record("starttls", true);
+        self.conn.send_client(&tagged(&tag, reply::BEGIN_TLS));
+        // RFC 9051 §6.2.1 option 1 (ARCHITECTURE.md §4): whatever follows is the TLS
+        // handshake.
+        let early = self.conn.take_early_bytes();
+        self.conn.start_tls(early);
+        Mode::Command
     }
 
     // ---- upstream side ----
 
-    fn process_upstream(&mut self) {
-        loop {
-            // During the handshake upstream bytes wait; `on_tls_established` refuses them.
-            if matches!(self.mode, Mode::Closed | Mode::Relayed | Mode::Handshake) {
-                return;
+    /// One step of reading the upstream; false when nothing more can be read now.
+    fn upstream_step(&mut self) -> bool {
+        if self.upstream_literal > 0 {
+            if self.conn.upstream_in.is_empty() {
+                return false;
             }
-            if self.upstream_literal > 0 {
-                if self.upstream_in.is_empty() {
-                    return;
-                }
-                let n = usize::try_from(self.upstream_literal)
-                    .unwrap_or(usize::MAX)
-                    .min(self.upstream_in.len());
-                let octets = self.upstream_in.split_to(n).freeze();
-                self.send_client(octets);
-                self.upstream_literal -= n as u64;
-                self.upstream_continues = self.upstream_literal == 0;
-                continue;
-            }
-            let line = match self.upstream_lines.next_line(&mut self.upstream_in) {
-                Ok(Some(line)) => line,
-                Ok(None) => return,
-                Err(_) => return self.upstream_broken("response line too long"),
-            };
-            let continuing = std::mem::take(&mut self.upstream_continues);
-            // Literals belong to untagged data (`* ID (... {7}`); a tagged or
-            // continuation line that ends in `{n}` may echo the client's text.
-            let literal = parse::trailing_literal(&line.text)
-                .filter(|_| continuing || line.text.starts_with(b"* "));
-            if continuing {
-                self.send_client(line.raw.clone());
-            } else {
-                self.on_response(&line);
-            }
-            match literal {
-                Some(Literal { len: 0, .. }) => self.upstream_continues = true,
-                Some(literal) => self.upstream_literal = literal.len,
-                None => {}
-            }
+            let n = usize::try_from(self.upstream_literal)
+                .unwrap_or(usize::MAX)
+                .min(self.conn.upstream_in.len());
+            let octets = self.conn.upstream_in.split_to(n);
+            self.conn.send_client(&octets);
+            self.upstream_literal -= n as u64;
+            self.upstream_continues = self.upstream_literal == 0;
+            return true;
         }
-    }
-
-    fn upstream_broken(&mut self, detail: &'static str) {
-        self.event(Event::UpstreamProtocolError { detail });
-        self.mode = self.close_with(reply::UPSTREAM_BROKEN);
+        let line = match self.conn.next_upstream_line() {
+            Ok(Some(line)) => line,
+            Ok(None) => return false,
+            Err(_) => {
+                self.upstream_broken("response line too long");
+                return false;
+            }
+        };
+        let continuing = std::mem::take(&mut self.upstream_continues);
+        // Literals belong to untagged data (`* ID (... {7}`); a tagged or continuation
+        // line that ends in `{n}` may echo the client's text.
+        let literal = parse::trailing_literal(&line.text)
+            .filter(|_| continuing || line.text.starts_with(b"* "));
+        if continuing {
+            self.conn.send_client(&line.raw);
+        } else {
+            self.on_response(&line);
+        }
+        match literal {
+            Some(Literal { len: 0, .. }) => self.upstream_continues = true,
+            Some(literal) => self.upstream_literal = literal.len,
+            None => {}
+        }
+        true
     }
 
     fn on_response(&mut self, line: &Line) {
         let Some(response) = parse::response(&line.text) else {
             return self.upstream_broken("malformed response line");
         };
-        let mode = std::mem::replace(&mut self.mode, Mode::Closed);
-        self.mode = match (mode, response) {
+        let mode = std::mem::replace(&mut self.mode, Mode::Done);
+        let next = match (mode, response) {
             (Mode::Greeting, Response::Untagged { rest }) => self.on_greeting(line, rest),
             (Mode::Greeting, _) => {
-                self.event(Event::UpstreamProtocolError {
-                    detail: "greeting is not untagged",
-                });
-                self.close_with(reply::UPSTREAM_BROKEN)
+                self.upstream_broken("greeting is not untagged");
+                Mode::Done
             }
             (mode, Response::Untagged { .. }) => {
                 self.relay_rewritten(line);
                 mode
             }
             (Mode::AwaitContinuation { command, len }, Response::Continuation) => {
-                self.send_client(line.raw.clone());
+                self.conn.send_client(&line.raw);
                 Mode::Literal {
                     command,
                     remaining: len,
@@ -743,7 +611,7 @@ impl Session {
             (Mode::AwaitResponse(command), Response::Continuation)
                 if command.verb == Verb::Authenticate =>
             {
-                self.send_client(line.raw.clone());
+                self.conn.send_client(&line.raw);
                 Mode::SaslResponse(command)
             }
             (
@@ -752,13 +620,14 @@ impl Session {
             ) if tag == &command.tag[..] => {
                 self.relay_rewritten(line);
                 let accepted = status == Status::Ok;
-                self.counters.record(tally_name(command.verb), accepted);
+                self.conn.tally.record(tally_name(command.verb), accepted);
                 if accepted && matches!(command.verb, Verb::Login | Verb::Authenticate) {
-                    self.go_blind()
+                    self.conn.go_blind();
+                    Mode::Done
                 } else if command.verb == Verb::Logout {
                     // RFC 9051 §6.1.3: the upstream closes now; nothing more is owed.
-                    self.actions.push_back(Action::Close);
-                    Mode::Closed
+                    self.conn.close();
+                    Mode::Done
                 } else {
                     Mode::Command
                 }
@@ -766,10 +635,11 @@ impl Session {
             (mode, _) => {
                 // Anything else (a stray continuation, another tag) is the upstream's
                 // business with the client: relayed unchanged.
-                self.send_client(line.raw.clone());
+                self.conn.send_client(&line.raw);
                 mode
             }
         };
+        self.mode = next;
     }
 
     fn on_greeting(&mut self, line: &Line, rest: &[u8]) -> Mode {
@@ -778,48 +648,30 @@ impl Session {
             self.relay_rewritten(line);
             Mode::Command
         } else if word.eq_ignore_ascii_case(b"PREAUTH") {
-            // DESIGN §1.4: the client would be logged in without credentials.
-            self.event(Event::UpstreamPreauth);
+            // ARCHITECTURE.md §1.4: the client would be logged in without credentials.
+            self.conn.event(Event::UpstreamPreauth);
             self.close_with(reply::PREAUTH)
         } else {
             // `* BYE`: the upstream refuses service; the client hears it.
-            self.send_client(line.raw.clone());
-            self.actions.push_back(Action::Close);
-            Mode::Closed
+            self.close_with(&line.raw)
         }
     }
 
-    /// After the upstream accepted the login: hand out everything held, then relay.
-    fn go_blind(&mut self) -> Mode {
-        if !self.client_in.is_empty() {
-            let held = self.client_in.split().freeze();
-            self.send_upstream(held);
-        }
-        if !self.upstream_in.is_empty() {
-            let rest = self.upstream_in.split().freeze();
-            self.send_client(rest);
-        }
-        self.actions.push_back(Action::Relay);
-        Mode::Relayed
-    }
-
-    /// Relays a response line, its capability list rewritten per DESIGN §2 if it has one.
+    /// Relays a response line, its capability list rewritten per ARCHITECTURE.md §2 if it has one.
     fn relay_rewritten(&mut self, line: &Line) {
         let Some(span) = parse::capability_span(&line.text) else {
-            return self.send_client(line.raw.clone());
+            return self.conn.send_client(&line.raw);
         };
         let rewritten = self.rewrite_capabilities(&line.text[span.clone()]);
-        let mut out = BytesMut::with_capacity(line.text.len() + 32);
-        out.put_slice(&line.text[..span.start]);
-        out.put_slice(&rewritten);
-        out.put_slice(&line.text[span.end..]);
-        out.put_slice(b"\r\n");
-        self.send_client(out.freeze());
+        self.conn.send_client(&line.text[..span.start]);
+        self.conn.send_client(&rewritten);
+        self.conn.send_client(&line.text[span.end..]);
+        self.conn.send_client(b"\r\n");
     }
 
     /// The upstream's capabilities in its order, tokens only removed or appended.
     fn rewrite_capabilities(&mut self, list: &[u8]) -> Vec<u8> {
-        let before_tls = !self.tls_active;
+        let before_tls = !self.conn.tls_active;
         let mut kept: Vec<&[u8]> = Vec::new();
         for token in list.split(|&b| b == b' ').filter(|t| !t.is_empty()) {
             let is = |name: &[u8]| token.eq_ignore_ascii_case(name);
@@ -837,118 +689,72 @@ impl Session {
         if before_tls {
             kept.push(b"STARTTLS");
             kept.push(b"LOGINDISABLED");
-            self.starttls_offered = true;
+            self.conn.starttls_offered = true;
         }
         kept.join(&b' ')
     }
 }
 
 impl crate::proto::Session for Session {
-    fn on_client_data(&mut self, data: &[u8]) {
-        if matches!(self.mode, Mode::Closed | Mode::Relayed) {
-            return;
-        }
-        self.client_in.extend_from_slice(data);
-        self.process_client();
+    fn conn(&self) -> &Conn {
+        &self.conn
     }
 
-    fn on_upstream_data(&mut self, data: &[u8]) {
-        if matches!(self.mode, Mode::Closed | Mode::Relayed) {
-            return;
-        }
-        self.upstream_in.extend_from_slice(data);
-        self.process_upstream();
-        self.process_client();
+    fn conn_mut(&mut self) -> &mut Conn {
+        &mut self.conn
     }
 
-    fn on_client_eof(&mut self) {
-        if !matches!(self.mode, Mode::Closed) {
-            self.mode = Mode::Closed;
-            self.actions.push_back(Action::Close);
+    fn goodbye(&self, why: Goodbye) -> &'static [u8] {
+        match why {
+            Goodbye::LineTooLong => reply::LINE_TOO_LONG,
+            Goodbye::TooManyPlaintext => reply::TOO_MANY_PLAINTEXT,
+            Goodbye::TooManyErrors => reply::TOO_MANY_ERRORS,
+            Goodbye::UpstreamUnavailable => reply::UPSTREAM_UNAVAILABLE,
+            Goodbye::UpstreamBroken => reply::UPSTREAM_BROKEN,
+            Goodbye::IdleTimeout => reply::IDLE_TIMEOUT,
+            Goodbye::ShuttingDown => reply::SHUTTING_DOWN,
         }
+    }
+
+    fn process_client(&mut self) {
+        while self.conn.is_open() && !self.conn.output_full() && self.client_step() {}
+    }
+
+    fn process_upstream(&mut self) {
+        while self.conn.is_open() && self.upstream_step() {}
     }
 
     fn on_upstream_eof(&mut self) {
-        match self.mode {
-            Mode::Closed => {}
-            Mode::Handshake => {
-                self.mode = Mode::Closed;
-                self.actions.push_back(Action::Close);
-            }
-            _ => self.mode = self.close_with(reply::UPSTREAM_UNAVAILABLE),
-        }
-    }
-
-    fn on_tls_established(&mut self) {
-        self.tls_active = true;
-        self.starttls_offered = false;
-        // On an implicit-TLS listener this comes before the greeting: the mode stays.
-        if matches!(self.mode, Mode::Handshake) {
-            self.mode = Mode::Command;
-            if !self.upstream_in.is_empty() {
-                return self.upstream_broken("upstream spoke during the TLS handshake");
-            }
-        }
-        self.process_client();
+        self.end(Goodbye::UpstreamUnavailable);
     }
 
     fn on_timeout(&mut self) {
-        let reply = match self.mode {
-            Mode::Greeting => reply::UPSTREAM_UNAVAILABLE,
-            _ => reply::IDLE_TIMEOUT,
-        };
-        if !matches!(self.mode, Mode::Closed) {
-            self.mode = self.close_with(reply);
+        match self.mode {
+            Mode::Greeting => self.end(Goodbye::UpstreamUnavailable),
+            _ => self.end(Goodbye::IdleTimeout),
         }
     }
 
     fn phase(&self) -> Phase {
-        match self.mode {
-            Mode::Greeting => Phase::Greeting,
-            Mode::Handshake => Phase::Handshake,
+        match (self.conn.stage, &self.mode) {
+            (Stage::Handshake, _) => Phase::Handshake,
+            (_, Mode::Greeting) => Phase::Greeting,
             _ => Phase::Command,
         }
     }
 
-    fn wants_client_data(&self) -> bool {
-        !matches!(self.mode, Mode::Closed | Mode::Handshake | Mode::Relayed)
-            && self.client_in.len() < self.config.max_held_bytes
-    }
-
-    fn next_action(&mut self) -> Option<Action> {
-        self.actions.pop_front()
-    }
-
-    fn release_idle_memory(&mut self) {
-        release_if_empty(&mut self.client_in);
-        release_if_empty(&mut self.upstream_in);
-        release_queue_if_empty(&mut self.actions);
-    }
-
-    fn on_output_written(&mut self) -> bool {
-        let was_full = self.replies.is_full();
-        self.replies.written();
-        if was_full && !matches!(self.mode, Mode::Closed | Mode::Relayed) {
-            self.process_client();
-        }
-        !self.actions.is_empty()
-    }
-
     fn close_if_idle(&mut self) -> bool {
-        let idle = match self.mode {
-            Mode::Greeting => true,
-            // `Command`: no command is in flight; an empty buffer: none half read.
-            Mode::Command => self.client_in.is_empty(),
-            _ => false,
-        };
+        let idle = self.conn.is_open()
+            && match self.mode {
+                Mode::Greeting => true,
+                // `Command`: no command is in flight; an empty buffer: none half read.
+                Mode::Command => self.conn.client_in.is_empty(),
+                _ => false,
+            };
         if idle {
-            self.mode = self.close_with(reply::SHUTTING_DOWN);
+            self.end(Goodbye::ShuttingDown);
         }
         idle
-    }
-
-    fn summary(&self) -> String {
-        self.counters.summary()
     }
 }
 

@@ -1,6 +1,6 @@
 //! The POP3 session: policy before TLS, STLS owned by the proxy, CAPA rewritten,
 //! multi-line replies framed by the command that asked for them, and a blind relay once
-//! the upstream accepts the login (DESIGN §1-§4, §10).
+//! the upstream accepts the login (ARCHITECTURE.md §1-§4, §10).
 //!
 //! Ordering: a POP3 client waits for each reply (RFC 1939 §3; PIPELINING, RFC 2449 §6.6,
 //! is an option the proxy does not need), so the session forwards one command at a time:
@@ -20,10 +20,10 @@
 //! Decisions where DESIGN is silent:
 //! - An upstream that answers CAPA with `-ERR` (plain RFC 1939) still gets STLS offered
 //!   before TLS: the client is answered `+OK Capability list follows`, `STLS`, `.`, as
-//!   SMTP answers for a HELO-only upstream (DESIGN §2, §9: STLS must not vanish).
+//!   SMTP answers for a HELO-only upstream (ARCHITECTURE.md §2, §9: STLS must not vanish).
 //! - Dovecot's `XCLIENT` (which lets a trusted peer such as this proxy claim any client
 //!   address) is refused after TLS with `forbidden_command` and removed from CAPA, as in
-//!   SMTP (DESIGN §2, §5).
+//!   SMTP (ARCHITECTURE.md §2, §5).
 //! - Command lines are forwarded as `keyword [SP args] CRLF`, white space normalised, so
 //!   that the upstream sees exactly the arguments the proxy based its framing on; PASS
 //!   lines go verbatim, since spaces may be part of the password (RFC 1939 §7).
@@ -31,19 +31,16 @@
 //!   private extension with a multi-line reply desynchronises: its body lines are then
 //!   not status lines, which is an upstream protocol error, and the session closes.
 
-use std::collections::VecDeque;
-
 use bytes::{BufMut, Bytes, BytesMut};
 
 use super::parse::{self, Keyword, Status};
-use crate::policy::{UserHasher, is_channel_binding_mechanism, is_mangled_upgrade_verb};
-use crate::proto::line::{Framer, Line};
-use crate::proto::sasl::{login_username, plain_authcid};
-use crate::proto::{
-    Action, Event, Phase, ReplyBudget, Tally, release_if_empty, release_queue_if_empty,
+use crate::policy::{
+    Mechanisms, UserHasher, is_channel_binding_mechanism, without_channel_binding,
 };
+use crate::proto::line::Line;
+use crate::proto::{Conn, Event, Goodbye, Limits, Phase, Session as _, Stage, Tally};
 
-/// Replies the proxy gives itself (DESIGN §3, §4, §9).
+/// Replies the proxy gives itself (ARCHITECTURE.md §3, §4, §9).
 mod reply {
     pub const AUTH_REQUIRES_TLS: &[u8] =
         b"-ERR [AUTH] TLS is required before authentication, use STLS\r\n";
@@ -72,35 +69,23 @@ const MAX_UPSTREAM_LINE_LEN: usize = 8192;
 /// How a session is set up, from its listener's configuration.
 #[derive(Debug, Clone)]
 pub struct Config {
-    /// Longest client command line, CRLF included.
-    pub max_line_len: usize,
-    /// Most client bytes held unprocessed (pipelined behind an outstanding reply) before
-    /// the driver stops reading.
-    pub max_held_bytes: usize,
-    /// Commands accepted before TLS before the connection closes.
-    pub max_plaintext_commands: u32,
-    /// Error replies the proxy gives itself before it closes the connection.
-    pub max_errors: u32,
+    /// The bounds every protocol shares.
+    pub limits: Limits,
     /// Hashes user names for `credentials_exposed`.
     pub user_hasher: UserHasher,
 }
 
-/// What the reading of client bytes is doing.
+/// What the reading of client bytes is doing (the handshake, the relay, the close:
+/// [`Stage`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Mode {
-    /// Waiting for the upstream's greeting; nothing from the client is read (DESIGN §10).
+    /// Waiting for the upstream's greeting; nothing from the client is read (ARCHITECTURE.md §10).
     Greeting,
     /// Reading command lines, one at a time.
     Command,
     /// After a `+` continuation: the next client line is SASL data, never a command
-    /// (RFC 5034 §4, DESIGN §4).
+    /// (RFC 5034 §4, ARCHITECTURE.md §4).
     SaslResponse,
-    /// The driver runs the TLS handshake.
-    Handshake,
-    /// The login succeeded and the driver copies bytes blindly (DESIGN §1.7).
-    Relay,
-    /// The session is over.
-    Closed,
 }
 
 /// The status line the upstream owes, and what it means.
@@ -127,7 +112,7 @@ enum Awaiting {
 enum Body {
     /// Streamed unchanged; `at_line_start` says whether the next byte starts a line.
     Data { at_line_start: bool },
-    /// CAPA lines, filtered and extended (DESIGN §2).
+    /// CAPA lines, filtered and extended (ARCHITECTURE.md §2).
     Capa,
     /// AUTH mechanism names, channel binding removed.
     Mechanisms,
@@ -195,166 +180,73 @@ fn tally_name(keyword: Keyword) -> &'static str {
 /// The sans-I/O POP3 session.
 #[derive(Debug)]
 pub struct Session {
-    config: Config,
-    tls_active: bool,
+    conn: Conn,
     mode: Mode,
     owed: Owed,
-    client_in: BytesMut,
-    client_lines: Framer,
-    upstream_in: BytesMut,
-    upstream_lines: Framer,
-    /// Bytes for the client not yet handed out: one `ToClient` per step, not per line.
-    client_out: BytesMut,
-    /// The client was shown STLS in a CAPA reply.
-    starttls_offered: bool,
-    /// Commands read before TLS.
-    plaintext_commands: u32,
     /// Keyed hash of the name in a refused plaintext USER, for a PASS that follows.
     plaintext_user: Option<String>,
-    /// Error replies given by the proxy itself.
-    errors: u32,
-    /// Reply bytes not yet written by the driver.
-    replies: ReplyBudget,
-    actions: VecDeque<Action>,
-    counters: Tally,
 }
 
 impl Session {
     /// A session for a new connection. TLS starts off; on implicit-TLS listeners the
     /// driver calls `on_tls_established` before the upstream's greeting arrives.
     pub fn new(config: Config) -> Self {
-        let client_lines = Framer::new(config.max_line_len);
+        let tally = Tally::new(&TALLY_ORDER, &["stls", "pass", "apop", "auth"]);
         Session {
-            config,
-            tls_active: false,
+            conn: Conn::new(
+                config.limits,
+                config.user_hasher,
+                MAX_UPSTREAM_LINE_LEN,
+                tally,
+            ),
             mode: Mode::Greeting,
             owed: Owed::Reply(Awaiting::Greeting),
-            client_in: BytesMut::new(),
-            client_lines,
-            upstream_in: BytesMut::new(),
-            upstream_lines: Framer::new(MAX_UPSTREAM_LINE_LEN),
-            client_out: BytesMut::new(),
-            starttls_offered: false,
-            plaintext_commands: 0,
             plaintext_user: None,
-            errors: 0,
-            replies: ReplyBudget::default(),
-            actions: VecDeque::new(),
-            counters: Tally::new(&TALLY_ORDER, &["stls", "pass", "apop", "auth"]),
         }
-    }
-
-    /// Hands out the client bytes collected so far, keeping them in order with the
-    /// actions that follow.
-    fn flush_client(&mut self) {
-        if !self.client_out.is_empty() {
-            let bytes = self.client_out.split().freeze();
-            self.actions.push_back(Action::ToClient(bytes));
-        }
-    }
-
-    fn push(&mut self, action: Action) {
-        self.flush_client();
-        self.actions.push_back(action);
-    }
-
-    fn send_client(&mut self, bytes: &[u8]) {
-        self.replies.queued(bytes.len());
-        self.client_out.put_slice(bytes);
-    }
-
-    fn event(&mut self, event: Event) {
-        self.replies.event();
-        self.push(Action::Event(event));
-    }
-
-    fn close(&mut self) {
-        if self.mode != Mode::Closed {
-            self.mode = Mode::Closed;
-            self.push(Action::Close);
-        }
-    }
-
-    /// Something the client cannot recover from: reply, then close.
-    fn close_with(&mut self, reply: &'static [u8]) {
-        if !matches!(self.mode, Mode::Closed | Mode::Handshake | Mode::Relay) {
-            self.send_client(reply);
-        }
-        self.close();
     }
 
     /// A reply of the proxy's own. Nothing is outstanding upstream when a command is
     /// read, so it goes out at once, in order.
     fn reply_local(&mut self, keyword: Keyword, reply: &'static [u8]) {
         let positive = reply.starts_with(b"+");
-        self.counters.record(tally_name(keyword), positive);
-        self.send_client(reply);
+        self.conn.tally.record(tally_name(keyword), positive);
+        self.conn.send_client(reply);
         if !positive {
-            // A client that only draws errors is probing (Postfix's hard error limit).
-            self.errors += 1;
-            if self.errors > self.config.max_errors {
-                self.event(Event::LimitExceeded { limit: "errors" });
-                self.close_with(reply::TOO_MANY_ERRORS);
-            }
+            self.count_error();
         }
     }
 
     // ---- client side ----
 
-    fn process_client(&mut self) {
-        loop {
-            if self.replies.is_full() {
-                // The client has not taken what it was sent: nothing more is read until
-                // the driver has written it (`on_output_written`).
-                return;
-            }
-            match self.mode {
-                Mode::Command if self.owed == Owed::Nothing => match self.next_client_line() {
-                    Some(line) => self.on_command(line),
-                    None => return,
-                },
-                Mode::SaslResponse => match self.next_client_line() {
-                    Some(line) => {
-                        // RFC 5034 §4: a SASL response (or `*` to cancel), relayed as is
-                        // when it is base64; anything else cancels.
-                        self.mode = Mode::Command;
-                        let mut out = BytesMut::with_capacity(line.text.len() + 2);
-                        out.put_slice(crate::proto::sasl::response_line(&line.text));
-                        out.put_slice(b"\r\n");
-                        self.push(Action::ToUpstream(out.freeze()));
-                        self.owed = Owed::Reply(Awaiting::Auth);
-                    }
-                    None => return,
-                },
-                _ => return,
-            }
-        }
-    }
-
-    fn next_client_line(&mut self) -> Option<Line> {
-        match self.client_lines.next_line(&mut self.client_in) {
-            Ok(line) => line,
-            Err(_) => {
-                // No resynchronisation is possible inside an endless line: refuse, close.
-                self.client_in.clear();
-                self.event(Event::LimitExceeded {
-                    limit: "line_length",
-                });
-                self.close_with(reply::LINE_TOO_LONG);
-                None
-            }
+    /// One step of reading the client; false when nothing more can be read now.
+    fn client_step(&mut self) -> bool {
+        match self.mode {
+            Mode::Command if self.owed == Owed::Nothing => match self.next_client_line() {
+                Some(line) => {
+                    self.on_command(line);
+                    true
+                }
+                None => false,
+            },
+            Mode::SaslResponse => match self.next_client_line() {
+                Some(line) => {
+                    // RFC 5034 §4: a SASL response (or `*` to cancel), relayed as is when
+                    // it is base64; anything else cancels.
+                    self.mode = Mode::Command;
+                    let response = crate::proto::sasl::response_line(&line.text);
+                    self.conn.send_upstream_line(&[response]);
+                    self.owed = Owed::Reply(Awaiting::Auth);
+                    true
+                }
+                None => false,
+            },
+            _ => false,
         }
     }
 
     fn on_command(&mut self, line: Line) {
-        if !self.tls_active {
-            self.plaintext_commands += 1;
-            if self.plaintext_commands > self.config.max_plaintext_commands {
-                self.event(Event::LimitExceeded {
-                    limit: "plaintext_commands",
-                });
-                return self.close_with(reply::TOO_MANY_PLAINTEXT);
-            }
+        if self.plaintext_budget_spent() {
+            return;
         }
         let command = match parse::command(&line.text) {
             Ok(command) => command,
@@ -364,12 +256,12 @@ impl Session {
         if keyword == Keyword::Stls {
             return self.on_stls(command.args.is_empty());
         }
-        if !self.tls_active {
+        if !self.conn.tls_active {
             return self.on_plaintext_command(&command, &line);
         }
         if keyword == Keyword::XClient {
             // The upstream trusts the local link; only the proxy may speak for it.
-            self.event(Event::ForbiddenCommand { verb: "XCLIENT" });
+            self.conn.event(Event::ForbiddenCommand { verb: "XCLIENT" });
             return self.reply_local(keyword, reply::FORBIDDEN);
         }
         let no_args = command.args.is_empty();
@@ -388,16 +280,16 @@ impl Session {
         self.forward(&command, &line, awaiting);
     }
 
-    /// Before TLS only the upgrade dialogue passes (DESIGN §3): CAPA, QUIT and NOOP are
+    /// Before TLS only the upgrade dialogue passes (ARCHITECTURE.md §3): CAPA, QUIT and NOOP are
     /// forwarded in the proxy's own words, STLS is the proxy's, everything else is
     /// answered here.
     fn on_plaintext_command(&mut self, command: &parse::Command<'_>, line: &Line) {
         let keyword = command.keyword;
         match keyword {
             Keyword::Capa | Keyword::Quit | Keyword::Noop if !command.args.is_empty() => {
-                // DESIGN §3, canonical forwarding: none of them takes an argument, and
+                // ARCHITECTURE.md §3, canonical forwarding: none of them takes an argument, and
                 // what an upstream would make of one is its parser's business.
-                self.event(Event::PlaintextCommandRefused {
+                self.conn.event(Event::PlaintextCommandRefused {
                     verb: keyword.label(),
                 });
                 self.reply_local(keyword, reply::NO_ARGUMENTS);
@@ -406,27 +298,20 @@ impl Session {
             Keyword::Quit => self.forward(command, line, Awaiting::Quit),
             Keyword::Noop => self.forward(command, line, Awaiting::Single(keyword)),
             Keyword::User | Keyword::Pass | Keyword::Apop | Keyword::Auth => {
-                if self.starttls_offered {
-                    self.event(Event::StarttlsStrippingSuspected {
-                        reason: "auth_after_starttls_offered",
-                    });
-                }
+                self.conn.note_login_before_tls();
                 self.note_plaintext_credentials(command);
-                self.event(Event::PlaintextCommandRefused {
+                self.conn.event(Event::PlaintextCommandRefused {
                     verb: keyword.label(),
                 });
                 // Refusing USER means a well-behaved client never sends its PASS.
                 self.reply_local(keyword, reply::AUTH_REQUIRES_TLS);
             }
             _ => {
-                if keyword == Keyword::Other
-                    && is_mangled_upgrade_verb(command.keyword_text, b"STLS")
-                {
-                    self.event(Event::StarttlsStrippingSuspected {
-                        reason: "mangled_verb",
-                    });
+                if keyword == Keyword::Other {
+                    self.conn
+                        .note_mangled_upgrade(command.keyword_text, b"STLS");
                 }
-                self.event(Event::PlaintextCommandRefused {
+                self.conn.event(Event::PlaintextCommandRefused {
                     verb: keyword.label(),
                 });
                 self.reply_local(keyword, reply::NOT_BEFORE_STLS);
@@ -435,16 +320,15 @@ impl Session {
     }
 
     /// A refused login command: if a secret crossed the wire, say so, with a keyed hash
-    /// of the user name and never the secret (DESIGN §3).
+    /// of the user name and never the secret (ARCHITECTURE.md §3).
     fn note_plaintext_credentials(&mut self, command: &parse::Command<'_>) {
         let args = command.args;
-        let hash = |hasher: &UserHasher, name: &[u8]| hasher.hash(&String::from_utf8_lossy(name));
         match command.keyword {
             Keyword::User if !args.is_empty() => {
-                self.plaintext_user = Some(hash(&self.config.user_hasher, args));
+                self.plaintext_user = Some(self.conn.user_hash(args));
             }
             Keyword::Pass if !args.is_empty() => {
-                self.event(Event::CredentialsExposed {
+                self.conn.event(Event::CredentialsExposed {
                     mechanism: "PASS".to_owned(),
                     user_hash: self.plaintext_user.clone(),
                 });
@@ -453,32 +337,16 @@ impl Session {
                 // The digest is MD5(timestamp + secret) (RFC 1939 §7): open to offline
                 // guessing once seen.
                 if let Ok((name, _digest)) = parse::apop_args(args) {
-                    let user_hash = Some(hash(&self.config.user_hasher, name));
-                    self.event(Event::CredentialsExposed {
-                        mechanism: "APOP".to_owned(),
-                        user_hash,
-                    });
+                    self.conn.credentials_exposed("APOP".to_owned(), Some(name));
                 }
             }
             Keyword::Auth => {
-                let Ok((mechanism, Some(initial_response))) = parse::auth_args(args) else {
-                    return;
-                };
-                if initial_response == b"=" {
-                    return; // RFC 5034 §4: an empty initial response carries nothing.
+                // RFC 5034 §4: an empty initial response (`=`) carries nothing.
+                if let Ok((mechanism, Some(response))) = parse::auth_args(args)
+                    && response != b"="
+                {
+                    self.conn.sasl_exposed("AUTH ", mechanism, response);
                 }
-                let user = if mechanism.eq_ignore_ascii_case(b"PLAIN") {
-                    plain_authcid(initial_response)
-                } else if mechanism.eq_ignore_ascii_case(b"LOGIN") {
-                    login_username(initial_response)
-                } else {
-                    None
-                };
-                let user_hash = user.map(|user| self.config.user_hasher.hash(&user));
-                self.event(Event::CredentialsExposed {
-                    mechanism: format!("AUTH {}", crate::proto::sasl::mechanism_label(mechanism)),
-                    user_hash,
-                });
             }
             _ => {}
         }
@@ -486,57 +354,50 @@ impl Session {
 
     /// RFC 2595 §4: STLS takes no argument; the proxy answers it and never forwards it.
     fn on_stls(&mut self, no_args: bool) {
-        if self.tls_active {
+        if self.conn.tls_active {
             return self.reply_local(Keyword::Stls, reply::TLS_ACTIVE);
         }
         if !no_args {
-            // The session stays usable in plaintext (DESIGN §9).
+            // The session stays usable in plaintext (ARCHITECTURE.md §9).
             return self.reply_local(Keyword::Stls, reply::STLS_ARGUMENTS);
         }
         // Commands go one at a time, so every earlier reply is out already; anything
-        // still buffered would arrive inside TLS (DESIGN §9).
-        if !self.upstream_in.is_empty() {
+        // still buffered would arrive inside TLS (ARCHITECTURE.md §9).
+        if !self.conn.upstream_in.is_empty() {
             return self.upstream_broken("upstream data pending at STLS");
         }
-        self.counters.record(tally_name(Keyword::Stls), true);
-        self.send_client(reply::BEGIN_TLS);
-        // DESIGN §4: whatever the client queued behind STLS is the start of the
-        // handshake (it fails there unless it is a ClientHello), never a command.
-        let early = self.client_in.split().freeze();
-        self.client_lines.reset();
-        if !early.is_empty() && early[0] != 0x16 {
-            self.event(Event::StarttlsInjection { bytes: early.len() });
-        }
-        self.mode = Mode::Handshake;
-        self.push(Action::StartTls { early });
+        self.conn.tally.record(tally_name(Keyword::Stls), true);
+        self.conn.send_client(reply::BEGIN_TLS);
+        // ARCHITECTURE.md §4: whatever the client queued behind STLS is the start of
+        // the handshake (it fails there unless it is a ClientHello), never a command.
+        let early = self.conn.take_early_bytes();
+        self.conn.start_tls(early);
     }
 
     /// Sends a command upstream as `keyword [SP args] CRLF` and waits for its reply.
     /// Before TLS the keyword is the proxy's own spelling, and there are no arguments.
     fn forward(&mut self, command: &parse::Command<'_>, line: &Line, awaiting: Awaiting) {
-        let mut out = BytesMut::with_capacity(line.text.len() + 2);
-        if !self.tls_active {
-            out.put_slice(command.keyword.label().as_bytes());
+        if !self.conn.tls_active {
+            self.conn
+                .send_upstream_line(&[command.keyword.label().as_bytes()]);
         } else if command.keyword == Keyword::Pass {
             // RFC 1939 §7: the password may contain (even end in) spaces.
-            out.put_slice(&line.text);
+            self.conn.send_upstream_line(&[&line.text]);
+        } else if command.args.is_empty() {
+            self.conn.send_upstream_line(&[command.keyword_text]);
         } else {
-            out.put_slice(command.keyword_text);
-            if !command.args.is_empty() {
-                out.put_u8(b' ');
-                out.put_slice(command.args);
-            }
+            self.conn
+                .send_upstream_line(&[command.keyword_text, b" ", command.args]);
         }
-        out.put_slice(b"\r\n");
-        self.push(Action::ToUpstream(out.freeze()));
         self.owed = Owed::Reply(awaiting);
     }
 
     // ---- upstream side ----
 
-    fn process_upstream(&mut self) {
+    /// Reads what it can of the upstream's bytes.
+    fn read_upstream(&mut self) {
         // During the handshake upstream bytes wait; `on_tls_established` refuses them.
-        while !matches!(self.mode, Mode::Closed | Mode::Relay | Mode::Handshake) {
+        while self.conn.is_open() {
             if let Owed::Body {
                 keyword,
                 body: Body::Data { at_line_start },
@@ -552,12 +413,12 @@ impl Session {
                     }
                     BodyProgress::End => {
                         self.owed = Owed::Nothing;
-                        self.counters.record(tally_name(keyword), true);
+                        self.conn.tally.record(tally_name(keyword), true);
                         continue;
                     }
                 }
             }
-            let line = match self.upstream_lines.next_line(&mut self.upstream_in) {
+            let line = match self.conn.next_upstream_line() {
                 Ok(Some(line)) => line,
                 Ok(None) => return,
                 Err(_) => return self.upstream_broken("line too long"),
@@ -574,48 +435,47 @@ impl Session {
     /// complete lines, and the start of a long line before its end has arrived.
     fn stream_body(&mut self, mut at_line_start: bool) -> BodyProgress {
         loop {
-            if self.upstream_in.is_empty() {
+            if self.conn.upstream_in.is_empty() {
                 return BodyProgress::More { at_line_start };
             }
-            if at_line_start && self.upstream_in[0] == b'.' {
+            if at_line_start && self.conn.upstream_in[0] == b'.' {
                 // RFC 1939 §3: the body ends with "." CRLF; any other line starting with
-                // "." is byte-stuffed content. Liberal: "." LF ends it too (DESIGN §10).
-                match &self.upstream_in[..self.upstream_in.len().min(3)] {
+                // "." is byte-stuffed content. Liberal: "." LF ends it too (ARCHITECTURE.md §10).
+                match &self.conn.upstream_in[..self.conn.upstream_in.len().min(3)] {
                     [b'.'] | [b'.', b'\r'] => return BodyProgress::More { at_line_start },
                     [b'.', b'\n', ..] | [b'.', b'\r', b'\n'] => {
-                        let end = if self.upstream_in[1] == b'\n' { 2 } else { 3 };
-                        let terminator = self.upstream_in.split_to(end);
-                        self.client_out.put_slice(&terminator);
-                        self.upstream_lines.reset();
+                        let end = if self.conn.upstream_in[1] == b'\n' {
+                            2
+                        } else {
+                            3
+                        };
+                        let terminator = self.conn.upstream_in.split_to(end);
+                        self.conn.stream_to_client(&terminator);
+                        self.conn.upstream_lines.reset();
                         return BodyProgress::End;
                     }
                     _ => {}
                 }
             }
-            let chunk = match memchr::memchr(b'\n', &self.upstream_in) {
+            let chunk = match memchr::memchr(b'\n', &self.conn.upstream_in) {
                 Some(lf) => {
                     at_line_start = true;
-                    self.upstream_in.split_to(lf + 1)
+                    self.conn.upstream_in.split_to(lf + 1)
                 }
                 None => {
                     at_line_start = false;
-                    self.upstream_in.split()
+                    self.conn.upstream_in.split()
                 }
             };
-            self.client_out.put_slice(&chunk);
+            self.conn.stream_to_client(&chunk);
         }
-    }
-
-    fn upstream_broken(&mut self, detail: &'static str) {
-        self.event(Event::UpstreamProtocolError { detail });
-        self.close_with(reply::UPSTREAM_BROKEN);
     }
 
     /// A line while nothing is owed: a status line (Dovecot's `-ERR Disconnected for
     /// inactivity.` before it hangs up) is relayed; anything else is a broken upstream.
     fn on_unsolicited(&mut self, line: &Line) {
         match parse::status_line(&line.text) {
-            Ok(status) if status.status != Status::Continue => self.send_client(&line.raw),
+            Ok(status) if status.status != Status::Continue => self.conn.send_client(&line.raw),
             _ => self.upstream_broken("unsolicited line"),
         }
     }
@@ -636,19 +496,19 @@ impl Session {
         match awaiting {
             Awaiting::Greeting => {
                 // Verbatim: an APOP timestamp in it stays (RFC 1939 §7).
-                self.send_client(&line.raw);
+                self.conn.send_client(&line.raw);
                 if ok {
                     self.mode = Mode::Command;
                 } else {
-                    self.close();
+                    self.conn.close();
                 }
             }
             Awaiting::Single(keyword) => {
-                self.send_client(&line.raw);
-                self.counters.record(tally_name(keyword), ok);
+                self.conn.send_client(&line.raw);
+                self.conn.tally.record(tally_name(keyword), ok);
             }
             Awaiting::MultiLine(keyword) => {
-                self.send_client(&line.raw);
+                self.conn.send_client(&line.raw);
                 if ok {
                     // Counted once the body is complete.
                     self.owed = Owed::Body {
@@ -658,30 +518,30 @@ impl Session {
                         },
                     };
                 } else {
-                    self.counters.record(tally_name(keyword), false);
+                    self.conn.tally.record(tally_name(keyword), false);
                 }
             }
             Awaiting::Capa => {
                 if ok {
-                    self.send_client(&line.raw);
+                    self.conn.send_client(&line.raw);
                     self.owed = Owed::Body {
                         keyword: Keyword::Capa,
                         body: Body::Capa,
                     };
                     return;
                 }
-                if self.tls_active {
-                    self.send_client(&line.raw);
+                if self.conn.tls_active {
+                    self.conn.send_client(&line.raw);
                 } else {
                     // An RFC 1939-only upstream: STLS must not vanish (module docs).
-                    self.send_client(reply::CAPA_FALLBACK);
-                    self.starttls_offered = true;
+                    self.conn.send_client(reply::CAPA_FALLBACK);
+                    self.conn.starttls_offered = true;
                 }
-                self.counters.record(tally_name(Keyword::Capa), false);
+                self.conn.tally.record(tally_name(Keyword::Capa), false);
             }
             Awaiting::Mechanisms => {
                 // A listing, not a login: not counted.
-                self.send_client(&line.raw);
+                self.conn.send_client(&line.raw);
                 if ok {
                     self.owed = Owed::Body {
                         keyword: Keyword::Auth,
@@ -690,47 +550,47 @@ impl Session {
                 }
             }
             Awaiting::Login(keyword) => {
-                self.counters.record(tally_name(keyword), ok);
+                self.conn.tally.record(tally_name(keyword), ok);
                 if ok {
                     return self.go_blind(line);
                 }
-                self.send_client(&line.raw);
+                self.conn.send_client(&line.raw);
             }
             Awaiting::Auth => match status {
                 Status::Continue => {
                     // Relayed unchanged, even a challenge that decodes to a NUL (DESIGN
                     // §10). Counted once, with the final reply of the exchange.
-                    self.send_client(&line.raw);
+                    self.conn.send_client(&line.raw);
                     self.mode = Mode::SaslResponse;
                 }
                 Status::Ok => {
-                    self.counters.record(tally_name(Keyword::Auth), true);
+                    self.conn.tally.record(tally_name(Keyword::Auth), true);
                     self.go_blind(line);
                 }
                 Status::Err => {
-                    self.counters.record(tally_name(Keyword::Auth), false);
-                    self.send_client(&line.raw);
+                    self.conn.tally.record(tally_name(Keyword::Auth), false);
+                    self.conn.send_client(&line.raw);
                 }
             },
             Awaiting::Quit => {
-                self.counters.record(tally_name(Keyword::Quit), ok);
-                self.send_client(&line.raw);
-                self.close();
+                self.conn.tally.record(tally_name(Keyword::Quit), ok);
+                self.conn.send_client(&line.raw);
+                self.conn.close();
             }
         }
     }
 
     fn on_body_line(&mut self, keyword: Keyword, body: Body, line: &Line) {
         if &line.text[..] == b"." {
-            if body == Body::Capa && !self.tls_active {
-                // Exactly one STLS, mailmoat's own, last (DESIGN §2, §9).
-                self.send_client(b"STLS\r\n");
-                self.starttls_offered = true;
+            if body == Body::Capa && !self.conn.tls_active {
+                // Exactly one STLS, mailmoat's own, last (ARCHITECTURE.md §2, §9).
+                self.conn.send_client(b"STLS\r\n");
+                self.conn.starttls_offered = true;
             }
-            self.send_client(&line.raw);
+            self.conn.send_client(&line.raw);
             self.owed = Owed::Nothing;
             if body != Body::Mechanisms {
-                self.counters.record(tally_name(keyword), true);
+                self.conn.tally.record(tally_name(keyword), true);
             }
             return;
         }
@@ -742,11 +602,11 @@ impl Session {
             Body::Data { .. } => Some(line.raw.clone()),
         };
         if let Some(kept) = kept {
-            self.send_client(&kept);
+            self.conn.send_client(&kept);
         }
     }
 
-    /// One line of the upstream's CAPA list, rewritten per DESIGN §2: removed, shortened
+    /// One line of the upstream's CAPA list, rewritten per ARCHITECTURE.md §2: removed, shortened
     /// or kept, never reordered, never de-duplicated.
     fn capa_line(&self, line: &Line) -> Option<Bytes> {
         let capability = parse::capability(&line.text);
@@ -755,11 +615,11 @@ impl Session {
         if is(b"STLS") || is(b"XCLIENT") {
             return None;
         }
-        // RFC 2595 §4 lets a server hide what needs TLS; DESIGN §3 requires it.
-        if !self.tls_active && (is(b"USER") || is(b"SASL")) {
+        // RFC 2595 §4 lets a server hide what needs TLS; ARCHITECTURE.md §3 requires it.
+        if !self.conn.tls_active && (is(b"USER") || is(b"SASL")) {
             return None;
         }
-        if !self.tls_active && is(b"UTF8") {
+        if !self.conn.tls_active && is(b"UTF8") {
             // RFC 6856 §2: `UTF8 USER` says USER takes UTF-8 names, a login option the
             // proxy refuses until TLS; `UTF8` alone (UTF8 command, LANG) stays.
             return Some(utf8_without_user(line, capability.tag, capability.params));
@@ -771,20 +631,10 @@ impl Session {
     }
 
     /// The upstream accepted the login: the +OK, then every byte the session held, then
-    /// the driver goes blind (DESIGN §1.7, §10).
+    /// the driver goes blind (ARCHITECTURE.md §1.7, §10).
     fn go_blind(&mut self, line: &Line) {
-        self.flush_client();
-        self.push(Action::ToClient(line.raw.clone()));
-        if !self.upstream_in.is_empty() {
-            let rest = self.upstream_in.split().freeze();
-            self.push(Action::ToClient(rest));
-        }
-        if !self.client_in.is_empty() {
-            let held = self.client_in.split().freeze();
-            self.push(Action::ToUpstream(held));
-        }
-        self.mode = Mode::Relay;
-        self.push(Action::Relay);
+        self.conn.send_client(&line.raw);
+        self.conn.go_blind();
     }
 }
 
@@ -806,141 +656,83 @@ fn utf8_without_user(line: &Line, tag: &[u8], params: &[u8]) -> Bytes {
 /// A `SASL` capability line without channel-binding mechanisms (RFC 5802 §6: they
 /// cannot cross a TLS-terminating proxy); `None` when none remain.
 fn sasl_without_channel_binding(line: &Line, tag: &[u8], params: &[u8]) -> Option<Bytes> {
-    let mechanisms = parse::params(params);
-    if !mechanisms.clone().any(is_channel_binding_mechanism) {
-        return Some(line.raw.clone());
+    match without_channel_binding(tag, parse::params(params)) {
+        Mechanisms::Unchanged => Some(line.raw.clone()),
+        Mechanisms::Without(mut out) => {
+            out.put_slice(if line.bare_lf { b"\n" } else { b"\r\n" });
+            Some(out.freeze())
+        }
+        Mechanisms::Empty => None,
     }
-    let kept: Vec<&[u8]> = mechanisms
-        .filter(|m| !is_channel_binding_mechanism(m))
-        .collect();
-    if kept.is_empty() {
-        return None;
-    }
-    let mut out = BytesMut::from(tag);
-    for mechanism in kept {
-        out.put_u8(b' ');
-        out.put_slice(mechanism);
-    }
-    out.put_slice(if line.bare_lf { b"\n" } else { b"\r\n" });
-    Some(out.freeze())
 }
 
 impl crate::proto::Session for Session {
-    fn on_client_data(&mut self, data: &[u8]) {
-        // During the handshake the driver hands client bytes to the TLS engine, never here.
-        if matches!(self.mode, Mode::Closed | Mode::Relay | Mode::Handshake) {
-            return;
-        }
-        self.client_in.extend_from_slice(data);
-        self.process_client();
+    fn conn(&self) -> &Conn {
+        &self.conn
     }
 
-    fn on_upstream_data(&mut self, data: &[u8]) {
-        if matches!(self.mode, Mode::Closed | Mode::Relay) {
-            return;
-        }
-        self.upstream_in.extend_from_slice(data);
-        self.process_upstream();
-        self.process_client();
+    fn conn_mut(&mut self) -> &mut Conn {
+        &mut self.conn
     }
 
-    fn on_client_eof(&mut self) {
-        if self.mode != Mode::Relay {
-            self.close();
+    fn goodbye(&self, why: Goodbye) -> &'static [u8] {
+        match why {
+            Goodbye::LineTooLong => reply::LINE_TOO_LONG,
+            Goodbye::TooManyPlaintext => reply::TOO_MANY_PLAINTEXT,
+            Goodbye::TooManyErrors => reply::TOO_MANY_ERRORS,
+            Goodbye::UpstreamUnavailable => reply::UPSTREAM_UNAVAILABLE,
+            Goodbye::UpstreamBroken => reply::UPSTREAM_BROKEN,
+            Goodbye::IdleTimeout => reply::IDLE_TIMEOUT,
+            Goodbye::ShuttingDown => reply::SHUTTING_DOWN,
         }
+    }
+
+    fn process_client(&mut self) {
+        while self.conn.is_open() && !self.conn.output_full() && self.client_step() {}
+    }
+
+    fn process_upstream(&mut self) {
+        self.read_upstream();
     }
 
     fn on_upstream_eof(&mut self) {
-        match self.mode {
-            Mode::Closed | Mode::Relay => {}
-            Mode::Handshake => self.close(),
-            // Between commands (after the upstream's own -ERR goodbye, say): nothing is
-            // owed, nothing to say.
-            Mode::Command if self.owed == Owed::Nothing => self.close(),
-            _ => self.close_with(reply::UPSTREAM_UNAVAILABLE),
+        // Between commands (after the upstream's own -ERR goodbye, say): nothing is
+        // owed, nothing to say.
+        if self.mode == Mode::Command && self.owed == Owed::Nothing {
+            self.conn.close();
+        } else {
+            self.end(Goodbye::UpstreamUnavailable);
         }
-    }
-
-    fn on_tls_established(&mut self) {
-        if matches!(self.mode, Mode::Closed | Mode::Relay) {
-            return;
-        }
-        self.tls_active = true;
-        // On an implicit-TLS listener this comes before the greeting, which is still
-        // awaited: the mode stays.
-        if self.mode == Mode::Handshake {
-            self.mode = Mode::Command;
-            if !self.upstream_in.is_empty() {
-                return self.upstream_broken("upstream spoke during the TLS handshake");
-            }
-        }
-        self.process_client();
     }
 
     fn on_timeout(&mut self) {
-        match self.mode {
-            Mode::Closed | Mode::Relay => {}
-            Mode::Handshake => self.close(),
-            // The upstream never greeted, or went quiet mid-reply.
-            Mode::Greeting => self.close_with(reply::UPSTREAM_UNAVAILABLE),
-            _ if self.owed != Owed::Nothing => self.close_with(reply::UPSTREAM_UNAVAILABLE),
-            _ => self.close_with(reply::IDLE_TIMEOUT),
+        // The upstream never greeted, or went quiet mid-reply; or the client is idle.
+        if self.mode == Mode::Greeting || self.owed != Owed::Nothing {
+            self.end(Goodbye::UpstreamUnavailable);
+        } else {
+            self.end(Goodbye::IdleTimeout);
         }
     }
 
     fn phase(&self) -> Phase {
-        match self.mode {
-            Mode::Greeting => Phase::Greeting,
-            Mode::Handshake => Phase::Handshake,
+        match (self.conn.stage, self.mode) {
+            (Stage::Handshake, _) => Phase::Handshake,
+            (_, Mode::Greeting) => Phase::Greeting,
             _ => Phase::Command,
         }
     }
 
-    fn wants_client_data(&self) -> bool {
-        // Never less than a line: a line cut off by the hold limit could never complete.
-        let limit = self.config.max_held_bytes.max(self.config.max_line_len);
-        !matches!(self.mode, Mode::Closed | Mode::Relay | Mode::Handshake)
-            && self.client_in.len() < limit
-    }
-
-    fn next_action(&mut self) -> Option<Action> {
-        if self.actions.is_empty() {
-            self.flush_client();
-        }
-        self.actions.pop_front()
-    }
-
-    fn release_idle_memory(&mut self) {
-        release_if_empty(&mut self.client_in);
-        release_if_empty(&mut self.upstream_in);
-        release_if_empty(&mut self.client_out);
-        release_queue_if_empty(&mut self.actions);
-    }
-
-    fn on_output_written(&mut self) -> bool {
-        let was_full = self.replies.is_full();
-        self.replies.written();
-        if was_full && !matches!(self.mode, Mode::Closed | Mode::Relay | Mode::Handshake) {
-            self.process_client();
-            self.flush_client();
-        }
-        !self.actions.is_empty()
-    }
-
     fn close_if_idle(&mut self) -> bool {
-        let idle = match self.mode {
-            Mode::Greeting => true,
-            Mode::Command => self.owed == Owed::Nothing && self.client_in.is_empty(),
-            _ => false,
-        };
+        let idle = self.conn.is_open()
+            && match self.mode {
+                Mode::Greeting => true,
+                Mode::Command => self.owed == Owed::Nothing && self.conn.client_in.is_empty(),
+                Mode::SaslResponse => false,
+            };
         if idle {
-            self.close_with(reply::SHUTTING_DOWN);
+            self.end(Goodbye::ShuttingDown);
         }
         idle
-    }
-
-    fn summary(&self) -> String {
-        self.counters.summary()
     }
 }
 

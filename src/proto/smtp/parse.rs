@@ -1,10 +1,11 @@
 //! nom parsers for the parts of SMTP the proxy must understand (RFC 5321 §4.1, RFC 3030,
 //! RFC 4954). Each parser takes one whole line from the framer, never the socket.
 
+use crate::proto::line::{SplitError, split_command};
 use nom::{
     IResult, Parser,
     branch::alt,
-    bytes::complete::{tag, tag_no_case, take_till1, take_while, take_while_m_n},
+    bytes::complete::{tag, tag_no_case, take_till1, take_while_m_n},
     character::complete::digit1,
     combinator::{all_consuming, eof, map, map_res, opt, rest},
     sequence::preceded,
@@ -102,21 +103,14 @@ fn is_wsp(b: u8) -> bool {
 /// Lines holding control characters other than HTAB are refused: implementations differ
 /// on whether a bare CR or a NUL ends a command.
 pub fn command(line: &[u8]) -> Result<Command<'_>, Error> {
-    if line.iter().any(|&b| (b < 0x20 && b != b'\t') || b == 0x7f) {
-        return Err(Error::ControlCharacter);
-    }
-    let parsed: IResult<&[u8], (&[u8], &[u8])> = (
-        preceded(take_while(is_wsp), take_till1(is_wsp)),
-        preceded(take_while(is_wsp), rest),
-    )
-        .parse(line);
-    let (_, (verb_text, args)) =
-        parsed.map_err(|_: nom::Err<nom::error::Error<&[u8]>>| Error::Empty)?;
-    let args_end = args.iter().rposition(|&b| !is_wsp(b)).map_or(0, |i| i + 1);
+    let (verb_text, args) = split_command(line).map_err(|error| match error {
+        SplitError::ControlCharacter => Error::ControlCharacter,
+        SplitError::Empty => Error::Empty,
+    })?;
     Ok(Command {
         verb: Verb::from_bytes(verb_text),
         verb_text,
-        args: &args[..args_end],
+        args,
     })
 }
 

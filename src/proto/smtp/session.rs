@@ -20,21 +20,18 @@
 
 use std::collections::VecDeque;
 
-use bytes::{Buf, BufMut, Bytes, BytesMut};
+use bytes::{Buf, Bytes, BytesMut};
 
 use super::body::{Body, Progress};
 use super::canonical;
 use super::parse::{self, Verb};
 use super::xclient;
-use crate::policy::{
-    BareNewlines, Policy, UserHasher, is_channel_binding_mechanism, is_mangled_upgrade_verb,
-};
-use crate::proto::line::{Framer, Line};
-use crate::proto::{
-    Action, Event, Phase, ReplyBudget, Tally, release_if_empty, release_queue_if_empty,
-};
+use crate::policy::{BareNewlines, Mechanisms, Policy, UserHasher, without_channel_binding};
+use crate::proto::conn::release_queue_if_empty;
+use crate::proto::line::Line;
+use crate::proto::{Conn, Event, Goodbye, Limits, Phase, Session as _, Stage, Tally};
 
-/// Replies the proxy gives itself (DESIGN §3, §4, §9).
+/// Replies the proxy gives itself (ARCHITECTURE.md §3, §4, §9).
 mod reply {
     pub const MUST_STARTTLS: &[u8] = b"530 5.7.0 Must issue a STARTTLS command first\r\n";
     pub const READY_TLS: &[u8] = b"220 2.0.0 Ready to start TLS\r\n";
@@ -61,7 +58,7 @@ mod reply {
     pub const TOO_MANY_ERRORS: &[u8] = b"421 4.7.0 Too many errors, closing connection\r\n";
     pub const CONTROL_LINE: &[u8] =
         b"554 5.6.0 Error: message line of control characters only, closing connection\r\n";
-    /// `xclient: true` and the upstream cannot take it (DESIGN §7).
+    /// `xclient: true` and the upstream cannot take it (ARCHITECTURE.md §7).
     pub const IDENTITY_UNAVAILABLE: &[u8] =
         b"421 4.3.0 Service temporarily unavailable, closing connection\r\n";
 }
@@ -83,23 +80,17 @@ pub struct Config {
     pub policy: Policy,
     /// What to do with bare CR / LF in bodies.
     pub bare_newlines: BareNewlines,
-    /// Longest client command line, CRLF included.
-    pub max_line_len: usize,
-    /// Most client bytes held unprocessed (pipelined behind a barrier) before the driver
-    /// stops reading.
-    pub max_held_bytes: usize,
-    /// Commands accepted before TLS under `require_tls` before the connection closes.
-    pub max_plaintext_commands: u32,
-    /// Error replies the proxy gives itself before it closes the connection.
-    pub max_errors: u32,
+    /// The bounds every protocol shares.
+    pub limits: Limits,
     /// Hashes user names for `credentials_exposed`.
     pub user_hasher: UserHasher,
 }
 
-/// What the reading of client bytes is doing.
+/// What the reading of client bytes is doing (the handshake, the close: [`Stage`]).
 #[derive(Debug)]
 enum Mode {
-    /// Waiting for the upstream's greeting; nothing from the client is read (DESIGN §10).
+    /// Waiting for the upstream's greeting; nothing from the client is read
+    /// (ARCHITECTURE.md §10).
     Greeting,
     /// Reading command lines.
     Command,
@@ -113,12 +104,9 @@ enum Mode {
     /// STARTTLS accepted: the upstream gets RSET once all earlier replies are in, and
     /// every client byte is held for the TLS engine.
     TlsPending { rset_sent: bool },
-    /// The driver runs the handshake.
-    Handshake,
-    /// A fatal error reply is queued; nothing more is read from the client.
+    /// A fatal error reply is queued behind replies still owed; nothing more is read
+    /// from the client.
     Closing,
-    /// The session is over.
-    Closed,
 }
 
 /// What a queued reply slot waits for.
@@ -134,7 +122,7 @@ enum Awaiting {
         /// The client's name, if it can be written into the HELO of a fallback.
         domain: Option<Bytes>,
     },
-    /// The upstream refused EHLO; HELO was sent in its place (DESIGN §2).
+    /// The upstream refused EHLO; HELO was sent in its place (ARCHITECTURE.md §2).
     HeloFallback,
     Helo,
     Data,
@@ -147,7 +135,7 @@ enum Awaiting {
 }
 
 impl Awaiting {
-    /// Nothing after this command may be read before its reply (DESIGN §10).
+    /// Nothing after this command may be read before its reply (ARCHITECTURE.md §10).
     fn is_barrier(&self) -> bool {
         !matches!(self, Awaiting::Reply | Awaiting::EndOfData)
     }
@@ -195,13 +183,10 @@ fn tally_name(verb: Verb) -> &'static str {
 /// The sans-I/O SMTP session.
 #[derive(Debug)]
 pub struct Session {
-    config: Config,
-    tls_active: bool,
+    conn: Conn,
+    policy: Policy,
+    bare_newlines: BareNewlines,
     mode: Mode,
-    client_in: BytesMut,
-    client_lines: Framer,
-    upstream_in: BytesMut,
-    upstream_lines: Framer,
     /// Lines of the upstream reply being collected.
     reply_lines: Vec<Line>,
     slots: VecDeque<Slot>,
@@ -209,19 +194,9 @@ pub struct Session {
     upstream_pipelining: bool,
     /// A successful EHLO or HELO since TLS started (RFC 3207 §4.2).
     greeted_since_tls: bool,
-    /// The client was shown STARTTLS in an EHLO reply.
-    starttls_offered: bool,
-    /// Commands read before TLS.
-    plaintext_commands: u32,
-    /// Error replies given by the proxy itself.
-    errors: u32,
-    /// Reply bytes not yet written by the driver.
-    replies: ReplyBudget,
     /// The client closed its sending side; the session ends once the replies still
     /// owed have been sent.
     client_done: bool,
-    actions: VecDeque<Action>,
-    counters: Tally,
     /// The client to announce with XCLIENT after the greeting (listener option).
     xclient: Option<xclient::Identity>,
 }
@@ -229,15 +204,19 @@ pub struct Session {
 impl Session {
     /// A session for a new connection; `tls_active` is true on implicit-TLS listeners.
     pub fn new(config: Config, tls_active: bool) -> Self {
-        let client_lines = Framer::new(config.max_line_len);
+        let tally = Tally::new(TALLY_ORDER, &["starttls", "auth"]);
+        let mut conn = Conn::new(
+            config.limits,
+            config.user_hasher,
+            MAX_UPSTREAM_LINE_LEN,
+            tally,
+        );
+        conn.tls_active = tls_active;
         Session {
-            config,
-            tls_active,
+            conn,
+            policy: config.policy,
+            bare_newlines: config.bare_newlines,
             mode: Mode::Greeting,
-            client_in: BytesMut::new(),
-            client_lines,
-            upstream_in: BytesMut::new(),
-            upstream_lines: Framer::new(MAX_UPSTREAM_LINE_LEN),
             reply_lines: Vec::new(),
             slots: VecDeque::from([Slot::Upstream {
                 verb: Verb::Other,
@@ -245,13 +224,7 @@ impl Session {
             }]),
             upstream_pipelining: false,
             greeted_since_tls: false,
-            starttls_offered: false,
-            plaintext_commands: 0,
-            errors: 0,
-            replies: ReplyBudget::default(),
             client_done: false,
-            actions: VecDeque::new(),
-            counters: Tally::new(TALLY_ORDER, &["starttls", "auth"]),
             xclient: None,
         }
     }
@@ -261,36 +234,6 @@ impl Session {
     pub fn with_xclient(mut self, identity: xclient::Identity) -> Self {
         self.xclient = Some(identity);
         self
-    }
-
-    fn send_client(&mut self, bytes: impl Into<Bytes>) {
-        let bytes = bytes.into();
-        self.replies.queued(bytes.len());
-        self.actions.push_back(Action::ToClient(bytes));
-    }
-
-    fn send_upstream(&mut self, bytes: impl Into<Bytes>) {
-        self.actions.push_back(Action::ToUpstream(bytes.into()));
-    }
-
-    fn event(&mut self, event: Event) {
-        self.replies.event();
-        self.actions.push_back(Action::Event(event));
-    }
-
-    fn close(&mut self) {
-        if !matches!(self.mode, Mode::Closed) {
-            self.mode = Mode::Closed;
-            self.actions.push_back(Action::Close);
-        }
-    }
-
-    /// Something the client cannot recover from: reply, then close.
-    fn close_with(&mut self, reply: &'static [u8]) {
-        if !matches!(self.mode, Mode::Closed | Mode::Handshake) {
-            self.send_client(reply);
-        }
-        self.close();
     }
 
     /// True while a reply that changes how to read the client is outstanding.
@@ -311,20 +254,14 @@ impl Session {
                 unreachable!("front is Local")
             };
             let positive = reply[0] < b'4';
-            self.counters.record(tally_name(verb), positive);
+            self.conn.tally.record(tally_name(verb), positive);
             if close {
-                self.close_with(reply);
-                return;
+                return self.conn.close_with(reply);
             }
-            self.send_client(reply);
+            self.conn.send_client(reply);
             if !positive {
-                // A client that only draws errors is probing: Postfix's
-                // smtpd_hard_error_limit, for the replies the proxy gives itself.
-                self.errors += 1;
-                if self.errors > self.config.max_errors {
-                    self.event(Event::LimitExceeded { limit: "errors" });
-                    self.slots.clear();
-                    self.close_with(reply::TOO_MANY_ERRORS);
+                self.count_error();
+                if !self.conn.is_open() {
                     return;
                 }
             }
@@ -333,183 +270,138 @@ impl Session {
 
     /// Queues a reply of the proxy's own, in order behind outstanding upstream replies.
     fn reply_local(&mut self, verb: Verb, reply: &'static [u8]) {
-        self.slots.push_back(Slot::Local {
-            verb,
-            reply,
-            close: false,
-        });
+        self.queue_local(verb, reply, false);
+    }
+
+    /// Queues the proxy's reply; with `close`, the session ends once it is sent and
+    /// nothing more is read meanwhile.
+    fn queue_local(&mut self, verb: Verb, reply: &'static [u8], close: bool) {
+        self.slots.push_back(Slot::Local { verb, reply, close });
+        if close && self.conn.is_open() {
+            self.mode = Mode::Closing;
+        }
         self.flush_local_replies();
     }
 
+    /// Sends a command line the proxy wrote (or a client line after TLS) and waits for
+    /// its reply.
     fn forward(&mut self, verb: Verb, line: &[u8], awaiting: Awaiting) {
         // The verb at column 0 and CRLF at the end, whatever the client sent: Exim, for
         // one, reads a command only at column 0, and the two must classify it alike.
-        let line = line.trim_ascii_start();
-        let mut out = BytesMut::with_capacity(line.len() + 2);
-        out.put_slice(line);
-        out.put_slice(b"\r\n");
-        self.forward_written(verb, out.freeze(), awaiting);
-    }
-
-    /// Sends a command line the proxy wrote itself and waits for its reply.
-    fn forward_written(&mut self, verb: Verb, line: Bytes, awaiting: Awaiting) {
-        self.send_upstream(line);
+        self.conn.send_upstream_line(&[line.trim_ascii_start()]);
         self.slots.push_back(Slot::Upstream { verb, awaiting });
     }
 
     // ---- client side ----
 
-    fn process_client(&mut self) {
-        loop {
-            if self.replies.is_full() && matches!(self.mode, Mode::Command) {
-                // The client has not taken what it was sent: no more commands are read
-                // until the driver has written it (`on_output_written`).
-                return;
-            }
-            match &mut self.mode {
-                Mode::Greeting | Mode::Handshake | Mode::Closing | Mode::Closed => return,
-                Mode::TlsPending { rset_sent } => {
-                    // RFC 3207 §4.2: the upstream must forget the plaintext dialogue. The
-                    // RSET goes alone, once every earlier reply is in (DESIGN §10).
-                    if !*rset_sent && self.slots.is_empty() {
-                        *rset_sent = true;
-                        self.send_upstream(&b"RSET\r\n"[..]);
-                        self.slots.push_back(Slot::Upstream {
-                            verb: Verb::StartTls,
-                            awaiting: Awaiting::TlsRset,
-                        });
-                    }
-                    return;
+    /// Client bytes inside a DATA body: framed, neutralised and forwarded (§5).
+    fn process_body(&mut self) {
+        let Mode::Data(body) = &mut self.mode else {
+            return;
+        };
+        let mut out = BytesMut::new();
+        let progress = body.feed(&self.conn.client_in, &mut out);
+        let bare = body.bare_newlines();
+        let neutralized = body.neutralized();
+        if bare > 0 && self.bare_newlines == BareNewlines::Reject {
+            // Nothing more reaches the upstream, which never sees an end-of-data: the
+            // partial message is discarded there.
+            self.conn
+                .event(Event::BareNewlineNormalized { count: bare });
+            return self.conn.close_with(reply::BARE_NEWLINE);
+        }
+        if progress == Progress::Refused {
+            // The upstream never sees an end-of-data: the partial message is discarded.
+            self.conn.event(Event::LimitExceeded {
+                limit: "control_line",
+            });
+            return self.conn.close_with(reply::CONTROL_LINE);
+        }
+        if !out.is_empty() {
+            self.conn.send_upstream(out.freeze());
+        }
+        match progress {
+            Progress::More | Progress::Refused => self.conn.client_in.clear(),
+            Progress::End { consumed } => {
+                self.conn.client_in.advance(consumed);
+                if bare > 0 {
+                    self.conn
+                        .event(Event::BareNewlineNormalized { count: bare });
                 }
-                Mode::Data(body) => {
-                    if self.client_in.is_empty() {
-                        return;
-                    }
-                    let mut out = BytesMut::new();
-                    let progress = body.feed(&self.client_in, &mut out);
-                    let bare = body.bare_newlines();
-                    if bare > 0 && self.config.bare_newlines == BareNewlines::Reject {
-                        // Nothing more reaches the upstream, which never sees an
-                        // end-of-data: the partial message is discarded there.
-                        self.event(Event::BareNewlineNormalized { count: bare });
-                        self.close_with(reply::BARE_NEWLINE);
-                        return;
-                    }
-                    let neutralized = body.neutralized();
-                    if progress == Progress::Refused {
-                        // The upstream never sees an end-of-data: the partial message
-                        // is discarded there.
-                        self.event(Event::LimitExceeded {
-                            limit: "control_line",
-                        });
-                        self.close_with(reply::CONTROL_LINE);
-                        return;
-                    }
-                    if !out.is_empty() {
-                        self.send_upstream(out.freeze());
-                    }
-                    match progress {
-                        Progress::More | Progress::Refused => {
-                            self.client_in.clear();
-                            return;
-                        }
-                        Progress::End { consumed } => {
-                            self.client_in.advance(consumed);
-                            if bare > 0 {
-                                self.event(Event::BareNewlineNormalized { count: bare });
-                            }
-                            if neutralized > 0 {
-                                self.event(Event::SmugglingNeutralized { count: neutralized });
-                            }
-                            self.mode = Mode::Command;
-                            self.slots.push_back(Slot::Upstream {
-                                verb: Verb::Data,
-                                awaiting: Awaiting::EndOfData,
-                            });
-                        }
-                    }
+                if neutralized > 0 {
+                    self.conn
+                        .event(Event::SmugglingNeutralized { count: neutralized });
                 }
-                Mode::SkipChunk { remaining } => {
-                    if self.client_in.is_empty() {
-                        return;
-                    }
-                    let n = usize::try_from(*remaining)
-                        .unwrap_or(usize::MAX)
-                        .min(self.client_in.len());
-                    *remaining -= n as u64;
-                    let done = *remaining == 0;
-                    self.client_in.advance(n);
-                    if done {
-                        self.mode = Mode::Command;
-                    }
-                }
-                Mode::SaslResponse => match self.next_client_line() {
-                    Some(line) => {
-                        self.mode = Mode::Command;
-                        // A SASL response is data (RFC 4954 §4): base64 or a cancel, never
-                        // bytes an upstream could read as a second line.
-                        let response = crate::proto::sasl::response_line(&line.text);
-                        self.send_upstream(Bytes::from([response, b"\r\n"].concat()));
-                        self.slots.push_back(Slot::Upstream {
-                            verb: Verb::Auth,
-                            awaiting: Awaiting::Auth,
-                        });
-                    }
-                    None => return,
-                },
-                Mode::Command => {
-                    if self.blocked() {
-                        return;
-                    }
-                    match self.next_client_line() {
-                        Some(line) => self.on_command(line),
-                        None => return,
-                    }
-                }
+                self.mode = Mode::Command;
+                self.slots.push_back(Slot::Upstream {
+                    verb: Verb::Data,
+                    awaiting: Awaiting::EndOfData,
+                });
             }
         }
     }
 
-    fn next_client_line(&mut self) -> Option<Line> {
-        match self.client_lines.next_line(&mut self.client_in) {
-            Ok(line) => line,
-            Err(_) => {
-                // No resynchronisation is possible inside an endless line: refuse, close.
-                self.client_in.clear();
-                self.event(Event::LimitExceeded {
-                    limit: "line_length",
-                });
-                self.slots.push_back(Slot::Local {
-                    verb: Verb::Other,
-                    reply: reply::LINE_TOO_LONG,
-                    close: true,
-                });
-                if !matches!(self.mode, Mode::Closed) {
-                    self.mode = Mode::Closing;
+    /// One step of reading the client; false when nothing more can be read now.
+    fn client_step(&mut self) -> bool {
+        match &mut self.mode {
+            Mode::Greeting | Mode::Closing => false,
+            Mode::TlsPending { rset_sent } => {
+                // RFC 3207 §4.2: the upstream must forget the plaintext dialogue. The
+                // RSET goes alone, once every earlier reply is in (ARCHITECTURE.md §10).
+                if !*rset_sent && self.slots.is_empty() {
+                    *rset_sent = true;
+                    self.forward(Verb::StartTls, b"RSET", Awaiting::TlsRset);
                 }
-                self.flush_local_replies();
-                None
+                false
+            }
+            Mode::Data(_) if self.conn.client_in.is_empty() => false,
+            Mode::Data(_) => {
+                self.process_body();
+                true
+            }
+            Mode::SkipChunk { .. } if self.conn.client_in.is_empty() => false,
+            Mode::SkipChunk { remaining } => {
+                let n = usize::try_from(*remaining)
+                    .unwrap_or(usize::MAX)
+                    .min(self.conn.client_in.len());
+                *remaining -= n as u64;
+                if *remaining == 0 {
+                    self.mode = Mode::Command;
+                }
+                self.conn.client_in.advance(n);
+                true
+            }
+            Mode::SaslResponse => match self.next_client_line() {
+                Some(line) => {
+                    self.mode = Mode::Command;
+                    // A SASL response is data (RFC 4954 §4): base64 or a cancel, never
+                    // bytes an upstream could read as a second line.
+                    let response = crate::proto::sasl::response_line(&line.text);
+                    self.forward(Verb::Auth, response, Awaiting::Auth);
+                    true
+                }
+                None => false,
+            },
+            Mode::Command => {
+                // Past the unwritten-output budget the client has not taken what it was
+                // sent: no more commands are read until the driver has written it.
+                if self.conn.output_full() || self.blocked() {
+                    return false;
+                }
+                match self.next_client_line() {
+                    Some(line) => {
+                        self.on_command(line);
+                        true
+                    }
+                    None => false,
+                }
             }
         }
     }
 
     fn on_command(&mut self, line: Line) {
-        if !self.tls_active && self.config.policy == Policy::RequireTls {
-            self.plaintext_commands += 1;
-            if self.plaintext_commands > self.config.max_plaintext_commands {
-                // Only the upgrade dialogue belongs here; a client that keeps talking is
-                // probing (DESIGN §8, pre-TLS command budget).
-                self.event(Event::LimitExceeded {
-                    limit: "plaintext_commands",
-                });
-                self.slots.push_back(Slot::Local {
-                    verb: Verb::Other,
-                    reply: reply::TOO_MANY_PLAINTEXT,
-                    close: true,
-                });
-                self.mode = Mode::Closing;
-                return self.flush_local_replies();
-            }
+        if self.policy == Policy::RequireTls && self.plaintext_budget_spent() {
+            return;
         }
         let command = match parse::command(&line.text) {
             Ok(command) => command,
@@ -522,15 +414,15 @@ impl Session {
         }
         if matches!(verb, Verb::XClient | Verb::XForward) {
             // The local link is trusted by the upstream; only the proxy speaks for it.
-            self.event(Event::ForbiddenCommand {
+            self.conn.event(Event::ForbiddenCommand {
                 verb: verb_label(verb),
             });
             return self.refuse(&command, reply::NOT_AUTHORIZED);
         }
 
-        if !self.tls_active {
+        if !self.conn.tls_active {
             if let Some(refusal) = self.plaintext_refusal(&command) {
-                self.event(Event::PlaintextCommandRefused {
+                self.conn.event(Event::PlaintextCommandRefused {
                     verb: verb_label(verb),
                 });
                 return self.refuse(&command, refusal);
@@ -559,15 +451,18 @@ impl Session {
             Verb::Quit => Awaiting::Quit,
             _ => Awaiting::Reply,
         };
-        if self.tls_active {
+        if self.conn.tls_active {
             return self.forward(verb, &line.text, awaiting);
         }
-        // DESIGN §3, canonical forwarding: before TLS the upstream reads only lines the
-        // proxy wrote from its own parse; what it cannot read whole stays here.
+        // ARCHITECTURE.md §3, canonical forwarding: before TLS the upstream reads only
+        // lines the proxy wrote from its own parse; what it cannot read whole stays here.
         match canonical::line(&command) {
-            Ok(written) => self.forward_written(verb, written, awaiting),
+            Ok(written) => {
+                self.conn.send_upstream(written);
+                self.slots.push_back(Slot::Upstream { verb, awaiting });
+            }
             Err(canonical::Refusal(reply)) => {
-                self.event(Event::PlaintextCommandRefused {
+                self.conn.event(Event::PlaintextCommandRefused {
                     verb: verb_label(verb),
                 });
                 self.reply_local(verb, reply)
@@ -580,32 +475,32 @@ impl Session {
     fn refuse(&mut self, command: &parse::Command<'_>, reply: &'static [u8]) {
         if command.verb == Verb::Bdat
             && let Ok((size, _)) = parse::bdat_args(command.args)
+            && size > 0
         {
-            self.skip_chunk(size);
+            self.mode = Mode::SkipChunk { remaining: size };
         }
         self.reply_local(command.verb, reply);
     }
 
-    /// Why a command may not be forwarded before TLS, if it may not (DESIGN §3).
+    /// Why a command may not be forwarded before TLS, if it may not (§3).
     fn plaintext_refusal(&mut self, command: &parse::Command<'_>) -> Option<&'static [u8]> {
         let verb = command.verb;
         if verb == Verb::Auth {
             self.note_plaintext_credentials(command.args);
             return Some(reply::MUST_STARTTLS);
         }
-        if verb == Verb::Other && is_mangled_upgrade_verb(command.verb_text, b"STARTTLS") {
-            self.event(Event::StarttlsStrippingSuspected {
-                reason: "mangled_verb",
-            });
+        if verb == Verb::Other {
+            self.conn
+                .note_mangled_upgrade(command.verb_text, b"STARTTLS");
         }
-        let allowed = match self.config.policy {
+        let allowed = match self.policy {
             Policy::RequireTls => matches!(
                 verb,
                 Verb::Ehlo | Verb::Helo | Verb::Noop | Verb::Rset | Verb::Quit
             ),
             Policy::AuthRequiresTls => verb != Verb::Other,
         };
-        match (allowed, self.config.policy) {
+        match (allowed, self.policy) {
             (true, _) => None,
             (false, Policy::RequireTls) => Some(reply::MUST_STARTTLS),
             // On an MX, unknown verbs stay local: a client that ignores the refusal of its
@@ -616,30 +511,14 @@ impl Session {
 
     /// An AUTH before TLS: if it carries an initial response, a secret crossed the wire.
     fn note_plaintext_credentials(&mut self, args: &[u8]) {
-        if self.starttls_offered {
-            self.event(Event::StarttlsStrippingSuspected {
-                reason: "auth_after_starttls_offered",
-            });
+        self.conn.note_login_before_tls();
+        if let Ok((mechanism, Some(initial_response))) = parse::auth_args(args) {
+            self.conn.sasl_exposed("", mechanism, initial_response);
         }
-        let Ok((mechanism, Some(initial_response))) = parse::auth_args(args) else {
-            return;
-        };
-        let user = if mechanism.eq_ignore_ascii_case(b"PLAIN") {
-            crate::proto::sasl::plain_authcid(initial_response)
-        } else if mechanism.eq_ignore_ascii_case(b"LOGIN") {
-            crate::proto::sasl::login_username(initial_response)
-        } else {
-            None
-        };
-        let mechanism = crate::proto::sasl::mechanism_label(mechanism);
-        self.event(Event::CredentialsExposed {
-            mechanism,
-            user_hash: user.map(|user| self.config.user_hasher.hash(&user)),
-        });
     }
 
     fn on_starttls(&mut self, no_parameters: bool) {
-        if self.tls_active {
+        if self.conn.tls_active {
             return self.reply_local(Verb::StartTls, reply::TLS_ACTIVE);
         }
         if !no_parameters {
@@ -649,11 +528,11 @@ impl Session {
         self.mode = Mode::TlsPending { rset_sent: false };
     }
 
-    /// BDAT is never forwarded and CHUNKING never offered (DESIGN §5): its framing is
-    /// a byte count the upstream's chunk state decides how to read (Exim answers RSET
-    /// inside a chunked transaction with 250 and reads on, dot-terminated), where DATA's
-    /// end is one the proxy writes itself. The chunk that follows is read and dropped,
-    /// never taken for commands.
+    /// BDAT is never forwarded and CHUNKING never offered (ARCHITECTURE.md §5): its
+    /// framing is a byte count the upstream's chunk state decides how to read (Exim
+    /// answers RSET inside a chunked transaction with 250 and reads on, dot-terminated),
+    /// where DATA's end is one the proxy writes itself. The chunk that follows is read
+    /// and dropped, never taken for commands.
     fn on_bdat(&mut self, command: &parse::Command<'_>) {
         let Ok((size, _)) = parse::bdat_args(command.args) else {
             // Without a size nobody can know where the chunk ends: its bytes are read
@@ -662,63 +541,16 @@ impl Session {
         };
         if size > MAX_CHUNK_LEN {
             // Skipping gigabytes is no service: say so and close.
-            self.event(Event::LimitExceeded {
+            self.conn.event(Event::LimitExceeded {
                 limit: "chunk_size",
             });
-            self.slots.push_back(Slot::Local {
-                verb: Verb::Bdat,
-                reply: reply::CHUNK_TOO_LARGE,
-                close: true,
-            });
-            self.mode = Mode::Closing;
-            return self.flush_local_replies();
+            return self.queue_local(Verb::Bdat, reply::CHUNK_TOO_LARGE, true);
         }
-        self.event(Event::ForbiddenCommand { verb: "BDAT" });
+        self.conn.event(Event::ForbiddenCommand { verb: "BDAT" });
         self.refuse(command, reply::BDAT_UNAVAILABLE);
     }
 
-    /// The bytes of a refused BDAT chunk are data all the same: read and drop them.
-    fn skip_chunk(&mut self, size: u64) {
-        if size > 0 {
-            self.mode = Mode::SkipChunk { remaining: size };
-        }
-    }
-
     // ---- upstream side ----
-
-    fn process_upstream(&mut self) {
-        // During the handshake upstream bytes wait; `on_tls_established` refuses them.
-        while !matches!(self.mode, Mode::Closed | Mode::Handshake) {
-            let line = match self.upstream_lines.next_line(&mut self.upstream_in) {
-                Ok(Some(line)) => line,
-                Ok(None) => return,
-                Err(_) => return self.upstream_broken("reply line too long"),
-            };
-            let (code, last) = match parse::reply_line(&line.text) {
-                Ok(reply) => (reply.code, reply.last),
-                Err(_) => return self.upstream_broken("malformed reply line"),
-            };
-            if let Some(first) = self.reply_lines.first()
-                && parse::reply_line(&first.text).map(|r| r.code) != Ok(code)
-            {
-                return self.upstream_broken("reply code changed inside a reply");
-            }
-            if self.reply_lines.len() == MAX_REPLY_LINES {
-                return self.upstream_broken("reply has too many lines");
-            }
-            self.reply_lines.push(line);
-            if last {
-                let lines = std::mem::take(&mut self.reply_lines);
-                self.on_reply(code, lines);
-                self.flush_local_replies();
-            }
-        }
-    }
-
-    fn upstream_broken(&mut self, detail: &'static str) {
-        self.event(Event::UpstreamProtocolError { detail });
-        self.close_with(reply::UPSTREAM_BROKEN);
-    }
 
     fn on_reply(&mut self, code: u16, lines: Vec<Line>) {
         let Some(Slot::Upstream { verb, awaiting }) = self.slots.pop_front() else {
@@ -729,8 +561,8 @@ impl Session {
         match awaiting {
             Awaiting::Greeting => {
                 if code == 220 && self.xclient.is_some() {
-                    // Our own command, sent alone after the banner (DESIGN §10).
-                    self.send_upstream(&b"EHLO localhost\r\n"[..]);
+                    // Our own command, sent alone after the banner (ARCHITECTURE.md §10).
+                    self.conn.send_upstream_line(&[b"EHLO localhost"]);
                     self.slots.push_front(Slot::Upstream {
                         verb,
                         awaiting: Awaiting::XclientEhlo,
@@ -754,12 +586,9 @@ impl Session {
                 if positive {
                     self.on_ehlo_reply(&lines);
                 } else if let Some(domain) = domain.filter(|_| code >= 500) {
-                    // A HELO-only upstream: EHLO still gets a 250 (DESIGN §2), before TLS
-                    // with STARTTLS in it, after TLS as the client's new greeting.
-                    let mut helo = BytesMut::from(&b"HELO "[..]);
-                    helo.put_slice(&domain);
-                    helo.put_slice(b"\r\n");
-                    self.send_upstream(helo.freeze());
+                    // A HELO-only upstream: EHLO still gets a 250 (ARCHITECTURE.md §2),
+                    // before TLS with STARTTLS in it, after TLS as the new greeting.
+                    self.conn.send_upstream_line(&[b"HELO ", &domain]);
                     self.slots.push_front(Slot::Upstream {
                         verb,
                         awaiting: Awaiting::HeloFallback,
@@ -772,18 +601,7 @@ impl Session {
             Awaiting::HeloFallback => {
                 if positive {
                     let text = parse::reply_line(&lines[0].text).map_or(&b""[..], |r| r.text);
-                    let mut out = BytesMut::new();
-                    if self.tls_active {
-                        out.put_slice(b"250 ");
-                        out.put_slice(text);
-                        out.put_slice(b"\r\n");
-                    } else {
-                        out.put_slice(b"250-");
-                        out.put_slice(text);
-                        out.put_slice(b"\r\n250 STARTTLS\r\n");
-                        self.starttls_offered = true;
-                    }
-                    self.send_client(out.freeze());
+                    self.send_ehlo_reply(&[Bytes::copy_from_slice(text)]);
                     self.upstream_pipelining = false;
                 } else {
                     self.relay(&lines);
@@ -813,16 +631,16 @@ impl Session {
             }
             Awaiting::TlsRset => return self.on_tls_rset_reply(positive),
             Awaiting::Quit => {
-                self.counters.record(tally_name(verb), positive);
+                self.conn.tally.record(tally_name(verb), positive);
                 self.relay(&lines);
-                return self.close();
+                return self.conn.close();
             }
             Awaiting::EndOfData | Awaiting::Reply => self.relay(&lines),
         }
-        if matches!(verb, Verb::Ehlo | Verb::Helo) && positive && self.tls_active {
+        if matches!(verb, Verb::Ehlo | Verb::Helo) && positive && self.conn.tls_active {
             self.greeted_since_tls = true;
         }
-        self.counters.record(tally_name(verb), positive);
+        self.conn.tally.record(tally_name(verb), positive);
     }
 
     /// The reply to the proxy's own EHLO: send XCLIENT with what the upstream announced;
@@ -834,7 +652,7 @@ impl Session {
             // The upstream turns sessions away (421: too many connections): say so.
             self.mode = Mode::Command;
             self.relay(lines);
-            return self.close();
+            return self.conn.close();
         }
         let command = lines
             .iter()
@@ -849,7 +667,7 @@ impl Session {
             .and_then(|(names, identity)| xclient::command(&identity, &names));
         match command {
             Some(command) => {
-                self.send_upstream(command);
+                self.conn.send_upstream(command);
                 self.slots.push_front(Slot::Upstream {
                     verb,
                     awaiting: Awaiting::Xclient,
@@ -861,25 +679,23 @@ impl Session {
 
     /// The listener asks for XCLIENT and the upstream cannot take it: the session is
     /// refused rather than reaching the upstream as mailmoat's own, trusted address
-    /// (the open-relay trap of DESIGN §7).
+    /// (the open-relay trap of ARCHITECTURE.md §7).
     fn xclient_unavailable(&mut self, reason: &'static str) {
-        self.event(Event::XclientUnavailable { reason });
+        self.conn.event(Event::XclientUnavailable { reason });
         self.mode = Mode::Command;
-        self.close_with(reply::IDENTITY_UNAVAILABLE);
+        self.conn.close_with(reply::IDENTITY_UNAVAILABLE);
     }
 
     fn relay(&mut self, lines: &[Line]) {
-        let mut out = BytesMut::with_capacity(lines.iter().map(|l| l.raw.len()).sum());
         for line in lines {
-            out.put_slice(&line.raw);
+            self.conn.send_client(&line.raw);
         }
-        self.send_client(out.freeze());
     }
 
-    /// The upstream's EHLO reply, rewritten per DESIGN §2: the upstream's own keywords in
-    /// its order, minus what must not cross the proxy, plus STARTTLS before TLS.
+    /// The upstream's EHLO reply, rewritten per ARCHITECTURE.md §2: the upstream's own
+    /// keywords in its order, minus what must not cross the proxy, plus STARTTLS before
+    /// TLS.
     fn on_ehlo_reply(&mut self, lines: &[Line]) {
-        let offer_starttls = !self.tls_active;
         self.upstream_pipelining = false;
         let mut kept: Vec<Bytes> = Vec::with_capacity(lines.len() + 1);
         for (index, line) in lines.iter().enumerate() {
@@ -905,7 +721,7 @@ impl Session {
                 continue;
             }
             if is(b"AUTH") {
-                if self.tls_active
+                if self.conn.tls_active
                     && let Some(auth) = auth_without_channel_binding(&text)
                 {
                     kept.push(auth);
@@ -914,76 +730,65 @@ impl Session {
             }
             kept.push(text);
         }
-        if offer_starttls {
-            kept.push(Bytes::from_static(b"STARTTLS"));
-            self.starttls_offered = true;
+        self.send_ehlo_reply(&kept);
+    }
+
+    /// A multi-line 250 of `lines`, with STARTTLS last before TLS.
+    fn send_ehlo_reply(&mut self, lines: &[Bytes]) {
+        let starttls: &[Bytes] = if self.conn.tls_active {
+            &[]
+        } else {
+            self.conn.starttls_offered = true;
+            &[Bytes::from_static(b"STARTTLS")]
+        };
+        let all = lines.len() + starttls.len();
+        for (index, text) in lines.iter().chain(starttls).enumerate() {
+            let separator: &[u8] = if index + 1 == all { b"250 " } else { b"250-" };
+            self.conn.send_client(separator);
+            self.conn.send_client(text);
+            self.conn.send_client(b"\r\n");
         }
-        let mut out = BytesMut::new();
-        for (index, text) in kept.iter().enumerate() {
-            out.put_slice(if index + 1 == kept.len() {
-                b"250 "
-            } else {
-                b"250-"
-            });
-            out.put_slice(text);
-            out.put_slice(b"\r\n");
-        }
-        self.send_client(out.freeze());
     }
 
     fn on_tls_rset_reply(&mut self, positive: bool) {
-        let early = self.client_in.split().freeze();
-        self.client_lines.reset();
-        if !early.is_empty() && early[0] != 0x16 {
-            // DESIGN §4: whatever the client queued behind STARTTLS is handed to the TLS
-            // engine (it fails there), never read as a command.
-            self.event(Event::StarttlsInjection { bytes: early.len() });
-        }
-        if !self.upstream_in.is_empty() || !self.reply_lines.is_empty() {
-            // More than the RSET's reply: replies out of step (DESIGN §9: nothing
-            // before TLS may survive into it).
+        // Whatever the client queued behind STARTTLS goes to the TLS engine, or nowhere.
+        let early = self.conn.take_early_bytes();
+        if !self.conn.upstream_in.is_empty() || !self.reply_lines.is_empty() {
+            // More than the RSET's reply: replies out of step (ARCHITECTURE.md §9:
+            // nothing before TLS may survive into it).
             return self.upstream_broken("data after the reply to RSET");
         }
         if !positive {
-            self.counters.record(tally_name(Verb::StartTls), false);
+            self.conn.tally.record(tally_name(Verb::StartTls), false);
             self.mode = Mode::Command;
-            self.send_client(reply::TLS_UNAVAILABLE);
-            return;
+            return self.conn.send_client(reply::TLS_UNAVAILABLE);
         }
         if self.client_done {
             // The client closed its side behind STARTTLS: no handshake can complete,
             // and nothing may be queued behind the upgrade.
-            self.counters.record(tally_name(Verb::StartTls), false);
-            return self.close();
+            self.conn.tally.record(tally_name(Verb::StartTls), false);
+            return self.conn.close();
         }
-        self.counters.record(tally_name(Verb::StartTls), true);
-        self.send_client(reply::READY_TLS);
-        self.mode = Mode::Handshake;
-        self.actions.push_back(Action::StartTls { early });
+        self.conn.tally.record(tally_name(Verb::StartTls), true);
+        self.conn.send_client(reply::READY_TLS);
+        self.mode = Mode::Command;
+        self.greeted_since_tls = false;
+        self.upstream_pipelining = false;
+        self.conn.start_tls(early);
     }
 }
 
 /// `AUTH` keyword line minus channel-binding mechanisms; `None` when nothing remains.
 fn auth_without_channel_binding(text: &Bytes) -> Option<Bytes> {
-    let keyword_len = parse::ehlo_keyword(text).len();
-    let mechanisms = text[keyword_len..]
+    let keyword = parse::ehlo_keyword(text);
+    let mechanisms = text[keyword.len()..]
         .split(|&b| b == b' ' || b == b'\t' || b == b'=')
         .filter(|m| !m.is_empty());
-    if !mechanisms.clone().any(is_channel_binding_mechanism) {
-        return Some(text.clone());
+    match without_channel_binding(keyword, mechanisms) {
+        Mechanisms::Unchanged => Some(text.clone()),
+        Mechanisms::Without(line) => Some(line.freeze()),
+        Mechanisms::Empty => None,
     }
-    let kept: Vec<&[u8]> = mechanisms
-        .filter(|m| !is_channel_binding_mechanism(m))
-        .collect();
-    if kept.is_empty() {
-        return None;
-    }
-    let mut out = BytesMut::from(&text[..keyword_len]);
-    for mechanism in kept {
-        out.put_u8(b' ');
-        out.put_slice(mechanism);
-    }
-    Some(out.freeze())
 }
 
 fn verb_label(verb: Verb) -> &'static str {
@@ -1010,25 +815,76 @@ fn verb_label(verb: Verb) -> &'static str {
 }
 
 impl crate::proto::Session for Session {
-    fn on_client_data(&mut self, data: &[u8]) {
-        if matches!(self.mode, Mode::Closed) {
-            return;
-        }
-        self.client_in.extend_from_slice(data);
-        self.process_client();
+    fn conn(&self) -> &Conn {
+        &self.conn
     }
 
-    fn on_upstream_data(&mut self, data: &[u8]) {
-        if matches!(self.mode, Mode::Closed) {
-            return;
+    fn conn_mut(&mut self) -> &mut Conn {
+        &mut self.conn
+    }
+
+    fn goodbye(&self, why: Goodbye) -> &'static [u8] {
+        match why {
+            Goodbye::LineTooLong => reply::LINE_TOO_LONG,
+            Goodbye::TooManyPlaintext => reply::TOO_MANY_PLAINTEXT,
+            Goodbye::TooManyErrors => reply::TOO_MANY_ERRORS,
+            Goodbye::UpstreamUnavailable => reply::UPSTREAM_UNAVAILABLE,
+            Goodbye::UpstreamBroken => reply::UPSTREAM_BROKEN,
+            Goodbye::IdleTimeout => reply::IDLE_TIMEOUT,
+            Goodbye::ShuttingDown => reply::SHUTTING_DOWN,
         }
-        self.upstream_in.extend_from_slice(data);
-        self.process_upstream();
+    }
+
+    /// A goodbye for what the client did waits for the replies owed before it; one for
+    /// the upstream, the clock or an error too many goes at once.
+    fn end(&mut self, why: Goodbye) {
+        let reply = self.goodbye(why);
+        match why {
+            Goodbye::LineTooLong | Goodbye::TooManyPlaintext => {
+                self.queue_local(Verb::Other, reply, true)
+            }
+            _ => {
+                self.slots.clear();
+                self.conn.close_with(reply);
+            }
+        }
+    }
+
+    fn process_client(&mut self) {
+        while self.conn.is_open() && self.client_step() {}
+    }
+
+    fn process_upstream(&mut self) {
+        while self.conn.is_open() {
+            let line = match self.conn.next_upstream_line() {
+                Ok(Some(line)) => line,
+                Ok(None) => break,
+                Err(_) => return self.upstream_broken("reply line too long"),
+            };
+            let (code, last) = match parse::reply_line(&line.text) {
+                Ok(reply) => (reply.code, reply.last),
+                Err(_) => return self.upstream_broken("malformed reply line"),
+            };
+            if let Some(first) = self.reply_lines.first()
+                && parse::reply_line(&first.text).map(|r| r.code) != Ok(code)
+            {
+                return self.upstream_broken("reply code changed inside a reply");
+            }
+            if self.reply_lines.len() == MAX_REPLY_LINES {
+                return self.upstream_broken("reply has too many lines");
+            }
+            self.reply_lines.push(line);
+            if last {
+                let lines = std::mem::take(&mut self.reply_lines);
+                self.on_reply(code, lines);
+                self.flush_local_replies();
+            }
+        }
         self.process_client();
         // A client that half-closed is done once every command it sent has been read
         // and answered: the commands held behind the reply just in go first.
         if self.client_done && self.slots.is_empty() {
-            self.close();
+            self.conn.close();
         }
     }
 
@@ -1040,100 +896,67 @@ impl crate::proto::Session for Session {
             .any(|slot| matches!(slot, Slot::Upstream { .. }));
         match self.mode {
             // Mid-DATA this drops the upstream without an end-of-data: no partial
-            // message is ever delivered (DESIGN §9).
-            Mode::Data(_) | Mode::SkipChunk { .. } | Mode::SaslResponse => self.close(),
+            // message is ever delivered (ARCHITECTURE.md §9).
+            Mode::Data(_) | Mode::SkipChunk { .. } | Mode::SaslResponse => self.conn.close(),
             // A client that pipelined its commands and half-closed still gets its
             // replies (and its last message is not lost).
-            Mode::Command | Mode::Greeting if owed => {}
-            _ => self.close(),
+            Mode::Command | Mode::Greeting if owed && self.conn.is_open() => {}
+            _ => self.conn.close(),
         }
     }
 
     fn on_upstream_eof(&mut self) {
         if matches!(self.mode, Mode::Command) && self.slots.is_empty() {
             // Between commands (after the upstream's own 421, say): nothing is owed.
-            self.close();
+            self.conn.close();
         } else {
-            self.close_with(reply::UPSTREAM_UNAVAILABLE);
+            self.end(Goodbye::UpstreamUnavailable);
         }
-    }
-
-    fn on_tls_established(&mut self) {
-        self.tls_active = true;
-        self.greeted_since_tls = false;
-        self.upstream_pipelining = false;
-        // On an implicit-TLS listener this comes before the greeting, which is still
-        // awaited: the mode stays.
-        if matches!(self.mode, Mode::Handshake) {
-            self.mode = Mode::Command;
-            if !self.upstream_in.is_empty() {
-                return self.upstream_broken("upstream spoke during the TLS handshake");
-            }
-        }
-        self.process_client();
     }
 
     fn on_timeout(&mut self) {
         match self.mode {
-            Mode::Greeting => self.close_with(reply::UPSTREAM_UNAVAILABLE),
-            _ => self.close_with(reply::IDLE_TIMEOUT),
+            Mode::Greeting => self.end(Goodbye::UpstreamUnavailable),
+            _ => self.end(Goodbye::IdleTimeout),
         }
     }
 
     fn phase(&self) -> Phase {
-        match self.mode {
-            Mode::Greeting => Phase::Greeting,
-            Mode::Data(_) | Mode::SkipChunk { .. } => Phase::Data,
-            Mode::Handshake => Phase::Handshake,
+        match (self.conn.stage, &self.mode) {
+            (Stage::Handshake, _) => Phase::Handshake,
+            (_, Mode::Greeting) => Phase::Greeting,
+            (_, Mode::Data(_) | Mode::SkipChunk { .. }) => Phase::Data,
             _ => Phase::Command,
         }
     }
 
     fn wants_client_data(&self) -> bool {
-        !self.client_done
-            && !matches!(self.mode, Mode::Closed | Mode::Closing | Mode::Handshake)
-            && self.client_in.len() < self.config.max_held_bytes
-    }
-
-    fn next_action(&mut self) -> Option<Action> {
-        self.actions.pop_front()
+        !self.client_done && !matches!(self.mode, Mode::Closing) && self.conn.wants_client_data()
     }
 
     fn release_idle_memory(&mut self) {
-        release_if_empty(&mut self.client_in);
-        release_if_empty(&mut self.upstream_in);
-        release_queue_if_empty(&mut self.actions);
+        self.conn.release_idle_memory();
         release_queue_if_empty(&mut self.slots);
         if self.reply_lines.is_empty() {
             self.reply_lines = Vec::new();
         }
     }
 
-    fn on_output_written(&mut self) -> bool {
-        let was_full = self.replies.is_full();
-        self.replies.written();
-        if was_full {
-            self.process_client();
-        }
-        !self.actions.is_empty()
-    }
-
     fn close_if_idle(&mut self) -> bool {
+        if !self.conn.is_open() {
+            return false;
+        }
         match self.mode {
             // The 421 takes the place of the greeting (RFC 5321 §3.1).
             Mode::Greeting => {}
-            Mode::Command if self.slots.is_empty() && self.client_in.is_empty() => {
+            Mode::Command if self.slots.is_empty() && self.conn.client_in.is_empty() => {
                 // Nothing is in flight upstream: end its side cleanly too.
-                self.send_upstream(&b"QUIT\r\n"[..]);
+                self.conn.send_upstream_line(&[b"QUIT"]);
             }
             _ => return false,
         }
-        self.close_with(reply::SHUTTING_DOWN);
+        self.end(Goodbye::ShuttingDown);
         true
-    }
-
-    fn summary(&self) -> String {
-        self.counters.summary()
     }
 }
 

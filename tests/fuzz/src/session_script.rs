@@ -83,7 +83,7 @@ use std::collections::VecDeque;
 use std::sync::OnceLock;
 
 use mailmoat::policy::{BareNewlines, Policy, UserHasher};
-use mailmoat::proto::{Action, Event, Phase, Session, imap, pop3, smtp};
+use mailmoat::proto::{Action, Event, Limits, Phase, Session, imap, pop3, smtp};
 
 use crate::canonical::{Canonical, Dialect};
 
@@ -140,10 +140,12 @@ fn smtp_session(flags: Flags) -> smtp::Session {
         smtp::Config {
             policy: flags.policy(),
             bare_newlines: flags.bare_newlines(),
-            max_line_len: flags.max_line_len(),
-            max_held_bytes: flags.max_held_bytes(),
-            max_plaintext_commands: flags.max_plaintext_commands(),
-            max_errors: flags.max_plaintext_commands(),
+            limits: Limits {
+                max_line_len: flags.max_line_len(),
+                max_held_bytes: flags.max_held_bytes(),
+                max_plaintext_commands: flags.max_plaintext_commands(),
+                max_errors: flags.max_plaintext_commands(),
+            },
             user_hasher: UserHasher::new(b"key"),
         },
         false,
@@ -152,21 +154,25 @@ fn smtp_session(flags: Flags) -> smtp::Session {
 
 fn imap_session(flags: Flags) -> imap::Session {
     imap::Session::new(imap::Config {
-        max_line_len: flags.max_line_len(),
         max_literal_len: flags.max_literal_len(),
-        max_held_bytes: flags.max_held_bytes(),
-        max_plaintext_commands: flags.max_plaintext_commands(),
-        max_errors: flags.max_plaintext_commands(),
+        limits: Limits {
+            max_line_len: flags.max_line_len(),
+            max_held_bytes: flags.max_held_bytes(),
+            max_plaintext_commands: flags.max_plaintext_commands(),
+            max_errors: flags.max_plaintext_commands(),
+        },
         user_hasher: UserHasher::new(b"key"),
     })
 }
 
 fn pop3_session(flags: Flags) -> pop3::Session {
     pop3::Session::new(pop3::Config {
-        max_line_len: flags.max_line_len(),
-        max_held_bytes: flags.max_held_bytes(),
-        max_plaintext_commands: flags.max_plaintext_commands(),
-        max_errors: flags.max_plaintext_commands(),
+        limits: Limits {
+            max_line_len: flags.max_line_len(),
+            max_held_bytes: flags.max_held_bytes(),
+            max_plaintext_commands: flags.max_plaintext_commands(),
+            max_errors: flags.max_plaintext_commands(),
+        },
         user_hasher: UserHasher::new(b"key"),
     })
 }

@@ -1,7 +1,8 @@
 //! Transcript tests of the IMAP session: inputs fed, actions asserted, no sockets.
 
 use super::*;
-use crate::proto::Session as _;
+
+use crate::proto::testing::*;
 use proptest::prelude::*;
 
 const GREETING: &str = "* OK [CAPABILITY IMAP4rev1 SASL-IR LOGIN-REFERRALS ID ENABLE IDLE LITERAL+ \
@@ -11,39 +12,11 @@ LITERAL+ STARTTLS LOGINDISABLED] Dovecot (Debian) ready.\r\n";
 const PRIVACY: &str =
     " NO [PRIVACYREQUIRED] TLS is required before authentication, use STARTTLS\r\n";
 
-#[derive(Debug, Default, PartialEq)]
-struct Out {
-    client: String,
-    upstream: String,
-    events: Vec<Event>,
-    starttls: Option<Vec<u8>>,
-    relay: bool,
-    closed: bool,
-}
-
-fn drain(session: &mut Session) -> Out {
-    let mut out = Out::default();
-    while let Some(action) = session.next_action() {
-        match action {
-            Action::ToClient(b) => out.client.push_str(&String::from_utf8_lossy(&b)),
-            Action::ToUpstream(b) => out.upstream.push_str(&String::from_utf8_lossy(&b)),
-            Action::Event(e) => out.events.push(e),
-            Action::StartTls { early } => out.starttls = Some(early.to_vec()),
-            Action::Relay => out.relay = true,
-            Action::Close => out.closed = true,
-        }
-    }
-    out
-}
-
 fn config() -> Config {
     Config {
-        max_line_len: 1024,
         max_literal_len: 1000,
-        max_held_bytes: 64 * 1024,
-        max_plaintext_commands: 20,
-        max_errors: 20,
-        user_hasher: UserHasher::new(b"test key"),
+        limits: limits(1024),
+        user_hasher: hasher(),
     }
 }
 
@@ -55,16 +28,6 @@ fn the_plaintext_command_budget_closes_a_chatty_client() {
     let out = client(&mut s, "b ID NIL\r\n");
     assert_eq!(out.client, "* BYE Too many commands before STARTTLS\r\n");
     assert!(out.closed);
-}
-
-fn client(s: &mut Session, bytes: &str) -> Out {
-    s.on_client_data(bytes.as_bytes());
-    drain(s)
-}
-
-fn upstream(s: &mut Session, bytes: &str) -> Out {
-    s.on_upstream_data(bytes.as_bytes());
-    drain(s)
 }
 
 #[test]
@@ -97,10 +60,6 @@ fn after_tls() -> Session {
     assert_eq!(out.upstream, "");
     s.on_tls_established();
     s
-}
-
-fn names(events: &[Event]) -> Vec<&'static str> {
-    events.iter().map(Event::name).collect()
 }
 
 #[test]
@@ -313,13 +272,13 @@ fn a_session_that_only_draws_errors_is_closed() {
 fn a_flood_of_locally_answered_lines_waits_for_the_client_to_read() {
     use crate::proto::MAX_UNWRITTEN_REPLY_BYTES;
     let mut s = after_tls();
-    s.config.max_errors = u32::MAX;
+    s.conn.limits.max_errors = u32::MAX;
     assert!(!s.on_output_written());
     let flood = "\n".repeat(64 * 1024);
     let out = client(&mut s, &flood);
     let reply_len = reply::BAD_LINE.len();
     // Each reply costs its bytes and its action's slot in the queue.
-    let batch = MAX_UNWRITTEN_REPLY_BYTES.div_ceil(reply_len + crate::proto::ACTION_COST);
+    let batch = MAX_UNWRITTEN_REPLY_BYTES.div_ceil(reply_len + crate::proto::conn::ACTION_COST);
     assert_eq!(out.client.len(), batch * reply_len);
     let mut total = out.client.len() / reply_len;
     while s.on_output_written() {

@@ -1,7 +1,8 @@
 //! Transcript tests of the POP3 session: inputs fed, actions asserted, no sockets.
 
 use super::*;
-use crate::proto::Session as _;
+use crate::proto::Action;
+use crate::proto::testing::*;
 use proptest::prelude::*;
 
 const GREETING: &str = "+OK Dovecot ready. <1896.697170952@dbc.mtview.ca.us>\r\n";
@@ -17,59 +18,11 @@ const UNAVAILABLE: &str = "-ERR [SYS/TEMP] Service temporarily unavailable, try 
 // "\0alice@example.test\0alice-secret-pw"
 const PLAIN_IR: &str = "AGFsaWNlQGV4YW1wbGUudGVzdABhbGljZS1zZWNyZXQtcHc=";
 
-/// What one step produced, split by kind.
-#[derive(Debug, Default, PartialEq)]
-struct Out {
-    client: String,
-    upstream: String,
-    events: Vec<Event>,
-    starttls: Option<Vec<u8>>,
-    relay: bool,
-    closed: bool,
-}
-
-fn drain(session: &mut Session) -> Out {
-    let mut out = Out::default();
-    while let Some(action) = session.next_action() {
-        assert!(!out.relay && !out.closed, "{action:?} after relay/close");
-        match action {
-            Action::ToClient(b) => out.client.push_str(&String::from_utf8_lossy(&b)),
-            Action::ToUpstream(b) => out.upstream.push_str(&String::from_utf8_lossy(&b)),
-            Action::Event(e) => out.events.push(e),
-            Action::StartTls { early } => out.starttls = Some(early.to_vec()),
-            Action::Relay => out.relay = true,
-            Action::Close => out.closed = true,
-        }
-    }
-    out
-}
-
 fn config() -> Config {
     Config {
-        max_line_len: 512,
-        max_held_bytes: 64 * 1024,
-        max_plaintext_commands: 20,
-        max_errors: 20,
-        user_hasher: UserHasher::new(b"test key"),
+        limits: limits(512),
+        user_hasher: hasher(),
     }
-}
-
-fn hash(user: &str) -> Option<String> {
-    Some(UserHasher::new(b"test key").hash(user))
-}
-
-fn client(session: &mut Session, bytes: &str) -> Out {
-    session.on_client_data(bytes.as_bytes());
-    drain(session)
-}
-
-fn upstream(session: &mut Session, bytes: &str) -> Out {
-    session.on_upstream_data(bytes.as_bytes());
-    drain(session)
-}
-
-fn names(events: &[Event]) -> Vec<&'static str> {
-    events.iter().map(Event::name).collect()
 }
 
 /// A session past the greeting.
@@ -283,13 +236,13 @@ fn a_session_that_only_draws_errors_is_closed() {
 fn a_flood_of_locally_answered_lines_waits_for_the_client_to_read() {
     use crate::proto::MAX_UNWRITTEN_REPLY_BYTES;
     let mut s = after_tls();
-    s.config.max_errors = u32::MAX;
+    s.conn.limits.max_errors = u32::MAX;
     assert!(!s.on_output_written());
     let flood = "\n".repeat(64 * 1024);
     let out = client(&mut s, &flood);
     let reply_len = reply::BAD_SYNTAX.len();
     // Each reply costs its bytes and its action's slot in the queue.
-    let batch = MAX_UNWRITTEN_REPLY_BYTES.div_ceil(reply_len + crate::proto::ACTION_COST);
+    let batch = MAX_UNWRITTEN_REPLY_BYTES.div_ceil(reply_len + crate::proto::conn::ACTION_COST);
     assert_eq!(out.client.len(), batch * reply_len);
     let mut total = out.client.len() / reply_len;
     while s.on_output_written() {
@@ -822,7 +775,7 @@ fn a_long_body_line_is_streamed_as_it_arrives() {
         assert_eq!(upstream(&mut s, &chunk).client.len(), chunk.len());
     }
     assert_eq!(upstream(&mut s, "\r\n.\r\n").client, "\r\n.\r\n");
-    assert!(s.upstream_in.is_empty());
+    assert!(s.conn.upstream_in.is_empty());
     assert_eq!(client(&mut s, "QUIT\r\n").upstream, "QUIT\r\n");
 }
 
@@ -974,9 +927,12 @@ fn xclient_after_tls_is_forbidden() {
 #[test]
 fn held_bytes_are_bounded() {
     let mut s = Session::new(Config {
-        max_held_bytes: 1024,
-        max_plaintext_commands: 1000,
-        max_errors: 1000,
+        limits: Limits {
+            max_held_bytes: 1024,
+            max_plaintext_commands: 1000,
+            max_errors: 1000,
+            ..limits(512)
+        },
         ..config()
     });
     assert!(s.wants_client_data());
@@ -1169,7 +1125,7 @@ proptest! {
             0..40,
         ),
     ) {
-        let mut s = Session::new(Config { max_line_len: 64, max_held_bytes: 128, ..config() });
+        let mut s = Session::new(Config { limits: Limits { max_line_len: 64, max_held_bytes: 128, ..limits(512) }, ..config() });
         let mut tls = false;
         let mut handshake = false;
         for (side, tokens) in inputs {

@@ -1,7 +1,8 @@
 //! Transcript tests of the SMTP session: inputs fed, actions asserted, no sockets.
 
 use super::*;
-use crate::proto::Session as _;
+
+use crate::proto::testing::*;
 
 const GREETING: &[u8] = b"220 legacy.example.test ESMTP legacy\r\n";
 const EHLO_REPLY: &[u8] = b"250-legacy.example.test\r\n250-PIPELINING\r\n250-SIZE 52428800\r\n\
@@ -11,40 +12,12 @@ const EHLO_REPLY: &[u8] = b"250-legacy.example.test\r\n250-PIPELINING\r\n250-SIZ
 // "\0alice@example.test\0alice-secret-pw"
 const PLAIN_IR: &str = "AGFsaWNlQGV4YW1wbGUudGVzdABhbGljZS1zZWNyZXQtcHc=";
 
-/// What one step produced, split by kind.
-#[derive(Debug, Default, PartialEq)]
-struct Out {
-    client: String,
-    upstream: String,
-    events: Vec<Event>,
-    starttls: Option<Vec<u8>>,
-    closed: bool,
-}
-
-fn drain(session: &mut Session) -> Out {
-    let mut out = Out::default();
-    while let Some(action) = session.next_action() {
-        match action {
-            Action::ToClient(b) => out.client.push_str(&String::from_utf8_lossy(&b)),
-            Action::ToUpstream(b) => out.upstream.push_str(&String::from_utf8_lossy(&b)),
-            Action::Event(e) => out.events.push(e),
-            Action::StartTls { early } => out.starttls = Some(early.to_vec()),
-            Action::Close => out.closed = true,
-            Action::Relay => panic!("SMTP never goes blind (DESIGN §1.7)"),
-        }
-    }
-    out
-}
-
 fn config(policy: Policy) -> Config {
     Config {
         policy,
         bare_newlines: BareNewlines::Normalize,
-        max_line_len: 512,
-        max_held_bytes: 64 * 1024,
-        max_plaintext_commands: 20,
-        max_errors: 20,
-        user_hasher: UserHasher::new(b"test key"),
+        limits: limits(512),
+        user_hasher: hasher(),
     }
 }
 
@@ -143,20 +116,6 @@ fn greeted(policy: Policy) -> Session {
     session
 }
 
-fn client(session: &mut Session, bytes: &str) -> Out {
-    session.on_client_data(bytes.as_bytes());
-    drain(session)
-}
-
-fn upstream(session: &mut Session, bytes: &str) -> Out {
-    session.on_upstream_data(bytes.as_bytes());
-    drain(session)
-}
-
-fn names(events: &[Event]) -> Vec<&'static str> {
-    events.iter().map(Event::name).collect()
-}
-
 /// A session after STARTTLS, the handshake, and a fresh EHLO.
 fn after_tls(policy: Policy) -> Session {
     let mut s = greeted(policy);
@@ -222,13 +181,13 @@ fn an_idle_session_gives_its_buffers_back() {
     client(&mut s, "EHLO c.example\r\nNOOP\r\n");
     upstream(&mut s, std::str::from_utf8(EHLO_REPLY).unwrap());
     upstream(&mut s, "250 2.0.0 Ok\r\n");
-    assert!(s.actions.is_empty() && s.slots.is_empty());
+    assert!(s.conn.actions.is_empty() && s.slots.is_empty());
     s.release_idle_memory();
     assert_eq!(
         (
-            s.client_in.capacity(),
-            s.upstream_in.capacity(),
-            s.actions.capacity(),
+            s.conn.client_in.capacity(),
+            s.conn.upstream_in.capacity(),
+            s.conn.actions.capacity(),
             s.slots.capacity(),
             s.reply_lines.capacity()
         ),
@@ -654,7 +613,7 @@ fn a_refused_data_leaves_the_following_lines_as_commands() {
 #[test]
 fn bare_newlines_reject_mode_drops_the_transaction() {
     let mut s = after_tls(Policy::RequireTls);
-    s.config.bare_newlines = BareNewlines::Reject;
+    s.bare_newlines = BareNewlines::Reject;
     client(&mut s, "DATA\r\n");
     upstream(&mut s, "354 go\r\n");
     let out = client(&mut s, "a\nb\r\n.\r\n");
@@ -783,7 +742,7 @@ fn a_session_that_only_draws_errors_is_closed() {
 fn a_flood_of_locally_answered_lines_waits_for_the_client_to_read() {
     use crate::proto::MAX_UNWRITTEN_REPLY_BYTES;
     let mut s = greeted(Policy::AuthRequiresTls);
-    s.config.max_errors = u32::MAX;
+    s.conn.limits.max_errors = u32::MAX;
     // The driver wrote the greeting.
     assert!(!s.on_output_written());
     let flood = "\n".repeat(64 * 1024);
@@ -791,9 +750,9 @@ fn a_flood_of_locally_answered_lines_waits_for_the_client_to_read() {
     let reply_len = "500 5.5.2 Error: bad syntax\r\n".len();
     let replies = out.client.len() / reply_len;
     // Each reply costs its bytes and its action's slot in the queue.
-    let batch = MAX_UNWRITTEN_REPLY_BYTES.div_ceil(reply_len + crate::proto::ACTION_COST);
+    let batch = MAX_UNWRITTEN_REPLY_BYTES.div_ceil(reply_len + crate::proto::conn::ACTION_COST);
     assert_eq!(out.client.len(), batch * reply_len);
-    assert_eq!(s.client_in.len(), flood.len() - replies);
+    assert_eq!(s.conn.client_in.len(), flood.len() - replies);
     // The driver wrote it all: the next batch, no larger.
     assert!(s.on_output_written());
     let out = drain(&mut s);
@@ -804,7 +763,7 @@ fn a_flood_of_locally_answered_lines_waits_for_the_client_to_read() {
         total += drain(&mut s).client.len() / reply_len;
     }
     assert_eq!(total, flood.len());
-    assert!(s.client_in.is_empty());
+    assert!(s.conn.client_in.is_empty());
 }
 
 #[test]
@@ -864,7 +823,7 @@ fn upstream_bytes_after_the_rset_reply_never_cross_into_tls() {
 #[test]
 fn replies_owed_to_the_client_are_bounded() {
     let mut s = greeted(Policy::AuthRequiresTls);
-    s.config.max_errors = 1000;
+    s.conn.limits.max_errors = 1000;
     client(&mut s, "EHLO c\r\n");
     upstream(&mut s, "250-legacy\r\n250 PIPELINING\r\n");
     let out = client(
