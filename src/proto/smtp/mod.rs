@@ -3,6 +3,7 @@
 
 pub mod body;
 pub mod canonical;
+mod ehlo;
 pub mod parse;
 mod session;
 pub mod xclient;

@@ -53,30 +53,40 @@ pub enum Verb {
 }
 
 impl Verb {
+    /// The verbs by name; everything else is `Other`.
+    const ALL: &[(&str, Verb)] = &[
+        ("EHLO", Verb::Ehlo),
+        ("HELO", Verb::Helo),
+        ("STARTTLS", Verb::StartTls),
+        ("AUTH", Verb::Auth),
+        ("MAIL", Verb::Mail),
+        ("RCPT", Verb::Rcpt),
+        ("DATA", Verb::Data),
+        ("BDAT", Verb::Bdat),
+        ("RSET", Verb::Rset),
+        ("NOOP", Verb::Noop),
+        ("QUIT", Verb::Quit),
+        ("VRFY", Verb::Vrfy),
+        ("EXPN", Verb::Expn),
+        ("HELP", Verb::Help),
+        ("ETRN", Verb::Etrn),
+        ("XCLIENT", Verb::XClient),
+        ("XFORWARD", Verb::XForward),
+    ];
+
     fn from_bytes(verb: &[u8]) -> Verb {
-        const VERBS: &[(&[u8], Verb)] = &[
-            (b"EHLO", Verb::Ehlo),
-            (b"HELO", Verb::Helo),
-            (b"STARTTLS", Verb::StartTls),
-            (b"AUTH", Verb::Auth),
-            (b"MAIL", Verb::Mail),
-            (b"RCPT", Verb::Rcpt),
-            (b"DATA", Verb::Data),
-            (b"BDAT", Verb::Bdat),
-            (b"RSET", Verb::Rset),
-            (b"NOOP", Verb::Noop),
-            (b"QUIT", Verb::Quit),
-            (b"VRFY", Verb::Vrfy),
-            (b"EXPN", Verb::Expn),
-            (b"HELP", Verb::Help),
-            (b"ETRN", Verb::Etrn),
-            (b"XCLIENT", Verb::XClient),
-            (b"XFORWARD", Verb::XForward),
-        ];
-        VERBS
+        Self::ALL
             .iter()
-            .find(|(name, _)| name.eq_ignore_ascii_case(verb))
+            .find(|(name, _)| name.as_bytes().eq_ignore_ascii_case(verb))
             .map_or(Verb::Other, |&(_, v)| v)
+    }
+
+    /// The verb's name for logs, or `unknown`: never the client's own text.
+    pub fn label(self) -> &'static str {
+        Self::ALL
+            .iter()
+            .find(|(_, v)| *v == self)
+            .map_or("unknown", |&(name, _)| name)
     }
 }
 

@@ -24,9 +24,10 @@ use bytes::{Buf, Bytes, BytesMut};
 
 use super::body::{Body, Progress};
 use super::canonical;
+use super::ehlo;
 use super::parse::{self, Verb};
 use super::xclient;
-use crate::policy::{BareNewlines, Mechanisms, Policy, UserHasher, without_channel_binding};
+use crate::policy::{BareNewlines, Policy, UserHasher};
 use crate::proto::conn::release_queue_if_empty;
 use crate::proto::line::Line;
 use crate::proto::{Conn, Event, Goodbye, Limits, Phase, Session as _, Stage, Tally};
@@ -414,17 +415,15 @@ impl Session {
         }
         if matches!(verb, Verb::XClient | Verb::XForward) {
             // The local link is trusted by the upstream; only the proxy speaks for it.
-            self.conn.event(Event::ForbiddenCommand {
-                verb: verb_label(verb),
-            });
+            self.conn
+                .event(Event::ForbiddenCommand { verb: verb.label() });
             return self.refuse(&command, reply::NOT_AUTHORIZED);
         }
 
         if !self.conn.tls_active {
             if let Some(refusal) = self.plaintext_refusal(&command) {
-                self.conn.event(Event::PlaintextCommandRefused {
-                    verb: verb_label(verb),
-                });
+                self.conn
+                    .event(Event::PlaintextCommandRefused { verb: verb.label() });
                 return self.refuse(&command, refusal);
             }
         } else if !self.greeted_since_tls
@@ -462,9 +461,8 @@ impl Session {
                 self.slots.push_back(Slot::Upstream { verb, awaiting });
             }
             Err(canonical::Refusal(reply)) => {
-                self.conn.event(Event::PlaintextCommandRefused {
-                    verb: verb_label(verb),
-                });
+                self.conn
+                    .event(Event::PlaintextCommandRefused { verb: verb.label() });
                 self.reply_local(verb, reply)
             }
         }
@@ -692,62 +690,18 @@ impl Session {
         }
     }
 
-    /// The upstream's EHLO reply, rewritten per ARCHITECTURE.md §2: the upstream's own
-    /// keywords in its order, minus what must not cross the proxy, plus STARTTLS before
-    /// TLS.
+    /// The upstream's EHLO reply, rewritten per ARCHITECTURE.md §2.
     fn on_ehlo_reply(&mut self, lines: &[Line]) {
-        self.upstream_pipelining = false;
-        let mut kept: Vec<Bytes> = Vec::with_capacity(lines.len() + 1);
-        for (index, line) in lines.iter().enumerate() {
-            let text = parse::reply_line(&line.text).map_or(&b""[..], |r| r.text);
-            let text = line.text.slice_ref(text);
-            if index == 0 {
-                kept.push(text); // the domain and greeting
-                continue;
-            }
-            let keyword = parse::ehlo_keyword(&text);
-            let is = |name: &[u8]| keyword.eq_ignore_ascii_case(name);
-            if is(b"PIPELINING") {
-                self.upstream_pipelining = true;
-            }
-            // CHUNKING (and BINARYMIME, which needs it) never cross: see `on_bdat`.
-            if is(b"STARTTLS")
-                || is(b"XCLIENT")
-                || is(b"XFORWARD")
-                || is(b"PIPECONNECT")
-                || is(b"CHUNKING")
-                || is(b"BINARYMIME")
-            {
-                continue;
-            }
-            if is(b"AUTH") {
-                if self.conn.tls_active
-                    && let Some(auth) = auth_without_channel_binding(&text)
-                {
-                    kept.push(auth);
-                }
-                continue;
-            }
-            kept.push(text);
-        }
-        self.send_ehlo_reply(&kept);
+        let keywords = ehlo::keywords(lines, self.conn.tls_active);
+        self.upstream_pipelining = keywords.pipelining;
+        self.send_ehlo_reply(&keywords.kept);
     }
 
     /// A multi-line 250 of `lines`, with STARTTLS last before TLS.
     fn send_ehlo_reply(&mut self, lines: &[Bytes]) {
-        let starttls: &[Bytes] = if self.conn.tls_active {
-            &[]
-        } else {
-            self.conn.starttls_offered = true;
-            &[Bytes::from_static(b"STARTTLS")]
-        };
-        let all = lines.len() + starttls.len();
-        for (index, text) in lines.iter().chain(starttls).enumerate() {
-            let separator: &[u8] = if index + 1 == all { b"250 " } else { b"250-" };
-            self.conn.send_client(separator);
-            self.conn.send_client(text);
-            self.conn.send_client(b"\r\n");
-        }
+        let offer_starttls = !self.conn.tls_active;
+        self.conn.starttls_offered |= offer_starttls;
+        self.conn.send_client(&ehlo::reply(lines, offer_starttls));
     }
 
     fn on_tls_rset_reply(&mut self, positive: bool) {
@@ -775,42 +729,6 @@ impl Session {
         self.greeted_since_tls = false;
         self.upstream_pipelining = false;
         self.conn.start_tls(early);
-    }
-}
-
-/// `AUTH` keyword line minus channel-binding mechanisms; `None` when nothing remains.
-fn auth_without_channel_binding(text: &Bytes) -> Option<Bytes> {
-    let keyword = parse::ehlo_keyword(text);
-    let mechanisms = text[keyword.len()..]
-        .split(|&b| b == b' ' || b == b'\t' || b == b'=')
-        .filter(|m| !m.is_empty());
-    match without_channel_binding(keyword, mechanisms) {
-        Mechanisms::Unchanged => Some(text.clone()),
-        Mechanisms::Without(line) => Some(line.freeze()),
-        Mechanisms::Empty => None,
-    }
-}
-
-fn verb_label(verb: Verb) -> &'static str {
-    match verb {
-        Verb::Ehlo => "EHLO",
-        Verb::Helo => "HELO",
-        Verb::StartTls => "STARTTLS",
-        Verb::Auth => "AUTH",
-        Verb::Mail => "MAIL",
-        Verb::Rcpt => "RCPT",
-        Verb::Data => "DATA",
-        Verb::Bdat => "BDAT",
-        Verb::Rset => "RSET",
-        Verb::Noop => "NOOP",
-        Verb::Quit => "QUIT",
-        Verb::Vrfy => "VRFY",
-        Verb::Expn => "EXPN",
-        Verb::Help => "HELP",
-        Verb::Etrn => "ETRN",
-        Verb::XClient => "XCLIENT",
-        Verb::XForward => "XFORWARD",
-        Verb::Other => "unknown",
     }
 }
 
