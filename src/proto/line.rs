@@ -90,6 +90,30 @@ pub enum SplitError {
     Empty,
 }
 
+/// A client command line split into its verb (POP3's keyword) and the rest.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Command<'a, V> {
+    /// The recognised verb.
+    pub verb: V,
+    /// The verb as sent (for forwarding after TLS and the stripping heuristic).
+    pub verb_text: &'a [u8],
+    /// Everything after the white space that follows the verb, trailing white space
+    /// removed. Empty when there are no arguments.
+    pub args: &'a [u8],
+}
+
+impl<'a, V> Command<'a, V> {
+    /// Splits `line` ([`split_command`]) and recognises its verb with `classify`.
+    pub fn split(line: &'a [u8], classify: impl Fn(&[u8]) -> V) -> Result<Self, SplitError> {
+        let (verb_text, args) = split_command(line)?;
+        Ok(Command {
+            verb: classify(verb_text),
+            verb_text,
+            args,
+        })
+    }
+}
+
 /// A command line's first word and the rest, white space around the rest removed:
 /// liberal in white space, so that the proxy classifies a line the way lenient
 /// upstreams read it (SMTP and POP3 commands; IMAP lines start with a tag).

@@ -2,7 +2,7 @@
 //! §9, RFC 5034 §4). Each parser takes one whole line from the framer, without its line
 //! end, never the socket.
 
-use crate::proto::line::{SplitError, split_command};
+use crate::proto::line::{self, SplitError};
 use nom::{
     IResult, Parser,
     branch::alt,
@@ -95,16 +95,7 @@ impl Keyword {
 }
 
 /// One client command line, split into its keyword and the rest.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Command<'a> {
-    /// The recognised keyword.
-    pub keyword: Keyword,
-    /// The keyword as sent (for forwarding and the stripping heuristic).
-    pub keyword_text: &'a [u8],
-    /// Everything after the white space that follows the keyword, trailing white space
-    /// removed. Empty when there are no arguments.
-    pub args: &'a [u8],
-}
+pub type Command<'a> = line::Command<'a, Keyword>;
 
 fn is_wsp(b: u8) -> bool {
     b == b' ' || b == b'\t'
@@ -118,15 +109,16 @@ fn is_wsp(b: u8) -> bool {
 /// Lines holding control characters other than HTAB are refused: implementations differ
 /// on whether a bare CR or a NUL ends a command.
 pub fn command(line: &[u8]) -> Result<Command<'_>, Error> {
-    let (keyword_text, args) = split_command(line).map_err(|error| match error {
-        SplitError::ControlCharacter => Error::ControlCharacter,
-        SplitError::Empty => Error::Empty,
-    })?;
-    Ok(Command {
-        keyword: Keyword::from_bytes(keyword_text),
-        keyword_text,
-        args,
-    })
+    Ok(Command::split(line, Keyword::from_bytes)?)
+}
+
+impl From<SplitError> for Error {
+    fn from(error: SplitError) -> Self {
+        match error {
+            SplitError::ControlCharacter => Error::ControlCharacter,
+            SplitError::Empty => Error::Empty,
+        }
+    }
 }
 
 /// The first word of an upstream line.
@@ -271,7 +263,7 @@ mod tests {
         for (line, keyword, args) in table {
             let cmd = command(line).unwrap();
             assert_eq!(
-                (cmd.keyword, cmd.args),
+                (cmd.verb, cmd.args),
                 (*keyword, *args),
                 "{:?}",
                 String::from_utf8_lossy(line)
@@ -282,7 +274,7 @@ mod tests {
     #[test]
     fn the_keyword_text_is_kept_as_sent() {
         let cmd = command(b"  list \t").unwrap();
-        assert_eq!(cmd.keyword_text, b"list");
+        assert_eq!(cmd.verb_text, b"list");
         assert_eq!(cmd.args, b"");
     }
 
@@ -299,13 +291,13 @@ mod tests {
 
     #[test]
     fn labels_are_the_proxys_names_never_the_clients_text() {
-        assert_eq!(command(b"uSeR x").unwrap().keyword.label(), "USER");
-        assert_eq!(command(b"xclient").unwrap().keyword.label(), "XCLIENT");
+        assert_eq!(command(b"uSeR x").unwrap().verb.label(), "USER");
+        assert_eq!(command(b"xclient").unwrap().verb.label(), "XCLIENT");
         assert_eq!(
-            command(b"EVIL\x1b").map(|c| c.keyword),
+            command(b"EVIL\x1b").map(|c| c.verb),
             Err(Error::ControlCharacter)
         );
-        assert_eq!(command(b"EVIL x").unwrap().keyword.label(), "unknown");
+        assert_eq!(command(b"EVIL x").unwrap().verb.label(), "unknown");
     }
 
     #[test]

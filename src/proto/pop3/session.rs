@@ -252,7 +252,7 @@ impl Session {
             Ok(command) => command,
             Err(_) => return self.reply_local(Keyword::Other, reply::BAD_SYNTAX),
         };
-        let keyword = command.keyword;
+        let keyword = command.verb;
         if keyword == Keyword::Stls {
             return self.on_stls(command.args.is_empty());
         }
@@ -284,7 +284,7 @@ impl Session {
     /// forwarded in the proxy's own words, STLS is the proxy's, everything else is
     /// answered here.
     fn on_plaintext_command(&mut self, command: &parse::Command<'_>, line: &Line) {
-        let keyword = command.keyword;
+        let keyword = command.verb;
         match keyword {
             Keyword::Capa | Keyword::Quit | Keyword::Noop if !command.args.is_empty() => {
                 // ARCHITECTURE.md §3, canonical forwarding: none of them takes an argument, and
@@ -308,8 +308,7 @@ impl Session {
             }
             _ => {
                 if keyword == Keyword::Other {
-                    self.conn
-                        .note_mangled_upgrade(command.keyword_text, b"STLS");
+                    self.conn.note_mangled_upgrade(command.verb_text, b"STLS");
                 }
                 self.conn.event(Event::PlaintextCommandRefused {
                     verb: keyword.label(),
@@ -323,7 +322,7 @@ impl Session {
     /// of the user name and never the secret (ARCHITECTURE.md §3).
     fn note_plaintext_credentials(&mut self, command: &parse::Command<'_>) {
         let args = command.args;
-        match command.keyword {
+        match command.verb {
             Keyword::User if !args.is_empty() => {
                 self.plaintext_user = Some(self.conn.user_hash(args));
             }
@@ -379,15 +378,15 @@ impl Session {
     fn forward(&mut self, command: &parse::Command<'_>, line: &Line, awaiting: Awaiting) {
         if !self.conn.tls_active {
             self.conn
-                .send_upstream_line(&[command.keyword.label().as_bytes()]);
-        } else if command.keyword == Keyword::Pass {
+                .send_upstream_line(&[command.verb.label().as_bytes()]);
+        } else if command.verb == Keyword::Pass {
             // RFC 1939 §7: the password may contain (even end in) spaces.
             self.conn.send_upstream_line(&[&line.text]);
         } else if command.args.is_empty() {
-            self.conn.send_upstream_line(&[command.keyword_text]);
+            self.conn.send_upstream_line(&[command.verb_text]);
         } else {
             self.conn
-                .send_upstream_line(&[command.keyword_text, b" ", command.args]);
+                .send_upstream_line(&[command.verb_text, b" ", command.args]);
         }
         self.owed = Owed::Reply(awaiting);
     }

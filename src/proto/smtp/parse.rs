@@ -1,7 +1,7 @@
 //! nom parsers for the parts of SMTP the proxy must understand (RFC 5321 §4.1, RFC 3030,
 //! RFC 4954). Each parser takes one whole line from the framer, never the socket.
 
-use crate::proto::line::{SplitError, split_command};
+use crate::proto::line::{self, SplitError};
 use nom::{
     IResult, Parser,
     branch::alt,
@@ -91,16 +91,7 @@ impl Verb {
 }
 
 /// One client command line, split into its verb and the rest.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Command<'a> {
-    /// The recognised verb.
-    pub verb: Verb,
-    /// The verb as sent (for logs and the stripping heuristic).
-    pub verb_text: &'a [u8],
-    /// Everything after the white space that follows the verb, trailing white space
-    /// removed. Empty when there are no parameters.
-    pub args: &'a [u8],
-}
+pub type Command<'a> = line::Command<'a, Verb>;
 
 fn is_wsp(b: u8) -> bool {
     b == b' ' || b == b'\t'
@@ -113,15 +104,16 @@ fn is_wsp(b: u8) -> bool {
 /// Lines holding control characters other than HTAB are refused: implementations differ
 /// on whether a bare CR or a NUL ends a command.
 pub fn command(line: &[u8]) -> Result<Command<'_>, Error> {
-    let (verb_text, args) = split_command(line).map_err(|error| match error {
-        SplitError::ControlCharacter => Error::ControlCharacter,
-        SplitError::Empty => Error::Empty,
-    })?;
-    Ok(Command {
-        verb: Verb::from_bytes(verb_text),
-        verb_text,
-        args,
-    })
+    Ok(Command::split(line, Verb::from_bytes)?)
+}
+
+impl From<SplitError> for Error {
+    fn from(error: SplitError) -> Self {
+        match error {
+            SplitError::ControlCharacter => Error::ControlCharacter,
+            SplitError::Empty => Error::Empty,
+        }
+    }
 }
 
 /// `bdat-cmd = "BDAT" SP chunk-size [ SP end-marker ]`, `end-marker = "LAST"`
