@@ -68,3 +68,24 @@ pub fn hasher() -> UserHasher {
 pub fn hash(user: &str) -> Option<String> {
     Some(hasher().hash(user))
 }
+
+/// A flood of empty lines, each answered by the proxy with `reply_len` bytes, from a
+/// client that never reads: the session answers a budget's worth, then waits until the
+/// driver has written them (`on_output_written`), and in the end every line is answered.
+pub fn assert_flood_waits_for_the_client(s: &mut impl Session, reply_len: usize) {
+    use super::MAX_UNWRITTEN_REPLY_BYTES;
+    s.conn_mut().limits.max_errors = u32::MAX;
+    assert!(!s.on_output_written());
+    let flood = "\n".repeat(64 * 1024);
+    let out = client(s, &flood);
+    // Each reply costs its bytes and its action's slot in the queue.
+    let batch = MAX_UNWRITTEN_REPLY_BYTES.div_ceil(reply_len + super::conn::ACTION_COST);
+    assert_eq!(out.client.len(), batch * reply_len);
+    let mut total = out.client.len() / reply_len;
+    while s.on_output_written() {
+        let out = drain(s);
+        assert!(out.client.len() < MAX_UNWRITTEN_REPLY_BYTES + reply_len);
+        total += out.client.len() / reply_len;
+    }
+    assert_eq!(total, flood.len());
+}

@@ -270,23 +270,7 @@ fn a_session_that_only_draws_errors_is_closed() {
 
 #[test]
 fn a_flood_of_locally_answered_lines_waits_for_the_client_to_read() {
-    use crate::proto::MAX_UNWRITTEN_REPLY_BYTES;
-    let mut s = after_tls();
-    s.conn.limits.max_errors = u32::MAX;
-    assert!(!s.on_output_written());
-    let flood = "\n".repeat(64 * 1024);
-    let out = client(&mut s, &flood);
-    let reply_len = reply::BAD_LINE.len();
-    // Each reply costs its bytes and its action's slot in the queue.
-    let batch = MAX_UNWRITTEN_REPLY_BYTES.div_ceil(reply_len + crate::proto::conn::ACTION_COST);
-    assert_eq!(out.client.len(), batch * reply_len);
-    let mut total = out.client.len() / reply_len;
-    while s.on_output_written() {
-        let out = drain(&mut s);
-        assert!(out.client.len() < MAX_UNWRITTEN_REPLY_BYTES + reply_len);
-        total += out.client.len() / reply_len;
-    }
-    assert_eq!(total, flood.len());
+    assert_flood_waits_for_the_client(&mut after_tls(), reply::BAD_LINE.len());
 }
 
 #[test]
