@@ -3,7 +3,18 @@
 //! bytes unchanged from the first one, and the session is logged and counted.
 
 use crate::policy::UserHasher;
-use crate::proto::{Conn, Event, Goodbye, Limits, Phase, Tally};
+use crate::proto::{Conn, Event, Goodbyes, Limits, Tally};
+
+/// Relayed from the start: the proxy never says goodbye itself.
+const NO_GOODBYES: Goodbyes = Goodbyes {
+    line_too_long: b"",
+    too_many_plaintext: b"",
+    too_many_errors: b"",
+    upstream_unavailable: b"",
+    upstream_broken: b"",
+    idle_timeout: b"",
+    shutting_down: b"",
+};
 
 /// Relays blindly from the start, after one `exempt_plaintext_session` event.
 #[derive(Debug)]
@@ -42,21 +53,21 @@ impl crate::proto::Session for Session {
     fn conn_mut(&mut self) -> &mut Conn {
         &mut self.conn
     }
-    fn process_client(&mut self) {}
-    fn process_upstream(&mut self) {}
-    fn goodbye(&self, _why: Goodbye) -> &'static [u8] {
-        b""
+    fn client_step(&mut self) -> bool {
+        false
+    }
+    fn upstream_step(&mut self) -> bool {
+        false
+    }
+    fn goodbyes(&self) -> &'static Goodbyes {
+        &NO_GOODBYES
     }
     fn on_client_eof(&mut self) {}
     fn on_upstream_eof(&mut self) {}
-    fn on_timeout(&mut self) {}
-
-    fn phase(&self) -> Phase {
-        Phase::Command
+    fn awaiting_greeting(&self) -> bool {
+        false
     }
-
-    /// Relayed from the start: there is no boundary to wait for.
-    fn close_if_idle(&mut self) -> bool {
+    fn at_command_boundary(&self) -> bool {
         false
     }
 }

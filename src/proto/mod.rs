@@ -157,7 +157,7 @@ impl Phase {
 }
 
 /// Why the proxy itself ends a session. Each protocol maps every condition to its
-/// goodbye in one table, [`Session::goodbye`] (STYLE.md #8).
+/// goodbye in one table, [`Goodbyes`] (STYLE.md #8).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Goodbye {
     /// A client line longer than `max_line_len`: nothing can be resynchronised.
@@ -176,6 +176,40 @@ pub enum Goodbye {
     ShuttingDown,
 }
 
+/// A protocol's reply for each [`Goodbye`]: one table per protocol (STYLE.md #8).
+#[derive(Debug)]
+pub struct Goodbyes {
+    /// [`Goodbye::LineTooLong`].
+    pub line_too_long: &'static [u8],
+    /// [`Goodbye::TooManyPlaintext`].
+    pub too_many_plaintext: &'static [u8],
+    /// [`Goodbye::TooManyErrors`].
+    pub too_many_errors: &'static [u8],
+    /// [`Goodbye::UpstreamUnavailable`].
+    pub upstream_unavailable: &'static [u8],
+    /// [`Goodbye::UpstreamBroken`].
+    pub upstream_broken: &'static [u8],
+    /// [`Goodbye::IdleTimeout`].
+    pub idle_timeout: &'static [u8],
+    /// [`Goodbye::ShuttingDown`].
+    pub shutting_down: &'static [u8],
+}
+
+impl Goodbyes {
+    /// The reply for `why`.
+    pub fn reply(&self, why: Goodbye) -> &'static [u8] {
+        match why {
+            Goodbye::LineTooLong => self.line_too_long,
+            Goodbye::TooManyPlaintext => self.too_many_plaintext,
+            Goodbye::TooManyErrors => self.too_many_errors,
+            Goodbye::UpstreamUnavailable => self.upstream_unavailable,
+            Goodbye::UpstreamBroken => self.upstream_broken,
+            Goodbye::IdleTimeout => self.idle_timeout,
+            Goodbye::ShuttingDown => self.shutting_down,
+        }
+    }
+}
+
 /// The interface the driver runs every protocol through. A protocol provides its
 /// [`Conn`], its grammar (`process_client`, `process_upstream`), its goodbyes and its
 /// phases; what every protocol does alike is the default methods, written once.
@@ -184,24 +218,65 @@ pub trait Session {
     fn conn(&self) -> &Conn;
     /// The state every protocol shares, to change.
     fn conn_mut(&mut self) -> &mut Conn;
-    /// Reads what it can of the client's bytes.
-    fn process_client(&mut self);
-    /// Reads what it can of the upstream's bytes.
-    fn process_upstream(&mut self);
-    /// The protocol's reply for a condition that ends the session.
-    fn goodbye(&self, why: Goodbye) -> &'static [u8];
+    /// Reads the next piece of the client's bytes the protocol can act on (a command
+    /// line, a literal, body bytes); false when nothing more can be read now.
+    fn client_step(&mut self) -> bool;
+    /// Reads the next piece of the upstream's bytes; false when nothing more can be
+    /// read now.
+    fn upstream_step(&mut self) -> bool;
+    /// The protocol's replies for the conditions that end a session.
+    fn goodbyes(&self) -> &'static Goodbyes;
     /// The upstream closed its side.
     fn on_upstream_eof(&mut self);
+    /// The session waits for the upstream's greeting; nothing from the client is read.
+    fn awaiting_greeting(&self) -> bool;
+    /// At a command boundary: no reply owed by either side, no command half read.
+    fn at_command_boundary(&self) -> bool;
+
     /// The deadline of the current [`Phase`] expired.
-    fn on_timeout(&mut self);
+    fn on_timeout(&mut self) {
+        if self.awaiting_greeting() {
+            self.end(Goodbye::UpstreamUnavailable);
+        } else {
+            self.end(Goodbye::IdleTimeout);
+        }
+    }
+
     /// Which deadline applies now.
-    fn phase(&self) -> Phase;
+    fn phase(&self) -> Phase {
+        if self.conn().stage == Stage::Handshake {
+            Phase::Handshake
+        } else if self.awaiting_greeting() {
+            Phase::Greeting
+        } else {
+            Phase::Command
+        }
+    }
+
     /// The server is shutting down (ARCHITECTURE.md §8). At a command boundary (nothing
-    /// owed by either side, no command or message half read) the session queues the
-    /// protocol's goodbye and a close, and returns true; otherwise it returns false and
-    /// the driver asks again after the next step. A blindly relayed session is never at
-    /// a boundary the proxy can see: it runs until the grace period ends.
-    fn close_if_idle(&mut self) -> bool;
+    /// owed by either side, no command or message half read), or before the greeting,
+    /// the session queues the protocol's goodbye and a close, and returns true;
+    /// otherwise it returns false and the driver asks again after the next step. A
+    /// blindly relayed session is never at a boundary the proxy can see: it runs until
+    /// the grace period ends.
+    fn close_if_idle(&mut self) -> bool {
+        let idle =
+            self.conn().is_open() && (self.awaiting_greeting() || self.at_command_boundary());
+        if idle {
+            self.end(Goodbye::ShuttingDown);
+        }
+        idle
+    }
+
+    /// Reads what it can of the client's bytes.
+    fn process_client(&mut self) {
+        while self.conn().is_open() && self.client_step() {}
+    }
+
+    /// Reads what it can of the upstream's bytes.
+    fn process_upstream(&mut self) {
+        while self.conn().is_open() && self.upstream_step() {}
+    }
 
     /// Bytes arrived from the client.
     fn on_client_data(&mut self, data: &[u8]) {
@@ -270,7 +345,7 @@ pub trait Session {
 
     /// Ends the session with the protocol's goodbye.
     fn end(&mut self, why: Goodbye) {
-        let reply = self.goodbye(why);
+        let reply = self.goodbyes().reply(why);
         self.conn_mut().close_with(reply);
     }
 

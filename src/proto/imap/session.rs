@@ -13,7 +13,7 @@ use bytes::{BufMut, Bytes, BytesMut};
 use super::parse::{self, Astring, Literal, LoginProgress, Response, Status, Verb};
 use crate::policy::{UserHasher, is_channel_binding_mechanism};
 use crate::proto::line::Line;
-use crate::proto::{Conn, Event, Goodbye, Limits, Phase, Session as _, Stage, Tally};
+use crate::proto::{Conn, Event, Goodbye, Goodbyes, Limits, Session as _, Tally};
 
 /// Replies the proxy gives itself. Tagged ones follow `TAG`.
 mod reply {
@@ -23,7 +23,6 @@ mod reply {
     pub const ARGUMENTS: &[u8] = b" BAD Unexpected arguments\r\n";
     pub const LITERAL_NOT_ALLOWED: &[u8] = b" BAD Literal not allowed here\r\n";
     pub const CONTROL_CHARACTER: &[u8] = b" BAD Control character in command\r\n";
-    pub const TOO_MANY_ERRORS: &[u8] = b"* BYE Too many invalid commands\r\n";
     pub const BEGIN_TLS: &[u8] = b" OK Begin TLS negotiation now\r\n";
     pub const TLS_ACTIVE: &[u8] = b" BAD TLS is already active\r\n";
     pub const STARTTLS_ARGUMENTS: &[u8] = b" BAD STARTTLS takes no arguments\r\n";
@@ -35,17 +34,22 @@ mod reply {
         b" BAD Non-synchronizing literals are not supported by this server\r\n";
     pub const MISSING_COMMAND: &[u8] = b" BAD Missing command\r\n";
     pub const BAD_LINE: &[u8] = b"* BAD Invalid tag or command line\r\n";
-    pub const LINE_TOO_LONG: &[u8] = b"* BYE Command line too long\r\n";
     pub const PREAUTH: &[u8] =
         b"* BYE [UNAVAILABLE] Server misconfigured: login cannot be required, closing\r\n";
-    pub const UPSTREAM_UNAVAILABLE: &[u8] =
-        b"* BYE [UNAVAILABLE] Service temporarily unavailable, closing connection\r\n";
-    pub const UPSTREAM_BROKEN: &[u8] = b"* BYE [UNAVAILABLE] Upstream protocol error, closing\r\n";
-    pub const IDLE_TIMEOUT: &[u8] = b"* BYE Autologout; idle for too long\r\n";
-    /// RFC 9051 §7.1.5 BYE; RFC 5530 UNAVAILABLE: try again later.
-    pub const SHUTTING_DOWN: &[u8] = b"* BYE [UNAVAILABLE] Server shutting down\r\n";
-    pub const TOO_MANY_PLAINTEXT: &[u8] = b"* BYE Too many commands before STARTTLS\r\n";
 }
+
+/// The replies that end a session, one for each `proto::Goodbye`.
+const GOODBYES: Goodbyes = Goodbyes {
+    line_too_long: b"* BYE Command line too long\r\n",
+    too_many_plaintext: b"* BYE Too many commands before STARTTLS\r\n",
+    too_many_errors: b"* BYE Too many invalid commands\r\n",
+    upstream_unavailable:
+        b"* BYE [UNAVAILABLE] Service temporarily unavailable, closing connection\r\n",
+    upstream_broken: b"* BYE [UNAVAILABLE] Upstream protocol error, closing\r\n",
+    idle_timeout: b"* BYE Autologout; idle for too long\r\n",
+    // RFC 9051 §7.1.5 BYE; RFC 5530 UNAVAILABLE: try again later.
+    shutting_down: b"* BYE [UNAVAILABLE] Server shutting down\r\n",
+};
 
 /// Longest upstream response line accepted before login.
 const MAX_UPSTREAM_LINE_LEN: usize = 64 * 1024;
@@ -211,49 +215,6 @@ impl Session {
     }
 
     // ---- client side ----
-
-    /// One step of reading the client; false when nothing more can be read now.
-    fn client_step(&mut self) -> bool {
-        let mode = std::mem::replace(&mut self.mode, Mode::Done);
-        let (next, progressed) = match mode {
-            Mode::Command => match self.next_client_line() {
-                Some(line) => (self.on_command_line(line), true),
-                None => (Mode::Command, false),
-            },
-            Mode::Continuation(command) => match self.next_client_line() {
-                Some(line) => (self.on_continuation_line(command, line), true),
-                None => (Mode::Continuation(command), false),
-            },
-            Mode::Literal { command, remaining } if !self.conn.client_in.is_empty() => {
-                let n = usize::try_from(remaining)
-                    .unwrap_or(usize::MAX)
-                    .min(self.conn.client_in.len());
-                let octets = self.conn.client_in.split_to(n).freeze();
-                if command.local_reply.is_none() {
-                    self.conn.send_upstream(octets);
-                }
-                let remaining = remaining - n as u64;
-                if remaining == 0 {
-                    (Mode::Continuation(command), true)
-                } else {
-                    (Mode::Literal { command, remaining }, true)
-                }
-            }
-            Mode::SaslResponse(command) => match self.next_client_line() {
-                Some(line) => {
-                    // RFC 9051 §6.2.2: base64 data or `*`, never a command, and never
-                    // bytes an upstream could read as a second line.
-                    let response = crate::proto::sasl::response_line(&line.text);
-                    self.conn.send_upstream_line(&[response]);
-                    (Mode::AwaitResponse(command), true)
-                }
-                None => (Mode::SaslResponse(command), false),
-            },
-            other => (other, false),
-        };
-        self.mode = next;
-        progressed
-    }
 
     fn on_command_line(&mut self, line: Line) -> Mode {
         if self.plaintext_budget_spent() {
@@ -545,47 +506,6 @@ impl Session {
 
     // ---- upstream side ----
 
-    /// One step of reading the upstream; false when nothing more can be read now.
-    fn upstream_step(&mut self) -> bool {
-        if self.upstream_literal > 0 {
-            if self.conn.upstream_in.is_empty() {
-                return false;
-            }
-            let n = usize::try_from(self.upstream_literal)
-                .unwrap_or(usize::MAX)
-                .min(self.conn.upstream_in.len());
-            let octets = self.conn.upstream_in.split_to(n);
-            self.conn.send_client(&octets);
-            self.upstream_literal -= n as u64;
-            self.upstream_continues = self.upstream_literal == 0;
-            return true;
-        }
-        let line = match self.conn.next_upstream_line() {
-            Ok(Some(line)) => line,
-            Ok(None) => return false,
-            Err(_) => {
-                self.upstream_broken("response line too long");
-                return false;
-            }
-        };
-        let continuing = std::mem::take(&mut self.upstream_continues);
-        // Literals belong to untagged data (`* ID (... {7}`); a tagged or continuation
-        // line that ends in `{n}` may echo the client's text.
-        let literal = parse::trailing_literal(&line.text)
-            .filter(|_| continuing || line.text.starts_with(b"* "));
-        if continuing {
-            self.conn.send_client(&line.raw);
-        } else {
-            self.on_response(&line);
-        }
-        match literal {
-            Some(Literal { len: 0, .. }) => self.upstream_continues = true,
-            Some(literal) => self.upstream_literal = literal.len,
-            None => {}
-        }
-        true
-    }
-
     fn on_response(&mut self, line: &Line) {
         let Some(response) = parse::response(&line.text) else {
             return self.upstream_broken("malformed response line");
@@ -696,65 +616,116 @@ impl Session {
 }
 
 impl crate::proto::Session for Session {
-    fn conn(&self) -> &Conn {
-        &self.conn
+    fn goodbyes(&self) -> &'static Goodbyes {
+        &GOODBYES
     }
 
-    fn conn_mut(&mut self) -> &mut Conn {
-        &mut self.conn
-    }
-
-    fn goodbye(&self, why: Goodbye) -> &'static [u8] {
-        match why {
-            Goodbye::LineTooLong => reply::LINE_TOO_LONG,
-            Goodbye::TooManyPlaintext => reply::TOO_MANY_PLAINTEXT,
-            Goodbye::TooManyErrors => reply::TOO_MANY_ERRORS,
-            Goodbye::UpstreamUnavailable => reply::UPSTREAM_UNAVAILABLE,
-            Goodbye::UpstreamBroken => reply::UPSTREAM_BROKEN,
-            Goodbye::IdleTimeout => reply::IDLE_TIMEOUT,
-            Goodbye::ShuttingDown => reply::SHUTTING_DOWN,
+    fn client_step(&mut self) -> bool {
+        if self.conn.output_full() {
+            // The client has not taken what it was sent: nothing more is read until the
+            // driver has written it (`on_output_written`).
+            return false;
         }
+        let mode = std::mem::replace(&mut self.mode, Mode::Done);
+        let (next, progressed) = match mode {
+            Mode::Command => match self.next_client_line() {
+                Some(line) => (self.on_command_line(line), true),
+                None => (Mode::Command, false),
+            },
+            Mode::Continuation(command) => match self.next_client_line() {
+                Some(line) => (self.on_continuation_line(command, line), true),
+                None => (Mode::Continuation(command), false),
+            },
+            Mode::Literal { command, remaining } if !self.conn.client_in.is_empty() => {
+                let n = usize::try_from(remaining)
+                    .unwrap_or(usize::MAX)
+                    .min(self.conn.client_in.len());
+                let octets = self.conn.client_in.split_to(n).freeze();
+                if command.local_reply.is_none() {
+                    self.conn.send_upstream(octets);
+                }
+                let remaining = remaining - n as u64;
+                if remaining == 0 {
+                    (Mode::Continuation(command), true)
+                } else {
+                    (Mode::Literal { command, remaining }, true)
+                }
+            }
+            Mode::SaslResponse(command) => match self.next_client_line() {
+                Some(line) => {
+                    // RFC 9051 §6.2.2: base64 data or `*`, never a command, and never
+                    // bytes an upstream could read as a second line.
+                    let response = crate::proto::sasl::response_line(&line.text);
+                    self.conn.send_upstream_line(&[response]);
+                    (Mode::AwaitResponse(command), true)
+                }
+                None => (Mode::SaslResponse(command), false),
+            },
+            other => (other, false),
+        };
+        self.mode = next;
+        progressed
     }
 
-    fn process_client(&mut self) {
-        while self.conn.is_open() && !self.conn.output_full() && self.client_step() {}
-    }
-
-    fn process_upstream(&mut self) {
-        while self.conn.is_open() && self.upstream_step() {}
+    fn upstream_step(&mut self) -> bool {
+        if self.upstream_literal > 0 {
+            if self.conn.upstream_in.is_empty() {
+                return false;
+            }
+            let n = usize::try_from(self.upstream_literal)
+                .unwrap_or(usize::MAX)
+                .min(self.conn.upstream_in.len());
+            let octets = self.conn.upstream_in.split_to(n);
+            self.conn.send_client(&octets);
+            self.upstream_literal -= n as u64;
+            self.upstream_continues = self.upstream_literal == 0;
+            return true;
+        }
+        let line = match self.conn.next_upstream_line() {
+            Ok(Some(line)) => line,
+            Ok(None) => return false,
+            Err(_) => {
+                self.upstream_broken("response line too long");
+                return false;
+            }
+        };
+        let continuing = std::mem::take(&mut self.upstream_continues);
+        // Literals belong to untagged data (`* ID (... {7}`); a tagged or continuation
+        // line that ends in `{n}` may echo the client's text.
+        let literal = parse::trailing_literal(&line.text)
+            .filter(|_| continuing || line.text.starts_with(b"* "));
+        if continuing {
+            self.conn.send_client(&line.raw);
+        } else {
+            self.on_response(&line);
+        }
+        match literal {
+            Some(Literal { len: 0, .. }) => self.upstream_continues = true,
+            Some(literal) => self.upstream_literal = literal.len,
+            None => {}
+        }
+        true
     }
 
     fn on_upstream_eof(&mut self) {
         self.end(Goodbye::UpstreamUnavailable);
     }
 
-    fn on_timeout(&mut self) {
-        match self.mode {
-            Mode::Greeting => self.end(Goodbye::UpstreamUnavailable),
-            _ => self.end(Goodbye::IdleTimeout),
-        }
+    fn awaiting_greeting(&self) -> bool {
+        matches!(self.mode, Mode::Greeting)
     }
 
-    fn phase(&self) -> Phase {
-        match (self.conn.stage, &self.mode) {
-            (Stage::Handshake, _) => Phase::Handshake,
-            (_, Mode::Greeting) => Phase::Greeting,
-            _ => Phase::Command,
-        }
+    /// `Command`: no command is in flight; an empty buffer: none half read.
+    fn at_command_boundary(&self) -> bool {
+        matches!(self.mode, Mode::Command) && self.conn.client_in.is_empty()
     }
 
-    fn close_if_idle(&mut self) -> bool {
-        let idle = self.conn.is_open()
-            && match self.mode {
-                Mode::Greeting => true,
-                // `Command`: no command is in flight; an empty buffer: none half read.
-                Mode::Command => self.conn.client_in.is_empty(),
-                _ => false,
-            };
-        if idle {
-            self.end(Goodbye::ShuttingDown);
-        }
-        idle
+    fn conn(&self) -> &Conn {
+        &self.conn
+    }
+
+    fn conn_mut(&mut self) -> &mut Conn {
+        &mut self.conn
     }
 }
 

@@ -38,7 +38,7 @@ use crate::policy::{
     Mechanisms, UserHasher, is_channel_binding_mechanism, without_channel_binding,
 };
 use crate::proto::line::Line;
-use crate::proto::{Conn, Event, Goodbye, Limits, Phase, Session as _, Stage, Tally};
+use crate::proto::{Conn, Event, Goodbye, Goodbyes, Limits, Session as _, Tally};
 
 /// Replies the proxy gives itself (ARCHITECTURE.md §3, §4, §9).
 mod reply {
@@ -49,19 +49,22 @@ mod reply {
     pub const TLS_ACTIVE: &[u8] = b"-ERR TLS already active\r\n";
     pub const STLS_ARGUMENTS: &[u8] = b"-ERR Syntax error, STLS takes no arguments\r\n";
     pub const BAD_SYNTAX: &[u8] = b"-ERR Syntax error\r\n";
-    pub const LINE_TOO_LONG: &[u8] = b"-ERR Line too long\r\n";
     pub const FORBIDDEN: &[u8] = b"-ERR Command not allowed\r\n";
     pub const CAPA_FALLBACK: &[u8] = b"+OK Capability list follows\r\nSTLS\r\n.\r\n";
-    pub const UPSTREAM_UNAVAILABLE: &[u8] = super::super::UNAVAILABLE;
-    pub const UPSTREAM_BROKEN: &[u8] =
-        b"-ERR [SYS/TEMP] Upstream protocol error, closing connection\r\n";
-    pub const IDLE_TIMEOUT: &[u8] = b"-ERR Disconnected for inactivity\r\n";
-    /// RFC 3206 SYS/TEMP: a temporary condition, try again later.
-    pub const SHUTTING_DOWN: &[u8] = b"-ERR [SYS/TEMP] Server shutting down\r\n";
-    pub const TOO_MANY_PLAINTEXT: &[u8] = b"-ERR Too many commands before STLS\r\n";
     pub const NO_ARGUMENTS: &[u8] = b"-ERR Syntax error, no arguments allowed before STLS\r\n";
-    pub const TOO_MANY_ERRORS: &[u8] = b"-ERR Too many invalid commands, closing connection\r\n";
 }
+
+/// The replies that end a session, one for each `proto::Goodbye`.
+const GOODBYES: Goodbyes = Goodbyes {
+    line_too_long: b"-ERR Line too long\r\n",
+    too_many_plaintext: b"-ERR Too many commands before STLS\r\n",
+    too_many_errors: b"-ERR Too many invalid commands, closing connection\r\n",
+    upstream_unavailable: super::UNAVAILABLE,
+    upstream_broken: b"-ERR [SYS/TEMP] Upstream protocol error, closing connection\r\n",
+    idle_timeout: b"-ERR Disconnected for inactivity\r\n",
+    // RFC 3206 SYS/TEMP: a temporary condition, try again later.
+    shutting_down: b"-ERR [SYS/TEMP] Server shutting down\r\n",
+};
 
 /// Longest upstream status or CAPA line accepted (bodies are streamed, not framed).
 const MAX_UPSTREAM_LINE_LEN: usize = 8192;
@@ -218,32 +221,6 @@ impl Session {
 
     // ---- client side ----
 
-    /// One step of reading the client; false when nothing more can be read now.
-    fn client_step(&mut self) -> bool {
-        match self.mode {
-            Mode::Command if self.owed == Owed::Nothing => match self.next_client_line() {
-                Some(line) => {
-                    self.on_command(line);
-                    true
-                }
-                None => false,
-            },
-            Mode::SaslResponse => match self.next_client_line() {
-                Some(line) => {
-                    // RFC 5034 §4: a SASL response (or `*` to cancel), relayed as is when
-                    // it is base64; anything else cancels.
-                    self.mode = Mode::Command;
-                    let response = crate::proto::sasl::response_line(&line.text);
-                    self.conn.send_upstream_line(&[response]);
-                    self.owed = Owed::Reply(Awaiting::Auth);
-                    true
-                }
-                None => false,
-            },
-            _ => false,
-        }
-    }
-
     fn on_command(&mut self, line: Line) {
         if self.plaintext_budget_spent() {
             return;
@@ -392,43 +369,6 @@ impl Session {
     }
 
     // ---- upstream side ----
-
-    /// Reads what it can of the upstream's bytes.
-    fn read_upstream(&mut self) {
-        // During the handshake upstream bytes wait; `on_tls_established` refuses them.
-        while self.conn.is_open() {
-            if let Owed::Body {
-                keyword,
-                body: Body::Data { at_line_start },
-            } = self.owed
-            {
-                match self.stream_body(at_line_start) {
-                    BodyProgress::More { at_line_start } => {
-                        self.owed = Owed::Body {
-                            keyword,
-                            body: Body::Data { at_line_start },
-                        };
-                        return;
-                    }
-                    BodyProgress::End => {
-                        self.owed = Owed::Nothing;
-                        self.conn.tally.record(tally_name(keyword), true);
-                        continue;
-                    }
-                }
-            }
-            let line = match self.conn.next_upstream_line() {
-                Ok(Some(line)) => line,
-                Ok(None) => return,
-                Err(_) => return self.upstream_broken("line too long"),
-            };
-            match self.owed {
-                Owed::Nothing => self.on_unsolicited(&line),
-                Owed::Reply(awaiting) => self.on_status_line(awaiting, &line),
-                Owed::Body { keyword, body } => self.on_body_line(keyword, body, &line),
-            }
-        }
-    }
 
     /// Relays body bytes up to and including the terminating `.` line, as they come:
     /// complete lines, and the start of a long line before its end has arrived.
@@ -666,32 +606,81 @@ fn sasl_without_channel_binding(line: &Line, tag: &[u8], params: &[u8]) -> Optio
 }
 
 impl crate::proto::Session for Session {
-    fn conn(&self) -> &Conn {
-        &self.conn
+    fn goodbyes(&self) -> &'static Goodbyes {
+        &GOODBYES
     }
 
-    fn conn_mut(&mut self) -> &mut Conn {
-        &mut self.conn
-    }
-
-    fn goodbye(&self, why: Goodbye) -> &'static [u8] {
-        match why {
-            Goodbye::LineTooLong => reply::LINE_TOO_LONG,
-            Goodbye::TooManyPlaintext => reply::TOO_MANY_PLAINTEXT,
-            Goodbye::TooManyErrors => reply::TOO_MANY_ERRORS,
-            Goodbye::UpstreamUnavailable => reply::UPSTREAM_UNAVAILABLE,
-            Goodbye::UpstreamBroken => reply::UPSTREAM_BROKEN,
-            Goodbye::IdleTimeout => reply::IDLE_TIMEOUT,
-            Goodbye::ShuttingDown => reply::SHUTTING_DOWN,
+    fn client_step(&mut self) -> bool {
+        if self.conn.output_full() {
+            // The client has not taken what it was sent: nothing more is read until the
+            // driver has written it (`on_output_written`).
+            return false;
         }
+        match self.mode {
+            Mode::Command if self.owed == Owed::Nothing => match self.next_client_line() {
+                Some(line) => {
+                    self.on_command(line);
+                    true
+                }
+                None => false,
+            },
+            Mode::SaslResponse => match self.next_client_line() {
+                Some(line) => {
+                    // RFC 5034 §4: a SASL response (or `*` to cancel), relayed as is when
+                    // it is base64; anything else cancels.
+                    self.mode = Mode::Command;
+                    let response = crate::proto::sasl::response_line(&line.text);
+                    self.conn.send_upstream_line(&[response]);
+                    self.owed = Owed::Reply(Awaiting::Auth);
+                    true
+                }
+                None => false,
+            },
+            _ => false,
+        }
+    }
+
+    fn upstream_step(&mut self) -> bool {
+        {
+            if let Owed::Body {
+                keyword,
+                body: Body::Data { at_line_start },
+            } = self.owed
+            {
+                match self.stream_body(at_line_start) {
+                    BodyProgress::More { at_line_start } => {
+                        self.owed = Owed::Body {
+                            keyword,
+                            body: Body::Data { at_line_start },
+                        };
+                        return false;
+                    }
+                    BodyProgress::End => {
+                        self.owed = Owed::Nothing;
+                        self.conn.tally.record(tally_name(keyword), true);
+                        return true;
+                    }
+                }
+            }
+            let line = match self.conn.next_upstream_line() {
+                Ok(Some(line)) => line,
+                Ok(None) => return false,
+                Err(_) => {
+                    self.upstream_broken("line too long");
+                    return false;
+                }
+            };
+            match self.owed {
+                Owed::Nothing => self.on_unsolicited(&line),
+                Owed::Reply(awaiting) => self.on_status_line(awaiting, &line),
+                Owed::Body { keyword, body } => self.on_body_line(keyword, body, &line),
+            }
+        }
+        true
     }
 
     fn process_client(&mut self) {
         while self.conn.is_open() && !self.conn.output_full() && self.client_step() {}
-    }
-
-    fn process_upstream(&mut self) {
-        self.read_upstream();
     }
 
     fn on_upstream_eof(&mut self) {
@@ -713,25 +702,20 @@ impl crate::proto::Session for Session {
         }
     }
 
-    fn phase(&self) -> Phase {
-        match (self.conn.stage, self.mode) {
-            (Stage::Handshake, _) => Phase::Handshake,
-            (_, Mode::Greeting) => Phase::Greeting,
-            _ => Phase::Command,
-        }
+    fn awaiting_greeting(&self) -> bool {
+        self.mode == Mode::Greeting
     }
 
-    fn close_if_idle(&mut self) -> bool {
-        let idle = self.conn.is_open()
-            && match self.mode {
-                Mode::Greeting => true,
-                Mode::Command => self.owed == Owed::Nothing && self.conn.client_in.is_empty(),
-                Mode::SaslResponse => false,
-            };
-        if idle {
-            self.end(Goodbye::ShuttingDown);
-        }
-        idle
+    fn at_command_boundary(&self) -> bool {
+        self.mode == Mode::Command && self.owed == Owed::Nothing && self.conn.client_in.is_empty()
+    }
+
+    fn conn(&self) -> &Conn {
+        &self.conn
+    }
+
+    fn conn_mut(&mut self) -> &mut Conn {
+        &mut self.conn
     }
 }
 

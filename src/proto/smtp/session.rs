@@ -30,7 +30,7 @@ use super::xclient;
 use crate::policy::{BareNewlines, Policy, UserHasher};
 use crate::proto::conn::release_queue_if_empty;
 use crate::proto::line::Line;
-use crate::proto::{Conn, Event, Goodbye, Limits, Phase, Session as _, Stage, Tally};
+use crate::proto::{Conn, Event, Goodbye, Goodbyes, Limits, Phase, Session as _, Stage, Tally};
 
 /// Replies the proxy gives itself (ARCHITECTURE.md §3, §4, §9).
 mod reply {
@@ -42,27 +42,29 @@ mod reply {
     pub const TLS_UNAVAILABLE: &[u8] = b"454 4.7.0 TLS not available due to temporary reason\r\n";
     pub const BAD_SYNTAX: &[u8] = b"500 5.5.2 Error: bad syntax\r\n";
     pub const UNRECOGNIZED: &[u8] = b"500 5.5.2 Error: command not recognized\r\n";
-    pub const LINE_TOO_LONG: &[u8] = b"500 5.5.2 Error: line too long\r\n";
     pub const NOT_AUTHORIZED: &[u8] = b"550 5.7.0 Error: insufficient authorization\r\n";
     pub const BDAT_SYNTAX: &[u8] = b"501 5.5.4 Syntax: BDAT count [LAST]\r\n";
     pub const BDAT_UNAVAILABLE: &[u8] = b"502 5.5.1 Error: command not implemented\r\n";
     pub const CHUNK_TOO_LARGE: &[u8] = b"552 5.3.4 Error: chunk too large, closing connection\r\n";
     pub const BARE_NEWLINE: &[u8] = b"521 5.5.2 Error: bare CR or LF received\r\n";
-    pub const UPSTREAM_UNAVAILABLE: &[u8] =
-        b"421 4.3.0 Service temporarily unavailable, closing connection\r\n";
-    pub const UPSTREAM_BROKEN: &[u8] = b"421 4.3.0 Upstream protocol error, closing connection\r\n";
-    pub const IDLE_TIMEOUT: &[u8] = b"421 4.4.2 Timeout exceeded, closing connection\r\n";
-    /// RFC 5321 §3.8: a server shutting down answers 421 and closes.
-    pub const SHUTTING_DOWN: &[u8] = b"421 4.3.2 Service shutting down, closing connection\r\n";
-    pub const TOO_MANY_PLAINTEXT: &[u8] =
-        b"421 4.7.0 Too many commands before STARTTLS, closing connection\r\n";
-    pub const TOO_MANY_ERRORS: &[u8] = b"421 4.7.0 Too many errors, closing connection\r\n";
     pub const CONTROL_LINE: &[u8] =
         b"554 5.6.0 Error: message line of control characters only, closing connection\r\n";
     /// `xclient: true` and the upstream cannot take it (ARCHITECTURE.md §7).
     pub const IDENTITY_UNAVAILABLE: &[u8] =
         b"421 4.3.0 Service temporarily unavailable, closing connection\r\n";
 }
+
+/// The replies that end a session, one for each `proto::Goodbye`.
+const GOODBYES: Goodbyes = Goodbyes {
+    line_too_long: b"500 5.5.2 Error: line too long\r\n",
+    too_many_plaintext: b"421 4.7.0 Too many commands before STARTTLS, closing connection\r\n",
+    too_many_errors: b"421 4.7.0 Too many errors, closing connection\r\n",
+    upstream_unavailable: b"421 4.3.0 Service temporarily unavailable, closing connection\r\n",
+    upstream_broken: b"421 4.3.0 Upstream protocol error, closing connection\r\n",
+    idle_timeout: b"421 4.4.2 Timeout exceeded, closing connection\r\n",
+    // RFC 5321 §3.8: a server shutting down answers 421 and closes.
+    shutting_down: b"421 4.3.2 Service shutting down, closing connection\r\n",
+};
 
 /// An upstream reply may have at most this many lines (an EHLO reply has a dozen).
 const MAX_REPLY_LINES: usize = 256;
@@ -338,64 +340,6 @@ impl Session {
                     verb: Verb::Data,
                     awaiting: Awaiting::EndOfData,
                 });
-            }
-        }
-    }
-
-    /// One step of reading the client; false when nothing more can be read now.
-    fn client_step(&mut self) -> bool {
-        match &mut self.mode {
-            Mode::Greeting | Mode::Closing => false,
-            Mode::TlsPending { rset_sent } => {
-                // RFC 3207 §4.2: the upstream must forget the plaintext dialogue. The
-                // RSET goes alone, once every earlier reply is in (ARCHITECTURE.md §10).
-                if !*rset_sent && self.slots.is_empty() {
-                    *rset_sent = true;
-                    self.forward(Verb::StartTls, b"RSET", Awaiting::TlsRset);
-                }
-                false
-            }
-            Mode::Data(_) if self.conn.client_in.is_empty() => false,
-            Mode::Data(_) => {
-                self.process_body();
-                true
-            }
-            Mode::SkipChunk { .. } if self.conn.client_in.is_empty() => false,
-            Mode::SkipChunk { remaining } => {
-                let n = usize::try_from(*remaining)
-                    .unwrap_or(usize::MAX)
-                    .min(self.conn.client_in.len());
-                *remaining -= n as u64;
-                if *remaining == 0 {
-                    self.mode = Mode::Command;
-                }
-                self.conn.client_in.advance(n);
-                true
-            }
-            Mode::SaslResponse => match self.next_client_line() {
-                Some(line) => {
-                    self.mode = Mode::Command;
-                    // A SASL response is data (RFC 4954 §4): base64 or a cancel, never
-                    // bytes an upstream could read as a second line.
-                    let response = crate::proto::sasl::response_line(&line.text);
-                    self.forward(Verb::Auth, response, Awaiting::Auth);
-                    true
-                }
-                None => false,
-            },
-            Mode::Command => {
-                // Past the unwritten-output budget the client has not taken what it was
-                // sent: no more commands are read until the driver has written it.
-                if self.conn.output_full() || self.blocked() {
-                    return false;
-                }
-                match self.next_client_line() {
-                    Some(line) => {
-                        self.on_command(line);
-                        true
-                    }
-                    None => false,
-                }
             }
         }
     }
@@ -733,30 +677,71 @@ impl Session {
 }
 
 impl crate::proto::Session for Session {
-    fn conn(&self) -> &Conn {
-        &self.conn
+    fn goodbyes(&self) -> &'static Goodbyes {
+        &GOODBYES
     }
 
-    fn conn_mut(&mut self) -> &mut Conn {
-        &mut self.conn
-    }
-
-    fn goodbye(&self, why: Goodbye) -> &'static [u8] {
-        match why {
-            Goodbye::LineTooLong => reply::LINE_TOO_LONG,
-            Goodbye::TooManyPlaintext => reply::TOO_MANY_PLAINTEXT,
-            Goodbye::TooManyErrors => reply::TOO_MANY_ERRORS,
-            Goodbye::UpstreamUnavailable => reply::UPSTREAM_UNAVAILABLE,
-            Goodbye::UpstreamBroken => reply::UPSTREAM_BROKEN,
-            Goodbye::IdleTimeout => reply::IDLE_TIMEOUT,
-            Goodbye::ShuttingDown => reply::SHUTTING_DOWN,
+    fn client_step(&mut self) -> bool {
+        match &mut self.mode {
+            Mode::Greeting | Mode::Closing => false,
+            Mode::TlsPending { rset_sent } => {
+                // RFC 3207 §4.2: the upstream must forget the plaintext dialogue. The
+                // RSET goes alone, once every earlier reply is in (ARCHITECTURE.md §10).
+                if !*rset_sent && self.slots.is_empty() {
+                    *rset_sent = true;
+                    self.forward(Verb::StartTls, b"RSET", Awaiting::TlsRset);
+                }
+                false
+            }
+            Mode::Data(_) if self.conn.client_in.is_empty() => false,
+            Mode::Data(_) => {
+                self.process_body();
+                true
+            }
+            Mode::SkipChunk { .. } if self.conn.client_in.is_empty() => false,
+            Mode::SkipChunk { remaining } => {
+                let n = usize::try_from(*remaining)
+                    .unwrap_or(usize::MAX)
+                    .min(self.conn.client_in.len());
+                *remaining -= n as u64;
+                if *remaining == 0 {
+                    self.mode = Mode::Command;
+                }
+                self.conn.client_in.advance(n);
+                true
+            }
+            Mode::SaslResponse => match self.next_client_line() {
+                Some(line) => {
+                    self.mode = Mode::Command;
+                    // A SASL response is data (RFC 4954 §4): base64 or a cancel, never
+                    // bytes an upstream could read as a second line.
+                    let response = crate::proto::sasl::response_line(&line.text);
+                    self.forward(Verb::Auth, response, Awaiting::Auth);
+                    true
+                }
+                None => false,
+            },
+            Mode::Command => {
+                // Past the unwritten-output budget the client has not taken what it was
+                // sent: no more commands are read until the driver has written it.
+                if self.conn.output_full() || self.blocked() {
+                    return false;
+                }
+                match self.next_client_line() {
+                    Some(line) => {
+                        self.on_command(line);
+                        true
+                    }
+                    None => false,
+                }
+            }
         }
     }
 
     /// A goodbye for what the client did waits for the replies owed before it; one for
     /// the upstream, the clock or an error too many goes at once.
     fn end(&mut self, why: Goodbye) {
-        let reply = self.goodbye(why);
+        let reply = GOODBYES.reply(why);
         match why {
             Goodbye::LineTooLong | Goodbye::TooManyPlaintext => {
                 self.queue_local(Verb::Other, reply, true)
@@ -768,36 +753,41 @@ impl crate::proto::Session for Session {
         }
     }
 
-    fn process_client(&mut self) {
-        while self.conn.is_open() && self.client_step() {}
+    fn upstream_step(&mut self) -> bool {
+        let line = match self.conn.next_upstream_line() {
+            Ok(Some(line)) => line,
+            Ok(None) => return false,
+            Err(_) => {
+                self.upstream_broken("reply line too long");
+                return false;
+            }
+        };
+        let Ok(reply) = parse::reply_line(&line.text) else {
+            self.upstream_broken("malformed reply line");
+            return false;
+        };
+        let (code, last) = (reply.code, reply.last);
+        if let Some(first) = self.reply_lines.first()
+            && parse::reply_line(&first.text).map(|r| r.code) != Ok(code)
+        {
+            self.upstream_broken("reply code changed inside a reply");
+            return false;
+        }
+        if self.reply_lines.len() == MAX_REPLY_LINES {
+            self.upstream_broken("reply has too many lines");
+            return false;
+        }
+        self.reply_lines.push(line);
+        if last {
+            let lines = std::mem::take(&mut self.reply_lines);
+            self.on_reply(code, lines);
+            self.flush_local_replies();
+        }
+        true
     }
 
     fn process_upstream(&mut self) {
-        while self.conn.is_open() {
-            let line = match self.conn.next_upstream_line() {
-                Ok(Some(line)) => line,
-                Ok(None) => break,
-                Err(_) => return self.upstream_broken("reply line too long"),
-            };
-            let (code, last) = match parse::reply_line(&line.text) {
-                Ok(reply) => (reply.code, reply.last),
-                Err(_) => return self.upstream_broken("malformed reply line"),
-            };
-            if let Some(first) = self.reply_lines.first()
-                && parse::reply_line(&first.text).map(|r| r.code) != Ok(code)
-            {
-                return self.upstream_broken("reply code changed inside a reply");
-            }
-            if self.reply_lines.len() == MAX_REPLY_LINES {
-                return self.upstream_broken("reply has too many lines");
-            }
-            self.reply_lines.push(line);
-            if last {
-                let lines = std::mem::take(&mut self.reply_lines);
-                self.on_reply(code, lines);
-                self.flush_local_replies();
-            }
-        }
+        while self.conn.is_open() && self.upstream_step() {}
         self.process_client();
         // A client that half-closed is done once every command it sent has been read
         // and answered: the commands held behind the reply just in go first.
@@ -832,13 +822,6 @@ impl crate::proto::Session for Session {
         }
     }
 
-    fn on_timeout(&mut self) {
-        match self.mode {
-            Mode::Greeting => self.end(Goodbye::UpstreamUnavailable),
-            _ => self.end(Goodbye::IdleTimeout),
-        }
-    }
-
     fn phase(&self) -> Phase {
         match (self.conn.stage, &self.mode) {
             (Stage::Handshake, _) => Phase::Handshake,
@@ -860,21 +843,37 @@ impl crate::proto::Session for Session {
         }
     }
 
+    fn awaiting_greeting(&self) -> bool {
+        matches!(self.mode, Mode::Greeting)
+    }
+
+    fn at_command_boundary(&self) -> bool {
+        matches!(self.mode, Mode::Command)
+            && self.slots.is_empty()
+            && self.conn.client_in.is_empty()
+    }
+
+    /// The 421 takes the place of the greeting (RFC 5321 §3.1); between commands the
+    /// upstream's side ends cleanly too, with a QUIT.
     fn close_if_idle(&mut self) -> bool {
         if !self.conn.is_open() {
             return false;
         }
-        match self.mode {
-            // The 421 takes the place of the greeting (RFC 5321 §3.1).
-            Mode::Greeting => {}
-            Mode::Command if self.slots.is_empty() && self.conn.client_in.is_empty() => {
-                // Nothing is in flight upstream: end its side cleanly too.
-                self.conn.send_upstream_line(&[b"QUIT"]);
-            }
-            _ => return false,
+        if self.at_command_boundary() {
+            self.conn.send_upstream_line(&[b"QUIT"]);
+        } else if !self.awaiting_greeting() {
+            return false;
         }
         self.end(Goodbye::ShuttingDown);
         true
+    }
+
+    fn conn(&self) -> &Conn {
+        &self.conn
+    }
+
+    fn conn_mut(&mut self) -> &mut Conn {
+        &mut self.conn
     }
 }
 

@@ -1,7 +1,7 @@
 //! Transcript tests of the POP3 session: inputs fed, actions asserted, no sockets.
 
 use super::*;
-use crate::proto::Action;
+use crate::proto::{Action, Phase};
 use crate::proto::testing::*;
 use proptest::prelude::*;
 
