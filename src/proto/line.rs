@@ -80,59 +80,6 @@ impl Framer {
     }
 }
 
-/// Why a command line could not be split into its first word and the rest.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum SplitError {
-    /// A control character other than HTAB: implementations differ on whether a bare
-    /// CR or a NUL ends a command, so such a line is never classified.
-    ControlCharacter,
-    /// No word at all.
-    Empty,
-}
-
-/// A client command line split into its verb (POP3's keyword) and the rest.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Command<'a, V> {
-    /// The recognised verb.
-    pub verb: V,
-    /// The verb as sent (for forwarding after TLS and the stripping heuristic).
-    pub verb_text: &'a [u8],
-    /// Everything after the white space that follows the verb, trailing white space
-    /// removed. Empty when there are no arguments.
-    pub args: &'a [u8],
-}
-
-impl<'a, V> Command<'a, V> {
-    /// Splits `line` ([`split_command`]) and recognises its verb with `classify`.
-    pub fn split(line: &'a [u8], classify: impl Fn(&[u8]) -> V) -> Result<Self, SplitError> {
-        let (verb_text, args) = split_command(line)?;
-        Ok(Command {
-            verb: classify(verb_text),
-            verb_text,
-            args,
-        })
-    }
-}
-
-/// A command line's first word and the rest, white space around the rest removed:
-/// liberal in white space, so that the proxy classifies a line the way lenient
-/// upstreams read it (SMTP and POP3 commands; IMAP lines start with a tag).
-pub fn split_command(line: &[u8]) -> Result<(&[u8], &[u8]), SplitError> {
-    if line.iter().any(|&b| (b < 0x20 && b != b'\t') || b == 0x7f) {
-        return Err(SplitError::ControlCharacter);
-    }
-    let is_wsp = |b: &u8| *b == b' ' || *b == b'\t';
-    let start = line
-        .iter()
-        .position(|b| !is_wsp(b))
-        .ok_or(SplitError::Empty)?;
-    let line = &line[start..];
-    let word_end = line.iter().position(is_wsp).unwrap_or(line.len());
-    let (word, rest) = line.split_at(word_end);
-    let rest = rest.trim_ascii();
-    Ok((word, rest))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

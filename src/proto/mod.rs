@@ -5,6 +5,7 @@
 //! never touches a socket, a clock or a logger, so every transcript can be replayed in a
 //! unit test, and every chunking of the same bytes must give the same actions.
 
+pub mod command;
 pub mod conn;
 pub mod exempt;
 pub mod imap;
@@ -268,9 +269,11 @@ pub trait Session {
         idle
     }
 
-    /// Reads what it can of the client's bytes.
+    /// Reads what it can of the client's bytes. Past the unwritten-reply budget the
+    /// client has not taken what it was sent: nothing more is read until the driver has
+    /// written it ([`Session::on_output_written`]).
     fn process_client(&mut self) {
-        while self.conn().is_open() && self.client_step() {}
+        while self.conn().is_open() && !self.conn().output_full() && self.client_step() {}
     }
 
     /// Reads what it can of the upstream's bytes.

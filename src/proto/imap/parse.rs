@@ -2,6 +2,7 @@
 //! §9 formal syntax, RFC 7888 non-synchronising literals). Each takes one whole line
 //! from the framer (without its CRLF), never the socket.
 
+use crate::proto::command::Verbs;
 use nom::{
     IResult, Parser,
     branch::alt,
@@ -40,21 +41,24 @@ pub enum Verb {
     Other,
 }
 
+/// The verbs by name; everything else is `Other`.
+const VERBS: Verbs<Verb> = Verbs {
+    names: &[
+        ("CAPABILITY", Verb::Capability),
+        ("NOOP", Verb::Noop),
+        ("LOGOUT", Verb::Logout),
+        ("STARTTLS", Verb::StartTls),
+        ("ID", Verb::Id),
+        ("LOGIN", Verb::Login),
+        ("AUTHENTICATE", Verb::Authenticate),
+    ],
+    other: Verb::Other,
+};
+
 impl Verb {
-    fn from_bytes(name: &[u8]) -> Verb {
-        const VERBS: &[(&[u8], Verb)] = &[
-            (b"CAPABILITY", Verb::Capability),
-            (b"NOOP", Verb::Noop),
-            (b"LOGOUT", Verb::Logout),
-            (b"STARTTLS", Verb::StartTls),
-            (b"ID", Verb::Id),
-            (b"LOGIN", Verb::Login),
-            (b"AUTHENTICATE", Verb::Authenticate),
-        ];
-        VERBS
-            .iter()
-            .find(|(text, _)| text.eq_ignore_ascii_case(name))
-            .map_or(Verb::Other, |&(_, verb)| verb)
+    /// The verb's name for logs, or `unknown`: never the client's own text.
+    pub fn label(self) -> &'static str {
+        VERBS.label(self)
     }
 }
 
@@ -108,7 +112,7 @@ pub fn command_start(line: &[u8]) -> Result<CommandStart<'_>, Error> {
     let (args, (name, _)) = name_result.map_err(|_| Error::MissingCommand)?;
     Ok(CommandStart {
         tag,
-        verb: Verb::from_bytes(name),
+        verb: VERBS.classify(name),
         name,
         args,
     })

@@ -137,19 +137,6 @@ fn tally_name(verb: Verb) -> &'static str {
     }
 }
 
-fn verb_label(verb: Verb) -> &'static str {
-    match verb {
-        Verb::Capability => "CAPABILITY",
-        Verb::Noop => "NOOP",
-        Verb::Logout => "LOGOUT",
-        Verb::StartTls => "STARTTLS",
-        Verb::Id => "ID",
-        Verb::Login => "LOGIN",
-        Verb::Authenticate => "AUTHENTICATE",
-        Verb::Other => "unknown",
-    }
-}
-
 /// A literal in a forwarded command is honoured only where the proxy is certain of its
 /// place in the grammar: LOGIN's user id and password (RFC 9051 §9 `astring`). Before
 /// TLS no command with a literal is forwarded at all.
@@ -252,7 +239,7 @@ impl Session {
                 Verb::Capability | Verb::Noop | Verb::Logout if start.args.is_empty() => None,
                 Verb::Capability | Verb::Noop | Verb::Logout => {
                     self.conn.event(Event::PlaintextCommandRefused {
-                        verb: verb_label(start.verb),
+                        verb: start.verb.label(),
                     });
                     Some(tagged(&command.tag, reply::ARGUMENTS))
                 }
@@ -261,7 +248,7 @@ impl Session {
                 Verb::Id => Some(self.id_reply(&command.tag)),
                 Verb::Login | Verb::Authenticate => {
                     self.conn.event(Event::PlaintextCommandRefused {
-                        verb: verb_label(start.verb),
+                        verb: start.verb.label(),
                     });
                     self.conn.note_login_before_tls();
                     if start.verb == Verb::Login {
@@ -427,7 +414,7 @@ impl Session {
         if self.conn.tls_active {
             return self.conn.send_upstream_line(&[&line.text]);
         }
-        let verb = verb_label(command.verb).as_bytes();
+        let verb = command.verb.label().as_bytes();
         self.conn.send_upstream_line(&[&command.tag, b" ", verb]);
     }
 
@@ -621,11 +608,6 @@ impl crate::proto::Session for Session {
     }
 
     fn client_step(&mut self) -> bool {
-        if self.conn.output_full() {
-            // The client has not taken what it was sent: nothing more is read until the
-            // driver has written it (`on_output_written`).
-            return false;
-        }
         let mode = std::mem::replace(&mut self.mode, Mode::Done);
         let (next, progressed) = match mode {
             Mode::Command => match self.next_client_line() {

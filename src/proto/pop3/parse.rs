@@ -2,7 +2,7 @@
 //! §9, RFC 5034 §4). Each parser takes one whole line from the framer, without its line
 //! end, never the socket.
 
-use crate::proto::line::{self, SplitError};
+use crate::proto::command::{self, SplitError, Verbs};
 use nom::{
     IResult, Parser,
     branch::alt,
@@ -55,9 +55,9 @@ pub enum Keyword {
     Other,
 }
 
-impl Keyword {
-    /// The keywords the proxy knows, by name.
-    const ALL: [(&'static str, Keyword); 18] = [
+/// The keywords the proxy knows, by name; everything else is `Other`.
+const KEYWORDS: Verbs<Keyword> = Verbs {
+    names: &[
         ("CAPA", Keyword::Capa),
         ("STLS", Keyword::Stls),
         ("USER", Keyword::User),
@@ -76,26 +76,19 @@ impl Keyword {
         ("UTF8", Keyword::Utf8),
         ("QUIT", Keyword::Quit),
         ("XCLIENT", Keyword::XClient),
-    ];
+    ],
+    other: Keyword::Other,
+};
 
-    fn from_bytes(keyword: &[u8]) -> Keyword {
-        Self::ALL
-            .iter()
-            .find(|(name, _)| name.as_bytes().eq_ignore_ascii_case(keyword))
-            .map_or(Keyword::Other, |&(_, k)| k)
-    }
-
+impl Keyword {
     /// The keyword's name for logs, or `unknown`: never the client's own text.
     pub fn label(self) -> &'static str {
-        Self::ALL
-            .iter()
-            .find(|(_, k)| *k == self)
-            .map_or("unknown", |&(name, _)| name)
+        KEYWORDS.label(self)
     }
 }
 
 /// One client command line, split into its keyword and the rest.
-pub type Command<'a> = line::Command<'a, Keyword>;
+pub type Command<'a> = command::Command<'a, Keyword>;
 
 fn is_wsp(b: u8) -> bool {
     b == b' ' || b == b'\t'
@@ -109,7 +102,7 @@ fn is_wsp(b: u8) -> bool {
 /// Lines holding control characters other than HTAB are refused: implementations differ
 /// on whether a bare CR or a NUL ends a command.
 pub fn command(line: &[u8]) -> Result<Command<'_>, Error> {
-    Ok(Command::split(line, Keyword::from_bytes)?)
+    Ok(KEYWORDS.command(line)?)
 }
 
 impl From<SplitError> for Error {

@@ -611,11 +611,6 @@ impl crate::proto::Session for Session {
     }
 
     fn client_step(&mut self) -> bool {
-        if self.conn.output_full() {
-            // The client has not taken what it was sent: nothing more is read until the
-            // driver has written it (`on_output_written`).
-            return false;
-        }
         match self.mode {
             Mode::Command if self.owed == Owed::Nothing => match self.next_client_line() {
                 Some(line) => {

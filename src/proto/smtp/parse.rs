@@ -1,7 +1,7 @@
 //! nom parsers for the parts of SMTP the proxy must understand (RFC 5321 §4.1, RFC 3030,
 //! RFC 4954). Each parser takes one whole line from the framer, never the socket.
 
-use crate::proto::line::{self, SplitError};
+use crate::proto::command::{self, SplitError, Verbs};
 use nom::{
     IResult, Parser,
     branch::alt,
@@ -52,9 +52,9 @@ pub enum Verb {
     Other,
 }
 
-impl Verb {
-    /// The verbs by name; everything else is `Other`.
-    const ALL: &[(&str, Verb)] = &[
+/// The verbs by name; everything else is `Other`.
+const VERBS: Verbs<Verb> = Verbs {
+    names: &[
         ("EHLO", Verb::Ehlo),
         ("HELO", Verb::Helo),
         ("STARTTLS", Verb::StartTls),
@@ -72,26 +72,19 @@ impl Verb {
         ("ETRN", Verb::Etrn),
         ("XCLIENT", Verb::XClient),
         ("XFORWARD", Verb::XForward),
-    ];
+    ],
+    other: Verb::Other,
+};
 
-    fn from_bytes(verb: &[u8]) -> Verb {
-        Self::ALL
-            .iter()
-            .find(|(name, _)| name.as_bytes().eq_ignore_ascii_case(verb))
-            .map_or(Verb::Other, |&(_, v)| v)
-    }
-
+impl Verb {
     /// The verb's name for logs, or `unknown`: never the client's own text.
     pub fn label(self) -> &'static str {
-        Self::ALL
-            .iter()
-            .find(|(_, v)| *v == self)
-            .map_or("unknown", |&(name, _)| name)
+        VERBS.label(self)
     }
 }
 
 /// One client command line, split into its verb and the rest.
-pub type Command<'a> = line::Command<'a, Verb>;
+pub type Command<'a> = command::Command<'a, Verb>;
 
 fn is_wsp(b: u8) -> bool {
     b == b' ' || b == b'\t'
@@ -104,7 +97,7 @@ fn is_wsp(b: u8) -> bool {
 /// Lines holding control characters other than HTAB are refused: implementations differ
 /// on whether a bare CR or a NUL ends a command.
 pub fn command(line: &[u8]) -> Result<Command<'_>, Error> {
-    Ok(Command::split(line, Verb::from_bytes)?)
+    Ok(VERBS.command(line)?)
 }
 
 impl From<SplitError> for Error {

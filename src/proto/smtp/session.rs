@@ -722,9 +722,7 @@ impl crate::proto::Session for Session {
                 None => false,
             },
             Mode::Command => {
-                // Past the unwritten-output budget the client has not taken what it was
-                // sent: no more commands are read until the driver has written it.
-                if self.conn.output_full() || self.blocked() {
+                if self.blocked() {
                     return false;
                 }
                 match self.next_client_line() {

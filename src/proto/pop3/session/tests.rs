@@ -1,8 +1,8 @@
 //! Transcript tests of the POP3 session: inputs fed, actions asserted, no sockets.
 
 use super::*;
-use crate::proto::{Action, Phase};
 use crate::proto::testing::*;
+use crate::proto::{Action, Phase};
 use proptest::prelude::*;
 
 const GREETING: &str = "+OK Dovecot ready. <1896.697170952@dbc.mtview.ca.us>\r\n";
