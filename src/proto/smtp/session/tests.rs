@@ -834,7 +834,7 @@ fn replies_owed_to_the_client_are_bounded() {
     assert!(s.slots.len() <= MAX_QUEUED_REPLIES);
     let mut replies = upstream(&mut s, "250 2.1.0 Ok\r\n").client;
     assert!(replies.starts_with("250 2.1.0 Ok\r\n500 5.5.2"));
-    // As the driver does once it has written them (the reply bound, `ReplyBudget`).
+    // As the driver does once it has written them (the reply bound, `Conn::output_written`).
     while s.on_output_written() {
         replies += &drain(&mut s).client;
     }
