@@ -2,6 +2,7 @@
 # Benchmarks mailmoat against its own plaintext upstream, in the same run, on loopback.
 #
 #   scripts/bench.sh [--quick] [--reps N] [--keep] [--glibc-default] [--only PREFIX]
+#                    [--baseline PATH]
 #
 # Starts Postfix's smtp-sink (a fast SMTP upstream) and a private Dovecot (scripts/
 # legacy.sh) holding a prepared 10 MB message, then two mailmoat instances (ECDSA P-256
@@ -14,6 +15,13 @@
 # mailmoat runs with the environment config/mailmoat.service gives it (its glibc copy
 # tuning); bulk DATA is also measured without it, and --glibc-default drops it everywhere.
 # --only PREFIX runs only the scenarios whose names start with PREFIX (e.g. --only flood).
+# --baseline PATH: another release build of mailmoat (e.g. of the commit before a change),
+# run beside this tree's in the full-session scenarios (smtp_starttls_*, smtp_implicit_*)
+# and idle_N, with the same config, certificates, environment and core: each repetition
+# runs the two binaries one after the other, never at once, the order flipping every
+# repetition. The table gets a "baseline binary" row (ratio = this tree / baseline) under
+# their CPU, sessions/s, latency and memory rows; the per-repetition values follow it.
+# PATH is copied before the build, so a build into its target dir cannot swap it mid-run.
 # Bounded: every generator run has a --timeout, the whole script a watchdog (25 min).
 set -euo pipefail
 
@@ -23,6 +31,7 @@ REPS=
 KEEP=0
 GLIBC_DEFAULT=0
 ONLY=
+BASELINE=
 while [ $# -gt 0 ]; do
     case "$1" in
         --quick) QUICK=1 ;;
@@ -30,7 +39,9 @@ while [ $# -gt 0 ]; do
         --keep) KEEP=1 ;;
         --glibc-default) GLIBC_DEFAULT=1 ;;
         --only) ONLY=${2:?--only PREFIX}; shift ;;
-        -h | --help) sed -n '2,19p' "$0"; exit 0 ;;
+        --baseline) BASELINE=${2:?--baseline PATH}; shift ;;
+        # The header comment above, whatever its length.
+        -h | --help) awk 'NR > 1 { if (!/^#/) exit; print }' "$0"; exit 0 ;;
         *) echo "bench.sh: unknown argument $1" >&2; exit 2 ;;
     esac
     shift
@@ -49,6 +60,12 @@ want() { [ -z "$ONLY" ] || [[ "$1" == "$ONLY"* ]]; }
 
 log() { echo "bench.sh: $*" >&2; }
 die() { log "$*"; exit 1; }
+if [ -n "$BASELINE" ]; then
+    if ! [ -f "$BASELINE" ] || ! [ -x "$BASELINE" ]; then
+        die "--baseline $BASELINE: no executable file there"
+    fi
+    BASELINE=$(realpath "$BASELINE")
+fi
 
 # ------------------------------------------------------------------ dependencies
 need_install=0
@@ -70,10 +87,32 @@ if ! command -v cargo >/dev/null 2>&1; then
     export PATH=$HOME/.cargo/bin:$PATH
 fi
 
+# --baseline: the binary is copied before the build, which could otherwise replace it
+# under the run (a baseline taken from the target dir being built).
+BASE_MM=
+KEEP_BASE_MM=0
+if [ -n "$BASELINE" ]; then
+    BASE_MM=$(mktemp /tmp/mmbench-baseline.XXXXXX)
+    trap '[ "$KEEP_BASE_MM" = 1 ] || rm -f "$BASE_MM"' EXIT
+    install -m 755 "$BASELINE" "$BASE_MM"
+fi
+
 log "building release binaries"
 (cd "$ROOT" && cargo build --release --bin mailmoat --bin mailmoat-bench >&2)
 MM=${CARGO_TARGET_DIR:-$ROOT/target}/release/mailmoat
 GEN=${CARGO_TARGET_DIR:-$ROOT/target}/release/mailmoat-bench
+BASE_INFO=
+if [ -n "$BASELINE" ]; then
+    if ! cmp -s "$BASELINE" "$BASE_MM"; then
+        KEEP_BASE_MM=1
+        log "WARNING: the build replaced $BASELINE; this run uses the copy taken before" \
+            "the build, kept at $BASE_MM (build baselines into their own CARGO_TARGET_DIR)"
+    fi
+    cmp -s "$MM" "$BASE_MM" &&
+        log "note: the baseline is the very binary this tree builds: it is compared with itself"
+    BASE_INFO="$BASELINE (sha256 $(sha256sum <"$BASE_MM" | cut -c1-12)) vs this tree's"
+    BASE_INFO+=" $MM (sha256 $(sha256sum <"$MM" | cut -c1-12))"
+fi
 
 # ------------------------------------------------------------------ cores, limits
 CORES=$(nproc)
@@ -97,6 +136,7 @@ cleanup() {
     for p in "${PIDS[@]:-}"; do
         [ -n "$p" ] && kill "$p" 2>/dev/null || true
     done
+    [ -n "$BASE_MM" ] && [ "$KEEP_BASE_MM" = 0 ] && rm -f "$BASE_MM"
     [ -d "$LEGACY_DIR" ] && bash "$ROOT/scripts/legacy.sh" stop "$LEGACY_DIR" >/dev/null 2>&1 || true
     if [ "$KEEP" = 1 ]; then log "kept $WORK"; else rm -rf "$WORK"; fi
 }
@@ -167,10 +207,12 @@ UNIT_TUNABLES=$(sed -n 's/^Environment=GLIBC_TUNABLES=//p' "$ROOT/config/mailmoa
 [ -n "$UNIT_TUNABLES" ] || die "config/mailmoat.service sets no GLIBC_TUNABLES"
 MM_TUNABLES=$UNIT_TUNABLES
 [ "$GLIBC_DEFAULT" = 1 ] && MM_TUNABLES=
-# start_mailmoat NAME CERT KEY [TUNABLES [LIMITS]] -> sets PID_<NAME>, and ports in
-# SUB_<NAME> etc. LIMITS: more `limits:` lines (YAML, indented two spaces).
+# start_mailmoat NAME CERT KEY [TUNABLES [LIMITS [BINARY]]] -> sets PID_<NAME>, and ports
+# in SUB_<NAME> etc. LIMITS: more `limits:` lines (YAML, indented two spaces). BINARY:
+# this tree's mailmoat unless given (the --baseline copy).
 start_mailmoat() {
-    local name=$1 cert=$2 key=$3 tunables=${4-$MM_TUNABLES} limits=${5-} sub smtps imap mx pid
+    local name=$1 cert=$2 key=$3 tunables=${4-$MM_TUNABLES} limits=${5-} bin=${6:-$MM}
+    local sub smtps imap mx pid
     sub=$(free_port); smtps=$(free_port); imap=$(free_port); mx=$(free_port)
     cat >"$WORK/$name.yaml" <<EOF
 tls:
@@ -187,7 +229,7 @@ limits:
 $limits
 log: { level: warn }
 EOF
-    env ${tunables:+GLIBC_TUNABLES=$tunables} taskset -c "$PROXY_CPU" "$MM" run -c "$WORK/$name.yaml" \
+    env ${tunables:+GLIBC_TUNABLES=$tunables} taskset -c "$PROXY_CPU" "$bin" run -c "$WORK/$name.yaml" \
         >>"$WORK/$name.log" 2>&1 &
     pid=$!
     PIDS+=("$pid")
@@ -206,6 +248,12 @@ start_mailmoat ecdsa "$CERTS/mail.example.test.pem" "$CERTS/mail.example.test.ke
 start_mailmoat rsa "$CERTS/rsa.pem" "$CERTS/rsa.key"
 # The same as ecdsa, with glibc's own defaults: what the unit's tuning is worth.
 [ -n "$MM_TUNABLES" ] && start_mailmoat glibc "$CERTS/mail.example.test.pem" "$CERTS/mail.example.test.key" ""
+# --baseline: the same two, run by the baseline binary (same config, environment, core).
+if [ -n "$BASE_MM" ]; then
+    start_mailmoat base_ecdsa "$CERTS/mail.example.test.pem" "$CERTS/mail.example.test.key" \
+        "$MM_TUNABLES" "" "$BASE_MM"
+    start_mailmoat base_rsa "$CERTS/rsa.pem" "$CERTS/rsa.key" "$MM_TUNABLES" "" "$BASE_MM"
+fi
 
 # ------------------------------------------------------------------ runs
 RESULTS=$WORK/results.jsonl
@@ -225,18 +273,25 @@ gen() {
     echo "$line" >>"$RESULTS"
 }
 
-# pair SCENARIO "DIRECT ARGS" "MAILMOAT ARGS": REPS alternating runs (order flips).
+# pair SCENARIO "DIRECT ARGS" "MAILMOAT ARGS" ["BASELINE ARGS"]: REPS alternating runs
+# (order flips). With BASELINE ARGS, each repetition also runs the baseline binary, next
+# to mailmoat's run: direct, mailmoat, baseline, then baseline, mailmoat, direct, ...
+# (so the two binaries take turns at going first). One run at a time, always.
 pair() {
-    local scenario=$1 direct=$2 proxied=$3 rep
+    local scenario=$1 direct=$2 proxied=$3 baseline=${4-} rep
     want "$scenario" || return 0
-    log "scenario $scenario ($REPS repetitions)"
+    log "scenario $scenario ($REPS repetitions${baseline:+, each also with the baseline binary})"
     for rep in $(seq 1 "$REPS"); do
         if [ $((rep % 2)) = 1 ]; then
             # shellcheck disable=SC2086
             gen "$scenario" direct "$rep" $direct
             # shellcheck disable=SC2086
             gen "$scenario" mailmoat "$rep" $proxied
+            # shellcheck disable=SC2086
+            [ -z "$baseline" ] || gen "$scenario" baseline "$rep" $baseline
         else
+            # shellcheck disable=SC2086
+            [ -z "$baseline" ] || gen "$scenario" baseline "$rep" $baseline
             # shellcheck disable=SC2086
             gen "$scenario" mailmoat "$rep" $proxied
             # shellcheck disable=SC2086
@@ -255,13 +310,30 @@ STARTED=$(date +%s)
 # AUTH with 250 instead of 235, so these sessions run without AUTH (the smoke test
 # covers AUTH against an upstream that answers it properly).
 HS="smtp --sessions $N_HANDSHAKE --concurrency 20 --size 2048"
-pair smtp_starttls_ecdsa "$HS $SINK" "$HS $CA --addr 127.0.0.1:$SUB_ecdsa --proxy-pid $PID_ecdsa"
+# --baseline: the generator's arguments for the baseline instance of KIND (ecdsa, rsa)
+# and its LISTENER (SUB, SMTPS), empty without --baseline.
+base_args() {
+    local pid_var=PID_base_$1 port_var=${2}_base_$1
+    [ -z "$BASE_MM" ] || echo "--addr 127.0.0.1:${!port_var} --proxy-pid ${!pid_var}"
+}
+BASE_SUB_ECDSA=$(base_args ecdsa SUB); BASE_SUB_RSA=$(base_args rsa SUB)
+BASE_SMTPS_ECDSA=$(base_args ecdsa SMTPS)
+pair smtp_starttls_ecdsa "$HS $SINK" "$HS $CA --addr 127.0.0.1:$SUB_ecdsa --proxy-pid $PID_ecdsa" \
+    ${BASE_MM:+"$HS $CA $BASE_SUB_ECDSA"}
 # The same sessions from a client that pipelines MAIL, RCPT and DATA (RFC 2920), as MTAs
 # do; the one-command-at-a-time dialogue above is what most mail user agents send.
 pair smtp_starttls_ecdsa_pipelined "$HS --pipelining $SINK" \
-    "$HS --pipelining $CA --addr 127.0.0.1:$SUB_ecdsa --proxy-pid $PID_ecdsa"
-pair smtp_starttls_rsa "$HS $SINK" "$HS $CA --addr 127.0.0.1:$SUB_rsa --proxy-pid $PID_rsa"
-pair smtp_implicit_ecdsa "$HS $SINK" "$HS $CA --tls implicit --addr 127.0.0.1:$SMTPS_ecdsa --proxy-pid $PID_ecdsa"
+    "$HS --pipelining $CA --addr 127.0.0.1:$SUB_ecdsa --proxy-pid $PID_ecdsa" \
+    ${BASE_MM:+"$HS --pipelining $CA $BASE_SUB_ECDSA"}
+pair smtp_starttls_rsa "$HS $SINK" "$HS $CA --addr 127.0.0.1:$SUB_rsa --proxy-pid $PID_rsa" \
+    ${BASE_MM:+"$HS $CA $BASE_SUB_RSA"}
+pair smtp_implicit_ecdsa "$HS $SINK" "$HS $CA --tls implicit --addr 127.0.0.1:$SMTPS_ecdsa --proxy-pid $PID_ecdsa" \
+    ${BASE_MM:+"$HS $CA --tls implicit $BASE_SMTPS_ECDSA"}
+# The baseline instances are done: the rest runs as without --baseline.
+# shellcheck disable=SC2154 # PID_base_*: set by start_mailmoat
+if [ -n "$BASE_MM" ]; then
+    stop_pid "$PID_base_ecdsa"; stop_pid "$PID_base_rsa"
+fi
 # Resumption: a client session cache (TLS 1.3 tickets); baseline = the same run with
 # full handshakes. Concurrency 4 so that a ticket is there for (almost) every session.
 RS="smtp --sessions $N_RESUME --concurrency 4 --size 2048"
@@ -292,14 +364,25 @@ pair smtp_concurrent "$CONC $SINK" "$CONC $CA --addr 127.0.0.1:$SUB_ecdsa --prox
 # Idle sessions: a fresh mailmoat each time (a used one keeps freed memory around),
 # N sessions held open after STARTTLS and EHLO; growth of its RSS per session.
 stop_pid "$PID_rsa"
+# idle_run NAME SIDE REP [BINARY]: one repetition, on a fresh instance NAME.
+idle_run() {
+    local name=$1 side=$2 rep=$3 bin=${4-} pid_var=PID_$1 sub_var=SUB_$1
+    start_mailmoat "$name" "$CERTS/mail.example.test.pem" "$CERTS/mail.example.test.key" \
+        "$MM_TUNABLES" "" "$bin"
+    sleep 0.5
+    # shellcheck disable=SC2086
+    gen "idle_$N_IDLE" "$side" "$rep" idle --sessions "$N_IDLE" --concurrency 50 --settle 2 \
+        $CA --addr "127.0.0.1:${!sub_var}" --proxy-pid "${!pid_var}"
+    stop_pid "${!pid_var}"
+}
 if want "idle_$N_IDLE"; then
-    log "scenario idle_${N_IDLE} ($IDLE_REPS repetitions, fresh mailmoat each)"
+    log "scenario idle_${N_IDLE} ($IDLE_REPS repetitions, fresh mailmoat each${BASE_MM:+, each also with the baseline binary})"
+    # --baseline: a fresh baseline instance too, after or (every other repetition) before
+    # mailmoat's, never both at once.
     for rep in $(seq 1 "$IDLE_REPS"); do
-        start_mailmoat idle "$CERTS/mail.example.test.pem" "$CERTS/mail.example.test.key"
-        sleep 0.5
-        gen "idle_$N_IDLE" mailmoat "$rep" idle --sessions "$N_IDLE" --concurrency 50 --settle 2 \
-            $CA --addr "127.0.0.1:$SUB_idle" --proxy-pid "$PID_idle"
-        stop_pid "$PID_idle"
+        [ -z "$BASE_MM" ] || [ $((rep % 2)) = 1 ] || idle_run base_idle baseline "$rep" "$BASE_MM"
+        idle_run idle mailmoat "$rep"
+        [ -z "$BASE_MM" ] || [ $((rep % 2)) = 0 ] || idle_run base_idle baseline "$rep" "$BASE_MM"
     done
 fi
 # Flooding clients that never read: a fresh mailmoat each time; N_FLOOD connections to
@@ -330,9 +413,10 @@ ELAPSED=$(( $(date +%s) - STARTED ))
 
 # ------------------------------------------------------------------ table
 LOADAVG=$(cut -d' ' -f1-3 /proc/loadavg)
-python3 - "$RESULTS" "$REPS" "$ELAPSED" "$CORES" "$LOADAVG" "$N_IDLE" "$MM_TUNABLES" "$N_FLOOD" <<'EOF'
+python3 - "$RESULTS" "$REPS" "$ELAPSED" "$CORES" "$LOADAVG" "$N_IDLE" "$MM_TUNABLES" "$N_FLOOD" \
+    "$BASE_INFO" <<'EOF'
 import json, statistics, sys
-path, reps, elapsed, cores, loadavg, n_idle, tunables, n_flood = sys.argv[1:9]
+path, reps, elapsed, cores, loadavg, n_idle, tunables, n_flood, base_info = sys.argv[1:10]
 runs = {}
 errors = []
 for line in open(path):
@@ -369,8 +453,11 @@ def fmt(v, digits=1):
     return f"{v:,.{digits}f}"
 
 rows = []
+# --baseline: mailmoat's own metrics compared with the baseline binary (CPU, memory),
+# for the per-repetition list under the table.
+vs_base = []
 def row(scenario, metric, path, target="", base_side="direct", base_label="direct",
-        scale=1.0, digits=1, ratio=True):
+        scale=1.0, digits=1, ratio=True, baseline=False):
     if not any(sc == scenario for (sc, _) in runs):
         return  # not run (--only)
     b = med(scenario, base_side, path) if base_side else None
@@ -379,20 +466,30 @@ def row(scenario, metric, path, target="", base_side="direct", base_label="direc
     m = None if m is None else m * scale
     r = f"{m / b:.2f}" if ratio and b and m is not None else "-"
     rows.append((scenario, metric, base_label if base_side else "-", fmt(b, digits), fmt(m, digits), r, target))
+    # baseline=True: one more row, the baseline binary's median (--baseline runs only).
+    if baseline and (scenario, "baseline") in runs:
+        b = med(scenario, "baseline", path)
+        b = None if b is None else b * scale
+        r = f"{m / b:.2f}" if ratio and b and m is not None else "-"
+        rows.append((scenario, metric, "baseline binary", fmt(b, digits), fmt(m, digits), r, ""))
+        if ratio and isinstance(path, str) and path.startswith("proxy."):
+            vs_base.append((scenario, metric, path, scale, digits))
 
 for s, target in [("smtp_starttls_ecdsa", "<= 250"), ("smtp_starttls_rsa", "<= 440"),
                   ("smtp_implicit_ecdsa", "")]:
-    row(s, "server CPU µs/session", "proxy.cpu_us_per_session", target, base_label="smtp-sink")
+    row(s, "server CPU µs/session", "proxy.cpu_us_per_session", target, base_label="smtp-sink",
+        baseline=True)
     row(s, "of which kernel µs/session", lambda r: r["proxy"]["cpu_system_us"] / r["ok"],
-        base_label="smtp-sink")
-    row(s, "sessions/s", "sessions_per_s", digits=0)
-    row(s, "session p50 ms", "session_latency_us.p50", scale=1e-3, digits=2)
+        base_label="smtp-sink", baseline=True)
+    row(s, "sessions/s", "sessions_per_s", digits=0, baseline=True)
+    row(s, "session p50 ms", "session_latency_us.p50", scale=1e-3, digits=2, baseline=True)
     row(s, "generator CPU µs/session", "generator.cpu_us_per_session", digits=0)
 s = "smtp_starttls_ecdsa_pipelined"
-row(s, "server CPU µs/session", "proxy.cpu_us_per_session", base_label="smtp-sink")
+row(s, "server CPU µs/session", "proxy.cpu_us_per_session", base_label="smtp-sink",
+    baseline=True)
 row(s, "of which kernel µs/session", lambda r: r["proxy"]["cpu_system_us"] / r["ok"],
-    base_label="smtp-sink")
-row(s, "sessions/s", "sessions_per_s", digits=0)
+    base_label="smtp-sink", baseline=True)
+row(s, "sessions/s", "sessions_per_s", digits=0, baseline=True)
 for s in ["smtp_resumed_ecdsa", "smtp_resumed_rsa"]:
     row(s, "mailmoat CPU µs/session", "proxy.cpu_us_per_session", "markedly cheaper",
         base_label="full handshake")
@@ -425,8 +522,10 @@ total_row("smtp_concurrent", "listen queue overflows, all reps", "tcp_ext.Listen
 total_row("smtp_concurrent", "SYN cookies sent, all reps", "tcp_ext.SyncookiesSent")
 row("smtp_concurrent", "ok sessions", "ok", digits=0, ratio=False)
 row("smtp_concurrent", "session p99 ms", "session_latency_us.p99", scale=1e-3, digits=1)
-row(f"idle_{n_idle}", "KiB resident per session", "proxy.rss_kib_per_conn", "<= 12", base_side=None)
-row(f"idle_{n_idle}", "held open", "held_open", digits=0, base_side=None)
+row(f"idle_{n_idle}", "KiB resident per session", "proxy.rss_kib_per_conn", "<= 12", base_side=None,
+    baseline=True)
+row(f"idle_{n_idle}", "held open", "held_open", digits=0, base_side=None, baseline=True,
+    ratio=False)
 for flood in (f"flood_{n_flood}", f"flood_{n_flood}_no_error_limit"):
     row(flood, "KiB resident per flooding connection", "proxy.rss_kib_per_attacker",
         "bounded", base_side=None)
@@ -442,6 +541,10 @@ print()
 print(f"mailmoat benchmark: medians of {reps} alternating repetitions; mailmoat on core 0, "
       f"generator and upstreams on core 1 ({cores} cores); {elapsed} s; load average at end {loadavg}")
 print()
+if base_info:
+    print(f"--baseline: {base_info}; each \"baseline binary\" row compares the two, run one "
+          f"at a time, in the same alternating repetitions (ratio = this tree / baseline)")
+    print()
 suites = sorted({k for rs in runs.values() for r in rs for k in (r.get("tls_suites") or {})})
 kxs = sorted({r.get("kx") for (sc, side), rs in runs.items() if side == "mailmoat" for r in rs if r.get("kx")})
 print(f"TLS negotiated: {', '.join(suites) or '-'}; key exchange offered by the generator: {', '.join(kxs)}")
@@ -455,6 +558,25 @@ for r in rows:
     print("| " + " | ".join(r) + " |")
 if lat_d is not None and lat_m is not None:
     print(f"\nadded latency per SMTP transaction (p50): {(lat_m - lat_d) / 1000:.3f} ms (target <= 0.8 ms)")
+if vs_base:
+    # Each repetition's pair of runs, to see the noise the medians hide.
+    print("\nthis tree / baseline binary, per repetition:")
+    for scenario, metric, path, scale, digits in vs_base:
+        by_rep = {}
+        for side in ("mailmoat", "baseline"):
+            for r in runs.get((scenario, side), []):
+                v = get(r, path)
+                by_rep.setdefault(r["label"].split("|")[2], {})[side] = \
+                    v * scale if isinstance(v, (int, float)) else None
+        cells, ratios = [], []
+        for rep in sorted(by_rep, key=int):
+            m, b = by_rep[rep].get("mailmoat"), by_rep[rep].get("baseline")
+            q = m / b if m is not None and b else None
+            if q is not None:
+                ratios.append(q)
+            cells.append(f"rep {rep} {fmt(m, digits)} / {fmt(b, digits)} = {fmt(q, 2)}")
+        spread = f", ratios {min(ratios):.2f} to {max(ratios):.2f}" if ratios else ""
+        print(f"- {scenario}, {metric}{spread}: " + "; ".join(cells))
 print("\nCPU is the run time of the server's threads over the run (mailmoat's; in direct "
       "SMTP runs smtp-sink's, for its one plaintext leg) from /proc/PID/task/*/schedstat, "
       "divided by sessions or by message/literal MB (10^6 bytes); its kernel share is "
