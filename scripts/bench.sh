@@ -5,12 +5,12 @@
 #
 # Starts Postfix's smtp-sink (a fast SMTP upstream) and a private Dovecot (scripts/
 # legacy.sh) holding a prepared 10 MB message, then two mailmoat instances (ECDSA P-256
-# and RSA-2048 certificates) pinned to core 0 while the load generator
-# (target/release/mailmoat-bench) and the upstreams run on core 1. Each scenario runs
-# direct (plaintext to the upstream) and through mailmoat alternately, --reps times
-# (default 5, --quick: 2 with smaller counts), and the medians are printed as a Markdown
-# table. Every reply is verified; a run with errors is shown as such. Raw results:
-# WORKDIR/results.jsonl. Root is needed to install packages and for smtp-sink -u.
+# and RSA-2048 certificates) pinned to core 0 while the load generator (the workspace
+# member bench/, target/release/mailmoat-bench) and the upstreams run on core 1. Each
+# scenario runs direct (plaintext to the upstream) and through mailmoat alternately,
+# --reps times (default 5, --quick: 2 with smaller counts); the medians are printed as a
+# Markdown table. Every reply is verified; a run with errors is shown as such. Raw
+# results: WORKDIR/results.jsonl. Root is needed to install packages and for smtp-sink -u.
 # mailmoat runs with the environment config/mailmoat.service gives it (its glibc copy
 # tuning); bulk DATA is also measured without it, and --glibc-default drops it everywhere.
 # --only PREFIX runs only the scenarios whose names start with PREFIX (e.g. --only flood).
@@ -30,7 +30,7 @@ while [ $# -gt 0 ]; do
         --keep) KEEP=1 ;;
         --glibc-default) GLIBC_DEFAULT=1 ;;
         --only) ONLY=${2:?--only PREFIX}; shift ;;
-        -h | --help) sed -n '2,19p' "$0"; exit 0 ;;
+        -h | --help) sed -n '2,17p' "$0"; exit 0 ;;
         *) echo "bench.sh: unknown argument $1" >&2; exit 2 ;;
     esac
     shift
@@ -71,7 +71,7 @@ if ! command -v cargo >/dev/null 2>&1; then
 fi
 
 log "building release binaries"
-(cd "$ROOT" && cargo build --release --bin mailmoat --bin mailmoat-bench >&2)
+(cd "$ROOT" && cargo build --release -p mailmoat -p mailmoat-bench >&2)
 MM=${CARGO_TARGET_DIR:-$ROOT/target}/release/mailmoat
 GEN=${CARGO_TARGET_DIR:-$ROOT/target}/release/mailmoat-bench
 
