@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Deserializer};
 
-use crate::identity::{Cidr, ProxyVersion};
+use crate::inbound::identity::{Cidr, ProxyVersion};
 use crate::policy::{BareNewlines, Policy};
 
 mod read;

@@ -5,7 +5,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use mailmoat::config::{Config, LogFormat};
-use mailmoat::listener::Server;
+use mailmoat::inbound::listener::Server;
 use mailmoat::telemetry;
 
 /// sysexits.h EX_CONFIG... EX_USAGE (64) is what the issue asks for a bad config.
@@ -83,15 +83,15 @@ fn main() -> ExitCode {
     match cli.command {
         Command::Check { config, offline } => {
             // Binding would clash with a running instance: nothing is bound.
-            let options = mailmoat::check::Options { offline };
-            ExitCode::from(runtime.block_on(mailmoat::check::run(&config, options)))
+            let options = mailmoat::operator::check::Options { offline };
+            ExitCode::from(runtime.block_on(mailmoat::operator::check::run(&config, options)))
         }
         Command::Explain { config } => {
             let config = match load(&config) {
                 Ok(config) => config,
                 Err(code) => return code,
             };
-            ExitCode::from(runtime.block_on(mailmoat::explain::run(&config)))
+            ExitCode::from(runtime.block_on(mailmoat::operator::explain::run(&config)))
         }
         Command::Run { config, log_format } => {
             let config_path = config;
@@ -191,12 +191,12 @@ async fn reload(path: &std::path::Path, server: &mut Server) {
 /// mail service down over a file mode), but said at every start and reload.
 fn warn_exposed_keys(config: &Config) {
     for pair in &config.tls.certificates {
-        if let Some(exposure) = mailmoat::check::certificates::key_exposure(&pair.key) {
+        if let Some(exposure) = mailmoat::operator::check::certificates::key_exposure(&pair.key) {
             tracing::warn!(
                 key = %pair.key.display(),
                 mode = %format!("{:04o}", exposure.mode),
                 readers = %exposure.readers,
-                advice = mailmoat::check::certificates::KEY_ADVICE,
+                advice = mailmoat::operator::check::certificates::KEY_ADVICE,
                 "private key readable by others than mailmoat"
             );
         }

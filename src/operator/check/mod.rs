@@ -18,7 +18,9 @@ use std::path::Path;
 use std::time::SystemTime;
 
 use crate::config::{Config, ListenerConfig, Positions, Protocol};
-use crate::probe::{self, RELAY_PROBE_RECIPIENT, RELAY_PROBE_SENDER, RelayVerdict, quoted};
+use crate::operator::probe::{
+    self, RELAY_PROBE_RECIPIENT, RELAY_PROBE_SENDER, RelayVerdict, quoted,
+};
 
 /// Everything checked is fine (warnings allowed).
 pub const EXIT_OK: u8 = 0;

@@ -19,10 +19,10 @@ use tokio_rustls::server::TlsStream;
 use tracing::info;
 
 use crate::config::{Timeouts, TlsMode};
+use crate::inbound::{read_buffers, upstream};
 use crate::metrics::ListenerMetrics;
 use crate::proto::{Action, Event, Phase, Session};
 use crate::telemetry::{self, security_event};
-use crate::{scratch, upstream};
 
 /// What a connection needs from its listener.
 #[derive(Clone)]
@@ -64,14 +64,14 @@ impl<S: AsyncRead + Unpin> AsyncRead for Prefixed<S> {
     ) -> Poll<io::Result<()>> {
         let this = self.get_mut();
         if this.prefix.is_empty() {
-            if buf.remaining() >= scratch::READ_AHEAD_LEN {
+            if buf.remaining() >= read_buffers::READ_AHEAD_LEN {
                 return Pin::new(&mut this.inner).poll_read(cx, buf);
             }
             // rustls reads 4 KiB at a time: one system call per 4 KiB of a large
             // message. Read what the socket has into the thread's read-ahead buffer
             // instead, and keep only what rustls did not take (no allocation while the
             // socket is empty, nothing held once it is served).
-            return scratch::poll_read_ahead(&mut this.inner, cx, |read| {
+            return read_buffers::poll_read_ahead(&mut this.inner, cx, |read| {
                 let data = read?;
                 let n = data.len().min(buf.remaining());
                 buf.put_slice(&data[..n]);
@@ -325,12 +325,13 @@ async fn relay<S: AsyncRead + AsyncWrite + Unpin>(
     traffic: &mut Traffic,
 ) -> io::Result<()> {
     let idle = context.timeouts.idle_after_login;
-    let mut copied = crate::relay::Copied::default();
+    let mut copied = crate::inbound::relay::Copied::default();
     let end =
-        crate::relay::splice(client, upstream, idle, context.metrics.bytes(), &mut copied).await;
+        crate::inbound::relay::splice(client, upstream, idle, context.metrics.bytes(), &mut copied)
+            .await;
     traffic.from_client += copied.from_client;
     traffic.to_client += copied.to_client;
-    if let Ok(crate::relay::End::Idle) = end {
+    if let Ok(crate::inbound::relay::End::Idle) = end {
         let limit = "idle_after_login_timeout";
         telemetry::record(&Event::LimitExceeded { limit }, &context.metrics);
     }
@@ -619,7 +620,7 @@ async fn run<P: Session, S: ClientStream>(
             for side in order {
                 let read = match side {
                     Side::Client if wants_client => {
-                        scratch::poll_read(&mut client, cx, |_, read| {
+                        read_buffers::poll_read(&mut client, cx, |_, read| {
                             match read {
                                 Ok([]) => session.on_client_eof(),
                                 Ok(data) => {
@@ -637,7 +638,7 @@ async fn run<P: Session, S: ClientStream>(
                         })
                     }
                     Side::Client => Poll::Pending,
-                    Side::Upstream => scratch::poll_read(upstream, cx, |_, read| match read {
+                    Side::Upstream => read_buffers::poll_read(upstream, cx, |_, read| match read {
                         Ok([]) | Err(_) => session.on_upstream_eof(),
                         Ok(data) => session.on_upstream_data(data),
                     }),
