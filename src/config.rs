@@ -872,9 +872,9 @@ impl ListenerConfig {
 /// Far more than descriptors allow (two per connection).
 const MAX_CONNECTIONS_LIMIT: usize = 10_000_000;
 
-/// A level (`info`), or `RUST_LOG`-style directives (`info,mailmoat::driver=debug`).
-/// A lone word that is no level would be read as a target name and silence everything
-/// else: refused.
+/// A level (`info`), or `RUST_LOG`-style directives
+/// (`info,mailmoat::inbound::driver=debug`). A lone word that is no level would be read
+/// as a target name and silence everything else: refused.
 fn check_log_filter(filter: &str) -> Result<(), String> {
     const LEVELS: [&str; 6] = ["off", "error", "warn", "info", "debug", "trace"];
     if !filter.contains(['=', ',', '[']) && !LEVELS.contains(&filter.to_ascii_lowercase().as_str())
