@@ -8,8 +8,11 @@ use mailmoat::config::{Config, LogFormat};
 use mailmoat::inbound::listener::Server;
 use mailmoat::telemetry;
 
-/// sysexits.h EX_CONFIG... EX_USAGE (64) is what the issue asks for a bad config.
-const EXIT_CONFIG: u8 = 64;
+/// The exit status for a configuration that cannot be used (invalid, a certificate that
+/// does not load, a port that cannot be bound): 64, sysexits.h's EX_USAGE, as STYLE.md
+/// asks. (sysexits.h's EX_CONFIG is 78.) `mailmoat check` exits with the same code.
+const EX_USAGE: u8 = 64;
+const _: () = assert!(EX_USAGE == mailmoat::operator::check::EXIT_CONFIG);
 
 #[derive(Parser)]
 #[command(version, about = "A TLS moat for legacy mail servers")]
@@ -62,7 +65,7 @@ enum Command {
 fn load(path: &std::path::Path) -> Result<Config, ExitCode> {
     Config::from_file(path).map_err(|err| {
         eprintln!("{err}");
-        ExitCode::from(EXIT_CONFIG)
+        ExitCode::from(EX_USAGE)
     })
 }
 
@@ -127,14 +130,14 @@ async fn serve(path: PathBuf, config: Config) -> ExitCode {
         Ok(server) => server,
         Err(err) => {
             eprintln!("{err}");
-            return ExitCode::from(EXIT_CONFIG);
+            return ExitCode::from(EX_USAGE);
         }
     };
     if let Some(metrics) = &config.metrics
         && let Err(err) = mailmoat::metrics::start(metrics.listen).await
     {
         eprintln!("metrics: cannot listen on {}: {err}", metrics.listen);
-        return ExitCode::from(EXIT_CONFIG);
+        return ExitCode::from(EX_USAGE);
     }
     mailmoat::metrics::global().set_ready(true);
     notify_systemd(&[sd_notify::NotifyState::Ready]);

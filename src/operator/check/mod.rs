@@ -26,7 +26,8 @@ use crate::operator::probe::{
 pub const EXIT_OK: u8 = 0;
 /// The configuration is valid, but a certificate or an upstream is not.
 pub const EXIT_FAILED: u8 = 1;
-/// The configuration file itself is invalid (the code `run` exits with, too).
+/// The configuration file itself is invalid (the code `run` and `explain` exit with,
+/// too): 64, sysexits.h's EX_USAGE (its EX_CONFIG is 78).
 pub const EXIT_CONFIG: u8 = 64;
 
 /// How bad a finding is.
