@@ -6,12 +6,12 @@
 #
 # Starts Postfix's smtp-sink (a fast SMTP upstream) and a private Dovecot (scripts/
 # legacy.sh) holding a prepared 10 MB message, then two mailmoat instances (ECDSA P-256
-# and RSA-2048 certificates) pinned to core 0 while the load generator
-# (target/release/mailmoat-bench) and the upstreams run on core 1. Each scenario runs
-# direct (plaintext to the upstream) and through mailmoat alternately, --reps times
-# (default 5, --quick: 2 with smaller counts), and the medians are printed as a Markdown
-# table. Every reply is verified; a run with errors is shown as such. Raw results:
-# WORKDIR/results.jsonl. Root is needed to install packages and for smtp-sink -u.
+# and RSA-2048 certificates) pinned to core 0 while the load generator (the workspace
+# member bench/, target/release/mailmoat-bench) and the upstreams run on core 1. Each
+# scenario runs direct (plaintext to the upstream) and through mailmoat alternately,
+# --reps times (default 5, --quick: 2 with smaller counts); the medians are printed as a
+# Markdown table. Every reply is verified; a run with errors is shown as such. Raw
+# results: WORKDIR/results.jsonl. Root is needed to install packages and for smtp-sink -u.
 # mailmoat runs with the environment config/mailmoat.service gives it (its glibc copy
 # tuning); bulk DATA is also measured without it, and --glibc-default drops it everywhere.
 # --only PREFIX runs only the scenarios whose names start with PREFIX (e.g. --only flood).
@@ -98,7 +98,7 @@ if [ -n "$BASELINE" ]; then
 fi
 
 log "building release binaries"
-(cd "$ROOT" && cargo build --release --bin mailmoat --bin mailmoat-bench >&2)
+(cd "$ROOT" && cargo build --release -p mailmoat -p mailmoat-bench >&2)
 MM=${CARGO_TARGET_DIR:-$ROOT/target}/release/mailmoat
 GEN=${CARGO_TARGET_DIR:-$ROOT/target}/release/mailmoat-bench
 BASE_INFO=

@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # The project's test command: installs what the tests need (real Postfix, Dovecot,
-# swaks, ...), then format check, clippy with warnings as errors, and every test.
+# swaks, ...), then format check, clippy with warnings as errors, and every test, over
+# the whole workspace (mailmoat and the load generator in bench/, which
+# tests/bench_smoke.rs runs; tests/fuzz is a workspace of its own, scripts/fuzz.sh).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -11,7 +13,7 @@ else
 fi
 
 cargo fmt --all -- --check
-cargo clippy --all-targets -- -D warnings
+cargo clippy --workspace --all-targets -- -D warnings
 # Every wait in the tests has its own bound; this one is the last line of defence, so
 # that a test that hangs anyway shows where (every process, and the stacks of the test
 # binaries) and fails, instead of using up CI's time. The tests run in a session of
@@ -22,7 +24,7 @@ deadline=$((SECONDS + limit))
 # Without job control the child is no group leader, so setsid makes it a session
 # leader without forking, and $! is the session's id.
 set +m
-setsid -w cargo test --all-targets &
+setsid -w cargo test --workspace --all-targets &
 tests=$!
 # Whatever ends this script ends the tests too, programs they started included (those
 # run in process groups of their own, within the tests' session).

@@ -12,13 +12,13 @@ use std::time::Duration;
 
 use serde::{Deserialize, Deserializer};
 
-use crate::identity::{Cidr, ProxyVersion};
+use crate::inbound::identity::{Cidr, ProxyVersion};
 use crate::policy::{BareNewlines, Policy};
 
 mod read;
 mod sockets;
 
-use read::Draft;
+use read::{Draft, ListenerDraft};
 use sockets::{Host, ThisHost};
 
 /// The whole configuration.
@@ -486,152 +486,224 @@ impl Config {
 }
 
 /// The checks across the file that no single value shows, on the draft of what could be
-/// read; `positions` finds each problem's line by the path of its key.
+/// read, one section at a time (in this order, which is the order of problems found on
+/// one line).
 fn validate(draft: &Draft, positions: &Positions, host: &dyn Host) -> Vec<Problem> {
-    let mut problems = Vec::new();
-    let mut problem = |path: &str, message: String| {
-        problems.push(Problem {
-            line: positions.line(path),
-            message,
-        })
+    let mut found = Found {
+        positions,
+        problems: Vec::new(),
     };
-    if let Some(certificates) = &draft.certificates {
-        if certificates.is_empty() {
-            problem(
-                "tls.certificates",
-                "tls.certificates: at least one certificate is needed".into(),
-            );
-        }
-        for (index, pair) in certificates.iter().enumerate() {
-            let Some(pair) = pair else { continue };
-            for (field, path) in [("cert", &pair.cert), ("key", &pair.key)] {
-                if let Err(err) = std::fs::metadata(path) {
-                    problem(
-                        &format!("tls.certificates[{index}].{field}"),
-                        format!(
-                            "tls.certificates[{index}].{field}: {}: {err}",
-                            path.display()
-                        ),
-                    );
-                }
+    let listeners = draft.listeners.as_deref().unwrap_or_default();
+    validate_certificates(draft.certificates.as_deref(), &mut found);
+    validate_listeners(draft, host, &mut found);
+    upstream_loops(listeners, host, &mut found);
+    if let Some(metrics) = &draft.metrics {
+        validate_metrics(metrics, listeners, host, &mut found);
+    }
+    validate_limits(&draft.limits, &mut found);
+    validate_log(&draft.log, &mut found);
+    validate_timeouts(&draft.timeouts, &mut found);
+    found.problems
+}
+
+/// The problems the checks across the file find, each with its line: the line of its
+/// key in the YAML tree (`positions`, recorded as the file was read), never a line
+/// found by searching the text.
+struct Found<'p> {
+    positions: &'p Positions,
+    problems: Vec<Problem>,
+}
+
+impl Found<'_> {
+    /// A problem with the key at `path` (`listeners[1].listen`).
+    fn add(&mut self, path: &str, message: String) {
+        self.problems.push(Problem {
+            line: self.positions.line(path),
+            message,
+        });
+    }
+
+    /// `, line N` of the key at `path`, for a message that names a second place.
+    fn also_at(&self, path: &str) -> String {
+        self.positions
+            .line(path)
+            .map_or_else(String::new, |line| format!(", line {line}"))
+    }
+}
+
+/// `tls.certificates`: at least one, and every file there.
+fn validate_certificates(certificates: Option<&[Option<CertificateConfig>]>, found: &mut Found) {
+    let Some(certificates) = certificates else {
+        return;
+    };
+    if certificates.is_empty() {
+        found.add(
+            "tls.certificates",
+            "tls.certificates: at least one certificate is needed".into(),
+        );
+    }
+    for (index, pair) in certificates.iter().enumerate() {
+        let Some(pair) = pair else { continue };
+        for (field, path) in [("cert", &pair.cert), ("key", &pair.key)] {
+            if let Err(err) = std::fs::metadata(path) {
+                found.add(
+                    &format!("tls.certificates[{index}].{field}"),
+                    format!(
+                        "tls.certificates[{index}].{field}: {}: {err}",
+                        path.display()
+                    ),
+                );
             }
         }
     }
+}
+
+/// `listeners`: at least one; names and addresses unique across them; each listener's
+/// own settings. (Upstreams that lead back to a listener: [`upstream_loops`].)
+fn validate_listeners(draft: &Draft, host: &dyn Host, found: &mut Found) {
     let listeners = draft.listeners.as_deref().unwrap_or_default();
     if draft.listeners.as_ref().is_some_and(Vec::is_empty) {
-        problem(
+        found.add(
             "listeners",
             "listeners: at least one listener is needed".into(),
         );
     }
-    for (index, listener) in listeners.iter().enumerate() {
-        let path = format!("listeners[{index}]");
-        let at = listener.subject(index);
-        // `, line N` of the earlier listener's `key`.
-        let line_of = |other: usize, key: &str| {
-            positions
-                .line(&format!("listeners[{other}].{key}"))
-                .map_or_else(String::new, |line| format!(", line {line}"))
-        };
-        if let Some(name) = &listener.name
-            && let Some(other) = listeners[..index]
-                .iter()
-                .position(|l| l.name.as_ref() == Some(name))
-        {
-            problem(
-                &format!("{path}.name"),
-                format!(
-                    "{at}.name: `{name}` is used twice (also listeners[{other}]{})",
-                    line_of(other, "name")
-                ),
-            );
-        }
-        // What `run` could not bind: the same address twice (even with reuse_port, which
-        // would split one port's connections between two listeners at random), or
-        // addresses that overlap (see `sockets`).
-        if let Some(listen) = listener.listen {
-            let earlier = listeners[..index].iter().enumerate();
-            let mut clashes = earlier.filter_map(|(other_index, other)| {
-                let other_listen = other.listen?;
-                let twice = listen == other_listen && listen.port() != 0;
-                let overlap = sockets::overlap(listen, other_listen, host.ipv6_only())
-                    && !(listener.reuse_port && other.reuse_port);
-                (twice || overlap).then_some((other_index, other, other_listen))
-            });
-            if let Some((other_index, other, other_listen)) = clashes.next() {
-                let other_at = other.subject(other_index);
-                let other_line = line_of(other_index, "listen");
-                let message = if listen == other_listen {
-                    format!("{at}.listen: {listen} is used twice (also {other_at}{other_line})")
-                } else {
-                    format!(
-                        "{at}.listen: {listen} overlaps {other_listen} of {other_at}{other_line} \
-                         ({}): Linux binds only one of them, so `mailmoat run` would fail \
-                         (address in use)",
-                        sockets::why_overlap(listen, other_listen)
-                    )
-                };
-                problem(&format!("{path}.listen"), message);
-            }
-        }
-        let Some(listener) = &listener.config else {
-            continue;
-        };
-        if listener.protocol != Protocol::Smtp && listener.policy != Policy::RequireTls {
-            problem(
-                &format!("{path}.policy"),
-                format!(
-                    "{at}.policy: {:?} is for SMTP MX listeners; IMAP and POP3 always \
-                     require TLS before login",
-                    listener.policy
-                ),
-            );
-        }
-        if !listener.upstream.is_local() && !draft.allow_remote_plaintext {
-            problem(
-                &format!("{path}.upstream"),
-                format!(
-                    "{at}.upstream: {} is neither loopback nor a unix socket; plaintext \
-                     would cross the network (set allow_remote_plaintext: true to accept)",
-                    listener.upstream
-                ),
-            );
-        }
-        for (key, message) in listener.identity_problems(draft.allow_remote_plaintext) {
-            problem(&format!("{path}.{key}"), format!("{at}.{key}: {message}"));
+    for index in 0..listeners.len() {
+        validate_listener_name(listeners, index, found);
+        validate_listener_address(listeners, index, host, found);
+        if let Some(config) = &listeners[index].config {
+            let at = listeners[index].subject(index);
+            validate_listener_settings(config, index, &at, draft.allow_remote_plaintext, found);
         }
     }
-    upstream_loops(listeners, host, &mut problem);
-    // The metrics endpoint is bound after the listeners, without SO_REUSEPORT.
-    if let Some(metrics) = &draft.metrics {
-        let listen = metrics.listen;
-        let clash = listeners.iter().enumerate().find_map(|(index, l)| {
-            let other = l.listen?;
-            sockets::overlap(listen, other, host.ipv6_only()).then_some((index, l, other))
-        });
-        match clash {
-            Some((_, _, other)) if other == listen => problem(
-                "metrics.listen",
-                format!("metrics.listen: {listen} is also a listener's address"),
+}
+
+/// A listener's name is not an earlier listener's.
+fn validate_listener_name(listeners: &[ListenerDraft], index: usize, found: &mut Found) {
+    let listener = &listeners[index];
+    let Some(name) = &listener.name else { return };
+    let Some(other) = listeners[..index]
+        .iter()
+        .position(|l| l.name.as_ref() == Some(name))
+    else {
+        return;
+    };
+    let message = format!(
+        "{}.name: `{name}` is used twice (also listeners[{other}]{})",
+        listener.subject(index),
+        found.also_at(&format!("listeners[{other}].name"))
+    );
+    found.add(&format!("listeners[{index}].name"), message);
+}
+
+/// What `run` could not bind: the same address as an earlier listener (even with
+/// reuse_port, which would split one port's connections between two listeners at
+/// random), or one that overlaps it (see `sockets`).
+fn validate_listener_address(
+    listeners: &[ListenerDraft],
+    index: usize,
+    host: &dyn Host,
+    found: &mut Found,
+) {
+    let listener = &listeners[index];
+    let Some(listen) = listener.listen else {
+        return;
+    };
+    let earlier = listeners[..index].iter().enumerate();
+    let mut clashes = earlier.filter_map(|(other_index, other)| {
+        let other_listen = other.listen?;
+        let twice = listen == other_listen && listen.port() != 0;
+        let overlap = sockets::overlap(listen, other_listen, host.ipv6_only())
+            && !(listener.reuse_port && other.reuse_port);
+        (twice || overlap).then_some((other_index, other, other_listen))
+    });
+    let Some((other_index, other, other_listen)) = clashes.next() else {
+        return;
+    };
+    let at = listener.subject(index);
+    let other_at = other.subject(other_index);
+    let other_line = found.also_at(&format!("listeners[{other_index}].listen"));
+    let message = if listen == other_listen {
+        format!("{at}.listen: {listen} is used twice (also {other_at}{other_line})")
+    } else {
+        format!(
+            "{at}.listen: {listen} overlaps {other_listen} of {other_at}{other_line} \
+             ({}): Linux binds only one of them, so `mailmoat run` would fail \
+             (address in use)",
+            sockets::why_overlap(listen, other_listen)
+        )
+    };
+    found.add(&format!("listeners[{index}].listen"), message);
+}
+
+/// One complete listener's settings: its policy, a remote plaintext upstream, and the
+/// client-identity keys. `at` names it in messages.
+fn validate_listener_settings(
+    listener: &ListenerConfig,
+    index: usize,
+    at: &str,
+    allow_remote_plaintext: bool,
+    found: &mut Found,
+) {
+    let path = format!("listeners[{index}]");
+    if listener.protocol != Protocol::Smtp && listener.policy != Policy::RequireTls {
+        found.add(
+            &format!("{path}.policy"),
+            format!(
+                "{at}.policy: {:?} is for SMTP MX listeners; IMAP and POP3 always \
+                 require TLS before login",
+                listener.policy
             ),
-            Some((index, l, other)) => problem(
-                "metrics.listen",
-                format!(
-                    "metrics.listen: {listen} overlaps {other} of {}{} ({}): Linux binds only \
-                     one of them, so `mailmoat run` would fail (address in use)",
-                    l.subject(index),
-                    positions
-                        .line(&format!("listeners[{index}].listen"))
-                        .map_or_else(String::new, |line| format!(", line {line}")),
-                    sockets::why_overlap(listen, other)
-                ),
-            ),
-            None => {}
-        }
+        );
     }
-    let limits = &draft.limits;
+    if !listener.upstream.is_local() && !allow_remote_plaintext {
+        found.add(
+            &format!("{path}.upstream"),
+            format!(
+                "{at}.upstream: {} is neither loopback nor a unix socket; plaintext \
+                 would cross the network (set allow_remote_plaintext: true to accept)",
+                listener.upstream
+            ),
+        );
+    }
+    for (key, message) in listener.identity_problems(allow_remote_plaintext) {
+        found.add(&format!("{path}.{key}"), format!("{at}.{key}: {message}"));
+    }
+}
+
+/// `metrics.listen`: bound after the listeners, without SO_REUSEPORT, so it must not be
+/// or overlap a listener's address.
+fn validate_metrics(
+    metrics: &MetricsConfig,
+    listeners: &[ListenerDraft],
+    host: &dyn Host,
+    found: &mut Found,
+) {
+    let listen = metrics.listen;
+    let clash = listeners.iter().enumerate().find_map(|(index, l)| {
+        let other = l.listen?;
+        sockets::overlap(listen, other, host.ipv6_only()).then_some((index, l, other))
+    });
+    let message = match clash {
+        None => return,
+        Some((_, _, other)) if other == listen => {
+            format!("metrics.listen: {listen} is also a listener's address")
+        }
+        Some((index, l, other)) => format!(
+            "metrics.listen: {listen} overlaps {other} of {}{} ({}): Linux binds only \
+             one of them, so `mailmoat run` would fail (address in use)",
+            l.subject(index),
+            found.also_at(&format!("listeners[{index}].listen")),
+            sockets::why_overlap(listen, other)
+        ),
+    };
+    found.add("metrics.listen", message);
+}
+
+/// `limits`: each within its range.
+fn validate_limits(limits: &Limits, found: &mut Found) {
     if !(512..=16_000).contains(&limits.max_line_len) {
-        problem(
+        found.add(
             "limits.max_line_len",
             format!(
                 "limits.max_line_len: {} is outside 512..=16000 (RFC 5321 §4.5.3.1.4; legacy \
@@ -641,19 +713,19 @@ fn validate(draft: &Draft, positions: &Positions, host: &dyn Host) -> Vec<Proble
         );
     }
     if limits.max_errors == 0 {
-        problem(
+        found.add(
             "limits.max_errors",
             "limits.max_errors: must be at least 1".into(),
         );
     }
     if limits.max_plaintext_commands == 0 {
-        problem(
+        found.add(
             "limits.max_plaintext_commands",
             "limits.max_plaintext_commands: must be at least 1 (STARTTLS itself counts)".into(),
         );
     }
     if limits.max_connections_per_client == 0 {
-        problem(
+        found.add(
             "limits.max_connections_per_client",
             "limits.max_connections_per_client: must be at least 1".into(),
         );
@@ -661,26 +733,33 @@ fn validate(draft: &Draft, positions: &Positions, host: &dyn Host) -> Vec<Proble
     // The upper bound keeps the connection semaphore far from its own limit
     // (usize::MAX >> 3), where tokio would panic, also on a SIGHUP.
     if !(1..=MAX_CONNECTIONS_LIMIT).contains(&limits.max_connections) {
-        problem(
+        found.add(
             "limits.max_connections",
             format!("limits.max_connections: must be between 1 and {MAX_CONNECTIONS_LIMIT}"),
         );
     }
     if limits.max_literal_len == 0 {
-        problem(
+        found.add(
             "limits.max_literal_len",
             "limits.max_literal_len: must be at least 1".into(),
         );
     }
-    if let Some(level) = &draft.log.level
+}
+
+/// `log.level`: a level or a filter `tracing` reads as meant.
+fn validate_log(log: &LogConfig, found: &mut Found) {
+    if let Some(level) = &log.level
         && let Err(why) = check_log_filter(level)
     {
-        problem(
+        found.add(
             "log.level",
             format!("log.level: {level:?} is not a level or filter ({why})"),
         );
     }
-    let timeouts = &draft.timeouts;
+}
+
+/// `timeouts`: every phase's deadline longer than 0 (`shutdown_grace` may be 0).
+fn validate_timeouts(timeouts: &Timeouts, found: &mut Found) {
     for (name, value) in [
         ("upstream_connect", timeouts.upstream_connect),
         ("greeting", timeouts.greeting),
@@ -690,13 +769,12 @@ fn validate(draft: &Draft, positions: &Positions, host: &dyn Host) -> Vec<Proble
         ("idle_after_login", timeouts.idle_after_login),
     ] {
         if value.is_zero() {
-            problem(
+            found.add(
                 &format!("timeouts.{name}"),
                 format!("timeouts.{name}: must be longer than 0"),
             );
         }
     }
-    problems
 }
 
 /// Upstreams that lead back to their own listener.
@@ -707,11 +785,7 @@ fn validate(draft: &Draft, positions: &Positions, host: &dyn Host) -> Vec<Proble
 /// connection from mailmoat to itself (one client made 40 before the review stopped it).
 /// Only cycles are refused, the one-listener cycle (an upstream that is the listener's own
 /// address, a wildcard's included) among them.
-fn upstream_loops(
-    listeners: &[read::ListenerDraft],
-    host: &dyn Host,
-    problem: &mut impl FnMut(&str, String),
-) {
+fn upstream_loops(listeners: &[ListenerDraft], host: &dyn Host, found: &mut Found) {
     let listening: Vec<(usize, SocketAddr)> = listeners
         .iter()
         .enumerate()
@@ -754,7 +828,7 @@ fn upstream_loops(
             let names: Vec<String> = cycle.iter().chain([&index]).map(|&i| name(i)).collect();
             format!("leads back to this listener ({})", names.join(" -> "))
         };
-        problem(
+        found.add(
             &format!("listeners[{index}].upstream"),
             format!(
                 "{at}.upstream: {upstream} {how}: each connection would be relayed to \
@@ -872,9 +946,9 @@ impl ListenerConfig {
 /// Far more than descriptors allow (two per connection).
 const MAX_CONNECTIONS_LIMIT: usize = 10_000_000;
 
-/// A level (`info`), or `RUST_LOG`-style directives (`info,mailmoat::driver=debug`).
-/// A lone word that is no level would be read as a target name and silence everything
-/// else: refused.
+/// A level (`info`), or `RUST_LOG`-style directives
+/// (`info,mailmoat::inbound::driver=debug`). A lone word that is no level would be read
+/// as a target name and silence everything else: refused.
 fn check_log_filter(filter: &str) -> Result<(), String> {
     const LEVELS: [&str; 6] = ["off", "error", "warn", "info", "debug", "trace"];
     if !filter.contains(['=', ',', '[']) && !LEVELS.contains(&filter.to_ascii_lowercase().as_str())

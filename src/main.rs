@@ -5,11 +5,14 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use mailmoat::config::{Config, LogFormat};
-use mailmoat::listener::Server;
+use mailmoat::inbound::listener::Server;
 use mailmoat::telemetry;
 
-/// sysexits.h EX_CONFIG... EX_USAGE (64) is what the issue asks for a bad config.
-const EXIT_CONFIG: u8 = 64;
+/// The exit status for a configuration that cannot be used (invalid, a certificate that
+/// does not load, a port that cannot be bound): 64, sysexits.h's EX_USAGE, as STYLE.md
+/// asks. (sysexits.h's EX_CONFIG is 78.) `mailmoat check` exits with the same code.
+const EX_USAGE: u8 = 64;
+const _: () = assert!(EX_USAGE == mailmoat::operator::check::EXIT_CONFIG);
 
 #[derive(Parser)]
 #[command(version, about = "A TLS moat for legacy mail servers")]
@@ -62,7 +65,7 @@ enum Command {
 fn load(path: &std::path::Path) -> Result<Config, ExitCode> {
     Config::from_file(path).map_err(|err| {
         eprintln!("{err}");
-        ExitCode::from(EXIT_CONFIG)
+        ExitCode::from(EX_USAGE)
     })
 }
 
@@ -83,15 +86,15 @@ fn main() -> ExitCode {
     match cli.command {
         Command::Check { config, offline } => {
             // Binding would clash with a running instance: nothing is bound.
-            let options = mailmoat::check::Options { offline };
-            ExitCode::from(runtime.block_on(mailmoat::check::run(&config, options)))
+            let options = mailmoat::operator::check::Options { offline };
+            ExitCode::from(runtime.block_on(mailmoat::operator::check::run(&config, options)))
         }
         Command::Explain { config } => {
             let config = match load(&config) {
                 Ok(config) => config,
                 Err(code) => return code,
             };
-            ExitCode::from(runtime.block_on(mailmoat::explain::run(&config)))
+            ExitCode::from(runtime.block_on(mailmoat::operator::explain::run(&config)))
         }
         Command::Run { config, log_format } => {
             let config_path = config;
@@ -127,14 +130,14 @@ async fn serve(path: PathBuf, config: Config) -> ExitCode {
         Ok(server) => server,
         Err(err) => {
             eprintln!("{err}");
-            return ExitCode::from(EXIT_CONFIG);
+            return ExitCode::from(EX_USAGE);
         }
     };
     if let Some(metrics) = &config.metrics
         && let Err(err) = mailmoat::metrics::start(metrics.listen).await
     {
         eprintln!("metrics: cannot listen on {}: {err}", metrics.listen);
-        return ExitCode::from(EXIT_CONFIG);
+        return ExitCode::from(EX_USAGE);
     }
     mailmoat::metrics::global().set_ready(true);
     notify_systemd(&[sd_notify::NotifyState::Ready]);
@@ -191,12 +194,12 @@ async fn reload(path: &std::path::Path, server: &mut Server) {
 /// mail service down over a file mode), but said at every start and reload.
 fn warn_exposed_keys(config: &Config) {
     for pair in &config.tls.certificates {
-        if let Some(exposure) = mailmoat::check::certificates::key_exposure(&pair.key) {
+        if let Some(exposure) = mailmoat::operator::check::certificates::key_exposure(&pair.key) {
             tracing::warn!(
                 key = %pair.key.display(),
                 mode = %format!("{:04o}", exposure.mode),
                 readers = %exposure.readers,
-                advice = mailmoat::check::certificates::KEY_ADVICE,
+                advice = mailmoat::operator::check::certificates::KEY_ADVICE,
                 "private key readable by others than mailmoat"
             );
         }

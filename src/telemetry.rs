@@ -90,7 +90,7 @@ pub fn record(event: &Event, metrics: &ListenerMetrics) {
         }
         Event::XclientUnavailable { reason } => warn!(
             event = name,
-            reason, "xclient unavailable: the upstream sees mailmoat's address"
+            reason, "xclient unavailable: session refused with 421"
         ),
         Event::ExemptPlaintextSession => warn!(
             event = name,

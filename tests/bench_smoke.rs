@@ -1,6 +1,12 @@
 //! Smoke runs of the load generator (`mailmoat-bench`): a few sessions of each mode
 //! through the real binary, every reply verified, and proof that a wrong reply makes it
 //! fail. The benchmarks themselves (`scripts/bench.sh`) are not part of the tests.
+//!
+//! The generator is the workspace member `bench/`, not a binary of this package, so
+//! cargo names no `CARGO_BIN_EXE_mailmoat-bench` here: [`generator`] finds it beside
+//! this test's own binary. `cargo test --workspace` (scripts/check.sh) builds it before
+//! any test runs; a `cargo test` of this package alone does not (then run
+//! `cargo build -p mailmoat-bench` first).
 
 mod common;
 
@@ -10,9 +16,28 @@ use std::time::Duration;
 use common::*;
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 
+/// The `mailmoat-bench` binary of this build: in the same target directory and profile
+/// as this test (`<target>/<profile>/deps/bench_smoke-*` → `<target>/<profile>/`),
+/// whatever `CARGO_TARGET_DIR` says. Fails, never skips, when it is not built.
+fn generator() -> std::path::PathBuf {
+    let test = std::env::current_exe().expect("the test's own path");
+    let dir = test
+        .parent()
+        .and_then(|deps| deps.parent())
+        .expect("the test runs from <target>/<profile>/deps");
+    let path = dir.join(format!("mailmoat-bench{}", std::env::consts::EXE_SUFFIX));
+    assert!(
+        path.is_file(),
+        "{} is missing: the load generator is the workspace member bench/; run \
+         `cargo test --workspace`, or `cargo build -p mailmoat-bench` before this test",
+        path.display()
+    );
+    path
+}
+
 /// Runs `mailmoat-bench ARGS` (bounded), returning its exit code and parsed JSON line.
 async fn bench(args: &[String]) -> (i32, serde_json::Value, String) {
-    let child = tokio::process::Command::new(env!("CARGO_BIN_EXE_mailmoat-bench"))
+    let child = tokio::process::Command::new(generator())
         .args(args)
         .kill_on_drop(true)
         .output();
@@ -386,7 +411,7 @@ async fn a_wrong_reply_code_fails_the_run() {
 
 #[tokio::test]
 async fn a_non_loopback_target_is_refused() {
-    let child = tokio::process::Command::new(env!("CARGO_BIN_EXE_mailmoat-bench"))
+    let child = tokio::process::Command::new(generator())
         .args(["smtp", "--addr", "192.0.2.1:25", "--tls", "none"])
         .output();
     let output = tokio::time::timeout(Duration::from_secs(20), child)

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use mailmoat::config::Config;
-use mailmoat::listener::Server;
+use mailmoat::inbound::listener::Server;
 
 /// Runs the real binary with `args` then the config path (bounded).
 fn mailmoat_cli(args: &[&str], path: &Path) -> common::Ran {
@@ -253,7 +253,7 @@ fn client_identity_keys_are_typed_and_validated_with_their_line() {
     assert!(mx.proxy_protocol_from[0].contains("10.0.0.77".parse().unwrap()));
     assert_eq!(
         mx.upstream_proxy_protocol,
-        Some(mailmoat::identity::ProxyVersion::V1)
+        Some(mailmoat::inbound::identity::ProxyVersion::V1)
     );
     assert!(config.listeners[1].xclient);
     assert_eq!(

@@ -538,7 +538,9 @@ async fn tls_1_2_and_1_3_are_served_and_min_tls_version_1_3_refuses_1_2() {
         smtp_listener("strict", "implicit", "require_tls", upstream.addr)
     );
     let config = mailmoat::config::Config::from_yaml(&yaml, "strict.yaml").unwrap();
-    let server = mailmoat::listener::Server::bind(&config).await.unwrap();
+    let server = mailmoat::inbound::listener::Server::bind(&config)
+        .await
+        .unwrap();
     let addr = server.local_addrs()[0].1;
     let (_stop, stopped) = tokio::sync::watch::channel(false);
     tokio::spawn(server.run(stopped));

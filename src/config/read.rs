@@ -21,7 +21,7 @@ use super::{
     Positions, Problem, Protocol, Timeouts, TlsConfig, TlsMode, TlsVersion, UpstreamAddr,
     de_duration, de_socket_addr, strip_location,
 };
-use crate::identity::{Cidr, ProxyVersion};
+use crate::inbound::identity::{Cidr, ProxyVersion};
 use crate::policy::{BareNewlines, Policy};
 
 /// The configuration as far as it could be read: values that were refused, and entries

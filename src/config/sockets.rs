@@ -2,14 +2,14 @@
 //! addresses `mailmoat run` could not bind together, and finds the listener an upstream
 //! address would reach.
 //!
-//! `listener.rs` binds each listener with SO_REUSEADDR, adds SO_REUSEPORT only for
+//! `inbound::listener` binds each listener with SO_REUSEADDR, adds SO_REUSEPORT only for
 //! `reuse_port: true`, and leaves IPV6_V6ONLY as the kernel sets it on a new socket
 //! (`net.ipv6.bindv6only`, 0 unless changed: `[::]` then takes IPv4 connections too). On
 //! Linux, SO_REUSEADDR does not let a second socket bind an address that overlaps a
 //! *listening* one; SO_REUSEPORT on both (same user) does. Two addresses on one port
 //! overlap when they are equal or one is the wildcard of the other's family, and a
 //! dual-stack `[::]` overlaps every IPv4 address. (Checked against the kernel by
-//! tests/config.rs, which binds every pair through `listener.rs`.)
+//! tests/config.rs, which binds every pair through `inbound::listener`.)
 
 use std::cell::OnceCell;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, UdpSocket};

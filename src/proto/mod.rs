@@ -104,8 +104,9 @@ pub enum Event {
     UpstreamPreauth,
     /// A client from the listener's `exempt_networks`: relayed in plaintext, unchanged.
     ExemptPlaintextSession,
-    /// The listener asks for XCLIENT but the upstream could not take it: the session
-    /// goes on with the upstream seeing mailmoat's address (DESIGN §7).
+    /// The listener asks for XCLIENT but the upstream could not take it: the session is
+    /// closed with `421`, so the client never reaches the upstream as mailmoat's own,
+    /// trusted address (DESIGN §7).
     XclientUnavailable {
         /// `not_announced` (no XCLIENT with ADDR in the EHLO reply) or `refused`.
         reason: &'static str,

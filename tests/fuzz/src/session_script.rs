@@ -134,7 +134,7 @@ impl Flags {
     }
 }
 
-/// The SMTP session a listener builds (`listener.rs`), with the picked settings.
+/// The SMTP session a listener builds (`inbound::listener`), with the picked settings.
 fn smtp_session(flags: Flags) -> smtp::Session {
     smtp::Session::new(
         smtp::Config {

@@ -15,13 +15,13 @@ use bytes::BytesMut;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::config::{Config, ListenerConfig, TlsMode};
-use crate::identity::Origin;
-use crate::listener::{SessionConfig, session_config};
+use crate::inbound::identity::Origin;
+use crate::inbound::listener::{SessionConfig, session_config};
+use crate::inbound::upstream::{self, Route};
+use crate::operator::probe::{self, Assembler, Expect, MAX_LINE_LEN, MAX_TOTAL_BYTES, Reply};
 use crate::policy::{Policy, UserHasher};
-use crate::probe::{self, Assembler, Expect, MAX_LINE_LEN, MAX_TOTAL_BYTES, Reply};
 use crate::proto::line::Framer;
 use crate::proto::{Action, Session, imap, pop3, smtp};
-use crate::upstream::{self, Route};
 
 /// The name the scripted client gives in EHLO.
 pub const EXPLAIN_HELO_NAME: &str = "explain.invalid";

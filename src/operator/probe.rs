@@ -13,10 +13,10 @@ use bytes::BytesMut;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::config::{ListenerConfig, Protocol, Timeouts, UpstreamAddr};
-use crate::identity::Origin;
+use crate::inbound::identity::Origin;
+use crate::inbound::upstream::{self, Route};
 use crate::proto::line::Framer;
 use crate::proto::smtp::xclient;
-use crate::upstream::{self, Route};
 
 /// Longest line read from an upstream, CRLF included.
 pub const MAX_LINE_LEN: usize = 8192;

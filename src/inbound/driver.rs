@@ -19,10 +19,10 @@ use tokio_rustls::server::TlsStream;
 use tracing::info;
 
 use crate::config::{Timeouts, TlsMode};
+use crate::inbound::{read_buffers, upstream};
 use crate::metrics::ListenerMetrics;
 use crate::proto::{Action, Event, Phase, Session};
 use crate::telemetry::{self, security_event};
-use crate::{scratch, upstream};
 
 /// What a connection needs from its listener.
 #[derive(Clone)]
@@ -64,14 +64,14 @@ impl<S: AsyncRead + Unpin> AsyncRead for Prefixed<S> {
     ) -> Poll<io::Result<()>> {
         let this = self.get_mut();
         if this.prefix.is_empty() {
-            if buf.remaining() >= scratch::READ_AHEAD_LEN {
+            if buf.remaining() >= read_buffers::READ_AHEAD_LEN {
                 return Pin::new(&mut this.inner).poll_read(cx, buf);
             }
             // rustls reads 4 KiB at a time: one system call per 4 KiB of a large
             // message. Read what the socket has into the thread's read-ahead buffer
             // instead, and keep only what rustls did not take (no allocation while the
             // socket is empty, nothing held once it is served).
-            return scratch::poll_read_ahead(&mut this.inner, cx, |read| {
+            return read_buffers::poll_read_ahead(&mut this.inner, cx, |read| {
                 let data = read?;
                 let n = data.len().min(buf.remaining());
                 buf.put_slice(&data[..n]);
@@ -325,12 +325,13 @@ async fn relay<S: AsyncRead + AsyncWrite + Unpin>(
     traffic: &mut Traffic,
 ) -> io::Result<()> {
     let idle = context.timeouts.idle_after_login;
-    let mut copied = crate::relay::Copied::default();
+    let mut copied = crate::inbound::relay::Copied::default();
     let end =
-        crate::relay::splice(client, upstream, idle, context.metrics.bytes(), &mut copied).await;
+        crate::inbound::relay::splice(client, upstream, idle, context.metrics.bytes(), &mut copied)
+            .await;
     traffic.from_client += copied.from_client;
     traffic.to_client += copied.to_client;
-    if let Ok(crate::relay::End::Idle) = end {
+    if let Ok(crate::inbound::relay::End::Idle) = end {
         let limit = "idle_after_login_timeout";
         telemetry::record(&Event::LimitExceeded { limit }, &context.metrics);
     }
@@ -504,7 +505,10 @@ async fn write_parts<S: AsyncWrite + Unpin>(
     Ok(())
 }
 
-/// The command loop on one client stream, until the session closes or asks for TLS.
+/// The command loop on one client stream, until the session closes or asks for TLS or
+/// the relay. Each pass: carry out the session's actions, flush, then wait for the next
+/// input (a read from either side, the shutdown signal, or the phase deadline) and hand
+/// it to the session.
 async fn run<P: Session, S: ClientStream>(
     session: &mut P,
     mut client: S,
@@ -512,87 +516,33 @@ async fn run<P: Session, S: ClientStream>(
     context: &ConnectionSettings,
     traffic: &mut Traffic,
 ) -> io::Result<Outcome<S>> {
-    // The phase deadline restarts when the session moves something (a reply, a forwarded
-    // command or body bytes) or changes phase, not on every read: a client trickling a
-    // command line byte by byte (slowloris) is cut off like a silent one.
-    let mut phase = session.phase();
-    let mut deadline_at = tokio::time::Instant::now() + deadline(phase, &context.timeouts);
-    // rustls may queue records while reading (the alert that refuses a renegotiation, a
-    // KeyUpdate): only a flush sends them, so every read is followed by one.
-    let mut client_read = false;
-    let mut drain = context.draining.clone();
-    let mut draining = false;
-    let mut drain_open = true;
-    let mut client_first = false;
+    let mut waits = Waits::new(session.phase(), context);
     loop {
-        if draining {
+        if waits.drain.is_draining() {
             session.close_if_idle();
         }
-        // A client that never reads its replies is cut off after the idle deadline.
-        let write_deadline = context.timeouts.idle;
-        let mut wrote_client = false;
-        let mut moved = false;
-        // What the upstream gets from this batch of actions leaves in one system call:
-        // a pipelining client's commands (RFC 2920) as they came, not one per command.
-        let mut to_upstream = Vec::new();
-        while let Some(action) = session.next_action() {
-            match action {
-                Action::ToClient(bytes) => {
-                    // Through TLS, replies wait in rustls's buffer for the flush below:
-                    // one system call for all of them.
-                    let buffered = client.buffer(&bytes);
-                    if buffered < bytes.len() {
-                        within(write_deadline, client.write_all(&bytes[buffered..])).await?;
-                    }
-                    traffic.sent_to_client(bytes.len(), context);
-                    wrote_client = true;
-                    moved = true;
-                }
-                Action::ToUpstream(bytes) => {
-                    to_upstream.push(bytes);
-                    moved = true;
-                }
-                Action::StartTls { early } => {
-                    within(write_deadline, write_parts(upstream, &mut to_upstream)).await?;
-                    within(write_deadline, client.flush()).await?;
-                    return Ok(Outcome::StartTls { client, early });
-                }
-                Action::Event(event) => telemetry::record(&event, &context.metrics),
-                Action::Relay => {
-                    within(write_deadline, write_parts(upstream, &mut to_upstream)).await?;
-                    within(write_deadline, client.flush()).await?;
-                    within(write_deadline, upstream.flush()).await?;
-                    return Ok(Outcome::Relay { client });
-                }
-                Action::Close => {
-                    // Goodbye to the client even if the upstream cannot take its last bytes.
-                    if let Err(err) =
-                        within(write_deadline, write_parts(upstream, &mut to_upstream)).await
-                    {
-                        info!(%err, "upstream write failed at close");
-                    }
-                    // The session's last reply was written above; through TLS it leaves
-                    // with the close_notify behind it, in one system call.
-                    client.buffer_close();
-                    let _ = say_goodbye(&mut client, &[]).await;
-                    return Ok(Outcome::Closed);
-                }
+        let Batch {
+            to_upstream,
+            moved,
+            next,
+        } = carry_out(session, &mut client, context, traffic).await?;
+        match next {
+            Next::Input => flush(&mut client, upstream, to_upstream, context).await?,
+            Next::StartTls { early } => {
+                flush(&mut client, upstream, to_upstream, context).await?;
+                return Ok(Outcome::StartTls { client, early });
+            }
+            Next::Relay => {
+                flush(&mut client, upstream, to_upstream, context).await?;
+                within(context.timeouts.idle, upstream.flush()).await?;
+                return Ok(Outcome::Relay { client });
+            }
+            Next::Close => {
+                close(&mut client, upstream, to_upstream, context).await;
+                return Ok(Outcome::Closed);
             }
         }
-        // The client's replies first: an upstream that fails or is slow to take its
-        // bytes does not hold back, or lose, what is already answered.
-        if wrote_client || std::mem::take(&mut client_read) {
-            within(write_deadline, client.flush()).await?;
-        }
-        if !to_upstream.is_empty() {
-            within(write_deadline, write_parts(upstream, &mut to_upstream)).await?;
-        }
-        // Not kept across the wait below: an idle session holds no buffer of its own.
-        drop(to_upstream);
-        if moved || session.phase() != phase {
-            phase = session.phase();
-            deadline_at = tokio::time::Instant::now() + deadline(phase, &context.timeouts);
-        }
+        waits.restart_deadline_if(moved, session.phase(), &context.timeouts);
         // Everything is written: a session that held input back for want of room for
         // its replies goes on with it before anything more is read.
         if session.on_output_written() {
@@ -601,65 +551,13 @@ async fn run<P: Session, S: ClientStream>(
         // Between commands a client may stay silent for long; inside a message body the
         // buffers are refilled at once, and giving them back would cost an allocation
         // per read.
-        if phase == Phase::Command {
+        if waits.phase == Phase::Command {
             session.release_idle_memory();
         }
-        let wants_client = session.wants_client_data();
-        let listen_for_drain = drain_open && !draining;
-        let mut stop = std::pin::pin!(drain.wait_for(|stop| *stop));
-        let mut sleep = std::pin::pin!(tokio::time::sleep_until(deadline_at));
-        // Alternate which side is read first, so neither can starve the other.
-        client_first = !client_first;
-        let order = if client_first {
-            [Side::Client, Side::Upstream]
-        } else {
-            [Side::Upstream, Side::Client]
-        };
-        let woke = std::future::poll_fn(|cx| {
-            for side in order {
-                let read = match side {
-                    Side::Client if wants_client => {
-                        scratch::poll_read(&mut client, cx, |_, read| {
-                            match read {
-                                Ok([]) => session.on_client_eof(),
-                                Ok(data) => {
-                                    traffic.read_from_client(data.len(), context);
-                                    client_read = true;
-                                    session.on_client_data(data);
-                                }
-                                // A TLS stream cut without close_notify, a reset: the client
-                                // is gone.
-                                Err(err) => {
-                                    info!(%err, "client read failed");
-                                    session.on_client_eof();
-                                }
-                            }
-                        })
-                    }
-                    Side::Client => Poll::Pending,
-                    Side::Upstream => scratch::poll_read(upstream, cx, |_, read| match read {
-                        Ok([]) | Err(_) => session.on_upstream_eof(),
-                        Ok(data) => session.on_upstream_data(data),
-                    }),
-                };
-                if read.is_ready() {
-                    return Poll::Ready(Woke::Read);
-                }
-            }
-            if listen_for_drain && let Poll::Ready(stop) = stop.as_mut().poll(cx) {
-                return Poll::Ready(Woke::Drain(stop.is_ok()));
-            }
-            if sleep.as_mut().poll(cx).is_ready() {
-                return Poll::Ready(Woke::Deadline);
-            }
-            Poll::Pending
-        })
-        .await;
-        match woke {
+        match wait(session, &mut client, upstream, context, traffic, &mut waits).await {
             Woke::Read => {}
-            Woke::Drain(true) => draining = true,
-            // The server is gone without a shutdown: nothing to wait for.
-            Woke::Drain(false) => drain_open = false,
+            Woke::Drain(true) => waits.drain = Drain::Draining,
+            Woke::Drain(false) => waits.drain = Drain::Gone,
             Woke::Deadline => {
                 let limit = session.phase().timeout_limit();
                 telemetry::record(&Event::LimitExceeded { limit }, &context.metrics);
@@ -667,6 +565,234 @@ async fn run<P: Session, S: ClientStream>(
             }
         }
     }
+}
+
+/// What one batch of the session's actions left to do.
+struct Batch {
+    /// What the upstream gets from the batch, written in one system call: a pipelining
+    /// client's commands (RFC 2920) as they came, not one per command.
+    to_upstream: Vec<Bytes>,
+    /// Whether the session moved something (a reply, a forwarded command or body
+    /// bytes), which restarts the phase deadline.
+    moved: bool,
+    /// How the batch ended.
+    next: Next,
+}
+
+/// How a batch of actions ended: with nothing more to do (wait for input), or with the
+/// action that ends the loop on this stream (actions behind it are left queued).
+enum Next {
+    Input,
+    StartTls { early: Bytes },
+    Relay,
+    Close,
+}
+
+/// Takes the session's actions until there are none or one ends the loop. Replies to
+/// the client are written as they come (through TLS, into rustls's buffer, for the
+/// flush); bytes for the upstream are gathered; events are logged.
+async fn carry_out<P: Session, S: ClientStream>(
+    session: &mut P,
+    client: &mut S,
+    context: &ConnectionSettings,
+    traffic: &mut Traffic,
+) -> io::Result<Batch> {
+    let mut batch = Batch {
+        to_upstream: Vec::new(),
+        moved: false,
+        next: Next::Input,
+    };
+    while let Some(action) = session.next_action() {
+        match action {
+            Action::ToClient(bytes) => {
+                // Through TLS, replies wait in rustls's buffer for the flush: one system
+                // call for all of them. A client that never reads its replies is cut
+                // off after the idle deadline.
+                let buffered = client.buffer(&bytes);
+                if buffered < bytes.len() {
+                    within(context.timeouts.idle, client.write_all(&bytes[buffered..])).await?;
+                }
+                traffic.sent_to_client(bytes.len(), context);
+                batch.moved = true;
+            }
+            Action::ToUpstream(bytes) => {
+                batch.to_upstream.push(bytes);
+                batch.moved = true;
+            }
+            Action::Event(event) => telemetry::record(&event, &context.metrics),
+            Action::StartTls { early } => {
+                batch.next = Next::StartTls { early };
+                break;
+            }
+            Action::Relay => {
+                batch.next = Next::Relay;
+                break;
+            }
+            Action::Close => {
+                batch.next = Next::Close;
+                break;
+            }
+        }
+    }
+    Ok(batch)
+}
+
+/// The one flush after a batch, within the idle deadline (the write deadline). The
+/// client's replies first: an upstream that fails or is slow to take its bytes does
+/// not hold back, or lose, what is already answered. Then the upstream's bytes, in as
+/// few system calls as it takes them.
+///
+/// The client is flushed on every pass, not only after replies: rustls may queue
+/// records while reading (the alert that refuses a renegotiation, a KeyUpdate), and
+/// only a flush sends them. With nothing queued a flush makes no system call.
+async fn flush<S: ClientStream>(
+    client: &mut S,
+    upstream: &mut upstream::Stream,
+    mut to_upstream: Vec<Bytes>,
+    context: &ConnectionSettings,
+) -> io::Result<()> {
+    let write_deadline = context.timeouts.idle;
+    within(write_deadline, client.flush()).await?;
+    if !to_upstream.is_empty() {
+        within(write_deadline, write_parts(upstream, &mut to_upstream)).await?;
+    }
+    // `to_upstream` is dropped here, not kept across the wait for input: an idle
+    // session holds no buffer of its own.
+    Ok(())
+}
+
+/// The session closes: the upstream gets what the last batch had for it, and the client
+/// its goodbye even if the upstream cannot take those bytes. The session's last reply
+/// was written by [`carry_out`]; through TLS it leaves with the close_notify behind it,
+/// in one system call.
+async fn close<S: ClientStream>(
+    client: &mut S,
+    upstream: &mut upstream::Stream,
+    mut to_upstream: Vec<Bytes>,
+    context: &ConnectionSettings,
+) {
+    let write_deadline = context.timeouts.idle;
+    if let Err(err) = within(write_deadline, write_parts(upstream, &mut to_upstream)).await {
+        info!(%err, "upstream write failed at close");
+    }
+    client.buffer_close();
+    let _ = say_goodbye(client, &[]).await;
+}
+
+/// What the command loop waits on between batches.
+struct Waits {
+    /// The phase the deadline runs for, and when it passes. It restarts when the session
+    /// moves something or changes phase, not on every read: a client trickling a command
+    /// line byte by byte (slowloris) is cut off like a silent one.
+    phase: Phase,
+    deadline_at: tokio::time::Instant,
+    drain: Drain,
+    /// Which side is read first alternates, so that neither can starve the other.
+    client_first: bool,
+}
+
+impl Waits {
+    fn new(phase: Phase, context: &ConnectionSettings) -> Self {
+        Waits {
+            phase,
+            deadline_at: tokio::time::Instant::now() + deadline(phase, &context.timeouts),
+            drain: Drain::Listening(context.draining.clone()),
+            client_first: false,
+        }
+    }
+
+    fn restart_deadline_if(&mut self, moved: bool, phase: Phase, timeouts: &Timeouts) {
+        if moved || phase != self.phase {
+            self.phase = phase;
+            self.deadline_at = tokio::time::Instant::now() + deadline(phase, timeouts);
+        }
+    }
+
+    /// The two sides in the order this wait reads them.
+    fn read_order(&mut self) -> [Side; 2] {
+        self.client_first = !self.client_first;
+        if self.client_first {
+            [Side::Client, Side::Upstream]
+        } else {
+            [Side::Upstream, Side::Client]
+        }
+    }
+}
+
+/// What the session has heard of a shutdown.
+enum Drain {
+    /// Nothing yet: the loop listens for the signal.
+    Listening(watch::Receiver<bool>),
+    /// The server is shutting down: the session says its goodbye at the next command
+    /// boundary (`close_if_idle`).
+    Draining,
+    /// The server is gone without a shutdown: nothing to wait for.
+    Gone,
+}
+
+impl Drain {
+    fn is_draining(&self) -> bool {
+        matches!(self, Drain::Draining)
+    }
+}
+
+/// Waits for the next input and hands it to the session: bytes or the end of stream
+/// from either side (read into the thread's read buffer and handed on within the same
+/// poll, so no buffer is held across the wait), the shutdown signal, or the deadline.
+async fn wait<P: Session, S: ClientStream>(
+    session: &mut P,
+    client: &mut S,
+    upstream: &mut upstream::Stream,
+    context: &ConnectionSettings,
+    traffic: &mut Traffic,
+    waits: &mut Waits,
+) -> Woke {
+    let wants_client = session.wants_client_data();
+    let order = waits.read_order();
+    let mut stop = std::pin::pin!(match &mut waits.drain {
+        Drain::Listening(signal) => Some(signal.wait_for(|stop| *stop)),
+        Drain::Draining | Drain::Gone => None,
+    });
+    let mut sleep = std::pin::pin!(tokio::time::sleep_until(waits.deadline_at));
+    std::future::poll_fn(|cx| {
+        for side in order {
+            let read = match side {
+                Side::Client if wants_client => read_buffers::poll_read(client, cx, |_, read| {
+                    match read {
+                        Ok([]) => session.on_client_eof(),
+                        Ok(data) => {
+                            traffic.read_from_client(data.len(), context);
+                            session.on_client_data(data);
+                        }
+                        // A TLS stream cut without close_notify, a reset: the client is
+                        // gone.
+                        Err(err) => {
+                            info!(%err, "client read failed");
+                            session.on_client_eof();
+                        }
+                    }
+                }),
+                Side::Client => Poll::Pending,
+                Side::Upstream => read_buffers::poll_read(upstream, cx, |_, read| match read {
+                    Ok([]) | Err(_) => session.on_upstream_eof(),
+                    Ok(data) => session.on_upstream_data(data),
+                }),
+            };
+            if read.is_ready() {
+                return Poll::Ready(Woke::Read);
+            }
+        }
+        if let Some(stop) = stop.as_mut().as_pin_mut()
+            && let Poll::Ready(stop) = stop.poll(cx)
+        {
+            return Poll::Ready(Woke::Drain(stop.is_ok()));
+        }
+        if sleep.as_mut().poll(cx).is_ready() {
+            return Poll::Ready(Woke::Deadline);
+        }
+        Poll::Pending
+    })
+    .await
 }
 
 #[derive(Debug, Clone, Copy)]

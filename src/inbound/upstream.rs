@@ -12,7 +12,7 @@ use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::{TcpSocket, TcpStream, UnixStream};
 
 use crate::config::{ListenerConfig, UpstreamAddr};
-use crate::identity::Origin;
+use crate::inbound::identity::Origin;
 
 /// A connected upstream.
 #[derive(Debug)]
@@ -53,7 +53,7 @@ impl Route {
             source_address: listener.source_address,
             proxy_header: listener
                 .upstream_proxy_protocol
-                .map(|version| crate::identity::upstream_header(version, origin)),
+                .map(|version| crate::inbound::identity::upstream_header(version, origin)),
         }
     }
 

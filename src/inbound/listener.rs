@@ -21,12 +21,13 @@ use tokio_util::task::TaskTracker;
 use tracing::{Instrument, error, info, info_span, warn};
 
 use crate::config::{Config, ListenerConfig, Protocol, TlsMode};
-use crate::driver::{self, ConnectionSettings};
-use crate::identity::{self, Origin};
+use crate::inbound::driver::{self, ConnectionSettings};
+use crate::inbound::identity::{self, Origin};
+use crate::inbound::upstream;
 use crate::metrics::ListenerMetrics;
 use crate::policy::UserHasher;
 use crate::proto::{self, imap, pop3, smtp};
-use crate::{telemetry, tls, upstream};
+use crate::{telemetry, tls};
 
 /// Why the server could not start.
 #[derive(Debug, thiserror::Error)]

@@ -13,8 +13,8 @@ use prometheus_client::metrics::counter::Counter;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::time::Instant;
 
+use crate::inbound::read_buffers;
 use crate::metrics::RelayedBytes;
-use crate::scratch;
 
 /// How a relay ended (other than by an i/o error).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -43,9 +43,9 @@ enum CountWhen {
     Written,
 }
 
-/// One direction of the relay. Bytes are read into the thread's scratch buffer and
-/// written on at once; only what the far side cannot take yet is kept, so a quiet
-/// relay (an IMAP IDLE) holds no buffer at all.
+/// One direction of the relay. Bytes are read into the thread's read buffer
+/// ([`read_buffers`]) and written on at once; only what the far side cannot take yet is
+/// kept, so a quiet relay (an IMAP IDLE) holds no buffer at all.
 struct Direction {
     /// Read, not yet written: empty, with no capacity, whenever the far side keeps up.
     pending: BytesMut,
@@ -104,7 +104,7 @@ impl Direction {
                 self.done = true;
                 break;
             }
-            let read = scratch::poll_read(from, cx, |cx, read| -> io::Result<()> {
+            let read = read_buffers::poll_read(from, cx, |cx, read| -> io::Result<()> {
                 let data = read?;
                 if data.is_empty() {
                     self.read_closed = true;
@@ -129,7 +129,7 @@ impl Direction {
         Poll::Ready(Ok(()))
     }
 
-    /// Writes `data` straight from the scratch buffer; the rest waits in `pending`.
+    /// Writes `data` straight from the thread's read buffer; the rest waits in `pending`.
     fn write_through<W: AsyncWrite + Unpin>(
         &mut self,
         cx: &mut Context<'_>,

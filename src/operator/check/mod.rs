@@ -18,13 +18,16 @@ use std::path::Path;
 use std::time::SystemTime;
 
 use crate::config::{Config, ListenerConfig, Positions, Protocol};
-use crate::probe::{self, RELAY_PROBE_RECIPIENT, RELAY_PROBE_SENDER, RelayVerdict, quoted};
+use crate::operator::probe::{
+    self, RELAY_PROBE_RECIPIENT, RELAY_PROBE_SENDER, RelayVerdict, quoted,
+};
 
 /// Everything checked is fine (warnings allowed).
 pub const EXIT_OK: u8 = 0;
 /// The configuration is valid, but a certificate or an upstream is not.
 pub const EXIT_FAILED: u8 = 1;
-/// The configuration file itself is invalid (the code `run` exits with, too).
+/// The configuration file itself is invalid (the code `run` and `explain` exit with,
+/// too): 64, sysexits.h's EX_USAGE (its EX_CONFIG is 78).
 pub const EXIT_CONFIG: u8 = 64;
 
 /// How bad a finding is.

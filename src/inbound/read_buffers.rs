@@ -1,5 +1,6 @@
-//! One read buffer per thread, shared by every session on it: a read lands here and is
-//! handed on within the same poll, so an idle connection holds no read buffer of its own
+//! The thread-local read buffers: one read buffer per thread, shared by every session
+//! on it, plus one read-ahead buffer under TLS streams. A read lands here and is handed
+//! on within the same poll, so an idle connection holds no read buffer of its own
 //! (thousands of idle sessions cost only their TLS state).
 
 use std::cell::RefCell;
@@ -10,10 +11,10 @@ use std::task::{Context, Poll};
 use tokio::io::{AsyncRead, ReadBuf};
 
 /// Large enough for a whole socket buffer's worth in one system call.
-const SCRATCH_LEN: usize = 64 * 1024;
+const READ_BUFFER_LEN: usize = 64 * 1024;
 
 thread_local! {
-    static SCRATCH: RefCell<Box<[u8]>> = RefCell::new(vec![0; SCRATCH_LEN].into_boxed_slice());
+    static READ_BUFFER: RefCell<Box<[u8]>> = RefCell::new(vec![0; READ_BUFFER_LEN].into_boxed_slice());
 }
 
 /// Size of the read-ahead buffer under a TLS stream. Also the most a session whose
@@ -21,7 +22,7 @@ thread_local! {
 pub const READ_AHEAD_LEN: usize = 32 * 1024;
 
 thread_local! {
-    /// Under a TLS stream, while the stream above reads into [`SCRATCH`].
+    /// Under a TLS stream, while the stream above reads into [`READ_BUFFER`].
     static READ_AHEAD: RefCell<Box<[u8]>> =
         RefCell::new(vec![0; READ_AHEAD_LEN].into_boxed_slice());
 }
@@ -51,7 +52,7 @@ pub fn poll_read<S, R>(
 where
     S: AsyncRead + Unpin + ?Sized,
 {
-    with_buffer(&SCRATCH, SCRATCH_LEN, |buffer| {
+    with_buffer(&READ_BUFFER, READ_BUFFER_LEN, |buffer| {
         read_into(buffer, stream, cx, consume)
     })
 }
