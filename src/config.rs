@@ -45,7 +45,7 @@ pub struct Config {
     /// random key is drawn at start-up (hashes then only join within one process).
     #[serde(default)]
     pub user_hash_key: Option<String>,
-    /// Allow plaintext upstreams that are neither loopback nor a unix socket (DESIGN §7).
+    /// Allow plaintext upstreams that are neither loopback nor a unix socket (ARCHITECTURE.md §7).
     #[serde(default)]
     pub allow_remote_plaintext: bool,
 }
@@ -210,13 +210,13 @@ pub struct ListenerConfig {
     pub source_address: Option<IpAddr>,
     /// Networks of named legacy devices (a printer, a scanner) that cannot do TLS: their
     /// sessions are relayed unchanged to the upstream, plaintext logins included, each
-    /// logged and counted as `exempt_plaintext_session` (DESIGN §3). STARTTLS listeners
+    /// logged and counted as `exempt_plaintext_session` (ARCHITECTURE.md §3). STARTTLS listeners
     /// only; not with `xclient` (the device's own bytes would reach an upstream that
     /// trusts mailmoat's XCLIENT).
     #[serde(default)]
     pub exempt_networks: Vec<Cidr>,
     /// Let several mailmoat processes listen on the same address (SO_REUSEPORT): the
-    /// kernel spreads new connections across them (DESIGN §8, scale-out on one host).
+    /// kernel spreads new connections across them (ARCHITECTURE.md §8, scale-out on one host).
     #[serde(default)]
     pub reuse_port: bool,
 }
@@ -226,12 +226,12 @@ pub struct ListenerConfig {
 #[serde(deny_unknown_fields, default)]
 pub struct Limits {
     /// Longest command line in bytes, CRLF included. At least 512 (RFC 5321 §4.5.3.1.4),
-    /// and well below the 16 KiB where legacy servers misbehave (DESIGN §10).
+    /// and well below the 16 KiB where legacy servers misbehave (ARCHITECTURE.md §10).
     pub max_line_len: usize,
     /// Most connections open at once, all listeners together.
     pub max_connections: usize,
     /// IMAP: the largest literal accepted before login (login names and passwords are
-    /// short; some legacy servers hand out a `+` for 100 MB, DESIGN §10).
+    /// short; some legacy servers hand out a `+` for 100 MB, ARCHITECTURE.md §10).
     pub max_literal_len: u64,
     /// Commands a client may send before TLS on listeners that require it (the upgrade
     /// dialogue needs two or three); more closes the connection.
@@ -849,7 +849,7 @@ impl ListenerConfig {
         self.exempt_networks.iter().any(|net| net.contains(ip))
     }
 
-    /// What is wrong with the client-identity keys (DESIGN §7), each with the key it is
+    /// What is wrong with the client-identity keys (ARCHITECTURE.md §7), each with the key it is
     /// about.
     fn identity_problems(&self, allow_remote_plaintext: bool) -> Vec<(&'static str, String)> {
         let mut problems = Vec::new();

@@ -14,7 +14,7 @@
 //! - [`operator`]: the operator's tools, off the data path: [`operator::check`],
 //!   [`operator::explain`], and the upstream [`operator::probe`] they share.
 //!
-//! The coming outbound relay (issue 15, DESIGN §11: the legacy MTA's relayhost) goes in
+//! The coming outbound relay (issue 15, ARCHITECTURE.md §11: the legacy MTA's relayhost) goes in
 //! its own `outbound` module beside `inbound`, with its protocol role under [`proto`]
 //! (ARCHITECTURE.md, "A fourth protocol role").
 #![forbid(unsafe_code)]

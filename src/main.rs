@@ -71,7 +71,7 @@ fn load(path: &std::path::Path) -> Result<Config, ExitCode> {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    // One provider for the whole process, chosen explicitly (DESIGN §6).
+    // One provider for the whole process, chosen explicitly (ARCHITECTURE.md §6).
     let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -112,7 +112,7 @@ fn main() -> ExitCode {
     }
 }
 
-/// Serves until SIGTERM or SIGINT, reloading on SIGHUP (DESIGN §8).
+/// Serves until SIGTERM or SIGINT, reloading on SIGHUP (ARCHITECTURE.md §8).
 async fn serve(path: PathBuf, config: Config) -> ExitCode {
     use tokio::signal::unix::{SignalKind, signal};
     let (mut hangup, mut terminate, mut interrupt) = match (

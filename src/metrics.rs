@@ -1,4 +1,4 @@
-//! Prometheus metrics (DESIGN §8) and the small HTTP endpoint that serves them.
+//! Prometheus metrics (ARCHITECTURE.md §8) and the small HTTP endpoint that serves them.
 //!
 //! One process-wide registry ([`global`]). Each listener resolves its label sets once, at
 //! bind time, into a [`ListenerMetrics`] handle: the hot path is an atomic add, never a
@@ -49,7 +49,7 @@ use tokio::sync::Semaphore;
 
 use crate::config::{Protocol, TlsMode};
 
-/// Every event name of DESIGN §8, plus the session events of [`crate::proto::Event`]
+/// Every event name of ARCHITECTURE.md §8, plus the session events of [`crate::proto::Event`]
 /// that §8 does not list. Each gets a series per listener, created at 0.
 pub const EVENTS: &[&str] = &[
     "tls_established",

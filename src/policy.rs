@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use serde::Deserialize;
 
-/// The listener's rule for plaintext clients (DESIGN §3).
+/// The listener's rule for plaintext clients (ARCHITECTURE.md §3).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Policy {
@@ -17,7 +17,7 @@ pub enum Policy {
     AuthRequiresTls,
 }
 
-/// What to do with bare CR / LF in an SMTP message body (DESIGN §5).
+/// What to do with bare CR / LF in an SMTP message body (ARCHITECTURE.md §5).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum BareNewlines {

@@ -1,4 +1,4 @@
-//! Logging set-up and the security events (DESIGN §8).
+//! Logging set-up and the security events (ARCHITECTURE.md §8).
 //!
 //! Every event is one `tracing` record with a stable `event` field, inside the session's
 //! span (session id, listener, client address). Nothing the client typed reaches a log

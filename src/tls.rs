@@ -83,7 +83,7 @@ impl ResolvesServerCert for SniResolver {
                     })
                 })
             });
-        // Many MTAs send no SNI (DESIGN §6): they get the first certificate.
+        // Many MTAs send no SNI (ARCHITECTURE.md §6): they get the first certificate.
         Some(Arc::clone(by_name.unwrap_or(&self.certificates[0])))
     }
 }

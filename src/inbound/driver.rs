@@ -42,7 +42,7 @@ pub struct ConnectionSettings {
 }
 
 /// A stream that yields `prefix` before reading from `inner`: the bytes a client sent
-/// behind STARTTLS belong to the TLS handshake (DESIGN §4).
+/// behind STARTTLS belong to the TLS handshake (ARCHITECTURE.md §4).
 #[derive(Debug)]
 pub struct Prefixed<S> {
     prefix: Bytes,
@@ -156,7 +156,7 @@ impl Traffic {
 /// Serves one client connection end to end.
 ///
 /// `temporary_failure` is the protocol's reply when the upstream cannot be reached
-/// (DESIGN §1.2).
+/// (ARCHITECTURE.md §1.2).
 pub async fn serve<P: Session>(
     client: TcpStream,
     upstream_addr: &upstream::Route,

@@ -1,4 +1,4 @@
-//! Client identity across the proxy (DESIGN §7): the PROXY protocol header a trusted load
+//! Client identity across the proxy (ARCHITECTURE.md §7): the PROXY protocol header a trusted load
 //! balancer sends in front of a connection, the one mailmoat sends to the upstream, and
 //! the networks a header is accepted from.
 //!

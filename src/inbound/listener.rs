@@ -400,7 +400,7 @@ impl Server {
         self.shut_down().await;
     }
 
-    /// SIGTERM (DESIGN §8): stops accepting, tells every session to say its protocol's
+    /// SIGTERM (ARCHITECTURE.md §8): stops accepting, tells every session to say its protocol's
     /// goodbye at its next command boundary, and waits for them for the grace period.
     pub async fn shut_down(self) {
         for running in self.listeners {

@@ -16,7 +16,7 @@
 //! - [`read_buffers`]: the per-thread read buffers every read above lands in, so that an
 //!   idle session holds none.
 //!
-//! The outbound relay (issue 15: the legacy MTA's relayhost, DESIGN §11) will be its
+//! The outbound relay (issue 15: the legacy MTA's relayhost, ARCHITECTURE.md §11) will be its
 //! counterpart, `crate::outbound`, beside this module rather than inside it: it connects
 //! out to MXs it chooses itself, as a TLS client.
 

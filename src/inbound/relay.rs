@@ -1,4 +1,4 @@
-//! The blind byte relay after an IMAP or POP3 login (DESIGN §1.7): both directions
+//! The blind byte relay after an IMAP or POP3 login (ARCHITECTURE.md §1.7): both directions
 //! copied unchanged and concurrently (IDLE, COMPRESS, large FETCH and APPEND work), until
 //! both sides have closed or nothing moved in either direction for the idle deadline.
 

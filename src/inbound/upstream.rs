@@ -1,6 +1,6 @@
 //! The connection to the legacy server: loopback TCP or a unix socket, made from a
 //! chosen local address and begun with a PROXY protocol header when configured
-//! (DESIGN §7).
+//! (ARCHITECTURE.md §7).
 
 use std::fmt;
 use std::io;

@@ -73,7 +73,7 @@ pub async fn run(config: &Config) -> u8 {
 /// Runs the scripted dialogue for one listener.
 pub async fn explain(config: &Config, listener: &ListenerConfig) -> Explanation {
     let mut explanation = Explanation::default();
-    // Presents itself as a client from outside would be presented (DESIGN §7).
+    // Presents itself as a client from outside would be presented (ARCHITECTURE.md §7).
     let origin = Origin::outside(listener.listen);
     let connected = tokio::time::timeout(
         config.timeouts.upstream_connect,

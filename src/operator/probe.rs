@@ -1,6 +1,6 @@
 //! Probes one upstream the way mailmoat would meet it: connect, read the greeting, ask
 //! for its capabilities, and for SMTP try to relay to a foreign domain (the open-relay
-//! trap of DESIGN §7). Used by `mailmoat check`; `mailmoat explain` reuses the reply
+//! trap of ARCHITECTURE.md §7). Used by `mailmoat check`; `mailmoat explain` reuses the reply
 //! assembly to read what its scripted client is shown.
 //!
 //! Reply assembly ([`Assembler`]) is sans-I/O and unit-tested; [`Conversation`] adds the
@@ -391,7 +391,7 @@ pub struct Findings {
     pub greeting: Reply,
     /// The EHLO (or HELO), CAPABILITY or CAPA reply.
     pub capabilities: Reply,
-    /// SMTP: the upstream refused EHLO and answered HELO (DESIGN §2).
+    /// SMTP: the upstream refused EHLO and answered HELO (ARCHITECTURE.md §2).
     pub helo_only: bool,
     /// SMTP: the relay probe's result.
     pub relay: Option<RelayVerdict>,
@@ -406,7 +406,7 @@ pub struct Findings {
 /// Probes the upstream of `listener`.
 pub async fn probe(listener: &ListenerConfig, timeouts: &Timeouts) -> Result<Findings, Error> {
     // Connects as a session of this listener would, for a client from outside: from
-    // its source_address, with its PROXY header (DESIGN §7).
+    // its source_address, with its PROXY header (ARCHITECTURE.md §7).
     let origin = Origin::outside(listener.listen);
     let route = Route::for_listener(listener, &origin);
     let mut conversation = Conversation::open(&route, timeouts).await?;
@@ -575,7 +575,7 @@ async fn present_outside_client(
     Ok(())
 }
 
-/// The open-relay trap (DESIGN §7): an unauthenticated envelope to a foreign domain,
+/// The open-relay trap (ARCHITECTURE.md §7): an unauthenticated envelope to a foreign domain,
 /// then RSET. DATA is never sent, so nothing can be delivered.
 async fn relay_probe(conversation: &mut Conversation) -> Result<RelayVerdict, Error> {
     let mail = conversation
@@ -623,7 +623,7 @@ async fn probe_imap(conversation: &mut Conversation, findings: &mut Findings) ->
     let greeting = greeting(conversation, Protocol::Imap, Expect::ImapGreeting).await?;
     let status = greeting.last().split(' ').nth(1).unwrap_or("");
     if status.eq_ignore_ascii_case("PREAUTH") {
-        // DESIGN §1.4: a client would be logged in without credentials.
+        // ARCHITECTURE.md §1.4: a client would be logged in without credentials.
         return Err(Error::Protocol(format!(
             "the upstream greets with PREAUTH ({}): clients would be logged in without \
              credentials, mailmoat closes such sessions",

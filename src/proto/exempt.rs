@@ -1,4 +1,4 @@
-//! A session from one of a listener's `exempt_networks` (DESIGN §3): a named legacy
+//! A session from one of a listener's `exempt_networks` (ARCHITECTURE.md §3): a named legacy
 //! device that cannot do TLS. Nothing is rewritten or refused; the driver relays its
 //! bytes unchanged from the first one, and the session is logged and counted.
 

@@ -38,13 +38,13 @@ pub enum Action {
     /// Record a security event.
     Event(Event),
     /// From now on copy bytes blindly both ways (IMAP and POP3 after a successful
-    /// login, DESIGN §1.7). Every byte the session held was handed out before this.
+    /// login, ARCHITECTURE.md §1.7). Every byte the session held was handed out before this.
     Relay,
     /// Close both connections once everything before this action is written.
     Close,
 }
 
-/// The stable security events of DESIGN §8 that a session can observe.
+/// The stable security events of ARCHITECTURE.md §8 that a session can observe.
 ///
 /// Fields carry nothing the client could use to smuggle a secret into a log line: verbs
 /// are logged only when the proxy recognises them, user names only as a keyed hash.
@@ -84,7 +84,7 @@ pub enum Event {
         count: u64,
     },
     /// Body lines that an upstream dropping NUL or other control bytes could have read
-    /// as the end of the message were rewritten so that none can (DESIGN §5).
+    /// as the end of the message were rewritten so that none can (ARCHITECTURE.md §5).
     SmugglingNeutralized {
         /// How many in this message.
         count: u64,
@@ -100,13 +100,13 @@ pub enum Event {
         detail: &'static str,
     },
     /// An IMAP upstream greeted with `* PREAUTH`: the client would be logged in without
-    /// credentials, so nothing can be enforced (DESIGN §1.4).
+    /// credentials, so nothing can be enforced (ARCHITECTURE.md §1.4).
     UpstreamPreauth,
     /// A client from the listener's `exempt_networks`: relayed in plaintext, unchanged.
     ExemptPlaintextSession,
     /// The listener asks for XCLIENT but the upstream could not take it: the session is
     /// closed with `421`, so the client never reaches the upstream as mailmoat's own,
-    /// trusted address (DESIGN §7).
+    /// trusted address (ARCHITECTURE.md §7).
     XclientUnavailable {
         /// `not_announced` (no XCLIENT with ADDR in the EHLO reply) or `refused`.
         reason: &'static str,
@@ -133,7 +133,7 @@ impl Event {
     }
 }
 
-/// Which deadline applies right now (DESIGN §8, per-phase timeouts).
+/// Which deadline applies right now (ARCHITECTURE.md §8, per-phase timeouts).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Phase {
     /// Waiting for the upstream's greeting.

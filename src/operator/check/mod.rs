@@ -1,7 +1,7 @@
 //! `mailmoat check`: like `nginx -t`, every problem at once. The configuration is
 //! parsed and validated, every certificate is loaded and checked, and every listener's
 //! upstream is probed: reachable, speaking the listener's protocol, and for SMTP not an
-//! open relay for the address mailmoat connects from (DESIGN §7). Nothing is bound.
+//! open relay for the address mailmoat connects from (ARCHITECTURE.md §7). Nothing is bound.
 //!
 //! Output: one `error:`, `warning:` or `ok:` line per finding, prefixed with
 //! `FILE:LINE:` where the finding belongs to a line of the file, guidance indented below
@@ -262,7 +262,7 @@ fn judge_relay(
     }
 }
 
-/// What to do about the open-relay trap (DESIGN §7).
+/// What to do about the open-relay trap (ARCHITECTURE.md §7).
 fn relay_guidance(from: &str) -> Vec<String> {
     vec![
         format!("The upstream trusts {from}."),

@@ -5,6 +5,6 @@ mod session;
 
 pub use session::{Config, Session};
 
-/// The reply when the upstream cannot be reached (DESIGN §1.2).
+/// The reply when the upstream cannot be reached (ARCHITECTURE.md §1.2).
 pub const UNAVAILABLE: &[u8] =
     b"* BYE [UNAVAILABLE] Service temporarily unavailable, try again later\r\n";

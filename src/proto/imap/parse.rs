@@ -224,7 +224,7 @@ fn inline_astring(input: &[u8]) -> IResult<&[u8], ()> {
 /// Reads one line of a LOGIN command: the first line's arguments (after `LOGIN `) when
 /// `before` is [`LoginProgress::Start`], or the line that follows a literal's octets.
 /// A literal is honoured only where this says one is due, so that the proxy and any
-/// upstream agree on which octets are literal data (DESIGN §3, canonical forwarding).
+/// upstream agree on which octets are literal data (ARCHITECTURE.md §3, canonical forwarding).
 pub fn login_line(before: LoginProgress, line: &[u8]) -> LoginProgress {
     use nom::combinator::eof;
     let complete = |i| (inline_astring, eof).parse(i).is_ok();
@@ -321,7 +321,7 @@ pub enum Status {
 }
 
 /// `response = *(continue-req / response-data) response-done` (RFC 9051 §9), one line.
-/// Liberal: a `+` alone on a line is a continuation (DESIGN §10).
+/// Liberal: a `+` alone on a line is a continuation (ARCHITECTURE.md §10).
 pub fn response(line: &[u8]) -> Option<Response<'_>> {
     if let Some(rest) = line.strip_prefix(b"* ") {
         return Some(Response::Untagged { rest });

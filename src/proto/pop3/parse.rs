@@ -137,7 +137,7 @@ pub struct StatusLine<'a> {
 /// `single-line = status [SP text]`, `status = "+OK" / "-ERR"` (RFC 2449 §9, RFC 1939
 /// §3), or `continue-req = "+" SP [base64]` (RFC 5034 §4).
 ///
-/// Liberal with upstreams (DESIGN §10): any letter case, HTAB as a separator, a lone
+/// Liberal with upstreams (ARCHITECTURE.md §10): any letter case, HTAB as a separator, a lone
 /// `+` as a continuation with nothing after it.
 pub fn status_line(line: &[u8]) -> Result<StatusLine<'_>, Error> {
     let separator = || alt((map(take_while1(is_wsp), |_| ()), map(eof, |_| ())));

@@ -1,5 +1,5 @@
 //! The SMTP commands the proxy writes to the upstream before TLS, rebuilt from its own
-//! parse (DESIGN §3, canonical forwarding; ARCHITECTURE.md, "before TLS the upstream
+//! parse (ARCHITECTURE.md §3, canonical forwarding; ARCHITECTURE.md, "before TLS the upstream
 //! hears only canonical commands").
 //!
 //! mailmoat's model of a legacy parser is never exact, so before TLS it does not forward

@@ -10,5 +10,5 @@ pub mod xclient;
 
 pub use session::{Config, Session};
 
-/// The reply when the upstream cannot be reached (DESIGN §1.2).
+/// The reply when the upstream cannot be reached (ARCHITECTURE.md §1.2).
 pub const UNAVAILABLE: &[u8] = b"421 4.3.0 Service temporarily unavailable, try again later\r\n";

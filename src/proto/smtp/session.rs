@@ -1,16 +1,16 @@
 //! The SMTP session: policy before TLS, STARTTLS owned by the proxy, EHLO rewritten,
 //! replies kept in order, bodies framed so that proxy and upstream agree where a message
-//! ends (DESIGN §2-§5, §9).
+//! ends (ARCHITECTURE.md §2-§5, §9).
 //!
 //! Ordering: every client command gets exactly one reply, in order. Commands answered by
 //! the proxy queue a ready reply behind those still owed by the upstream. A command
 //! whose reply changes how the following bytes must be read (EHLO, DATA, AUTH, QUIT,
 //! STARTTLS's RSET), and every command when the upstream did not offer PIPELINING, is a
-//! barrier: nothing after it is read until its reply arrives (DESIGN §10).
+//! barrier: nothing after it is read until its reply arrives (ARCHITECTURE.md §10).
 //!
 //! XCLIENT (listener option `xclient`): after the upstream's greeting, before the client
 //! reads anything, the proxy sends its own EHLO, then (if the reply announces XCLIENT)
-//! one XCLIENT with the client's identity, each after the previous reply (DESIGN §10).
+//! one XCLIENT with the client's identity, each after the previous reply (ARCHITECTURE.md §10).
 //! The upstream answers XCLIENT with a new greeting, which is the one the client sees;
 //! the client's own EHLO then starts its dialogue as usual. Postfix keeps the XCLIENT
 //! attributes for the whole connection, so the proxy's RSET at STARTTLS does not undo

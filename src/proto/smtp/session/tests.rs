@@ -33,7 +33,7 @@ fn a_half_closed_client_gets_every_command_held_behind_a_barrier_processed() {
     s.on_client_eof();
     let out = upstream(&mut s, "250 legacy.example.test\r\n");
     assert_eq!(out.client, "250 legacy.example.test\r\n");
-    // No PIPELINING announced: one command at a time (DESIGN §10).
+    // No PIPELINING announced: one command at a time (ARCHITECTURE.md §10).
     assert_eq!(out.upstream, "MAIL FROM:<a@example.test>\r\n");
     assert!(!out.closed);
     let out = upstream(&mut s, "250 2.1.0 Ok\r\n");
