@@ -30,14 +30,6 @@ async fn starttls_as(
     Ok(Client::new(tls))
 }
 
-/// One line (IMAP and POP3 replies are not SMTP-shaped).
-async fn line(client: &mut Client<tokio::net::TcpStream>) -> String {
-    use tokio::io::AsyncBufReadExt;
-    let mut line = String::new();
-    within(client.stream.read_line(&mut line)).await.unwrap();
-    line
-}
-
 /// A plaintext session on an MX listener, inside DATA.
 async fn in_data(addr: SocketAddr) -> Client<tokio::net::TcpStream> {
     let mut client = connect(addr).await;
@@ -243,9 +235,9 @@ async fn sigterm_gives_idle_sessions_their_goodbye_and_exits() {
             .starts_with("250-")
     );
     let mut imap_client = connect(addr(mailmoat.port("imap"))).await;
-    assert!(line(&mut imap_client).await.starts_with("* OK"));
+    assert!(imap_client.line().await.starts_with("* OK"));
     let mut pop3_client = connect(addr(mailmoat.port("pop3"))).await;
-    assert!(line(&mut pop3_client).await.starts_with("+OK"));
+    assert!(pop3_client.line().await.starts_with("+OK"));
     // Over TLS too: the goodbye goes through the TLS stream.
     let tcp = tokio::net::TcpStream::connect(addr(mailmoat.port("smtps")))
         .await

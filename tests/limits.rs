@@ -156,38 +156,13 @@ async fn a_client_chatting_before_starttls_is_cut_off() {
     well_behaved(proxy.addr("mx")).await;
 }
 
-/// An IMAP upstream that accepts any LOGIN and then says nothing more.
-async fn quiet_imap_upstream() -> SocketAddr {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        while let Ok((stream, _)) = listener.accept().await {
-            tokio::spawn(async move {
-                let (read, mut write) = stream.into_split();
-                let mut read = BufReader::new(read);
-                let _ = write
-                    .write_all(b"* OK [CAPABILITY IMAP4rev1 IDLE] quiet ready\r\n")
-                    .await;
-                let mut line = String::new();
-                while read.read_line(&mut line).await.unwrap_or(0) > 0 {
-                    let tag = line.split_whitespace().next().unwrap_or("*").to_owned();
-                    let _ = write
-                        .write_all(format!("{tag} OK done\r\n").as_bytes())
-                        .await;
-                    line.clear();
-                }
-            });
-        }
-    });
-    addr
-}
-
 #[tokio::test]
 async fn silence_after_login_ends_the_relay_while_a_busy_relay_continues() {
-    let upstream = quiet_imap_upstream().await;
+    let upstream = upstream::imap::scripted(upstream::imap::Behaviour::Quiet).await;
     let proxy = proxy(
         &[format!(
-            "{{ name: imaps, protocol: imap, listen: \"127.0.0.1:0\", tls: implicit, upstream: \"{upstream}\" }}"
+            "{{ name: imaps, protocol: imap, listen: \"127.0.0.1:0\", tls: implicit, upstream: \"{}\" }}",
+            upstream.addr
         )],
         "timeouts: { idle_after_login: 500ms }\n",
     )
@@ -418,46 +393,6 @@ async fn a_tls_client_that_never_reads_its_replies_is_cut_off_at_the_idle_deadli
     flood.abort();
 }
 
-/// A POP3 upstream that accepts any login and answers everything `+OK`.
-async fn quiet_pop3_upstream() -> SocketAddr {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        while let Ok((stream, _)) = listener.accept().await {
-            tokio::spawn(async move {
-                let (read, mut write) = stream.into_split();
-                let mut read = BufReader::new(read);
-                let _ = write.write_all(b"+OK quiet ready\r\n").await;
-                let mut line = String::new();
-                while read.read_line(&mut line).await.unwrap_or(0) > 0 {
-                    let verb = line.split_whitespace().next().unwrap_or("").to_uppercase();
-                    let reply: &[u8] = match verb.as_str() {
-                        "CAPA" => b"+OK\r\nUSER\r\nSASL PLAIN\r\nPIPELINING\r\n.\r\n",
-                        "PASS" => b"+OK logged in\r\n",
-                        "STAT" => b"+OK 0 0\r\n",
-                        "QUIT" => b"+OK bye\r\n",
-                        _ => b"+OK\r\n",
-                    };
-                    if write.write_all(reply).await.is_err() || verb == "QUIT" {
-                        break;
-                    }
-                    line.clear();
-                }
-            });
-        }
-    });
-    addr
-}
-
-/// One line from the peer, CRLF included (bounded).
-async fn line<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(
-    client: &mut Client<S>,
-) -> String {
-    let mut line = String::new();
-    within(client.stream.read_line(&mut line)).await.unwrap();
-    line
-}
-
 /// A client that floods `addr` with lines the proxy answers itself (bare LF lines and
 /// unknown verbs) and never reads: at most 4 MiB, until the proxy stops taking them for
 /// a second; then it stays connected, unread, until aborted.
@@ -484,36 +419,33 @@ fn flooder(addr: SocketAddr) -> tokio::task::JoinHandle<()> {
 /// IMAP through STARTTLS to a login, each reply checked.
 async fn imap_well_behaved(addr: SocketAddr) {
     let mut client = connect(addr).await;
-    let greeting = line(&mut client).await;
+    let greeting = client.line().await;
     assert!(
         greeting.starts_with("* OK [CAPABILITY IMAP4rev1 IDLE STARTTLS LOGINDISABLED]"),
         "{greeting:?}"
     );
     client.send(b"a CAPABILITY\r\n").await;
-    assert_eq!(line(&mut client).await, "a OK done\r\n");
+    assert_eq!(client.line().await, "a OK done\r\n");
     client.send(b"s STARTTLS\r\n").await;
-    assert_eq!(
-        line(&mut client).await,
-        "s OK Begin TLS negotiation now\r\n"
-    );
+    assert_eq!(client.line().await, "s OK Begin TLS negotiation now\r\n");
     let tls = tls_connect(client.into_inner(), "mail.example.test", &[])
         .await
         .unwrap();
     let mut client = Client::new(tls);
     client.send(b"l LOGIN alice secret\r\n").await;
-    assert_eq!(line(&mut client).await, "l OK done\r\n");
+    assert_eq!(client.line().await, "l OK done\r\n");
     client.send(b"n NOOP\r\n").await;
-    assert_eq!(line(&mut client).await, "n OK done\r\n");
+    assert_eq!(client.line().await, "n OK done\r\n");
 }
 
 /// POP3 through STLS to a login, each reply checked.
 async fn pop3_well_behaved(addr: SocketAddr) {
     let mut client = connect(addr).await;
-    assert_eq!(line(&mut client).await, "+OK quiet ready\r\n");
+    assert_eq!(client.line().await, "+OK quiet ready\r\n");
     client.send(b"CAPA\r\n").await;
     let mut capa = Vec::new();
     loop {
-        let l = line(&mut client).await;
+        let l = client.line().await;
         let end = l == ".\r\n";
         capa.push(l);
         if end {
@@ -522,19 +454,19 @@ async fn pop3_well_behaved(addr: SocketAddr) {
     }
     assert_eq!(capa, ["+OK\r\n", "PIPELINING\r\n", "STLS\r\n", ".\r\n"]);
     client.send(b"STLS\r\n").await;
-    assert_eq!(line(&mut client).await, "+OK Begin TLS negotiation\r\n");
+    assert_eq!(client.line().await, "+OK Begin TLS negotiation\r\n");
     let tls = tls_connect(client.into_inner(), "mail.example.test", &[])
         .await
         .unwrap();
     let mut client = Client::new(tls);
     client.send(b"USER alice\r\n").await;
-    assert_eq!(line(&mut client).await, "+OK\r\n");
+    assert_eq!(client.line().await, "+OK\r\n");
     client.send(b"PASS secret\r\n").await;
-    assert_eq!(line(&mut client).await, "+OK logged in\r\n");
+    assert_eq!(client.line().await, "+OK logged in\r\n");
     client.send(b"STAT\r\n").await;
-    assert_eq!(line(&mut client).await, "+OK 0 0\r\n");
+    assert_eq!(client.line().await, "+OK 0 0\r\n");
     client.send(b"QUIT\r\n").await;
-    assert_eq!(line(&mut client).await, "+OK bye\r\n");
+    assert_eq!(client.line().await, "+OK bye\r\n");
 }
 
 /// Clients that make the proxy answer them (bare LF lines, unknown verbs) and never
@@ -544,8 +476,14 @@ async fn pop3_well_behaved(addr: SocketAddr) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn well_behaved_sessions_complete_beside_clients_flooding_replies_they_never_read() {
     let smtp_upstream = scripted_upstream(Behaviour::Esmtp).await;
-    let imap_upstream = quiet_imap_upstream().await.to_string();
-    let pop3_upstream = quiet_pop3_upstream().await.to_string();
+    let imap_upstream = upstream::imap::scripted(upstream::imap::Behaviour::Quiet)
+        .await
+        .addr
+        .to_string();
+    let pop3_upstream = upstream::pop3::scripted(upstream::pop3::Behaviour::Quiet)
+        .await
+        .addr
+        .to_string();
     let proxy = proxy(
         &[
             smtp_listener("mx", "starttls", "auth_requires_tls", smtp_upstream.addr),
