@@ -6,7 +6,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use super::{Certificates, STEP, config_yaml, listener_at};
+use super::{Certificates, STEP, config_yaml_with, listener_at};
 
 /// A free loopback port (bound, then released).
 pub fn free_port() -> u16 {
@@ -73,10 +73,11 @@ impl Mailmoat {
             let upstream = upstream.to_string();
             entries.push(listener_at(&listen, name, protocol, tls, policy, &upstream));
         }
-        let yaml = config_yaml(
+        let yaml = config_yaml_with(
             Certificates::Default,
+            "log: { level: trace }\n",
             &entries,
-            &format!("log: {{ level: trace }}\n{extra}"),
+            extra,
         );
         let config = dir.path().join("mailmoat.yaml");
         std::fs::write(&config, yaml).unwrap();

@@ -19,6 +19,18 @@ pub enum Certificates {
 /// A whole configuration: `tls:` with `certificates`, these `listeners:` entries (YAML
 /// flow maps, one per line) and `extra` top-level YAML.
 pub fn config_yaml(certificates: Certificates, listeners: &[String], extra: &str) -> String {
+    config_yaml_with(certificates, "", listeners, extra)
+}
+
+/// [`config_yaml`] with `top` level YAML between `tls:` and `listeners:`, so that the
+/// listeners stay last but for `extra` (a test that appends a listener to the file
+/// relies on it).
+pub fn config_yaml_with(
+    certificates: Certificates,
+    top: &str,
+    listeners: &[String],
+    extra: &str,
+) -> String {
     let certs = certs();
     let mut yaml = format!(
         "tls:\n  certificates:\n    - {{ cert: {}, key: {} }}\n",
@@ -32,6 +44,7 @@ pub fn config_yaml(certificates: Certificates, listeners: &[String], extra: &str
             certs.other.1.display()
         ));
     }
+    yaml.push_str(top);
     yaml.push_str("listeners:\n");
     for listener in listeners {
         yaml.push_str(&format!("  - {listener}\n"));
