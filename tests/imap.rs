@@ -5,7 +5,6 @@
 mod common;
 
 use std::net::SocketAddr;
-use std::time::Duration;
 
 use common::upstream::imap::{Behaviour, scripted};
 use common::*;
@@ -61,7 +60,7 @@ async fn starttls_injection_is_never_answered_never_forwarded_and_a_later_login_
             );
         }
     }
-    tokio::time::sleep(Duration::from_millis(50)).await;
+    upstream.wait_closed().await;
     let seen = upstream.raw_text();
     assert!(
         !seen.contains("NOOP") && !seen.contains("LOGIN") && !seen.contains("APPEND"),
@@ -126,7 +125,8 @@ async fn credentials_before_tls_never_reach_the_upstream() {
         client.response(Some("g")).await,
         "* CAPABILITY IMAP4rev1 ID IDLE LITERAL+ STARTTLS LOGINDISABLED\r\ng OK done\r\n"
     );
-    tokio::time::sleep(Duration::from_millis(20)).await;
+    drop(client);
+    upstream.wait_closed().await;
     assert_eq!(upstream.raw_text(), "g CAPABILITY\r\n");
     assert_no_secret_logged(&[
         "alice secret",
@@ -247,7 +247,8 @@ async fn a_zero_length_literal_split_across_reads_goes_upstream_whole() {
     tls.response(None).await;
     // An empty password by a non-synchronising literal (before login, literals are
     // honoured only in LOGIN's astrings), its line end in two more writes: the literal's
-    // zero bytes are then the last thing a read gives the upstream.
+    // zero bytes are then the last thing a read gives the upstream. The pauses are the
+    // behaviour under test: each write arrives in a read of its own.
     let pause = || tokio::time::sleep(std::time::Duration::from_millis(50));
     tls.send(b"a LOGIN alice {0+}\r\n").await;
     pause().await;

@@ -5,7 +5,6 @@
 mod common;
 
 use std::net::SocketAddr;
-use std::time::Duration;
 
 use common::upstream::pop3::{Behaviour, GREETING, PLAIN_IR, message, retr_reply, scripted};
 use common::{
@@ -79,7 +78,7 @@ async fn stls_command_injection_is_never_answered_and_never_forwarded() {
                 "{cut:?} {payload:?}: got {:?}",
                 String::from_utf8_lossy(&rest)
             );
-            tokio::time::sleep(Duration::from_millis(20)).await;
+            upstream.wait_closed().await;
             assert_eq!(
                 upstream.commands()[before..],
                 ["CAPA"],
@@ -116,7 +115,7 @@ async fn credentials_before_tls_are_refused_and_never_reach_the_upstream() {
     assert_eq!(client.cmd_line("NOOP").await, "+OK\r\n");
     assert_eq!(client.cmd_line("QUIT").await, "+OK Logging out.\r\n");
     assert!(client.rest().await.is_empty());
-    tokio::time::sleep(Duration::from_millis(20)).await;
+    upstream.wait_closed().await;
     assert_eq!(upstream.commands(), ["NOOP", "QUIT"]);
     let raw = String::from_utf8(upstream.recording.lock().unwrap().raw.clone()).unwrap();
     assert!(!raw.contains("alice") && !raw.contains("secret"));
@@ -140,7 +139,7 @@ async fn a_full_stls_session_reads_mail_through_tls() {
     );
     assert_eq!(client.multi("RETR 1").await, retr_reply());
     assert_eq!(client.cmd_line("QUIT").await, "+OK Logging out.\r\n");
-    tokio::time::sleep(Duration::from_millis(20)).await;
+    upstream.wait_closed().await;
     assert_eq!(
         upstream.commands(),
         [
@@ -210,7 +209,7 @@ async fn auth_plain_through_tls_then_blind_relay() {
         format!("+OK 1 {}\r\n", message().len())
     );
     assert_eq!(client.cmd_line("QUIT").await, "+OK Logging out.\r\n");
-    tokio::time::sleep(Duration::from_millis(20)).await;
+    upstream.wait_closed().await;
     assert_eq!(
         upstream.commands(),
         [
@@ -249,7 +248,7 @@ async fn implicit_tls_serves_the_same_session_with_tls_from_the_start() {
     );
     assert_eq!(client.multi("RETR 1").await, retr_reply());
     assert_eq!(client.cmd_line("QUIT").await, "+OK Logging out.\r\n");
-    tokio::time::sleep(Duration::from_millis(20)).await;
+    upstream.wait_closed().await;
     assert_eq!(
         upstream.commands(),
         [

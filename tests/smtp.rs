@@ -3,8 +3,6 @@
 
 mod common;
 
-use std::time::Duration;
-
 use common::*;
 use tokio::io::AsyncWriteExt;
 
@@ -53,7 +51,7 @@ async fn starttls_command_injection_is_never_answered_and_never_forwarded() {
                     "{listener} {cut:?} {payload:?}: got {:?}",
                     String::from_utf8_lossy(&rest)
                 );
-                tokio::time::sleep(Duration::from_millis(20)).await;
+                upstream.wait_closed().await;
                 let seen = upstream.commands()[before..].to_vec();
                 assert_eq!(
                     seen,
@@ -106,7 +104,7 @@ async fn a_full_starttls_session_hides_auth_until_tls_then_relays_it() {
         "235 2.7.0 Authentication successful\r\n"
     );
     assert_eq!(tls.cmd("QUIT").await, "221 2.0.0 Bye\r\n");
-    tokio::time::sleep(Duration::from_millis(20)).await;
+    upstream.wait_closed().await;
     assert_eq!(
         upstream.commands(),
         vec![
@@ -150,7 +148,7 @@ async fn bare_newline_smuggling_never_ends_the_message_early_at_the_upstream() {
             assert_eq!(client.cmd("QUIT").await, "221 2.0.0 Bye\r\n");
         }
     }
-    tokio::time::sleep(Duration::from_millis(50)).await;
+    upstream.wait_closed().await;
     let recording = upstream.recording.lock().unwrap();
     assert_eq!(recording.messages.len(), smuggled.len() * 2);
     for message in &recording.messages {
@@ -243,12 +241,10 @@ async fn a_client_that_vanishes_mid_data_delivers_nothing() {
     let (tcp, _) = tls.into_inner().into_inner();
     drop(tcp); // no close_notify
 
-    for _ in 0..100 {
-        if upstream.recording.lock().unwrap().aborted_bodies == 2 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    wait_until_async(STEP, "the upstream to see both bodies cut", || {
+        upstream.recording.lock().unwrap().aborted_bodies == 2
+    })
+    .await;
     let recording = upstream.recording.lock().unwrap();
     assert_eq!(recording.aborted_bodies, 2);
     assert!(recording.messages.is_empty());
