@@ -169,23 +169,25 @@ struct Evidence {
 /// upstream leg, and Exim's last delivery; returns what each side recorded.
 fn evidence(rig: &Rig, client: SocketAddr) -> Evidence {
     let tag = format!("client={client}");
-    let deadline = Instant::now() + STEP;
-    let lines = loop {
-        let text = rig.mailmoat.log_text();
-        let lines: Vec<String> = text
+    let lines = poll_for(STEP, || {
+        let lines: Vec<String> = rig
+            .mailmoat
+            .log_text()
             .lines()
             .filter(|line| line.contains(&tag))
             .map(str::to_owned)
             .collect();
-        if lines.iter().any(|l| l.contains("event=\"session_end\"")) {
-            break lines;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "no session_end for {client} in mailmoat's log:\n{text}"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    };
+        lines
+            .iter()
+            .any(|l| l.contains("event=\"session_end\""))
+            .then_some(lines)
+    })
+    .unwrap_or_else(|| {
+        panic!(
+            "no session_end for {client} in mailmoat's log:\n{}",
+            rig.mailmoat.log_text()
+        )
+    });
     let upstream_port: u16 = lines
         .iter()
         .find_map(|line| {

@@ -58,19 +58,15 @@ fn proxy_v1(client: &str, port: u16) -> Vec<u8> {
 
 /// Waits (bounded) for a line of `log` that contains every one of `parts`.
 async fn log_line(log: &Path, parts: &[&str]) -> String {
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    loop {
-        let text = std::fs::read_to_string(log).unwrap_or_default();
-        if let Some(line) = text.lines().find(|l| parts.iter().all(|p| l.contains(p))) {
-            return line.to_owned();
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "no line with {parts:?} in {}:\n{text}",
-            log.display()
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let read = || std::fs::read_to_string(log).unwrap_or_default();
+    poll_for_async(Duration::from_secs(30), async || {
+        read()
+            .lines()
+            .find(|l| parts.iter().all(|p| l.contains(p)))
+            .map(str::to_owned)
+    })
+    .await
+    .unwrap_or_else(|| panic!("no line with {parts:?} in {}:\n{}", log.display(), read()))
 }
 
 /// Reads lines until one starts with `prefix`; returns them all.

@@ -4,9 +4,8 @@
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::time::Duration;
 
-use super::{Certificates, STEP, config_yaml_with, listener_at};
+use super::{Certificates, STEP, config_yaml_with, listener_at, poll_for, wait_for};
 
 /// A free loopback port (bound, then released).
 pub fn free_port() -> u16 {
@@ -100,17 +99,20 @@ impl Mailmoat {
         };
         let ports: Vec<u16> = mailmoat.ports.values().copied().collect();
         for port in ports {
-            let deadline = std::time::Instant::now() + Duration::from_secs(20);
-            while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-                let exited = mailmoat.child.try_wait().ok().flatten();
-                if exited.is_some() || std::time::Instant::now() >= deadline {
-                    return Err(format!(
-                        "mailmoat did not listen on {port} (exit: {exited:?}); its config:\n{}\nits log:\n{}",
-                        std::fs::read_to_string(&mailmoat.config).unwrap_or_default(),
-                        std::fs::read_to_string(&mailmoat.log).unwrap_or_default()
-                    ));
+            // Listening, or gone: either ends the wait.
+            let listening = poll_for(STEP, || {
+                if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+                    return Some(true);
                 }
-                std::thread::sleep(Duration::from_millis(20));
+                mailmoat.child.try_wait().ok().flatten().map(|_| false)
+            });
+            if listening != Some(true) {
+                let exited = mailmoat.child.try_wait().ok().flatten();
+                return Err(format!(
+                    "mailmoat did not listen on {port} (exit: {exited:?}); its config:\n{}\nits log:\n{}",
+                    std::fs::read_to_string(&mailmoat.config).unwrap_or_default(),
+                    std::fs::read_to_string(&mailmoat.log).unwrap_or_default()
+                ));
             }
         }
         Ok(mailmoat)
@@ -140,34 +142,17 @@ impl Mailmoat {
     /// Waits (bounded) until the log holds `count` lines containing `needle`; returns the
     /// last of them.
     pub fn wait_for_log(&self, needle: &str, count: usize) -> String {
-        let deadline = std::time::Instant::now() + STEP;
-        loop {
+        let found = poll_for(STEP, || {
             let text = self.log_text();
-            let lines: Vec<&str> = text.lines().filter(|l| l.contains(needle)).collect();
-            if lines.len() >= count {
-                return lines[count - 1].to_owned();
-            }
-            assert!(
-                std::time::Instant::now() < deadline,
-                "no {needle:?} (x{count}) in the log:\n{text}"
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
+            let mut lines = text.lines().filter(|l| l.contains(needle));
+            lines.nth(count - 1).map(str::to_owned)
+        });
+        found.unwrap_or_else(|| panic!("no {needle:?} (x{count}) in the log:\n{}", self.log_text()))
     }
 
     /// Waits (bounded) for the process to exit.
     pub fn wait_exit(&mut self) -> std::process::ExitStatus {
-        let deadline = std::time::Instant::now() + STEP;
-        loop {
-            if let Some(status) = self.child.try_wait().unwrap() {
-                return status;
-            }
-            assert!(
-                std::time::Instant::now() < deadline,
-                "mailmoat did not exit"
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        wait_for(STEP, "mailmoat to exit", || self.child.try_wait().unwrap())
     }
 
     /// Whether the process is still running.

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 use std::time::Duration;
 
-use super::{Ran, free_port, run_bounded, run_within};
+use super::{Ran, free_port, poll_for, run_bounded, run_within};
 
 /// Longer than `scripts/legacy.sh` ever takes on its own: it waits 30 s for the banners
 /// and at most 25 s for the daemons to stop.
@@ -142,32 +142,34 @@ impl Legacy {
 
     /// Waits (bounded) for `count` messages containing `tag`.
     pub fn wait_for_deliveries(&self, tag: &str, count: usize) -> Vec<Vec<u8>> {
-        let deadline = std::time::Instant::now() + Duration::from_secs(60);
-        loop {
-            let mut found = Vec::new();
-            for sub in ["new", "cur"] {
-                let Ok(entries) = std::fs::read_dir(self.maildir_alice.join(sub)) else {
+        let limit = Duration::from_secs(60);
+        poll_for(limit, || {
+            let found = self.delivered(tag);
+            (found.len() >= count).then_some(found)
+        })
+        .unwrap_or_else(|| {
+            let found = self.delivered(tag).len();
+            panic!("{found} of {count} messages tagged {tag} delivered")
+        })
+    }
+
+    /// The messages in alice's Maildir (new/ and cur/) containing `tag`, now.
+    fn delivered(&self, tag: &str) -> Vec<Vec<u8>> {
+        let mut found = Vec::new();
+        for sub in ["new", "cur"] {
+            let Ok(entries) = std::fs::read_dir(self.maildir_alice.join(sub)) else {
+                continue;
+            };
+            for entry in entries.flatten() {
+                let Ok(bytes) = std::fs::read(entry.path()) else {
                     continue;
                 };
-                for entry in entries.flatten() {
-                    let Ok(bytes) = std::fs::read(entry.path()) else {
-                        continue;
-                    };
-                    if memchr::memmem::find(&bytes, tag.as_bytes()).is_some() {
-                        found.push(bytes);
-                    }
+                if memchr::memmem::find(&bytes, tag.as_bytes()).is_some() {
+                    found.push(bytes);
                 }
             }
-            if found.len() >= count {
-                return found;
-            }
-            assert!(
-                std::time::Instant::now() < deadline,
-                "{} of {count} messages tagged {tag} delivered",
-                found.len()
-            );
-            std::thread::sleep(Duration::from_millis(100));
         }
+        found
     }
 
     pub fn logs(&self) -> String {

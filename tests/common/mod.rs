@@ -12,8 +12,8 @@
 //!
 //! Everything but the per-protocol upstream details is re-exported here, so a test
 //! says `use common::*;`.
-// Each test binary uses part of the harness: the rest is neither dead nor unused there.
-#![allow(dead_code, unused_imports)]
+// Each test binary uses part of the harness: the rest is not dead code.
+#![allow(dead_code)]
 
 pub mod binary;
 /// The harness of the canonical rule against a real legacy server.
@@ -34,16 +34,28 @@ pub mod recorder;
 pub mod upstream;
 pub mod wait;
 
+// What a test binary does not use of these is not an unused import.
+#[allow(unused_imports)]
 pub use binary::*;
+#[allow(unused_imports)]
 pub use certs::*;
+#[allow(unused_imports)]
 pub use client::*;
+#[allow(unused_imports)]
 pub use legacy::*;
+#[allow(unused_imports)]
 pub use listener::*;
+#[allow(unused_imports)]
 pub use logs::*;
+#[allow(unused_imports)]
 pub use process::*;
+#[allow(unused_imports)]
 pub use proxy::*;
+#[allow(unused_imports)]
 pub use upstream::smtp::*;
+#[allow(unused_imports)]
 pub use upstream::{Recording, Upstream};
+#[allow(unused_imports)]
 pub use wait::*;
 
 /// A tag unique to this test run, for finding our messages and log lines.

@@ -4,6 +4,8 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
+use super::poll_for;
+
 /// Runs a program to completion (bounded), returning (exit code, stdout, stderr).
 pub fn run_program(program: &str, args: &[&str]) -> (i32, String, String) {
     let ran = run_bounded(
@@ -16,18 +18,12 @@ pub fn run_program(program: &str, args: &[&str]) -> (i32, String, String) {
 /// Waits for `child` to exit, for at most `limit`; past it the child is killed and the
 /// test fails.
 pub fn wait_exit(child: &mut std::process::Child, limit: Duration) -> std::process::ExitStatus {
-    let deadline = std::time::Instant::now() + limit;
-    loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            return status;
-        }
-        if std::time::Instant::now() > deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!("process {} still running after {limit:?}", child.id());
-        }
-        std::thread::sleep(Duration::from_millis(20));
+    if let Some(status) = poll_for(limit, || child.try_wait().unwrap()) {
+        return status;
     }
+    let _ = child.kill();
+    let _ = child.wait();
+    panic!("process {} still running after {limit:?}", child.id());
 }
 
 /// What a program run by [`run_bounded`] left behind.
@@ -70,27 +66,20 @@ pub fn run_within(command: &mut std::process::Command, limit: Duration) -> Resul
     let read = |path: &std::path::Path| {
         String::from_utf8_lossy(&std::fs::read(path).unwrap_or_default()).into_owned()
     };
-    let deadline = std::time::Instant::now() + limit;
-    let status = loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            break status;
-        }
-        if std::time::Instant::now() > deadline {
-            let group = process_group(child.id());
-            let _ = std::process::Command::new("kill")
-                .args(["-KILL", "--", &format!("-{}", child.id())])
-                .status();
-            // The program itself, should kill(1) be missing or fail.
-            let _ = child.kill();
-            let _ = child.wait();
-            return Err(format!(
-                "{program} ran longer than {limit:?}; its processes were:\n{group}\
-                 stdout:\n{}\nstderr:\n{}",
-                read(&out),
-                read(&err)
-            ));
-        }
-        std::thread::sleep(Duration::from_millis(20));
+    let Some(status) = poll_for(limit, || child.try_wait().unwrap()) else {
+        let group = process_group(child.id());
+        let _ = std::process::Command::new("kill")
+            .args(["-KILL", "--", &format!("-{}", child.id())])
+            .status();
+        // The program itself, should kill(1) be missing or fail.
+        let _ = child.kill();
+        let _ = child.wait();
+        return Err(format!(
+            "{program} ran longer than {limit:?}; its processes were:\n{group}\
+             stdout:\n{}\nstderr:\n{}",
+            read(&out),
+            read(&err)
+        ));
     };
     Ok(Ran {
         code: status.code(),
