@@ -13,7 +13,6 @@ use std::sync::OnceLock;
 use std::time::Duration;
 
 use common::*;
-use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncWrite};
 
 /// The legacy instance of this binary, with an extra Postfix smtpd and extra Dovecot
 /// listeners that expect a PROXY header (the main ports stay plain, so the start-up
@@ -67,23 +66,6 @@ async fn log_line(log: &Path, parts: &[&str]) -> String {
     })
     .await
     .unwrap_or_else(|| panic!("no line with {parts:?} in {}:\n{}", log.display(), read()))
-}
-
-/// Reads lines until one starts with `prefix`; returns them all.
-async fn lines_until<S: AsyncRead + AsyncWrite + Unpin>(
-    client: &mut Client<S>,
-    prefix: &str,
-) -> String {
-    let mut all = String::new();
-    loop {
-        let mut line = String::new();
-        let n = within(client.stream.read_line(&mut line)).await.unwrap();
-        assert!(n > 0, "connection closed; so far: {all:?}");
-        all.push_str(&line);
-        if line.starts_with(prefix) {
-            return all;
-        }
-    }
 }
 
 /// Greeting (given), EHLO, STARTTLS, EHLO, one message to alice tagged `tag`, QUIT.
@@ -208,35 +190,35 @@ async fn dovecot_logs_the_real_client_sent_with_proxy_protocol_v2_imap_and_v1_po
     // IMAP: STARTTLS, LOGIN, LOGOUT from 203.0.113.9.
     let mut plain = connect(proxy.addr("imap")).await;
     plain.send(&proxy_v1("203.0.113.9", 50001)).await;
-    lines_until(&mut plain, "* OK").await;
+    plain.lines_until("* OK").await;
     plain.send(b"a STARTTLS\r\n").await;
-    lines_until(&mut plain, "a OK").await;
+    plain.lines_until("a OK").await;
     let tls = tls_connect(plain.into_inner(), "mail.example.test", &[])
         .await
         .unwrap();
     let mut imap = Client::new(tls);
     imap.send(b"b LOGIN alice@example.test alice-secret-pw\r\n")
         .await;
-    lines_until(&mut imap, "b OK").await;
+    imap.lines_until("b OK").await;
     imap.send(b"c LOGOUT\r\n").await;
-    lines_until(&mut imap, "c OK").await;
+    imap.lines_until("c OK").await;
 
     // POP3: STLS, USER/PASS, QUIT from 203.0.113.10.
     let mut plain = connect(proxy.addr("pop3")).await;
     plain.send(&proxy_v1("203.0.113.10", 50002)).await;
-    lines_until(&mut plain, "+OK").await;
+    plain.lines_until("+OK").await;
     plain.send(b"STLS\r\n").await;
-    lines_until(&mut plain, "+OK").await;
+    plain.lines_until("+OK").await;
     let tls = tls_connect(plain.into_inner(), "mail.example.test", &[])
         .await
         .unwrap();
     let mut pop3 = Client::new(tls);
     pop3.send(b"USER alice@example.test\r\n").await;
-    lines_until(&mut pop3, "+OK").await;
+    pop3.lines_until("+OK").await;
     pop3.send(b"PASS alice-secret-pw\r\n").await;
-    lines_until(&mut pop3, "+OK").await;
+    pop3.lines_until("+OK").await;
     pop3.send(b"QUIT\r\n").await;
-    lines_until(&mut pop3, "+OK").await;
+    pop3.lines_until("+OK").await;
 
     let log = &legacy.legacy.dovecot_log;
     log_line(

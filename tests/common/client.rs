@@ -125,16 +125,22 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Client<S> {
     /// IMAP: lines up to and including the tagged response for `tag`, or one line when
     /// `tag` is None.
     pub async fn response(&mut self, tag: Option<&str>) -> String {
+        match tag {
+            Some(tag) => self.lines_until(&format!("{tag} ")).await,
+            None => self.lines_until("").await,
+        }
+    }
+
+    /// Lines up to and including the first that starts with `prefix`.
+    pub async fn lines_until(&mut self, prefix: &str) -> String {
         let mut all = String::new();
         loop {
             let mut line = String::new();
             let n = within(self.stream.read_line(&mut line)).await.unwrap();
             assert!(n > 0, "connection closed after {all:?}");
             all.push_str(&line);
-            match tag {
-                None => return all,
-                Some(tag) if line.starts_with(&format!("{tag} ")) => return all,
-                _ => {}
+            if line.starts_with(prefix) {
+                return all;
             }
         }
     }
@@ -208,6 +214,19 @@ impl Client<TcpStream> {
     pub fn local_addr(&self) -> SocketAddr {
         self.stream.get_ref().local_addr().unwrap()
     }
+
+    /// SMTP STARTTLS (after EHLO), answered 220, and the handshake for
+    /// mail.example.test.
+    pub async fn starttls(mut self) -> Client<tokio_rustls::client::TlsStream<TcpStream>> {
+        assert_eq!(
+            self.cmd("STARTTLS").await,
+            "220 2.0.0 Ready to start TLS\r\n"
+        );
+        let tls = tls_connect(self.into_inner(), "mail.example.test", &[])
+            .await
+            .unwrap();
+        Client::new(tls)
+    }
 }
 
 /// How an attacker's bytes are cut into writes.
@@ -231,14 +250,7 @@ pub async fn starttls_client(
             .await
             .contains("250 STARTTLS\r\n")
     );
-    assert_eq!(
-        plain.cmd("STARTTLS").await,
-        "220 2.0.0 Ready to start TLS\r\n"
-    );
-    let tls = tls_connect(plain.into_inner(), "mail.example.test", &[])
-        .await
-        .unwrap();
-    let mut client = Client::new(tls);
+    let mut client = plain.starttls().await;
     assert!(client.cmd("EHLO client.example").await.starts_with("250-"));
     client
 }

@@ -58,6 +58,20 @@ pub use upstream::{Recording, Upstream};
 #[allow(unused_imports)]
 pub use wait::*;
 
+/// `message` byte-stuffed, then the terminating `.` line: a DATA body (RFC 5321
+/// §4.5.2) or a POP3 multi-line reply (RFC 1939 §3).
+pub fn dot_stuffed(message: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(message.len() + 8);
+    for line in message.split_inclusive(|&b| b == b'\n') {
+        if line.starts_with(b".") {
+            out.push(b'.');
+        }
+        out.extend_from_slice(line);
+    }
+    out.extend_from_slice(b".\r\n");
+    out
+}
+
 /// A tag unique to this test run, for finding our messages and log lines.
 pub fn unique(prefix: &str) -> String {
     static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);

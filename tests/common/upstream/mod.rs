@@ -27,6 +27,10 @@ pub struct Recording {
     pub messages: Vec<Vec<u8>>,
     /// Connections accepted.
     pub connections: usize,
+    /// The address each connection came from, in order.
+    pub peers: Vec<SocketAddr>,
+    /// PROXY headers received, whole, for a script that reads them.
+    pub headers: Vec<Vec<u8>>,
     /// Connections whose session has ended: all the proxy wrote on them was read.
     pub closed: usize,
     /// SMTP: connections that ended while a DATA body was incomplete.
@@ -51,6 +55,14 @@ impl Upstream {
         self.recording.lock().unwrap().raw.clone()
     }
 
+    pub fn peers(&self) -> Vec<SocketAddr> {
+        self.recording.lock().unwrap().peers.clone()
+    }
+
+    pub fn headers(&self) -> Vec<Vec<u8>> {
+        self.recording.lock().unwrap().headers.clone()
+    }
+
     /// [`Upstream::raw`] as text, invalid UTF-8 replaced.
     pub fn raw_text(&self) -> String {
         String::from_utf8_lossy(&self.recording.lock().unwrap().raw).into_owned()
@@ -72,9 +84,9 @@ pub async fn wait_until_closed(recording: &Mutex<Recording>) {
     .await;
 }
 
-/// Accepts on 127.0.0.1:0 and runs `session` for each connection, counting connections
-/// as they come and as they end.
-async fn listen<Session, Fut>(session: Session) -> Upstream
+/// Accepts on 127.0.0.1:0 and runs `session` (a script) for each connection, recording
+/// connections as they come and as they end.
+pub async fn listen<Session, Fut>(session: Session) -> Upstream
 where
     Session: Fn(tokio::net::TcpStream, Arc<Mutex<Recording>>) -> Fut + Send + 'static,
     Fut: Future<Output = ()> + Send + 'static,
@@ -84,7 +96,8 @@ where
     let recording = Arc::new(Mutex::new(Recording::default()));
     let shared = Arc::clone(&recording);
     tokio::spawn(async move {
-        while let Ok((stream, _)) = listener.accept().await {
+        while let Ok((stream, peer)) = listener.accept().await {
+            shared.lock().unwrap().peers.push(peer);
             spawn_counted(session(stream, Arc::clone(&shared)), &shared);
         }
     });
@@ -125,7 +138,7 @@ async fn silent<S: AsyncRead + Unpin>(mut stream: S) {
 
 /// One line from the proxy, recorded (bytes and text without its line end); None at the
 /// end of the stream.
-async fn read_line<R: AsyncRead + Unpin>(
+pub async fn read_line<R: AsyncRead + Unpin>(
     read: &mut BufReader<R>,
     line: &mut Vec<u8>,
     rec: &Mutex<Recording>,

@@ -9,6 +9,7 @@ use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::TcpStream;
 
 use super::{Recording, Upstream, listen, read_line, silent};
+use crate::common::dot_stuffed;
 
 /// The Dovecot-like upstream's greeting.
 pub const GREETING: &str = "+OK Dovecot ready.\r\n";
@@ -28,19 +29,6 @@ pub fn message() -> Vec<u8> {
     m.extend_from_slice(&[b'x'; 20_000]);
     m.extend_from_slice(b"\r\nend\r\n");
     m
-}
-
-/// RFC 1939 §3: the message byte-stuffed, then the terminating `.` line.
-pub fn dot_stuffed(message: &[u8]) -> Vec<u8> {
-    let mut out = Vec::new();
-    for line in message.split_inclusive(|&b| b == b'\n') {
-        if line.starts_with(b".") {
-            out.push(b'.');
-        }
-        out.extend_from_slice(line);
-    }
-    out.extend_from_slice(b".\r\n");
-    out
 }
 
 /// Exactly what the upstream sends for `RETR 1`.
