@@ -54,9 +54,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Client<S> {
     pub async fn reply(&mut self) -> String {
         let mut reply = String::new();
         loop {
-            let mut line = String::new();
-            let n = within(self.stream.read_line(&mut line)).await.unwrap();
-            assert!(n > 0, "connection closed; reply so far: {reply:?}");
+            let line = self.line_after(&reply).await;
             reply.push_str(&line);
             if line.len() < 4 || line.as_bytes()[3] == b' ' || line.as_bytes()[3] == b'\r' {
                 return reply;
@@ -135,14 +133,21 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Client<S> {
     pub async fn lines_until(&mut self, prefix: &str) -> String {
         let mut all = String::new();
         loop {
-            let mut line = String::new();
-            let n = within(self.stream.read_line(&mut line)).await.unwrap();
-            assert!(n > 0, "connection closed after {all:?}");
+            let line = self.line_after(&all).await;
             all.push_str(&line);
             if line.starts_with(prefix) {
                 return all;
             }
         }
+    }
+
+    /// One line, line end included; the test fails, naming what came `before` it, if
+    /// the peer closes instead.
+    async fn line_after(&mut self, before: &str) -> String {
+        let mut line = String::new();
+        let n = within(self.stream.read_line(&mut line)).await.unwrap();
+        assert!(n > 0, "connection closed after {before:?}");
+        line
     }
 
     /// Writes `payload` cut as asked. Once the proxy has switched to TLS it may close on
