@@ -1,4 +1,4 @@
-//! DESIGN §3's canonical rule as a property: whatever bytes a client sends before TLS,
+//! ARCHITECTURE.md §3's canonical rule as a property: whatever bytes a client sends before TLS,
 //! the upstream receives only canonical allow-listed commands that mailmoat wrote
 //! itself, and on an MX no message body that a lenient upstream could end early.
 //!

@@ -407,7 +407,7 @@ fn a_safe_postfix_and_dovecot_pass() {
 #[test]
 fn an_open_relay_postfix_is_caught_with_guidance() {
     // Postfix's own default relay rule (permit_mynetworks first) with loopback trusted:
-    // the trap of DESIGN §7. Mail to other domains is discarded, never sent: the probe
+    // the trap of ARCHITECTURE.md §7. Mail to other domains is discarded, never sent: the probe
     // sends no DATA anyway.
     let open = common::Legacy::start(
         "mynetworks = 127.0.0.1/32\n\
@@ -430,7 +430,7 @@ fn an_open_relay_postfix_is_caught_with_guidance() {
                 &open.imap.to_string(),
             ),
             listener("submission", "smtp", "starttls", "require_tls", &smtp),
-            // The ways out of the trap (DESIGN §7), probed as a session would connect:
+            // The ways out of the trap (ARCHITECTURE.md §7), probed as a session would connect:
             // the client's address by XCLIENT, or a source address the upstream does not
             // trust.
             listener("xclient", "smtp", "starttls", "require_tls", &smtp)

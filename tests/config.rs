@@ -559,14 +559,11 @@ fn run_warns_at_start_of_a_private_key_others_can_read() {
         .spawn()
         .unwrap();
     // The warning comes before the ports are bound; it is served all the same.
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
-    let text = loop {
-        let text = std::fs::read_to_string(&log).unwrap_or_default();
-        if text.contains("listening") || std::time::Instant::now() > deadline {
-            break text;
-        }
-        std::thread::sleep(std::time::Duration::from_millis(20));
-    };
+    let read = || std::fs::read_to_string(&log).unwrap_or_default();
+    let text = common::poll_for(common::STEP, || {
+        Some(read()).filter(|t| t.contains("listening"))
+    })
+    .unwrap_or_else(read);
     let _ = child.kill();
     let _ = child.wait();
     let warning = text

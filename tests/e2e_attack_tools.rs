@@ -19,7 +19,7 @@
 mod common;
 
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::*;
 
@@ -34,18 +34,6 @@ fn run_tool(program: &str, args: &[&str], limit: Duration) -> (i32, String, Stri
         limit,
     );
     (ran.code.unwrap_or(-1), ran.stdout, ran.stderr)
-}
-
-/// Polls `f` until it returns Some, for at most `limit`.
-fn wait_for<T>(limit: Duration, what: &str, mut f: impl FnMut() -> Option<T>) -> T {
-    let deadline = Instant::now() + limit;
-    loop {
-        if let Some(value) = f() {
-            return value;
-        }
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(100));
-    }
 }
 
 // ---------------------------------------------------------------- command-injection-tester

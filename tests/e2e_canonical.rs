@@ -1,4 +1,4 @@
-//! DESIGN §3's canonical rule against the real legacy Dovecot of `scripts/legacy.sh`:
+//! ARCHITECTURE.md §3's canonical rule against the real legacy Dovecot of `scripts/legacy.sh`:
 //! through mailmoat's STARTTLS listeners, before TLS, a client sends an allow-listed
 //! command whose line ends in a literal the grammar does not allow there, with a real
 //! `LOGIN` hidden in the literal's octets (`a NOOP ~{31+}` CRLF `b LOGIN bob ...`): an
@@ -30,7 +30,7 @@ mod canonical;
 
 use std::net::SocketAddr;
 use std::sync::OnceLock;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use canonical::{Canonical, Dialect, show};
 use common::canonical_e2e::{
@@ -72,19 +72,17 @@ fn dovecot_lines(port: u16) -> Vec<String> {
 /// returns every line of that connection, or an error naming them.
 async fn wait_for_dovecot_login(port: u16, user: &str) -> Result<Vec<String>, String> {
     let login = format!("Login: user=<{user}>");
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
+    poll_for_async(Duration::from_secs(10), async || {
         let lines = dovecot_lines(port);
-        if lines.iter().any(|l| l.contains(&login)) {
-            return Ok(lines);
-        }
-        if Instant::now() > deadline {
-            return Err(format!(
-                "Dovecot logged no {login:?} for rport={port}; its lines for it: {lines:#?}"
-            ));
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+        lines.iter().any(|l| l.contains(&login)).then_some(lines)
+    })
+    .await
+    .ok_or_else(|| {
+        format!(
+            "Dovecot logged no {login:?} for rport={port}; its lines for it: {:#?}",
+            dovecot_lines(port)
+        )
+    })
 }
 
 /// The real user, as the attacks log in after TLS.

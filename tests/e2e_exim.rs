@@ -26,7 +26,6 @@ use common::recorder::{Leg, Recorder};
 use common::*;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
-use tokio_rustls::client::TlsStream;
 
 /// mailmoat in front of a private Exim, through a recording forwarder. Fields drop in
 /// this order: mailmoat first, Exim last.
@@ -129,7 +128,7 @@ async fn plaintext_envelope(attacker: &mut Attacker) {
     attacker.send(b"EHLO attacker.example\r\n").await;
     let ehlo = attacker.read_until(|t| t.contains("250 "), STEP).await;
     // Exim offers CHUNKING and AUTH; mailmoat passes neither (BDAT is never forwarded,
-    // DESIGN §5; AUTH waits for TLS).
+    // ARCHITECTURE.md §5; AUTH waits for TLS).
     assert!(
         !ehlo.contains("CHUNKING") && ehlo.contains("STARTTLS") && !ehlo.contains("AUTH"),
         "{ehlo}"
@@ -169,23 +168,25 @@ struct Evidence {
 /// upstream leg, and Exim's last delivery; returns what each side recorded.
 fn evidence(rig: &Rig, client: SocketAddr) -> Evidence {
     let tag = format!("client={client}");
-    let deadline = Instant::now() + STEP;
-    let lines = loop {
-        let text = rig.mailmoat.log_text();
-        let lines: Vec<String> = text
+    let lines = poll_for(STEP, || {
+        let lines: Vec<String> = rig
+            .mailmoat
+            .log_text()
             .lines()
             .filter(|line| line.contains(&tag))
             .map(str::to_owned)
             .collect();
-        if lines.iter().any(|l| l.contains("event=\"session_end\"")) {
-            break lines;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "no session_end for {client} in mailmoat's log:\n{text}"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    };
+        lines
+            .iter()
+            .any(|l| l.contains("event=\"session_end\""))
+            .then_some(lines)
+    })
+    .unwrap_or_else(|| {
+        panic!(
+            "no session_end for {client} in mailmoat's log:\n{}",
+            rig.mailmoat.log_text()
+        )
+    });
     let upstream_port: u16 = lines
         .iter()
         .find_map(|line| {
@@ -437,19 +438,6 @@ fn message(tag: &str, lines: usize) -> Vec<u8> {
     message
 }
 
-/// `message` dot-stuffed for DATA (RFC 5321 §4.5.2), with the end-of-data line.
-fn dot_stuffed(message: &[u8]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(message.len() + 8);
-    for line in message.split_inclusive(|&b| b == b'\n') {
-        if line.starts_with(b".") {
-            out.push(b'.');
-        }
-        out.extend_from_slice(line);
-    }
-    out.extend_from_slice(b".\r\n");
-    out
-}
-
 /// MAIL FROM bob and RCPT TO alice, each answered 250.
 async fn envelope<S: AsyncRead + AsyncWrite + Unpin>(client: &mut Client<S>) {
     assert!(
@@ -464,18 +452,6 @@ async fn envelope<S: AsyncRead + AsyncWrite + Unpin>(client: &mut Client<S>) {
             .await
             .starts_with("250")
     );
-}
-
-/// STARTTLS, after EHLO, and the handshake.
-async fn starttls(mut client: Client<TcpStream>) -> Client<TlsStream<TcpStream>> {
-    assert_eq!(
-        client.cmd("STARTTLS").await,
-        "220 2.0.0 Ready to start TLS\r\n"
-    );
-    let tls = tls_connect(client.into_inner(), "mail.example.test", &[])
-        .await
-        .unwrap();
-    Client::new(tls)
 }
 
 /// One message by BDAT in two chunks (the second LAST), refused, then one by DATA, in
@@ -541,7 +517,7 @@ async fn data_messages_reach_exim_intact_and_bdat_never_does_in_plaintext_and_af
             .await
             .contains("250 STARTTLS\r\n")
     );
-    let mut client = starttls(client).await;
+    let mut client = client.starttls().await;
     let ehlo = client.cmd("EHLO client.example").await;
     assert!(
         !ehlo.contains("CHUNKING") && ehlo.contains("AUTH PLAIN"),
@@ -552,7 +528,7 @@ async fn data_messages_reach_exim_intact_and_bdat_never_does_in_plaintext_and_af
 
 // ---- a HELO-only legacy server ----
 
-/// Exim refusing EHLO (DESIGN §2, §9): before TLS the client's EHLO gets 250 with
+/// Exim refusing EHLO (ARCHITECTURE.md §2, §9): before TLS the client's EHLO gets 250 with
 /// STARTTLS; after TLS its new EHLO (RFC 3207 §4.2 requires one) gets 250 too, not
 /// Exim's 500, and mail goes through.
 #[tokio::test]
@@ -568,7 +544,7 @@ async fn a_helo_only_exim_still_answers_ehlo_with_250_before_and_after_starttls(
             ehlo.starts_with("250") && ehlo.ends_with("250 STARTTLS\r\n"),
             "{listener}: {ehlo}"
         );
-        let mut client = starttls(client).await;
+        let mut client = client.starttls().await;
         let ehlo = client.cmd("EHLO client.example").await;
         assert!(
             ehlo.starts_with("250") && !ehlo.contains("STARTTLS"),

@@ -1,4 +1,4 @@
-//! Client identity end to end with the real legacy servers (DESIGN §7): a client behind
+//! Client identity end to end with the real legacy servers (ARCHITECTURE.md §7): a client behind
 //! a "load balancer" (the test sends the PROXY header a balancer would) reaches Postfix
 //! and Dovecot through mailmoat, and their own logs name the client's address, not
 //! mailmoat's: Postfix with `smtpd_upstream_proxy_protocol = haproxy` and with XCLIENT
@@ -13,7 +13,6 @@ use std::sync::OnceLock;
 use std::time::Duration;
 
 use common::*;
-use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncWrite};
 
 /// The legacy instance of this binary, with an extra Postfix smtpd and extra Dovecot
 /// listeners that expect a PROXY header (the main ports stay plain, so the start-up
@@ -58,36 +57,15 @@ fn proxy_v1(client: &str, port: u16) -> Vec<u8> {
 
 /// Waits (bounded) for a line of `log` that contains every one of `parts`.
 async fn log_line(log: &Path, parts: &[&str]) -> String {
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    loop {
-        let text = std::fs::read_to_string(log).unwrap_or_default();
-        if let Some(line) = text.lines().find(|l| parts.iter().all(|p| l.contains(p))) {
-            return line.to_owned();
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "no line with {parts:?} in {}:\n{text}",
-            log.display()
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
-
-/// Reads lines until one starts with `prefix`; returns them all.
-async fn lines_until<S: AsyncRead + AsyncWrite + Unpin>(
-    client: &mut Client<S>,
-    prefix: &str,
-) -> String {
-    let mut all = String::new();
-    loop {
-        let mut line = String::new();
-        let n = within(client.stream.read_line(&mut line)).await.unwrap();
-        assert!(n > 0, "connection closed; so far: {all:?}");
-        all.push_str(&line);
-        if line.starts_with(prefix) {
-            return all;
-        }
-    }
+    let read = || std::fs::read_to_string(log).unwrap_or_default();
+    poll_for_async(Duration::from_secs(30), async || {
+        read()
+            .lines()
+            .find(|l| parts.iter().all(|p| l.contains(p)))
+            .map(str::to_owned)
+    })
+    .await
+    .unwrap_or_else(|| panic!("no line with {parts:?} in {}:\n{}", log.display(), read()))
 }
 
 /// Greeting (given), EHLO, STARTTLS, EHLO, one message to alice tagged `tag`, QUIT.
@@ -212,35 +190,35 @@ async fn dovecot_logs_the_real_client_sent_with_proxy_protocol_v2_imap_and_v1_po
     // IMAP: STARTTLS, LOGIN, LOGOUT from 203.0.113.9.
     let mut plain = connect(proxy.addr("imap")).await;
     plain.send(&proxy_v1("203.0.113.9", 50001)).await;
-    lines_until(&mut plain, "* OK").await;
+    plain.lines_until("* OK").await;
     plain.send(b"a STARTTLS\r\n").await;
-    lines_until(&mut plain, "a OK").await;
+    plain.lines_until("a OK").await;
     let tls = tls_connect(plain.into_inner(), "mail.example.test", &[])
         .await
         .unwrap();
     let mut imap = Client::new(tls);
     imap.send(b"b LOGIN alice@example.test alice-secret-pw\r\n")
         .await;
-    lines_until(&mut imap, "b OK").await;
+    imap.lines_until("b OK").await;
     imap.send(b"c LOGOUT\r\n").await;
-    lines_until(&mut imap, "c OK").await;
+    imap.lines_until("c OK").await;
 
     // POP3: STLS, USER/PASS, QUIT from 203.0.113.10.
     let mut plain = connect(proxy.addr("pop3")).await;
     plain.send(&proxy_v1("203.0.113.10", 50002)).await;
-    lines_until(&mut plain, "+OK").await;
+    plain.lines_until("+OK").await;
     plain.send(b"STLS\r\n").await;
-    lines_until(&mut plain, "+OK").await;
+    plain.lines_until("+OK").await;
     let tls = tls_connect(plain.into_inner(), "mail.example.test", &[])
         .await
         .unwrap();
     let mut pop3 = Client::new(tls);
     pop3.send(b"USER alice@example.test\r\n").await;
-    lines_until(&mut pop3, "+OK").await;
+    pop3.lines_until("+OK").await;
     pop3.send(b"PASS alice-secret-pw\r\n").await;
-    lines_until(&mut pop3, "+OK").await;
+    pop3.lines_until("+OK").await;
     pop3.send(b"QUIT\r\n").await;
-    lines_until(&mut pop3, "+OK").await;
+    pop3.lines_until("+OK").await;
 
     let log = &legacy.legacy.dovecot_log;
     log_line(

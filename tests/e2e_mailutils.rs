@@ -1,4 +1,4 @@
-//! DESIGN §3's canonical rule against a second real legacy server, GNU Mailutils 3.15
+//! ARCHITECTURE.md §3's canonical rule against a second real legacy server, GNU Mailutils 3.15
 //! (`imap4d`, `pop3d`; `tests/common/mailutils.rs`), the one the issue names besides
 //! Dovecot: its IMAP parser reads the octets of a literal placed where its grammar allows
 //! none as commands, so a LOGIN hidden there ran before TLS through mailmoat.
@@ -442,7 +442,7 @@ fn problems(seen: &Seen, program: Program, hidden_tag: Option<&str>) -> Vec<Stri
 }
 
 /// No password, no hidden user name and no SASL response in mailmoat's trace-level log
-/// (DESIGN §3: a user name refused before TLS is logged as a keyed hash).
+/// (ARCHITECTURE.md §3: a user name refused before TLS is logged as a keyed hash).
 #[track_caller]
 fn assert_no_secret_logged(rig: &Rig) {
     let log = rig.mailmoat.log_text();

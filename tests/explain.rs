@@ -1,6 +1,6 @@
 //! `mailmoat explain` against the real legacy Postfix and Dovecot: the client's view
 //! before and after TLS is exactly the upstream's own reply, rewritten by the rules of
-//! DESIGN §2, and the upstream's view is the dialogue mailmoat really holds.
+//! ARCHITECTURE.md §2, and the upstream's view is the dialogue mailmoat really holds.
 
 mod common;
 
@@ -123,7 +123,7 @@ fn explain_shows_what_postfix_said_and_what_clients_see() {
     assert!(!ehlo.iter().any(|l| l.contains("STARTTLS")), "{stdout}");
 
     // The whole dialogue with the upstream: EHLO, the RSET before the go-ahead
-    // (DESIGN §1.6), the client's new EHLO after TLS, QUIT.
+    // (ARCHITECTURE.md §1.6), the client's new EHLO after TLS, QUIT.
     let mut expected = lines(&[
         "S: 220 legacy.example.test ESMTP legacy",
         "C: EHLO explain.invalid",
@@ -139,7 +139,7 @@ fn explain_shows_what_postfix_said_and_what_clients_see() {
     expected.extend(lines(&["C: QUIT", "S: 221 2.0.0 Bye"]));
     assert_eq!(upstream, expected, "{stdout}");
 
-    // What a client sees of it: CHUNKING never crosses (BDAT is not forwarded, DESIGN
+    // What a client sees of it: CHUNKING never crosses (BDAT is not forwarded, ARCHITECTURE.md
     // §5), the rest in the upstream's order.
     let mut client_ehlo: Vec<String> = ehlo
         .iter()
@@ -183,7 +183,7 @@ fn explain_shows_what_postfix_said_and_what_clients_see() {
     assert!(submission.error.is_none() && smtps.error.is_none());
 }
 
-/// IMAP capability tokens rewritten for before TLS (DESIGN §2): `AUTH=*` and `SASL-IR`
+/// IMAP capability tokens rewritten for before TLS (ARCHITECTURE.md §2): `AUTH=*` and `SASL-IR`
 /// removed, `STARTTLS LOGINDISABLED` appended.
 fn imap_before_tls(capabilities: &str) -> String {
     let mut tokens: Vec<&str> = capabilities
@@ -260,7 +260,7 @@ fn explain_shows_what_dovecot_imap_said_and_what_clients_see() {
         "S: d OK Logout completed."
     );
 
-    // STARTTLS is answered by mailmoat and never forwarded (DESIGN §1.6).
+    // STARTTLS is answered by mailmoat and never forwarded (ARCHITECTURE.md §1.6).
     assert!(!upstream.iter().any(|l| l.contains("STARTTLS")), "{stdout}");
 }
 
@@ -283,7 +283,7 @@ fn explain_shows_what_dovecot_pop3_said_and_what_clients_see() {
     assert!(capa.iter().any(|l| l.starts_with("S: SASL ")), "{stdout}");
     assert_eq!(capa.last().unwrap(), "S: .");
 
-    // Before TLS: USER and SASL removed, STLS added before the end (DESIGN §2).
+    // Before TLS: USER and SASL removed, STLS added before the end (ARCHITECTURE.md §2).
     let mut before_capa: Vec<String> = capa
         .iter()
         .filter(|l| *l != "S: USER" && !l.starts_with("S: SASL"))

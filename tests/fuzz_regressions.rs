@@ -24,7 +24,7 @@ use session_script::{Protocol, run};
 /// `a CAPABILITY"x"`) is classified as NOOP and forwarded to the upstream before TLS,
 /// although its command name, as RFC 9051 §9 and the upstream read it (`tag SP
 /// command-name [SP ...] CRLF`), is `NOOP\xce`: not one of the upgrade dialogue's. The
-/// allow-list of DESIGN §3 is then decided on a name the upstream never sees.
+/// allow-list of ARCHITECTURE.md §3 is then decided on a name the upstream never sees.
 #[test]
 fn imap_command_name_glued_to_a_non_sp_byte_is_not_forwarded_before_tls() {
     let mut session = imap::Session::new(imap::Config {
@@ -92,7 +92,7 @@ fn script(flags: u8, ops: &[(bool, &[u8])]) -> Vec<u8> {
     out
 }
 
-/// The harness's canonical-rule invariant (DESIGN §3, `fuzz/src/canonical.rs`): one
+/// The harness's canonical-rule invariant (ARCHITECTURE.md §3, `fuzz/src/canonical.rs`): one
 /// breach per session target, each of the class the targets crash on until the sessions
 /// forward only commands they serialise themselves. All are tried; the failures are
 /// listed together.

@@ -1,4 +1,4 @@
-//! Client identity on loopback (DESIGN §7): PROXY headers from a trusted balancer, the
+//! Client identity on loopback (ARCHITECTURE.md §7): PROXY headers from a trusted balancer, the
 //! header mailmoat sends the upstream, XCLIENT, `source_address`. A recording upstream
 //! keeps the exact bytes of every header it received and the address each connection
 //! came from.
@@ -10,53 +10,18 @@ use std::sync::{Arc, Mutex};
 
 use common::*;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpStream;
 
 const V2_SIGNATURE: &[u8] = b"\r\n\r\n\0\r\nQUIT\n";
-
-/// What the recording upstream saw, per connection in order.
-#[derive(Debug, Default)]
-struct Seen {
-    peers: Vec<SocketAddr>,
-    headers: Vec<Vec<u8>>,
-    commands: Vec<String>,
-}
-
-struct Recorder {
-    addr: SocketAddr,
-    seen: Arc<Mutex<Seen>>,
-}
-
-impl Recorder {
-    fn headers(&self) -> Vec<Vec<u8>> {
-        self.seen.lock().unwrap().headers.clone()
-    }
-    fn commands(&self) -> Vec<String> {
-        self.seen.lock().unwrap().commands.clone()
-    }
-    fn peers(&self) -> Vec<SocketAddr> {
-        self.seen.lock().unwrap().peers.clone()
-    }
-}
 
 /// An SMTP upstream that first reads a PROXY header if `header` (v1: one CRLF line; v2:
 /// 16 bytes and the length they announce), and offers XCLIENT if `xclient`, answering it
 /// with a new greeting as Postfix does.
-async fn recorder(header: bool, xclient: bool) -> Recorder {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let seen = Arc::new(Mutex::new(Seen::default()));
-    let shared = Arc::clone(&seen);
-    tokio::spawn(async move {
-        while let Ok((stream, peer)) = listener.accept().await {
-            shared.lock().unwrap().peers.push(peer);
-            tokio::spawn(serve(stream, header, xclient, Arc::clone(&shared)));
-        }
-    });
-    Recorder { addr, seen }
+async fn recorder(header: bool, xclient: bool) -> Upstream {
+    upstream::listen(move |stream, rec| serve(stream, header, xclient, rec)).await
 }
 
-async fn serve(stream: TcpStream, header: bool, xclient: bool, seen: Arc<Mutex<Seen>>) {
+async fn serve(stream: TcpStream, header: bool, xclient: bool, seen: Arc<Mutex<Recording>>) {
     let (read, mut write) = stream.into_split();
     let mut read = BufReader::new(read);
     if header {
@@ -81,15 +46,8 @@ async fn serve(stream: TcpStream, header: bool, xclient: bool, seen: Arc<Mutex<S
         seen.lock().unwrap().headers.push(bytes);
     }
     let _ = write.write_all(b"220 upstream ESMTP\r\n").await;
-    let mut line = String::new();
-    loop {
-        line.clear();
-        match read.read_line(&mut line).await {
-            Ok(0) | Err(_) => return,
-            Ok(_) => {}
-        }
-        let command = line.trim_end().to_owned();
-        seen.lock().unwrap().commands.push(command.clone());
+    let mut line = Vec::new();
+    while let Some(command) = upstream::read_line(&mut read, &mut line, &seen).await {
         let verb = command.split(' ').next().unwrap_or("").to_ascii_uppercase();
         let reply = match verb.as_str() {
             "EHLO" if xclient => {

@@ -10,7 +10,7 @@ mod common;
 use std::io::Write;
 use std::path::Path;
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::{LEGACY_SCRIPT_LIMIT, Legacy};
 
@@ -36,15 +36,13 @@ fn processes_naming(dir: &Path) -> Vec<(u32, String)> {
 }
 
 fn wait_for_postlogd(conf: &Path) -> u32 {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let processes = instance_processes(conf);
-        if let Some((pid, _)) = processes.iter().find(|(_, comm)| comm == "postlogd") {
-            return *pid;
-        }
-        assert!(Instant::now() < deadline, "no postlogd among {processes:?}");
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    let postlogd = || {
+        instance_processes(conf)
+            .into_iter()
+            .find_map(|(pid, comm)| (comm == "postlogd").then_some(pid))
+    };
+    common::poll_for(Duration::from_secs(30), postlogd)
+        .unwrap_or_else(|| panic!("no postlogd among {:?}", instance_processes(conf)))
 }
 
 #[test]
@@ -68,14 +66,11 @@ fn extra_settings_replace_the_defaults_so_no_postfix_daemon_warns() {
     }
     // The banners came (start succeeded); postlogd has written the master's first line
     // once it drains, and no daemon warned.
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let log = loop {
-        let log = std::fs::read_to_string(&legacy.postfix_log).unwrap();
-        if log.contains("daemon started") || Instant::now() > deadline {
-            break log;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    };
+    let read = || std::fs::read_to_string(&legacy.postfix_log).unwrap();
+    let log = common::poll_for(Duration::from_secs(30), || {
+        Some(read()).filter(|log| log.contains("daemon started"))
+    })
+    .unwrap_or_else(read);
     assert!(log.contains("postfix/master["), "{log}");
     assert!(log.contains("daemon started"), "{log}");
     assert!(!log.contains("warning:"), "{log}");
@@ -155,17 +150,17 @@ fn stop_ends_and_leaves_nothing_when_postfix_logging_is_stuck() {
     drop(records);
     // Really stuck: blocked in the kernel, waiting for room on the log socket.
     let wchan = std::path::PathBuf::from(format!("/proc/{}/wchan", logger.id()));
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
+    let blocked = common::poll_for(Duration::from_secs(30), || {
         let waiting = std::fs::read_to_string(&wchan).unwrap_or_default();
         if waiting == "unix_wait_for_peer" {
-            break;
+            return Some(Ok(()));
         }
-        assert!(
-            Instant::now() < deadline && logger.try_wait().unwrap().is_none(),
-            "postlog is not blocked on the log socket: wchan {waiting:?}"
-        );
-        std::thread::sleep(Duration::from_millis(50));
+        // An exited logger ends the wait too, with the failure.
+        logger.try_wait().unwrap().map(|_| Err(waiting))
+    });
+    if let Some(Err(_)) | None = blocked {
+        let waiting = std::fs::read_to_string(&wchan).unwrap_or_default();
+        panic!("postlog is not blocked on the log socket: wchan {waiting:?}");
     }
 
     let stopped = common::run_bounded(

@@ -1,9 +1,8 @@
-//! SIGHUP reload, SIGTERM drain and systemd notification, on the real binary (DESIGN §8).
+//! SIGHUP reload, SIGTERM drain and systemd notification, on the real binary (ARCHITECTURE.md §8).
 
 mod common;
 
 use std::net::SocketAddr;
-use std::time::Duration;
 
 use common::*;
 use tokio::io::AsyncReadExt;
@@ -28,14 +27,6 @@ async fn starttls_as(
     );
     let tls = tls_connect(plain.into_inner(), name, &[]).await?;
     Ok(Client::new(tls))
-}
-
-/// One line (IMAP and POP3 replies are not SMTP-shaped).
-async fn line(client: &mut Client<tokio::net::TcpStream>) -> String {
-    use tokio::io::AsyncBufReadExt;
-    let mut line = String::new();
-    within(client.stream.read_line(&mut line)).await.unwrap();
-    line
 }
 
 /// A plaintext session on an MX listener, inside DATA.
@@ -243,9 +234,9 @@ async fn sigterm_gives_idle_sessions_their_goodbye_and_exits() {
             .starts_with("250-")
     );
     let mut imap_client = connect(addr(mailmoat.port("imap"))).await;
-    assert!(line(&mut imap_client).await.starts_with("* OK"));
+    assert!(imap_client.line().await.starts_with("* OK"));
     let mut pop3_client = connect(addr(mailmoat.port("pop3"))).await;
-    assert!(line(&mut pop3_client).await.starts_with("+OK"));
+    assert!(pop3_client.line().await.starts_with("+OK"));
     // Over TLS too: the goodbye goes through the TLS stream.
     let tcp = tokio::net::TcpStream::connect(addr(mailmoat.port("smtps")))
         .await
@@ -278,14 +269,13 @@ async fn sigterm_gives_idle_sessions_their_goodbye_and_exits() {
     );
     assert!(mailmoat.wait_exit().success());
     // The upstream was told too: nothing was in flight.
-    let deadline = std::time::Instant::now() + STEP;
-    while smtp.commands().iter().filter(|c| *c == "QUIT").count() < 2 {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "upstream commands: {:?}",
-            smtp.commands()
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
+    if poll_for_async(STEP, async || {
+        (smtp.commands().iter().filter(|c| *c == "QUIT").count() >= 2).then_some(())
+    })
+    .await
+    .is_none()
+    {
+        panic!("upstream commands: {:?}", smtp.commands());
     }
 }
 
@@ -334,14 +324,10 @@ async fn after_the_grace_period_a_stuck_session_is_cut_and_nothing_is_delivered(
     let mut rest = Vec::new();
     let _ = within(client.stream.read_to_end(&mut rest)).await;
     assert_eq!(rest, b"");
-    let deadline = std::time::Instant::now() + STEP;
-    while upstream.recording.lock().unwrap().aborted_bodies == 0 {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "upstream never saw the cut"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    wait_until_async(STEP, "the upstream to see the cut", || {
+        upstream.recording.lock().unwrap().aborted_bodies > 0
+    })
+    .await;
     assert!(upstream.recording.lock().unwrap().messages.is_empty());
 }
 
@@ -422,14 +408,11 @@ async fn reuse_port_lets_two_processes_share_a_listener() {
         (child, log)
     };
     let listening = |log: &std::path::Path| {
-        let deadline = std::time::Instant::now() + STEP;
-        while !std::fs::read_to_string(log)
-            .unwrap_or_default()
-            .contains("listening")
-        {
-            assert!(std::time::Instant::now() < deadline, "not listening");
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        wait_until(STEP, format_args!("listening in {}", log.display()), || {
+            std::fs::read_to_string(log)
+                .unwrap_or_default()
+                .contains("listening")
+        })
     };
     let (mut first, first_log) = spawn("first", true);
     listening(&first_log);

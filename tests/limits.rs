@@ -13,6 +13,25 @@ use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 async fn well_behaved(addr: SocketAddr) {
     let mut client = connect(addr).await;
     assert!(client.reply().await.starts_with("220 "));
+    transaction(client).await;
+}
+
+/// A connection to `addr` that the proxy greets with 220 (not a 421 for a place not yet
+/// free), once one is (bounded).
+async fn admitted(addr: SocketAddr) -> Client<tokio::net::TcpStream> {
+    wait_for_async(
+        STEP,
+        format_args!("{addr} to admit a connection"),
+        async || {
+            let mut client = connect(addr).await;
+            client.reply().await.starts_with("220 ").then_some(client)
+        },
+    )
+    .await
+}
+
+/// [`well_behaved`] after the greeting.
+async fn transaction(mut client: Client<tokio::net::TcpStream>) {
     assert!(
         client
             .cmd("EHLO good.example")
@@ -63,8 +82,7 @@ async fn connections_per_client_address_are_capped() {
     // The two admitted sessions carry on; a place freed is a place taken.
     assert_eq!(first.cmd("NOOP").await, "250 2.0.0 Ok\r\n");
     drop(second);
-    tokio::time::sleep(Duration::from_millis(100)).await;
-    well_behaved(proxy.addr("mx")).await;
+    transaction(admitted(proxy.addr("mx")).await).await;
 }
 
 #[tokio::test]
@@ -133,7 +151,7 @@ async fn a_stalled_message_body_gets_421_and_nothing_is_delivered() {
         "421 4.4.2 Timeout exceeded, closing connection\r\n"
     );
     session_log_line(client, "event=\"limit_exceeded\" limit=\"data_timeout\"").await;
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    upstream.wait_closed().await;
     let recording = upstream.recording.lock().unwrap();
     assert_eq!(recording.aborted_bodies, 1);
     assert_eq!(recording.messages.len(), 1, "only the well-behaved message");
@@ -156,38 +174,15 @@ async fn a_client_chatting_before_starttls_is_cut_off() {
     well_behaved(proxy.addr("mx")).await;
 }
 
-/// An IMAP upstream that accepts any LOGIN and then says nothing more.
-async fn quiet_imap_upstream() -> SocketAddr {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        while let Ok((stream, _)) = listener.accept().await {
-            tokio::spawn(async move {
-                let (read, mut write) = stream.into_split();
-                let mut read = BufReader::new(read);
-                let _ = write
-                    .write_all(b"* OK [CAPABILITY IMAP4rev1 IDLE] quiet ready\r\n")
-                    .await;
-                let mut line = String::new();
-                while read.read_line(&mut line).await.unwrap_or(0) > 0 {
-                    let tag = line.split_whitespace().next().unwrap_or("*").to_owned();
-                    let _ = write
-                        .write_all(format!("{tag} OK done\r\n").as_bytes())
-                        .await;
-                    line.clear();
-                }
-            });
-        }
-    });
-    addr
-}
-
-#[tokio::test]
+// Paused time: the deadline and the busy client's pauses are the runtime's clock, and
+// it moves only when every task waits.
+#[tokio::test(start_paused = true)]
 async fn silence_after_login_ends_the_relay_while_a_busy_relay_continues() {
-    let upstream = quiet_imap_upstream().await;
+    let upstream = upstream::imap::scripted(upstream::imap::Behaviour::Quiet).await;
     let proxy = proxy(
         &[format!(
-            "{{ name: imaps, protocol: imap, listen: \"127.0.0.1:0\", tls: implicit, upstream: \"{upstream}\" }}"
+            "{{ name: imaps, protocol: imap, listen: \"127.0.0.1:0\", tls: implicit, upstream: \"{}\" }}",
+            upstream.addr
         )],
         "timeouts: { idle_after_login: 500ms }\n",
     )
@@ -210,7 +205,8 @@ async fn silence_after_login_ends_the_relay_while_a_busy_relay_continues() {
         sessions.push(tls);
     }
     let (mut silent, mut busy) = (sessions.remove(0), sessions.remove(0));
-    // The busy one talks every 200 ms for 1.2 s; the silent one says nothing.
+    // The busy one talks every 200 ms for 1.2 s; the silent one says nothing. The pauses
+    // are the behaviour under test.
     for n in 0..6 {
         tokio::time::sleep(Duration::from_millis(200)).await;
         busy.get_mut()
@@ -236,20 +232,7 @@ async fn silence_after_login_ends_the_relay_while_a_busy_relay_continues() {
     // well as the login before it.
     let client = busy.get_ref().get_ref().0.local_addr().unwrap();
     let _ = within(busy.read_to_end(&mut rest)).await;
-    let summary = within(async {
-        loop {
-            let logs = captured_logs();
-            let found = logs
-                .lines()
-                .find(|l| l.contains(&format!("client={client}")) && l.contains("session_end"))
-                .map(str::to_owned);
-            match found {
-                Some(line) => break line,
-                None => tokio::time::sleep(Duration::from_millis(20)).await,
-            }
-        }
-    })
-    .await;
+    let summary = session_log_line(client, "session_end").await;
     let bytes_in = "a LOGIN alice secret\r\n".len() + 6 * "n0 NOOP\r\n".len();
     let bytes_out = greeting.len() + "a OK done\r\n".len() + 6 * "n0 OK done\r\n".len();
     assert!(
@@ -292,6 +275,30 @@ async fn an_upstream_that_dies_mid_reply_gets_the_client_a_421() {
     well_behaved(proxy.addr("mx")).await;
 }
 
+/// Whether the replies on the connection from `client_port` to the proxy's `port` back
+/// up: the client holds received bytes it has not read, and the proxy holds bytes the
+/// client's window has no room for (`/proc/net/tcp`: `tx_queue:rx_queue` per socket).
+fn replies_back_up(port: u16, client_port: u16) -> bool {
+    let table = std::fs::read_to_string("/proc/net/tcp").unwrap();
+    let queue = |local: u16, remote: u16| {
+        table.lines().skip(1).find_map(|line| {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            let port_of = |address: &str| u16::from_str_radix(address.rsplit(':').next()?, 16).ok();
+            if port_of(fields[1])? != local || port_of(fields[2])? != remote {
+                return None;
+            }
+            let (tx, rx) = fields[4].split_once(':')?;
+            Some((
+                u64::from_str_radix(tx, 16).ok()?,
+                u64::from_str_radix(rx, 16).ok()?,
+            ))
+        })
+    };
+    let proxy_side = queue(port, client_port);
+    let client_side = queue(client_port, port);
+    matches!((proxy_side, client_side), (Some((unsent, _)), Some((_, unread))) if unsent > 0 && unread > 0)
+}
+
 fn rss_bytes(pid: u32) -> u64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
     status
@@ -319,6 +326,7 @@ async fn a_client_that_never_reads_its_replies_stays_bounded_and_is_cut_off() {
     let socket = tokio::net::TcpSocket::new_v4().unwrap();
     socket.set_recv_buffer_size(4096).unwrap();
     let mut flooder = within(socket.connect(addr)).await.unwrap();
+    let flooder_port = flooder.local_addr().unwrap().port();
     let chunk = "NOOP\r\n".repeat(10_000);
     let sent = 100 * 10_000;
     let flood = tokio::spawn(async move {
@@ -329,7 +337,12 @@ async fn a_client_that_never_reads_its_replies_stays_bounded_and_is_cut_off() {
         }
         flooder
     });
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    wait_until_async(
+        STEP,
+        "the proxy's replies to the flooder to back up",
+        || replies_back_up(addr.port(), flooder_port),
+    )
+    .await;
     // Meanwhile the proxy serves others, and holds no more than socket buffers.
     well_behaved(addr).await;
     let during = rss_bytes(mailmoat.pid());
@@ -350,13 +363,15 @@ async fn a_client_that_never_reads_its_replies_stays_bounded_and_is_cut_off() {
     well_behaved(addr).await;
 }
 
-#[tokio::test]
+// Paused time: the deadline and the trickle's pauses are the runtime's clock.
+#[tokio::test(start_paused = true)]
 async fn a_client_trickling_a_command_byte_by_byte_is_cut_off_like_a_silent_one() {
     let upstream = scripted_upstream(Behaviour::Esmtp).await;
     let proxy = smtp_proxy(&upstream, "timeouts: { idle: 600ms }\n").await;
     let mut slow = connect(proxy.addr("submission")).await;
     slow.reply().await;
     // One byte every 150 ms, never a line end: reads keep coming, progress never does.
+    // The pauses are the behaviour under test.
     let trickle = tokio::spawn(async move {
         for _ in 0..40 {
             if slow.stream.get_mut().write_all(b"N").await.is_err() {
@@ -401,61 +416,21 @@ async fn a_tls_client_that_never_reads_its_replies_is_cut_off_at_the_idle_deadli
         std::future::pending::<()>().await;
     });
     // The only connection place comes back once the stalled session is cut (bounded).
-    let deadline = std::time::Instant::now() + STEP;
-    loop {
-        let mut check = connect(proxy.addr("mx")).await;
-        let reply = check.reply().await;
-        if reply.starts_with("220 ") {
-            break;
-        }
-        assert_eq!(reply, "421 4.3.2 Too many connections, try again later\r\n");
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the stalled TLS session still holds its place"
-        );
-        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
-    }
+    wait_for_async(
+        STEP,
+        "the stalled TLS session to give its place back",
+        async || {
+            let mut check = connect(proxy.addr("mx")).await;
+            let reply = check.reply().await;
+            if reply.starts_with("220 ") {
+                return Some(());
+            }
+            assert_eq!(reply, "421 4.3.2 Too many connections, try again later\r\n");
+            None
+        },
+    )
+    .await;
     flood.abort();
-}
-
-/// A POP3 upstream that accepts any login and answers everything `+OK`.
-async fn quiet_pop3_upstream() -> SocketAddr {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        while let Ok((stream, _)) = listener.accept().await {
-            tokio::spawn(async move {
-                let (read, mut write) = stream.into_split();
-                let mut read = BufReader::new(read);
-                let _ = write.write_all(b"+OK quiet ready\r\n").await;
-                let mut line = String::new();
-                while read.read_line(&mut line).await.unwrap_or(0) > 0 {
-                    let verb = line.split_whitespace().next().unwrap_or("").to_uppercase();
-                    let reply: &[u8] = match verb.as_str() {
-                        "CAPA" => b"+OK\r\nUSER\r\nSASL PLAIN\r\nPIPELINING\r\n.\r\n",
-                        "PASS" => b"+OK logged in\r\n",
-                        "STAT" => b"+OK 0 0\r\n",
-                        "QUIT" => b"+OK bye\r\n",
-                        _ => b"+OK\r\n",
-                    };
-                    if write.write_all(reply).await.is_err() || verb == "QUIT" {
-                        break;
-                    }
-                    line.clear();
-                }
-            });
-        }
-    });
-    addr
-}
-
-/// One line from the peer, CRLF included (bounded).
-async fn line<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(
-    client: &mut Client<S>,
-) -> String {
-    let mut line = String::new();
-    within(client.stream.read_line(&mut line)).await.unwrap();
-    line
 }
 
 /// A client that floods `addr` with lines the proxy answers itself (bare LF lines and
@@ -484,36 +459,33 @@ fn flooder(addr: SocketAddr) -> tokio::task::JoinHandle<()> {
 /// IMAP through STARTTLS to a login, each reply checked.
 async fn imap_well_behaved(addr: SocketAddr) {
     let mut client = connect(addr).await;
-    let greeting = line(&mut client).await;
+    let greeting = client.line().await;
     assert!(
         greeting.starts_with("* OK [CAPABILITY IMAP4rev1 IDLE STARTTLS LOGINDISABLED]"),
         "{greeting:?}"
     );
     client.send(b"a CAPABILITY\r\n").await;
-    assert_eq!(line(&mut client).await, "a OK done\r\n");
+    assert_eq!(client.line().await, "a OK done\r\n");
     client.send(b"s STARTTLS\r\n").await;
-    assert_eq!(
-        line(&mut client).await,
-        "s OK Begin TLS negotiation now\r\n"
-    );
+    assert_eq!(client.line().await, "s OK Begin TLS negotiation now\r\n");
     let tls = tls_connect(client.into_inner(), "mail.example.test", &[])
         .await
         .unwrap();
     let mut client = Client::new(tls);
     client.send(b"l LOGIN alice secret\r\n").await;
-    assert_eq!(line(&mut client).await, "l OK done\r\n");
+    assert_eq!(client.line().await, "l OK done\r\n");
     client.send(b"n NOOP\r\n").await;
-    assert_eq!(line(&mut client).await, "n OK done\r\n");
+    assert_eq!(client.line().await, "n OK done\r\n");
 }
 
 /// POP3 through STLS to a login, each reply checked.
 async fn pop3_well_behaved(addr: SocketAddr) {
     let mut client = connect(addr).await;
-    assert_eq!(line(&mut client).await, "+OK quiet ready\r\n");
+    assert_eq!(client.line().await, "+OK quiet ready\r\n");
     client.send(b"CAPA\r\n").await;
     let mut capa = Vec::new();
     loop {
-        let l = line(&mut client).await;
+        let l = client.line().await;
         let end = l == ".\r\n";
         capa.push(l);
         if end {
@@ -522,19 +494,19 @@ async fn pop3_well_behaved(addr: SocketAddr) {
     }
     assert_eq!(capa, ["+OK\r\n", "PIPELINING\r\n", "STLS\r\n", ".\r\n"]);
     client.send(b"STLS\r\n").await;
-    assert_eq!(line(&mut client).await, "+OK Begin TLS negotiation\r\n");
+    assert_eq!(client.line().await, "+OK Begin TLS negotiation\r\n");
     let tls = tls_connect(client.into_inner(), "mail.example.test", &[])
         .await
         .unwrap();
     let mut client = Client::new(tls);
     client.send(b"USER alice\r\n").await;
-    assert_eq!(line(&mut client).await, "+OK\r\n");
+    assert_eq!(client.line().await, "+OK\r\n");
     client.send(b"PASS secret\r\n").await;
-    assert_eq!(line(&mut client).await, "+OK logged in\r\n");
+    assert_eq!(client.line().await, "+OK logged in\r\n");
     client.send(b"STAT\r\n").await;
-    assert_eq!(line(&mut client).await, "+OK 0 0\r\n");
+    assert_eq!(client.line().await, "+OK 0 0\r\n");
     client.send(b"QUIT\r\n").await;
-    assert_eq!(line(&mut client).await, "+OK bye\r\n");
+    assert_eq!(client.line().await, "+OK bye\r\n");
 }
 
 /// Clients that make the proxy answer them (bare LF lines, unknown verbs) and never
@@ -544,8 +516,14 @@ async fn pop3_well_behaved(addr: SocketAddr) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn well_behaved_sessions_complete_beside_clients_flooding_replies_they_never_read() {
     let smtp_upstream = scripted_upstream(Behaviour::Esmtp).await;
-    let imap_upstream = quiet_imap_upstream().await.to_string();
-    let pop3_upstream = quiet_pop3_upstream().await.to_string();
+    let imap_upstream = upstream::imap::scripted(upstream::imap::Behaviour::Quiet)
+        .await
+        .addr
+        .to_string();
+    let pop3_upstream = upstream::pop3::scripted(upstream::pop3::Behaviour::Quiet)
+        .await
+        .addr
+        .to_string();
     let proxy = proxy(
         &[
             smtp_listener("mx", "starttls", "auth_requires_tls", smtp_upstream.addr),

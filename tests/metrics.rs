@@ -26,17 +26,11 @@ async fn start(upstream: SocketAddr) -> (Mailmoat, SocketAddr) {
         ],
         &format!("metrics: {{ listen: \"{metrics}\" }}\n"),
     );
-    let deadline = tokio::time::Instant::now() + STEP;
-    loop {
-        if let Ok((200, _, _)) = try_http(metrics, b"GET /healthz HTTP/1.1\r\n\r\n").await {
-            break;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "no metrics endpoint"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    wait_for_async(STEP, "the metrics endpoint", async || {
+        let healthz = try_http(metrics, b"GET /healthz HTTP/1.1\r\n\r\n").await;
+        matches!(healthz, Ok((200, _, _))).then_some(())
+    })
+    .await;
     // `start_with` probed each port: wait until those sessions have ended.
     settle(metrics).await;
     (mailmoat, metrics)
@@ -120,15 +114,12 @@ fn active(samples: &HashMap<String, f64>, listener: &str) -> f64 {
 
 /// Waits (bounded) until no session is open, and returns that scrape.
 async fn settle(addr: SocketAddr) -> HashMap<String, f64> {
-    let deadline = tokio::time::Instant::now() + STEP;
-    loop {
+    wait_for_async(STEP, "every session to close", async || {
         let samples = scrape(addr).await;
-        if active(&samples, "submission") == 0.0 && active(&samples, "smtps") == 0.0 {
-            return samples;
-        }
-        assert!(tokio::time::Instant::now() < deadline, "sessions stay open");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+        (active(&samples, "submission") == 0.0 && active(&samples, "smtps") == 0.0)
+            .then_some(samples)
+    })
+    .await
 }
 
 /// Every series whose value differs between two scrapes, with the change.
@@ -202,7 +193,7 @@ async fn a_refused_plaintext_login_moves_its_counters_by_exactly_one() {
         (on("credentials_exposed"), 1.0),
         (on("plaintext_command_refused"), 1.0),
         (on("session_end"), 1.0),
-        // AUTH after STARTTLS was offered (DESIGN §8).
+        // AUTH after STARTTLS was offered (ARCHITECTURE.md §8).
         (on("starttls_stripping_suspected"), 1.0),
         (
             series(
@@ -516,6 +507,7 @@ async fn a_request_head_sent_slower_than_the_header_timeout_is_cut_off() {
         .unwrap();
     let mut fields = 0;
     while fields < 40 && !closed.is_finished() {
+        // The trickle is the behaviour under test (the real binary: real time).
         tokio::time::sleep(Duration::from_millis(200)).await;
         if writer
             .write_all(format!("X-Slow-{fields}: y\r\n").as_bytes())

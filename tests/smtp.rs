@@ -3,8 +3,6 @@
 
 mod common;
 
-use std::time::Duration;
-
 use common::*;
 use tokio::io::AsyncWriteExt;
 
@@ -21,31 +19,6 @@ async fn mx_and_submission(upstream: &Upstream) -> Proxy {
         "",
     )
     .await
-}
-
-/// How an attacker's bytes are cut into writes.
-#[derive(Debug, Clone, Copy)]
-enum Cut {
-    OneWrite,
-    ByteByByte,
-    AtCrlf,
-}
-
-async fn send_cut(client: &mut Client<tokio::net::TcpStream>, payload: &[u8], cut: Cut) {
-    match cut {
-        Cut::OneWrite => client.send(payload).await,
-        Cut::ByteByByte => {
-            for byte in payload {
-                client.send(std::slice::from_ref(byte)).await;
-            }
-        }
-        Cut::AtCrlf => {
-            let first = payload.windows(2).position(|w| w == b"\r\n").unwrap() + 2;
-            client.send(&payload[..first]).await;
-            tokio::time::sleep(Duration::from_millis(20)).await;
-            client.send(&payload[first..]).await;
-        }
-    }
 }
 
 #[tokio::test]
@@ -69,7 +42,7 @@ async fn starttls_command_injection_is_never_answered_and_never_forwarded() {
                         .await
                         .ends_with("250 STARTTLS\r\n")
                 );
-                send_cut(&mut client, payload.as_bytes(), cut).await;
+                client.send_cut(payload.as_bytes(), cut).await;
                 assert_eq!(client.reply().await, "220 2.0.0 Ready to start TLS\r\n");
                 // Whatever follows is the TLS engine's alert, never an SMTP reply.
                 let rest = client.rest().await;
@@ -78,7 +51,7 @@ async fn starttls_command_injection_is_never_answered_and_never_forwarded() {
                     "{listener} {cut:?} {payload:?}: got {:?}",
                     String::from_utf8_lossy(&rest)
                 );
-                tokio::time::sleep(Duration::from_millis(20)).await;
+                upstream.wait_closed().await;
                 let seen = upstream.commands()[before..].to_vec();
                 assert_eq!(
                     seen,
@@ -131,7 +104,7 @@ async fn a_full_starttls_session_hides_auth_until_tls_then_relays_it() {
         "235 2.7.0 Authentication successful\r\n"
     );
     assert_eq!(tls.cmd("QUIT").await, "221 2.0.0 Bye\r\n");
-    tokio::time::sleep(Duration::from_millis(20)).await;
+    upstream.wait_closed().await;
     assert_eq!(
         upstream.commands(),
         vec![
@@ -170,12 +143,12 @@ async fn bare_newline_smuggling_never_ends_the_message_early_at_the_upstream() {
             );
             assert!(client.cmd("DATA").await.starts_with("354 "));
             let body = format!("Subject: t{index}\r\n\r\nbefore{trick}after\r\n.\r\n");
-            send_cut(&mut client, body.as_bytes(), cut).await;
+            client.send_cut(body.as_bytes(), cut).await;
             assert_eq!(client.reply().await, "250 2.0.0 Ok: queued\r\n");
             assert_eq!(client.cmd("QUIT").await, "221 2.0.0 Bye\r\n");
         }
     }
-    tokio::time::sleep(Duration::from_millis(50)).await;
+    upstream.wait_closed().await;
     let recording = upstream.recording.lock().unwrap();
     assert_eq!(recording.messages.len(), smuggled.len() * 2);
     for message in &recording.messages {
@@ -200,7 +173,7 @@ async fn bare_newline_smuggling_never_ends_the_message_early_at_the_upstream() {
     }
 }
 
-/// BDAT is never forwarded and CHUNKING never offered (DESIGN §5, ARCHITECTURE.md): a
+/// BDAT is never forwarded and CHUNKING never offered (ARCHITECTURE.md §5, ARCHITECTURE.md): a
 /// byte-counted chunk is framed by the upstream's chunk state, which mailmoat does not
 /// model. The chunk is read and dropped, never taken for commands; DATA carries the
 /// message instead.
@@ -268,12 +241,10 @@ async fn a_client_that_vanishes_mid_data_delivers_nothing() {
     let (tcp, _) = tls.into_inner().into_inner();
     drop(tcp); // no close_notify
 
-    for _ in 0..100 {
-        if upstream.recording.lock().unwrap().aborted_bodies == 2 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    wait_until_async(STEP, "the upstream to see both bodies cut", || {
+        upstream.recording.lock().unwrap().aborted_bodies == 2
+    })
+    .await;
     let recording = upstream.recording.lock().unwrap();
     assert_eq!(recording.aborted_bodies, 2);
     assert!(recording.messages.is_empty());
@@ -530,20 +501,19 @@ async fn tls_1_2_and_1_3_are_served_and_min_tls_version_1_3_refuses_1_2() {
         let greeting = handshake_with(proxy.addr("smtps"), version).await.unwrap();
         assert_eq!(greeting, "220 scripted.upstream ESMTP\r\n");
     }
-    let certs = certs();
-    let yaml = format!(
-        "tls:\n  min_tls_version: \"1.3\"\n  certificates:\n    - {{ cert: {}, key: {} }}\nlisteners:\n  - {}\n",
-        certs.default.0.display(),
-        certs.default.1.display(),
-        smtp_listener("strict", "implicit", "require_tls", upstream.addr)
-    );
-    let config = mailmoat::config::Config::from_yaml(&yaml, "strict.yaml").unwrap();
-    let server = mailmoat::inbound::listener::Server::bind(&config)
-        .await
-        .unwrap();
-    let addr = server.local_addrs()[0].1;
-    let (_stop, stopped) = tokio::sync::watch::channel(false);
-    tokio::spawn(server.run(stopped));
+    let yaml = config_yaml(
+        Certificates::Default,
+        &[smtp_listener(
+            "strict",
+            "implicit",
+            "require_tls",
+            upstream.addr,
+        )],
+        "",
+    )
+    .replacen("tls:\n", "tls:\n  min_tls_version: \"1.3\"\n", 1);
+    let strict = Proxy::start(&yaml).await;
+    let addr = strict.addr("strict");
     assert!(handshake_with(addr, &rustls::version::TLS12).await.is_err());
     assert!(handshake_with(addr, &rustls::version::TLS13).await.is_ok());
 }

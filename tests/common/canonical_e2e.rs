@@ -1,4 +1,4 @@
-//! The harness of DESIGN §3's canonical rule against a real legacy server, shared by
+//! The harness of ARCHITECTURE.md §3's canonical rule against a real legacy server, shared by
 //! `e2e_canonical.rs` (Dovecot of `scripts/legacy.sh`) and `e2e_mailutils.rs` (GNU
 //! Mailutils): a line client, the join of a session to its upstream leg (a
 //! [`Recorder`] on that leg, mailmoat's `upstream_port`), mailmoat's log lines per
@@ -7,13 +7,13 @@
 //! users, how its log is read, what it must not have done) the tests pass in.
 
 use std::net::SocketAddr;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncWrite, AsyncWriteExt, BufReader};
 use tokio::net::TcpStream;
 
 use super::recorder::{Leg, Recorder};
-use super::{Mailmoat, STEP, tls_connect, traceable_tcp, within};
+use super::{Mailmoat, STEP, poll_for_async, tls_connect, traceable_tcp, wait_for_async};
 
 // ---------------------------------------------------------------- a line client
 
@@ -93,13 +93,15 @@ pub fn tagged(tag: &'static str) -> impl Fn(&str) -> bool {
 // ---------------------------------------------------------------- mailmoat's log
 
 /// The port of mailmoat's upstream connection for the session of the client at `client`:
-/// the `upstream_port` field of its log lines (DESIGN §7), bounded wait. A session logs
+/// the `upstream_port` field of its log lines (ARCHITECTURE.md §7), bounded wait. A session logs
 /// it from its first event on (`tls_established`, `session_end`, a refusal).
 pub async fn upstream_port(mailmoat: &Mailmoat, client: SocketAddr) -> u16 {
     let tag = format!("client={client}");
-    within(async {
-        loop {
-            let found = mailmoat.log_text().lines().find_map(|line| {
+    wait_for_async(
+        STEP,
+        format_args!("an upstream_port for {tag} in mailmoat's log"),
+        async || {
+            mailmoat.log_text().lines().find_map(|line| {
                 if !line.contains(&tag) {
                     return None;
                 }
@@ -109,13 +111,9 @@ pub async fn upstream_port(mailmoat: &Mailmoat, client: SocketAddr) -> u16 {
                     .take_while(char::is_ascii_digit)
                     .collect();
                 digits.parse().ok()
-            });
-            match found {
-                Some(port) => break port,
-                None => tokio::time::sleep(Duration::from_millis(20)).await,
-            }
-        }
-    })
+            })
+        },
+    )
     .await
 }
 
@@ -125,17 +123,15 @@ pub async fn mailmoat_logged(mailmoat: &Mailmoat, client: SocketAddr, event: &st
     let event = format!("event=\"{event}\"");
     // The refusal is logged as the command is read, before the replies the client waited
     // for; a short bounded wait covers the log file's write.
-    let deadline = Instant::now() + Duration::from_secs(5);
-    loop {
-        let found = mailmoat
+    poll_for_async(Duration::from_secs(5), async || {
+        mailmoat
             .log_text()
             .lines()
-            .any(|l| l.contains(&tag) && l.contains(&event));
-        if found || Instant::now() > deadline {
-            return found;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+            .any(|l| l.contains(&tag) && l.contains(&event))
+            .then_some(())
+    })
+    .await
+    .is_some()
 }
 
 /// The leg of `legs` that mailmoat opened for the session of the client at `client`

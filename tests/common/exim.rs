@@ -7,9 +7,9 @@
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use super::{Ran, free_port, processes, run_bounded, run_within};
+use super::{Ran, free_port, poll_for, processes, run_bounded, run_within};
 
 /// Longer than `scripts/exim.sh` ever takes: 20 s for the banner, 6 s to stop.
 pub const EXIM_SCRIPT_LIMIT: Duration = Duration::from_secs(60);
@@ -139,21 +139,19 @@ impl Exim {
     /// only the daemon (every Exim process of the instance names its config file).
     pub fn wait_idle(&self) {
         let config = self.config.display().to_string();
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            let running: Vec<String> = processes()
+        let running = || -> Vec<String> {
+            processes()
                 .into_iter()
                 .filter(|p| p.state() != "Z" && p.cmdline().contains(&config))
                 .map(|p| format!("{} {}", p.pid, p.cmdline()))
-                .collect();
-            if running.len() <= 1 {
-                return;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "Exim still busy after 20 s: {running:#?}"
-            );
-            std::thread::sleep(Duration::from_millis(50));
+                .collect()
+        };
+        if poll_for(Duration::from_secs(20), || {
+            (running().len() <= 1).then_some(())
+        })
+        .is_none()
+        {
+            panic!("Exim still busy after 20 s: {:#?}", running());
         }
     }
 
@@ -187,20 +185,17 @@ impl Exim {
 
     /// Waits (bounded) for the one delivered message with `Subject: <subject>`.
     pub fn wait_for_delivery(&self, subject: &str) -> Vec<u8> {
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
+        poll_for(Duration::from_secs(30), || {
             let mut found = self.messages_with_subject(subject);
             assert!(found.len() < 2, "{} messages {subject}", found.len());
-            if let Some(message) = found.pop() {
-                return message;
-            }
-            assert!(
-                Instant::now() < deadline,
+            found.pop()
+        })
+        .unwrap_or_else(|| {
+            panic!(
                 "no message {subject} delivered; Exim's log:\n{}",
                 self.mainlog_text()
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
+            )
+        })
     }
 }
 

@@ -38,7 +38,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 /// The test user of every instance; logs in after TLS.
 pub const USER: &str = "alice@example.test";
@@ -272,7 +272,6 @@ struct AcceptLoop {
 impl AcceptLoop {
     fn start(program: Program, config_file: &Path, log_dir: &Path) -> AcceptLoop {
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        listener.set_nonblocking(true).unwrap();
         let addr = listener.local_addr().unwrap();
         let sessions: Arc<Mutex<Vec<Session>>> = Arc::default();
         let stop = Arc::new(AtomicBool::new(false));
@@ -282,10 +281,13 @@ impl AcceptLoop {
                 (Arc::clone(&sessions), Arc::clone(&stop), log_dir.to_owned());
             std::thread::spawn(move || {
                 let mut accepted = 0u32;
-                while !stop.load(Ordering::Relaxed) {
-                    let Ok((stream, peer)) = listener.accept() else {
-                        // WouldBlock (nothing to accept) or a failed accept alike.
-                        std::thread::sleep(Duration::from_millis(10));
+                loop {
+                    let accepted_one = listener.accept();
+                    // Drop wakes the accept with a connection of its own after `stop`.
+                    if stop.load(Ordering::Relaxed) {
+                        break;
+                    }
+                    let Ok((stream, peer)) = accepted_one else {
                         continue;
                     };
                     accepted += 1;
@@ -339,27 +341,23 @@ impl AcceptLoop {
     /// Waits, at most [`super::STEP`], for the latest session from `port` to have been
     /// accepted and its process to have exited; whether it did.
     fn wait_exited(&self, port: u16) -> bool {
-        let deadline = Instant::now() + super::STEP;
-        loop {
-            let exited = {
-                let mut sessions = self.sessions.lock().unwrap();
-                sessions
-                    .iter_mut()
-                    .rev()
-                    .find(|session| session.port == port)
-                    .is_some_and(|session| session.child.try_wait().ok().flatten().is_some())
-            };
-            if exited || Instant::now() > deadline {
-                return exited;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        super::poll_for(super::STEP, || {
+            let mut sessions = self.sessions.lock().unwrap();
+            sessions
+                .iter_mut()
+                .rev()
+                .find(|session| session.port == port)
+                .is_some_and(|session| session.child.try_wait().ok().flatten().is_some())
+                .then_some(())
+        })
+        .is_some()
     }
 }
 
 impl Drop for AcceptLoop {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::Relaxed);
+        let _ = std::net::TcpStream::connect(self.addr);
         if let Some(thread) = self.thread.take() {
             let _ = thread.join();
         }

@@ -9,12 +9,11 @@
 
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
-use super::STEP;
+use super::{STEP, poll_for};
 
 /// One connection through the forwarder.
 #[derive(Debug, Clone, Default)]
@@ -92,23 +91,13 @@ impl Recorder {
     /// The connection that came from `client_port`, once both its directions ended
     /// (bounded wait).
     pub fn closed_leg(&self, client_port: u16) -> Leg {
-        let deadline = Instant::now() + STEP;
-        loop {
-            let found = self
-                .legs()
+        let leg = || {
+            self.legs()
                 .into_iter()
-                .find(|leg| leg.client_port == client_port);
-            match found {
-                Some(leg) if leg.closed => return leg,
-                _ => {
-                    assert!(
-                        Instant::now() < deadline,
-                        "no closed leg from port {client_port}: {found:?}"
-                    );
-                    std::thread::sleep(Duration::from_millis(20));
-                }
-            }
-        }
+                .find(|leg| leg.client_port == client_port)
+        };
+        poll_for(STEP, || leg().filter(|leg| leg.closed))
+            .unwrap_or_else(|| panic!("no closed leg from port {client_port}: {:?}", leg()))
     }
 }
 

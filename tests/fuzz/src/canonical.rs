@@ -1,4 +1,4 @@
-//! The rule of DESIGN §3 ("How mailmoat forwards before TLS: canonically"), checked from
+//! The rule of ARCHITECTURE.md §3 ("How mailmoat forwards before TLS: canonically"), checked from
 //! the upstream's side: before TLS the upstream receives only commands that mailmoat
 //! serialised itself, for the allow-listed verbs, in canonical form. A strict parser,
 //! written here from the RFCs and independent of mailmoat's own parsers, reads every
@@ -26,7 +26,7 @@
 //! and takes a bare LF for a line end, as some legacy servers do. Between the upstream's
 //! `354` and the end, such an upstream must see no end of data other than the one
 //! mailmoat sends where the client sent its real `CRLF.CRLF`: anything else ends the
-//! message early there and smuggles the rest in as commands (SMTP smuggling, DESIGN §5).
+//! message early there and smuggles the rest in as commands (SMTP smuggling, ARCHITECTURE.md §5).
 //! A BDAT chunk is counted, never scanned.
 //!
 //! Which reply answers which command (the `354` to DATA) is followed the way an SMTP

@@ -4,7 +4,7 @@
 //!
 //! - [`framing`]: `line_framer` and `smtp_body`.
 //! - [`session_script`]: `smtp_session`, `imap_session`, `pop3_session`.
-//! - [`canonical`]: the strict reader of DESIGN §3's canonical rule that the session
+//! - [`canonical`]: the strict reader of ARCHITECTURE.md §3's canonical rule that the session
 //!   targets check with (also used by `tests/canonical_rule.rs`).
 
 pub mod canonical;

@@ -69,7 +69,7 @@
 //!   upstream answered `+`, not if it answered the command with a tagged response.
 //! - IMAP: nothing is forwarded between a synchronising literal and the upstream's
 //!   answer to it (RFC 9051 §4.3).
-//! - The canonical rule (DESIGN §3), on every listener that starts in plaintext, MX
+//! - The canonical rule (ARCHITECTURE.md §3), on every listener that starts in plaintext, MX
 //!   included: before TLS the upstream receives only canonical allow-listed commands
 //!   (`crate::canonical`, a strict parser independent of mailmoat's), no command line
 //!   left without its CRLF when TLS starts or the script ends, and on an MX no message
@@ -506,7 +506,7 @@ fn show_action(action: &Action) -> String {
 }
 
 /// Events go to the logs: what the client typed may appear only as a recognised name or
-/// a keyed hash (STYLE 11, DESIGN §8).
+/// a keyed hash (STYLE 11, ARCHITECTURE.md §8).
 fn check_event(event: &Event) {
     let _ = event.name();
     if let Event::CredentialsExposed {
