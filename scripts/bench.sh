@@ -24,6 +24,7 @@
 # PATH is copied before the build, so a build into its target dir cannot swap it mid-run.
 # --haproxy: HAProxy (Debian's package, installed if missing) is measured beside mailmoat
 # in the same run, in the implicit-TLS scenarios: smtp_implicit_ecdsa (full sessions),
+# smtp_implicit_ecdsa_sequential (the same one at a time: the latency each proxy adds),
 # smtp_bulk_data_implicit, imap_fetch_10mb_implicit (imaps) and idle_N_implicit. It runs
 # `mode tcp` with `ssl crt` on its bind lines, the same certificate chain and key as
 # mailmoat's ECDSA instance, in front of the same smtp-sink and Dovecot, pinned to the
@@ -36,7 +37,7 @@
 # comparison is made without the unit's glibc tuning: these scenarios also run an
 # instance with glibc's defaults ("glibc_default", mailmoat started plainly, as HAProxy
 # is), and the table's "haproxy" rows compare it (ratio = mailmoat / HAProxy), with the
-# tuned instance as an extra row. --only haproxy runs just these four scenarios (and
+# tuned instance as an extra row. --only haproxy runs just these five scenarios (and
 # implies --haproxy). Without --haproxy they run with mailmoat alone. Every side of a
 # scenario runs in each repetition, one at a time, the order reversed every repetition.
 # Bounded: every generator run has a --timeout, the whole script a watchdog (25 min).
@@ -67,16 +68,18 @@ while [ $# -gt 0 ]; do
 done
 if [ "$QUICK" = 1 ]; then
     REPS=${REPS:-2}
+    N_SEQUENTIAL=200
     N_HANDSHAKE=400; N_RESUME=400; BULK_SIZE=2000000; BULK_MSGS=3; IMAP_FETCHES=3
     LAT_TX=500; N_IDLE=1000; N_CONC=300; IDLE_REPS=1; N_FLOOD=100; FLOOD_REPS=1
 else
     REPS=${REPS:-5}
+    N_SEQUENTIAL=500
     N_HANDSHAKE=2000; N_RESUME=2000; BULK_SIZE=10000000; BULK_MSGS=4; IMAP_FETCHES=4
     LAT_TX=2000; N_IDLE=5000; N_CONC=1000; IDLE_REPS=3; N_FLOOD=100; FLOOD_REPS=3
 fi
 # The implicit-TLS scenarios HAProxy is measured in (--haproxy; --only haproxy).
-HAPROXY_SCENARIOS=(smtp_implicit_ecdsa smtp_bulk_data_implicit imap_fetch_10mb_implicit
-    "idle_${N_IDLE}_implicit")
+HAPROXY_SCENARIOS=(smtp_implicit_ecdsa smtp_implicit_ecdsa_sequential smtp_bulk_data_implicit
+    imap_fetch_10mb_implicit "idle_${N_IDLE}_implicit")
 [ "$ONLY" = haproxy ] && HAPROXY=1
 # Whether scenario NAME runs (--only).
 want() {
@@ -387,7 +390,8 @@ PROXY_THREADS="mailmoat: $(threads "$PID_ecdsa")"
 # shellcheck disable=SC2154 # *_hap, *_ecdsa: set by start_haproxy and start_mailmoat
 if [ "$HAPROXY" = 1 ]; then
     start_haproxy hap
-    HAP_INFO="$("$HAPROXY_BIN" -v | head -1 | cut -d' ' -f1-3)"
+    # (sed reads all of it: head would leave haproxy a closed pipe, SIGPIPE and pipefail.)
+    HAP_INFO="$("$HAPROXY_BIN" -v | sed -n '1s/^\(HAProxy version [^ ]*\).*/\1/p')"
     HAP_INFO+=", $("$HAPROXY_BIN" -vv | sed -n 's/^Running on OpenSSL version : //p')"
     PROXY_THREADS+="; haproxy: $(threads "$PID_hap")"
     {
@@ -479,11 +483,16 @@ pair smtp_starttls_ecdsa_pipelined "$HS --pipelining $SINK" \
     ${BASE_MM:+"baseline=$HS --pipelining $CA $BASE_SUB_ECDSA"}
 pair smtp_starttls_rsa "$HS $SINK" "$HS $CA --addr 127.0.0.1:$SUB_rsa --proxy-pid $PID_rsa" \
     ${BASE_MM:+"baseline=$HS $CA $BASE_SUB_RSA"}
-# --haproxy: also HAProxy and the instance without the glibc tuning; the table's session
-# p50 rows show each one's added latency over direct.
+# --haproxy: also HAProxy and the instance without the glibc tuning.
 hap_sides "$HS $CA --tls implicit" SMTPS
 pair smtp_implicit_ecdsa "$HS $SINK" "$HS $CA --tls implicit --addr 127.0.0.1:$SMTPS_ecdsa --proxy-pid $PID_ecdsa" \
     ${BASE_MM:+"baseline=$HS $CA --tls implicit $BASE_SMTPS_ECDSA"} "${HAP_SIDES[@]}"
+# The same sessions one at a time: the latency a proxy adds to a whole session, handshake
+# included (at concurrency 20 a session's p50 is mostly its wait for the proxy's core).
+SEQ="smtp --sessions $N_SEQUENTIAL --concurrency 1 --size 2048"
+hap_sides "$SEQ $CA --tls implicit" SMTPS
+pair smtp_implicit_ecdsa_sequential "$SEQ $SINK" \
+    "$SEQ $CA --tls implicit --addr 127.0.0.1:$SMTPS_ecdsa --proxy-pid $PID_ecdsa" "${HAP_SIDES[@]}"
 # The baseline instances are done: the rest runs as without --baseline.
 # shellcheck disable=SC2154 # PID_base_*: set by start_mailmoat
 if [ -n "$BASE_MM" ]; then
@@ -698,14 +707,20 @@ for s, target in [("smtp_starttls_ecdsa", "<= 250"), ("smtp_starttls_rsa", "<= 4
     row(s, "session p50 ms", "session_latency_us.p50", scale=1e-3, digits=2, baseline=True,
         haproxy=True)
     row(s, "generator CPU µs/session", "generator.cpu_us_per_session", digits=0)
-# The latency each proxy adds to a whole session (handshake included): its median p50
-# less the direct runs' median p50, in the same scenario.
+# The latency each proxy adds to a whole session (handshake included), one session at a
+# time: its median p50 less the direct runs' median p50, in the same scenario.
 def added_p50(scenario, side):
     d = med(scenario, "direct", "session_latency_us.p50")
     m = med(scenario, side, "session_latency_us.p50")
     return None if d is None or m is None else (m - d) / 1000
-if ("smtp_implicit_ecdsa", "haproxy") in runs:
-    s = "smtp_implicit_ecdsa"
+s = "smtp_implicit_ecdsa_sequential"
+row(s, "server CPU µs/session", "proxy.cpu_us_per_session", base_label="smtp-sink", haproxy=True)
+row(s, "session p50 ms", "session_latency_us.p50", scale=1e-3, digits=2, haproxy=True)
+row(s, "session p99 ms", "session_latency_us.p99", scale=1e-3, digits=2, haproxy=True)
+if (s, "mailmoat") in runs:
+    rows.append((s, "added session p50 ms vs direct", "-", "-", fmt(added_p50(s, "mailmoat"), 2),
+                 "-", ""))
+if (s, "haproxy") in runs:
     h = added_p50(s, "haproxy")
     for side, label in hap_pairs(s):
         m = added_p50(s, side)
@@ -828,7 +843,8 @@ if hap_scenarios:
          lambda sc, side: med(sc, side, "proxy.cpu_ms_per_mb"), 3),
         (f"idle TLS connection, {int(n_idle):,} open, KiB RSS each", f"idle_{n_idle}_implicit",
          lambda sc, side: med(sc, side, "proxy.rss_kib_per_conn"), 1),
-        ("added session p50 vs direct, ms", "smtp_implicit_ecdsa", added_p50, 2),
+        ("added session p50 vs direct, one at a time, ms", "smtp_implicit_ecdsa_sequential",
+         added_p50, 2),
     ]
     print("\nmailmoat (implicit-TLS listeners) vs HAProxy, this run, ratio = mailmoat / HAProxy:\n")
     head = "| figure (proxy per unit) | HAProxy | mailmoat, glibc defaults | ratio |"
