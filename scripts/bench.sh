@@ -666,6 +666,8 @@ def hap_pairs(scenario):
 # --baseline: mailmoat's own metrics compared with the baseline binary (CPU, memory),
 # for the per-repetition list under the table.
 vs_base = []
+# --haproxy: the same for mailmoat (without the glibc tuning) against HAProxy.
+vs_hap = []
 def row(scenario, metric, path, target="", base_side="direct", base_label="direct",
         scale=1.0, digits=1, ratio=True, baseline=False, haproxy=False):
     if not any(sc == scenario for (sc, _) in runs):
@@ -688,6 +690,8 @@ def row(scenario, metric, path, target="", base_side="direct", base_label="direc
     # glibc_default side; mailmoat's own with --glibc-default), then against the tuned
     # instance (--haproxy runs only).
     if haproxy and (scenario, "haproxy") in runs:
+        if ratio and isinstance(path, str) and path.startswith("proxy."):
+            vs_hap.append((scenario, metric, path, scale, digits))
         h = med(scenario, "haproxy", path)
         h = None if h is None else h * scale
         # (A count, not a ratio: against the instance without the tuning only.)
@@ -863,25 +867,31 @@ if hap_scenarios:
         if tuned and len(cells) < 6:
             cells += ["-", "-"]
         print("| " + " | ".join(cells) + " |")
-if vs_base:
-    # Each repetition's pair of runs, to see the noise the medians hide.
-    print("\nthis tree / baseline binary, per repetition:")
-    for scenario, metric, path, scale, digits in vs_base:
+# Each repetition's pair of runs (the two sides run one after the other), to see the noise
+# the medians hide: SIDE's value / OTHER's in each repetition.
+def per_repetition(title, entries, side, other):
+    if not entries:
+        return
+    print(f"\n{title}, per repetition:")
+    for scenario, metric, path, scale, digits in entries:
         by_rep = {}
-        for side in ("mailmoat", "baseline"):
-            for r in runs.get((scenario, side), []):
+        for sd in (side(scenario), other):
+            for r in runs.get((scenario, sd), []):
                 v = get(r, path)
-                by_rep.setdefault(r["label"].split("|")[2], {})[side] = \
+                by_rep.setdefault(r["label"].split("|")[2], {})[sd] = \
                     v * scale if isinstance(v, (int, float)) else None
         cells, ratios = [], []
         for rep in sorted(by_rep, key=int):
-            m, b = by_rep[rep].get("mailmoat"), by_rep[rep].get("baseline")
+            m, b = by_rep[rep].get(side(scenario)), by_rep[rep].get(other)
             q = m / b if m is not None and b else None
             if q is not None:
                 ratios.append(q)
             cells.append(f"rep {rep} {fmt(m, digits)} / {fmt(b, digits)} = {fmt(q, 2)}")
         spread = f", ratios {min(ratios):.2f} to {max(ratios):.2f}" if ratios else ""
         print(f"- {scenario}, {metric}{spread}: " + "; ".join(cells))
+per_repetition("this tree / baseline binary", vs_base, lambda sc: "mailmoat", "baseline")
+per_repetition("mailmoat (glibc defaults) / HAProxy", vs_hap, lambda sc: hap_pairs(sc)[0][0],
+               "haproxy")
 print("\nCPU is the run time of the server's threads over the run (mailmoat's; in direct "
       "SMTP runs smtp-sink's, for its one plaintext leg) from /proc/PID/task/*/schedstat, "
       "divided by sessions or by message/literal MB (10^6 bytes); its kernel share is "
