@@ -37,7 +37,8 @@
 # comparison is made without the unit's glibc tuning: these scenarios also run an
 # instance with glibc's defaults ("glibc_default", mailmoat started plainly, as HAProxy
 # is), and the table's "haproxy" rows compare it (ratio = mailmoat / HAProxy), with the
-# tuned instance as an extra row. --only haproxy runs just these five scenarios (and
+# tuned instance as an extra row; a summary in issue 14's layout and each repetition's
+# ratio of the CPU and memory rows follow the table. --only haproxy runs just these five scenarios (and
 # implies --haproxy). Without --haproxy they run with mailmoat alone. Every side of a
 # scenario runs in each repetition, one at a time, the order reversed every repetition.
 # Bounded: every generator run has a --timeout, the whole script a watchdog (25 min).
