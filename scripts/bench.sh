@@ -355,7 +355,7 @@ EOF
 threads() {
     local t names=()
     for t in /proc/"$1"/task/*/comm; do names+=("$(cat "$t")"); done
-    echo "${#names[@]} threads ($(printf '%s\n' "${names[@]}" | sort | uniq -c |
+    echo "${#names[@]} thread$([ "${#names[@]}" = 1 ] || echo s) ($(printf '%s\n' "${names[@]}" | sort | uniq -c |
         awk '{printf "%s%s x%s", (NR > 1 ? ", " : ""), $2, $1}'))"
 }
 # tls_probe LABEL PORT: what one openssl s_client handshake (its default offer) gets from
