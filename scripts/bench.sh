@@ -2,7 +2,7 @@
 # Benchmarks mailmoat against its own plaintext upstream, in the same run, on loopback.
 #
 #   scripts/bench.sh [--quick] [--reps N] [--keep] [--glibc-default] [--only PREFIX]
-#                    [--baseline PATH]
+#                    [--baseline PATH] [--haproxy]
 #
 # Starts Postfix's smtp-sink (a fast SMTP upstream) and a private Dovecot (scripts/
 # legacy.sh) holding a prepared 10 MB message, then two mailmoat instances (ECDSA P-256
@@ -22,6 +22,25 @@
 # repetition. The table gets a "baseline binary" row (ratio = this tree / baseline) under
 # their CPU, sessions/s, latency and memory rows; the per-repetition values follow it.
 # PATH is copied before the build, so a build into its target dir cannot swap it mid-run.
+# --haproxy: HAProxy (Debian's package, installed if missing) is measured beside mailmoat
+# in the same run, in the implicit-TLS scenarios: smtp_implicit_ecdsa (full sessions),
+# smtp_implicit_ecdsa_sequential (the same one at a time: the latency each proxy adds),
+# smtp_bulk_data_implicit, imap_fetch_10mb_implicit (imaps) and idle_N_implicit. It runs
+# `mode tcp` with `ssl crt` on its bind lines, the same certificate chain and key as
+# mailmoat's ECDSA instance, in front of the same smtp-sink and Dovecot, pinned to the
+# same core 0, one foreground process (-db, no master-worker) with nbthread 1 and no log,
+# TLS 1.3 only with TLS_AES_128_GCM_SHA256 and X25519, which mailmoat negotiates with the
+# generator too (the generator offers X25519 alone; its suites are printed per side).
+# mailmoat's tokio runtime sizes itself to its affinity mask: pinned to one core it runs
+# one worker thread (beside its main thread), HAProxy one thread; each side's CPU is the
+# run time of all its threads, one side loaded at a time, on the same core. The
+# comparison is made without the unit's glibc tuning: these scenarios also run an
+# instance with glibc's defaults ("glibc_default", mailmoat started plainly, as HAProxy
+# is), and the table's "haproxy" rows compare it (ratio = mailmoat / HAProxy), with the
+# tuned instance as an extra row; a summary in issue 14's layout and each repetition's
+# ratio of the CPU and memory rows follow the table. --only haproxy runs just these five scenarios (and
+# implies --haproxy). Without --haproxy they run with mailmoat alone. Every side of a
+# scenario runs in each repetition, one at a time, the order reversed every repetition.
 # Bounded: every generator run has a --timeout, the whole script a watchdog (25 min).
 set -euo pipefail
 
@@ -32,6 +51,7 @@ KEEP=0
 GLIBC_DEFAULT=0
 ONLY=
 BASELINE=
+HAPROXY=0
 while [ $# -gt 0 ]; do
     case "$1" in
         --quick) QUICK=1 ;;
@@ -40,6 +60,7 @@ while [ $# -gt 0 ]; do
         --glibc-default) GLIBC_DEFAULT=1 ;;
         --only) ONLY=${2:?--only PREFIX}; shift ;;
         --baseline) BASELINE=${2:?--baseline PATH}; shift ;;
+        --haproxy) HAPROXY=1 ;;
         # The header comment above, whatever its length.
         -h | --help) awk 'NR > 1 { if (!/^#/) exit; print }' "$0"; exit 0 ;;
         *) echo "bench.sh: unknown argument $1" >&2; exit 2 ;;
@@ -48,15 +69,24 @@ while [ $# -gt 0 ]; do
 done
 if [ "$QUICK" = 1 ]; then
     REPS=${REPS:-2}
+    N_SEQUENTIAL=200
     N_HANDSHAKE=400; N_RESUME=400; BULK_SIZE=2000000; BULK_MSGS=3; IMAP_FETCHES=3
     LAT_TX=500; N_IDLE=1000; N_CONC=300; IDLE_REPS=1; N_FLOOD=100; FLOOD_REPS=1
 else
     REPS=${REPS:-5}
+    N_SEQUENTIAL=500
     N_HANDSHAKE=2000; N_RESUME=2000; BULK_SIZE=10000000; BULK_MSGS=4; IMAP_FETCHES=4
     LAT_TX=2000; N_IDLE=5000; N_CONC=1000; IDLE_REPS=3; N_FLOOD=100; FLOOD_REPS=3
 fi
+# The implicit-TLS scenarios HAProxy is measured in (--haproxy; --only haproxy).
+HAPROXY_SCENARIOS=(smtp_implicit_ecdsa smtp_implicit_ecdsa_sequential smtp_bulk_data_implicit
+    imap_fetch_10mb_implicit "idle_${N_IDLE}_implicit")
+[ "$ONLY" = haproxy ] && HAPROXY=1
 # Whether scenario NAME runs (--only).
-want() { [ -z "$ONLY" ] || [[ "$1" == "$ONLY"* ]]; }
+want() {
+    [ -z "$ONLY" ] || [[ "$1" == "$ONLY"* ]] ||
+        { [ "$ONLY" = haproxy ] && [[ " ${HAPROXY_SCENARIOS[*]} " == *" $1 "* ]]; }
+}
 
 log() { echo "bench.sh: $*" >&2; }
 die() { log "$*"; exit 1; }
@@ -79,6 +109,21 @@ if [ "$need_install" = 1 ]; then
     command -v taskset >/dev/null 2>&1 || apt-get install -y --no-install-recommends util-linux
 fi
 SMTP_SINK=$(command -v smtp-sink || echo /usr/sbin/smtp-sink)
+# --haproxy: Debian's package (2.6 on Debian 12). Where systemd runs, the package starts
+# its own haproxy.service (Debian's haproxy.cfg has no listener); this script runs
+# another instance of the binary with its own config, and stops only that one.
+HAPROXY_BIN=
+if [ "$HAPROXY" = 1 ]; then
+    if ! command -v haproxy >/dev/null 2>&1 && ! [ -x /usr/sbin/haproxy ]; then
+        [ "$(id -u)" = 0 ] || die "--haproxy: haproxy is not installed; run as root to install it"
+        log "installing haproxy (Debian's package)"
+        DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends haproxy >&2 || {
+            apt-get update -q >&2
+            DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends haproxy >&2
+        }
+    fi
+    HAPROXY_BIN=$(command -v haproxy || echo /usr/sbin/haproxy)
+fi
 if ! command -v cargo >/dev/null 2>&1; then
     [ -x "$HOME/.cargo/bin/cargo" ] || {
         log "installing a Rust toolchain with rustup (minimal profile)"
@@ -123,9 +168,14 @@ else
     log "only one core: mailmoat and the load share it (numbers are not per-core)"
 fi
 # 5,000 idle sessions: 5,000 descriptors here, 10,000 in mailmoat, 5,000 in smtp-sink.
+# HAProxy asks for 2 per connection of its maxconn (N_IDLE + 1000) and refuses to start
+# when the limit is lower.
 ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
-[ "$(ulimit -n)" = unlimited ] || [ "$(ulimit -n)" -ge $((N_IDLE * 2 + 1000)) ] ||
-    die "ulimit -n is $(ulimit -n); need $((N_IDLE * 2 + 1000)) for $N_IDLE idle sessions"
+HAPROXY_MAXCONN=$((N_IDLE + 1000))
+NEED_FDS=$((N_IDLE * 2 + 1000))
+[ "$HAPROXY" = 1 ] && NEED_FDS=$((HAPROXY_MAXCONN * 2 + 100))
+[ "$(ulimit -n)" = unlimited ] || [ "$(ulimit -n)" -ge "$NEED_FDS" ] ||
+    die "ulimit -n is $(ulimit -n); need $NEED_FDS for $N_IDLE idle sessions"
 
 # ------------------------------------------------------------------ workdir, processes
 WORK=$(mktemp -d /tmp/mmbench.XXXXXX)
@@ -174,6 +224,9 @@ openssl x509 -req -in "$CERTS/rsa.csr" -CA "$CERTS/ca.pem" -CAkey "$CERTS/ca.key
     -CAcreateserial -days 30 -out "$CERTS/rsa.leaf.pem" \
     -extfile <(printf 'subjectAltName=DNS:mail.example.test\nextendedKeyUsage=serverAuth\n') 2>/dev/null
 cat "$CERTS/rsa.leaf.pem" "$CERTS/ca.pem" >"$CERTS/rsa.pem"
+# HAProxy's crt: the very chain mailmoat's ECDSA instance serves (leaf, then CA), and its
+# key, in one file.
+cat "$CERTS/mail.example.test.pem" "$CERTS/mail.example.test.key" >"$CERTS/haproxy-ecdsa.pem"
 
 # ------------------------------------------------------------------ upstreams (core 1)
 SINK_PORT=$(free_port)
@@ -212,8 +265,8 @@ MM_TUNABLES=$UNIT_TUNABLES
 # this tree's mailmoat unless given (the --baseline copy).
 start_mailmoat() {
     local name=$1 cert=$2 key=$3 tunables=${4-$MM_TUNABLES} limits=${5-} bin=${6:-$MM}
-    local sub smtps imap mx pid
-    sub=$(free_port); smtps=$(free_port); imap=$(free_port); mx=$(free_port)
+    local sub smtps imap imaps mx pid
+    sub=$(free_port); smtps=$(free_port); imap=$(free_port); imaps=$(free_port); mx=$(free_port)
     cat >"$WORK/$name.yaml" <<EOF
 tls:
   certificates:
@@ -222,6 +275,7 @@ listeners:
   - { name: submission, protocol: smtp, listen: "127.0.0.1:$sub", tls: starttls, upstream: "127.0.0.1:$SINK_PORT" }
   - { name: smtps, protocol: smtp, listen: "127.0.0.1:$smtps", tls: implicit, upstream: "127.0.0.1:$SINK_PORT" }
   - { name: imap, protocol: imap, listen: "127.0.0.1:$imap", tls: starttls, upstream: "127.0.0.1:$IMAP_PORT" }
+  - { name: imaps, protocol: imap, listen: "127.0.0.1:$imaps", tls: implicit, upstream: "127.0.0.1:$IMAP_PORT" }
   - { name: mx, protocol: smtp, listen: "127.0.0.1:$mx", tls: starttls, policy: auth_requires_tls, upstream: "127.0.0.1:$SINK_PORT" }
 limits:
   max_connections: 20000
@@ -233,16 +287,92 @@ EOF
         >>"$WORK/$name.log" 2>&1 &
     pid=$!
     PIDS+=("$pid")
-    wait_port "$sub"; wait_port "$smtps"; wait_port "$imap"; wait_port "$mx"
+    wait_port "$sub"; wait_port "$smtps"; wait_port "$imap"; wait_port "$imaps"; wait_port "$mx"
     printf -v "PID_$name" %s "$pid"
     printf -v "SUB_$name" %s "$sub"
     printf -v "SMTPS_$name" %s "$smtps"
     printf -v "IMAP_$name" %s "$imap"
+    printf -v "IMAPS_$name" %s "$imaps"
     printf -v "MX_$name" %s "$mx"
 }
 stop_pid() {
     kill "$1" 2>/dev/null || true
     wait "$1" 2>/dev/null || true
+}
+# start_haproxy NAME -> sets PID_<NAME>, SMTPS_<NAME> and IMAPS_<NAME>: HAProxy in front of
+# the same upstreams as mailmoat's implicit listeners (smtps: smtp-sink, imaps: Dovecot),
+# with the same certificate chain and key as the ECDSA instance, on the same core.
+# What keeps the comparison fair, and what HAProxy is left with as shipped:
+# - one process, one thread: nbthread 1; run in the foreground (-db) without
+#   master-worker, so the pid is HAProxy's only process and every thread's CPU is read.
+# - TLS 1.3 only, TLS_AES_128_GCM_SHA256 (mailmoat's first choice; HAProxy's own first
+#   would be AES-256-GCM) and X25519, the one group the generator offers.
+# - no `log` line: nothing is logged (mailmoat runs at level warn: nothing either).
+# - mode tcp: a blind relay, no protocol work; buffers (tune.bufsize 16 KiB), TLS records
+#   and the TLS session cache (tune.ssl.cachesize) as shipped. HAProxy sends two TLS 1.3
+#   session tickets per full handshake where mailmoat sends one (OpenSSL's default; 2.6
+#   has no setting for it, and tune.ssl.cachesize 0 sends none): the probe printed with
+#   the table counts them.
+# - glibc's defaults (no GLIBC_TUNABLES), as Debian's unit starts it.
+start_haproxy() {
+    local name=$1 smtps imaps pid
+    smtps=$(free_port); imaps=$(free_port)
+    cat >"$WORK/$name.cfg" <<EOF
+global
+    nbthread 1
+    maxconn $HAPROXY_MAXCONN
+    ssl-default-bind-options ssl-min-ver TLSv1.3
+    ssl-default-bind-ciphersuites TLS_AES_128_GCM_SHA256
+    ssl-default-bind-curves X25519
+defaults
+    mode tcp
+    timeout connect 10s
+    timeout client 300s
+    timeout server 300s
+frontend smtps
+    bind 127.0.0.1:$smtps ssl crt $CERTS/haproxy-ecdsa.pem
+    default_backend smtp_sink
+frontend imaps
+    bind 127.0.0.1:$imaps ssl crt $CERTS/haproxy-ecdsa.pem
+    default_backend dovecot
+backend smtp_sink
+    server sink 127.0.0.1:$SINK_PORT
+backend dovecot
+    server dovecot 127.0.0.1:$IMAP_PORT
+EOF
+    "$HAPROXY_BIN" -c -q -f "$WORK/$name.cfg" >>"$WORK/$name.log" 2>&1 ||
+        { cat "$WORK/$name.log" >&2; die "haproxy refuses $WORK/$name.cfg"; }
+    taskset -c "$PROXY_CPU" "$HAPROXY_BIN" -db -f "$WORK/$name.cfg" >>"$WORK/$name.log" 2>&1 &
+    pid=$!
+    PIDS+=("$pid")
+    wait_port "$smtps"; wait_port "$imaps"
+    kill -0 "$pid" 2>/dev/null || { cat "$WORK/$name.log" >&2; die "haproxy exited"; }
+    printf -v "PID_$name" %s "$pid"
+    printf -v "SMTPS_$name" %s "$smtps"
+    printf -v "IMAPS_$name" %s "$imaps"
+}
+# threads PID: how many threads the process runs, and their names.
+threads() {
+    local t names=()
+    for t in /proc/"$1"/task/*/comm; do names+=("$(cat "$t")"); done
+    echo "${#names[@]} thread$([ "${#names[@]}" = 1 ] || echo s) ($(printf '%s\n' "${names[@]}" | sort | uniq -c |
+        awk '{printf "%s%s x%s", (NR > 1 ? ", " : ""), $2, $1}'))"
+}
+# tls_probe LABEL PORT: what one openssl s_client handshake (its default offer) gets from
+# an implicit-TLS listener: version, suite, group, signature, session tickets, bytes. Its
+# input stays open a second, for the tickets (sent after the handshake) to arrive.
+tls_probe() {
+    local out
+    out=$(sleep 1 | timeout 10 openssl s_client -connect "127.0.0.1:$2" -servername mail.example.test \
+        -CAfile "$CERTS/ca.pem" -msg 2>&1) || true
+    awk -v label="$1" '
+        /^New, / { sub(/^New, /, ""); suite = $0 }
+        /^Server Temp Key:/ { sub(/^Server Temp Key: /, ""); group = $0 }
+        /^Peer signature type:/ { sig = $4 }
+        /NewSessionTicket/ { tickets++ }
+        /^SSL handshake has read/ { bytes = $5 " bytes in, " $9 " out" }
+        END { printf "%s: %s, %s, %s signature, %d session tickets, handshake %s\n",
+              label, suite, group, sig, tickets, bytes }' <<<"$out"
 }
 start_mailmoat ecdsa "$CERTS/mail.example.test.pem" "$CERTS/mail.example.test.key"
 start_mailmoat rsa "$CERTS/rsa.pem" "$CERTS/rsa.key"
@@ -253,6 +383,24 @@ if [ -n "$BASE_MM" ]; then
     start_mailmoat base_ecdsa "$CERTS/mail.example.test.pem" "$CERTS/mail.example.test.key" \
         "$MM_TUNABLES" "" "$BASE_MM"
     start_mailmoat base_rsa "$CERTS/rsa.pem" "$CERTS/rsa.key" "$MM_TUNABLES" "" "$BASE_MM"
+fi
+# --haproxy: HAProxy for the session, bulk and FETCH scenarios (idle_N_implicit starts
+# fresh instances of its own).
+HAP_INFO=
+PROXY_THREADS="mailmoat: $(threads "$PID_ecdsa")"
+# shellcheck disable=SC2154 # *_hap, *_ecdsa: set by start_haproxy and start_mailmoat
+if [ "$HAPROXY" = 1 ]; then
+    start_haproxy hap
+    # (sed reads all of it: head would leave haproxy a closed pipe, SIGPIPE and pipefail.)
+    HAP_INFO="$("$HAPROXY_BIN" -v | sed -n '1s/^\(HAProxy version [^ ]*\).*/\1/p')"
+    HAP_INFO+=", $("$HAPROXY_BIN" -vv | sed -n 's/^Running on OpenSSL version : //p')"
+    PROXY_THREADS+="; haproxy: $(threads "$PID_hap")"
+    {
+        tls_probe "mailmoat smtps" "$SMTPS_ecdsa"
+        tls_probe "haproxy smtps" "$SMTPS_hap"
+        tls_probe "mailmoat imaps" "$IMAPS_ecdsa"
+        tls_probe "haproxy imaps" "$IMAPS_hap"
+    } >"$WORK/tls-probe.txt"
 fi
 
 # ------------------------------------------------------------------ runs
@@ -273,30 +421,27 @@ gen() {
     echo "$line" >>"$RESULTS"
 }
 
-# pair SCENARIO "DIRECT ARGS" "MAILMOAT ARGS" ["BASELINE ARGS"]: REPS alternating runs
-# (order flips). With BASELINE ARGS, each repetition also runs the baseline binary, next
-# to mailmoat's run: direct, mailmoat, baseline, then baseline, mailmoat, direct, ...
-# (so the two binaries take turns at going first). One run at a time, always.
+# pair SCENARIO "DIRECT ARGS" "MAILMOAT ARGS" [SIDE=ARGS...]: REPS repetitions of a run
+# of each side: direct, mailmoat, then each further SIDE (baseline, glibc_default,
+# haproxy) in the order given, the order reversed every other repetition (direct,
+# mailmoat, baseline, then baseline, mailmoat, direct, ...), so that no side always goes
+# first or last. One run at a time, always. Empty SIDE=ARGS words are skipped.
 pair() {
-    local scenario=$1 direct=$2 proxied=$3 baseline=${4-} rep
+    local scenario=$1 direct=$2 proxied=$3 rep spec i
+    shift 3
     want "$scenario" || return 0
-    log "scenario $scenario ($REPS repetitions${baseline:+, each also with the baseline binary})"
+    local sides=(direct mailmoat) args=("$direct" "$proxied") extra=()
+    for spec in "$@"; do
+        [ -n "$spec" ] || continue
+        sides+=("${spec%%=*}"); args+=("${spec#*=}"); extra+=("${spec%%=*}")
+    done
+    log "scenario $scenario ($REPS repetitions${extra[0]:+, each also with ${extra[*]}})"
     for rep in $(seq 1 "$REPS"); do
-        if [ $((rep % 2)) = 1 ]; then
+        for i in "${!sides[@]}"; do
+            [ $((rep % 2)) = 1 ] || i=$((${#sides[@]} - 1 - i))
             # shellcheck disable=SC2086
-            gen "$scenario" direct "$rep" $direct
-            # shellcheck disable=SC2086
-            gen "$scenario" mailmoat "$rep" $proxied
-            # shellcheck disable=SC2086
-            [ -z "$baseline" ] || gen "$scenario" baseline "$rep" $baseline
-        else
-            # shellcheck disable=SC2086
-            [ -z "$baseline" ] || gen "$scenario" baseline "$rep" $baseline
-            # shellcheck disable=SC2086
-            gen "$scenario" mailmoat "$rep" $proxied
-            # shellcheck disable=SC2086
-            gen "$scenario" direct "$rep" $direct
-        fi
+            gen "$scenario" "${sides[$i]}" "$rep" ${args[$i]}
+        done
     done
 }
 
@@ -318,17 +463,37 @@ base_args() {
 }
 BASE_SUB_ECDSA=$(base_args ecdsa SUB); BASE_SUB_RSA=$(base_args rsa SUB)
 BASE_SMTPS_ECDSA=$(base_args ecdsa SMTPS)
+# --haproxy: the further sides of an implicit-TLS scenario, as pair's SIDE=ARGS words in
+# HAP_SIDES: glibc_default (the instance started without GLIBC_TUNABLES; none with
+# --glibc-default, where every instance runs so) and haproxy. ARGS: the generator's
+# arguments but the address; LISTENER: SMTPS or IMAPS.
+hap_sides() {
+    local gen_args=$1 plain_port=${2}_glibc hap_port=${2}_hap
+    HAP_SIDES=()
+    [ "$HAPROXY" = 1 ] || return 0
+    [ -z "$MM_TUNABLES" ] ||
+        HAP_SIDES+=("glibc_default=$gen_args --addr 127.0.0.1:${!plain_port} --proxy-pid $PID_glibc")
+    HAP_SIDES+=("haproxy=$gen_args --addr 127.0.0.1:${!hap_port} --proxy-pid $PID_hap")
+}
 pair smtp_starttls_ecdsa "$HS $SINK" "$HS $CA --addr 127.0.0.1:$SUB_ecdsa --proxy-pid $PID_ecdsa" \
-    ${BASE_MM:+"$HS $CA $BASE_SUB_ECDSA"}
+    ${BASE_MM:+"baseline=$HS $CA $BASE_SUB_ECDSA"}
 # The same sessions from a client that pipelines MAIL, RCPT and DATA (RFC 2920), as MTAs
 # do; the one-command-at-a-time dialogue above is what most mail user agents send.
 pair smtp_starttls_ecdsa_pipelined "$HS --pipelining $SINK" \
     "$HS --pipelining $CA --addr 127.0.0.1:$SUB_ecdsa --proxy-pid $PID_ecdsa" \
-    ${BASE_MM:+"$HS --pipelining $CA $BASE_SUB_ECDSA"}
+    ${BASE_MM:+"baseline=$HS --pipelining $CA $BASE_SUB_ECDSA"}
 pair smtp_starttls_rsa "$HS $SINK" "$HS $CA --addr 127.0.0.1:$SUB_rsa --proxy-pid $PID_rsa" \
-    ${BASE_MM:+"$HS $CA $BASE_SUB_RSA"}
+    ${BASE_MM:+"baseline=$HS $CA $BASE_SUB_RSA"}
+# --haproxy: also HAProxy and the instance without the glibc tuning.
+hap_sides "$HS $CA --tls implicit" SMTPS
 pair smtp_implicit_ecdsa "$HS $SINK" "$HS $CA --tls implicit --addr 127.0.0.1:$SMTPS_ecdsa --proxy-pid $PID_ecdsa" \
-    ${BASE_MM:+"$HS $CA --tls implicit $BASE_SMTPS_ECDSA"}
+    ${BASE_MM:+"baseline=$HS $CA --tls implicit $BASE_SMTPS_ECDSA"} "${HAP_SIDES[@]}"
+# The same sessions one at a time: the latency a proxy adds to a whole session, handshake
+# included (at concurrency 20 a session's p50 is mostly its wait for the proxy's core).
+SEQ="smtp --sessions $N_SEQUENTIAL --concurrency 1 --size 2048"
+hap_sides "$SEQ $CA --tls implicit" SMTPS
+pair smtp_implicit_ecdsa_sequential "$SEQ $SINK" \
+    "$SEQ $CA --tls implicit --addr 127.0.0.1:$SMTPS_ecdsa --proxy-pid $PID_ecdsa" "${HAP_SIDES[@]}"
 # The baseline instances are done: the rest runs as without --baseline.
 # shellcheck disable=SC2154 # PID_base_*: set by start_mailmoat
 if [ -n "$BASE_MM" ]; then
@@ -348,12 +513,21 @@ pair smtp_bulk_data "$BULK $SINK" "$BULK $CA --addr 127.0.0.1:$SUB_ecdsa --proxy
 if [ -n "$MM_TUNABLES" ]; then
     pair smtp_bulk_data_glibc_default "$BULK $SINK" \
         "$BULK $CA --addr 127.0.0.1:$SUB_glibc --proxy-pid $PID_glibc"
-    stop_pid "$PID_glibc"
 fi
+# The same through the implicit-TLS listener (smtps); --haproxy: and through HAProxy.
+hap_sides "$BULK $CA --tls implicit" SMTPS
+pair smtp_bulk_data_implicit "$BULK $SINK" \
+    "$BULK $CA --tls implicit --addr 127.0.0.1:$SMTPS_ecdsa --proxy-pid $PID_ecdsa" "${HAP_SIDES[@]}"
 # IMAP FETCH of the 10 MB message (STARTTLS, LOGIN, SELECT, FETCH xN, LOGOUT).
 IM="imap --sessions 2 --concurrency 1 --login alice@example.test:alice-secret-pw --fetches $IMAP_FETCHES"
 pair imap_fetch_10mb "$IM --addr 127.0.0.1:$IMAP_PORT --tls none" \
     "$IM $CA --addr 127.0.0.1:$IMAP_ecdsa --proxy-pid $PID_ecdsa"
+# The same through the implicit-TLS listener (imaps); --haproxy: and through HAProxy.
+hap_sides "$IM $CA --tls implicit" IMAPS
+pair imap_fetch_10mb_implicit "$IM --addr 127.0.0.1:$IMAP_PORT --tls none" \
+    "$IM $CA --tls implicit --addr 127.0.0.1:$IMAPS_ecdsa --proxy-pid $PID_ecdsa" "${HAP_SIDES[@]}"
+[ -z "$MM_TUNABLES" ] || stop_pid "$PID_glibc"
+[ "$HAPROXY" = 0 ] || stop_pid "$PID_hap"
 # Latency: one established session, sequential MAIL/RCPT/DATA(2 KB)/RSET transactions.
 LAT="latency --sessions 1 --concurrency 1 --messages $LAT_TX --size 2048"
 pair smtp_latency "$LAT $SINK" "$LAT $CA --addr 127.0.0.1:$SUB_ecdsa --proxy-pid $PID_ecdsa"
@@ -362,29 +536,55 @@ CONC="smtp --sessions $N_CONC --concurrency $N_CONC --size 2048 --step-timeout 6
 pair smtp_concurrent "$CONC $SINK" "$CONC $CA --addr 127.0.0.1:$SUB_ecdsa --proxy-pid $PID_ecdsa"
 
 # Idle sessions: a fresh mailmoat each time (a used one keeps freed memory around),
-# N sessions held open after STARTTLS and EHLO; growth of its RSS per session.
+# N sessions held open after STARTTLS and EHLO; growth of its RSS per session. The same
+# through the implicit-TLS listener (smtps): idle_N_implicit; --haproxy: and through a
+# fresh HAProxy, and a fresh mailmoat without the glibc tuning.
 stop_pid "$PID_rsa"
-# idle_run NAME SIDE REP [BINARY]: one repetition, on a fresh instance NAME.
+# idle_run SCENARIO SIDE REP: one repetition, on a fresh instance of SIDE's kind:
+# mailmoat (this tree's binary), baseline (--baseline's), glibc_default (this tree's,
+# without GLIBC_TUNABLES), haproxy. idle_N: STARTTLS (submission); idle_N_implicit:
+# implicit TLS (smtps).
 idle_run() {
-    local name=$1 side=$2 rep=$3 bin=${4-} pid_var=PID_$1 sub_var=SUB_$1
-    start_mailmoat "$name" "$CERTS/mail.example.test.pem" "$CERTS/mail.example.test.key" \
-        "$MM_TUNABLES" "" "$bin"
+    local scenario=$1 side=$2 rep=$3 tls=starttls port_var pid_var
+    local cert=$CERTS/mail.example.test.pem key=$CERTS/mail.example.test.key
+    [ "$scenario" = "idle_$N_IDLE" ] || tls=implicit
+    case "$side" in
+        mailmoat) start_mailmoat idle "$cert" "$key" "$MM_TUNABLES" "" ;;
+        baseline) start_mailmoat idle "$cert" "$key" "$MM_TUNABLES" "" "$BASE_MM" ;;
+        glibc_default) start_mailmoat idle "$cert" "$key" "" "" ;;
+        haproxy) start_haproxy idle ;;
+        *) die "idle_run: unknown side $side" ;;
+    esac
+    pid_var=PID_idle; port_var=SMTPS_idle
+    [ "$tls" = implicit ] || port_var=SUB_idle
     sleep 0.5
     # shellcheck disable=SC2086
-    gen "idle_$N_IDLE" "$side" "$rep" idle --sessions "$N_IDLE" --concurrency 50 --settle 2 \
-        $CA --addr "127.0.0.1:${!sub_var}" --proxy-pid "${!pid_var}"
+    gen "$scenario" "$side" "$rep" idle --sessions "$N_IDLE" --concurrency 50 --settle 2 \
+        $CA --tls "$tls" --addr "127.0.0.1:${!port_var}" --proxy-pid "${!pid_var}"
     stop_pid "${!pid_var}"
 }
-if want "idle_$N_IDLE"; then
-    log "scenario idle_${N_IDLE} ($IDLE_REPS repetitions, fresh mailmoat each${BASE_MM:+, each also with the baseline binary})"
-    # --baseline: a fresh baseline instance too, after or (every other repetition) before
-    # mailmoat's, never both at once.
+# idle_scenario SCENARIO SIDE...: IDLE_REPS repetitions, each side once per repetition on
+# its own fresh instance, never two at once, the order reversed every other repetition.
+idle_scenario() {
+    local scenario=$1 rep i
+    shift
+    local sides=("$@")
+    want "$scenario" || return 0
+    log "scenario $scenario ($IDLE_REPS repetitions, a fresh instance of each of: ${sides[*]})"
     for rep in $(seq 1 "$IDLE_REPS"); do
-        [ -z "$BASE_MM" ] || [ $((rep % 2)) = 1 ] || idle_run base_idle baseline "$rep" "$BASE_MM"
-        idle_run idle mailmoat "$rep"
-        [ -z "$BASE_MM" ] || [ $((rep % 2)) = 0 ] || idle_run base_idle baseline "$rep" "$BASE_MM"
+        for i in "${!sides[@]}"; do
+            [ $((rep % 2)) = 1 ] || i=$((${#sides[@]} - 1 - i))
+            idle_run "$scenario" "${sides[$i]}" "$rep"
+        done
     done
+}
+idle_scenario "idle_$N_IDLE" mailmoat ${BASE_MM:+baseline}
+IDLE_HAP_SIDES=()
+if [ "$HAPROXY" = 1 ]; then
+    [ -z "$MM_TUNABLES" ] || IDLE_HAP_SIDES+=(glibc_default)
+    IDLE_HAP_SIDES+=(haproxy)
 fi
+idle_scenario "idle_${N_IDLE}_implicit" mailmoat "${IDLE_HAP_SIDES[@]}"
 # Flooding clients that never read: a fresh mailmoat each time; N_FLOOD connections to
 # its MX listener (no pre-TLS command budget there) send bare LF lines and unknown verbs,
 # answered by mailmoat itself, and never read a reply, while 20 full STARTTLS sessions
@@ -413,10 +613,13 @@ ELAPSED=$(( $(date +%s) - STARTED ))
 
 # ------------------------------------------------------------------ table
 LOADAVG=$(cut -d' ' -f1-3 /proc/loadavg)
+TLS_PROBE=
+[ -f "$WORK/tls-probe.txt" ] && TLS_PROBE=$(cat "$WORK/tls-probe.txt")
 python3 - "$RESULTS" "$REPS" "$ELAPSED" "$CORES" "$LOADAVG" "$N_IDLE" "$MM_TUNABLES" "$N_FLOOD" \
-    "$BASE_INFO" <<'EOF'
+    "$BASE_INFO" "$HAP_INFO" "$PROXY_THREADS" "$TLS_PROBE" <<'EOF'
 import json, statistics, sys
 path, reps, elapsed, cores, loadavg, n_idle, tunables, n_flood, base_info = sys.argv[1:10]
+hap_info, proxy_threads, tls_probe = sys.argv[10:13]
 runs = {}
 errors = []
 for line in open(path):
@@ -453,11 +656,21 @@ def fmt(v, digits=1):
     return f"{v:,.{digits}f}"
 
 rows = []
+# The mailmoat sides HAProxy is compared with in SCENARIO, with their row labels: the
+# instance without the glibc tuning first, then the tuned one; with --glibc-default,
+# mailmoat's own runs, which are without it.
+def hap_pairs(scenario):
+    if (scenario, "glibc_default") not in runs:
+        return [("mailmoat", "haproxy; mailmoat: glibc defaults")]
+    return [("glibc_default", "haproxy; mailmoat: glibc defaults"),
+            ("mailmoat", "haproxy; mailmoat: GLIBC_TUNABLES")]
 # --baseline: mailmoat's own metrics compared with the baseline binary (CPU, memory),
 # for the per-repetition list under the table.
 vs_base = []
+# --haproxy: the same for mailmoat (without the glibc tuning) against HAProxy.
+vs_hap = []
 def row(scenario, metric, path, target="", base_side="direct", base_label="direct",
-        scale=1.0, digits=1, ratio=True, baseline=False):
+        scale=1.0, digits=1, ratio=True, baseline=False, haproxy=False):
     if not any(sc == scenario for (sc, _) in runs):
         return  # not run (--only)
     b = med(scenario, base_side, path) if base_side else None
@@ -474,16 +687,50 @@ def row(scenario, metric, path, target="", base_side="direct", base_label="direc
         rows.append((scenario, metric, "baseline binary", fmt(b, digits), fmt(m, digits), r, ""))
         if ratio and isinstance(path, str) and path.startswith("proxy."):
             vs_base.append((scenario, metric, path, scale, digits))
+    # haproxy=True: HAProxy's median against mailmoat's without the glibc tuning (the
+    # glibc_default side; mailmoat's own with --glibc-default), then against the tuned
+    # instance (--haproxy runs only).
+    if haproxy and (scenario, "haproxy") in runs:
+        if ratio and isinstance(path, str) and path.startswith("proxy."):
+            vs_hap.append((scenario, metric, path, scale, digits))
+        h = med(scenario, "haproxy", path)
+        h = None if h is None else h * scale
+        # (A count, not a ratio: against the instance without the tuning only.)
+        for side, label in hap_pairs(scenario)[:None if ratio else 1]:
+            m = med(scenario, side, path)
+            m = None if m is None else m * scale
+            r = f"{m / h:.2f}" if ratio and h and m is not None else "-"
+            rows.append((scenario, metric, label, fmt(h, digits), fmt(m, digits), r, ""))
 
 for s, target in [("smtp_starttls_ecdsa", "<= 250"), ("smtp_starttls_rsa", "<= 440"),
                   ("smtp_implicit_ecdsa", "")]:
     row(s, "server CPU µs/session", "proxy.cpu_us_per_session", target, base_label="smtp-sink",
-        baseline=True)
+        baseline=True, haproxy=True)
     row(s, "of which kernel µs/session", lambda r: r["proxy"]["cpu_system_us"] / r["ok"],
-        base_label="smtp-sink", baseline=True)
-    row(s, "sessions/s", "sessions_per_s", digits=0, baseline=True)
-    row(s, "session p50 ms", "session_latency_us.p50", scale=1e-3, digits=2, baseline=True)
+        base_label="smtp-sink", baseline=True, haproxy=True)
+    row(s, "sessions/s", "sessions_per_s", digits=0, baseline=True, haproxy=True)
+    row(s, "session p50 ms", "session_latency_us.p50", scale=1e-3, digits=2, baseline=True,
+        haproxy=True)
     row(s, "generator CPU µs/session", "generator.cpu_us_per_session", digits=0)
+# The latency each proxy adds to a whole session (handshake included), one session at a
+# time: its median p50 less the direct runs' median p50, in the same scenario.
+def added_p50(scenario, side):
+    d = med(scenario, "direct", "session_latency_us.p50")
+    m = med(scenario, side, "session_latency_us.p50")
+    return None if d is None or m is None else (m - d) / 1000
+s = "smtp_implicit_ecdsa_sequential"
+row(s, "server CPU µs/session", "proxy.cpu_us_per_session", base_label="smtp-sink", haproxy=True)
+row(s, "session p50 ms", "session_latency_us.p50", scale=1e-3, digits=2, haproxy=True)
+row(s, "session p99 ms", "session_latency_us.p99", scale=1e-3, digits=2, haproxy=True)
+if (s, "mailmoat") in runs:
+    rows.append((s, "added session p50 ms vs direct", "-", "-", fmt(added_p50(s, "mailmoat"), 2),
+                 "-", ""))
+if (s, "haproxy") in runs:
+    h = added_p50(s, "haproxy")
+    for side, label in hap_pairs(s):
+        m = added_p50(s, side)
+        r = f"{m / h:.2f}" if h and m is not None and h > 0 else "-"
+        rows.append((s, "added session p50 ms vs direct", label, fmt(h, 2), fmt(m, 2), r, ""))
 s = "smtp_starttls_ecdsa_pipelined"
 row(s, "server CPU µs/session", "proxy.cpu_us_per_session", base_label="smtp-sink",
     baseline=True)
@@ -501,9 +748,12 @@ row("smtp_bulk_data", "of which kernel ms/MB", lambda r: r["proxy"]["cpu_system_
 row("smtp_bulk_data", "MB/s", "mb_per_s")
 if ("smtp_bulk_data_glibc_default", "mailmoat") in runs:
     row("smtp_bulk_data_glibc_default", "mailmoat CPU ms/MB", "proxy.cpu_ms_per_mb", base_side=None, digits=3)
-row("imap_fetch_10mb", "mailmoat CPU ms/MB", "proxy.cpu_ms_per_mb", "<= 0.55", base_side=None, digits=3)
-row("imap_fetch_10mb", "of which kernel ms/MB", lambda r: r["proxy"]["cpu_system_us"] / 1000 / (r["bytes"] / 1e6), base_side=None, digits=3)
-row("imap_fetch_10mb", "MB/s", "mb_per_s")
+for s in ("smtp_bulk_data_implicit", "imap_fetch_10mb", "imap_fetch_10mb_implicit"):
+    row(s, "mailmoat CPU ms/MB", "proxy.cpu_ms_per_mb", "<= 0.55" if s == "imap_fetch_10mb" else "",
+        base_side=None, digits=3, haproxy=True)
+    row(s, "of which kernel ms/MB", lambda r: r["proxy"]["cpu_system_us"] / 1000 / (r["bytes"] / 1e6),
+        base_side=None, digits=3, haproxy=True)
+    row(s, "MB/s", "mb_per_s", haproxy=True)
 row("smtp_latency", "transaction p50 ms", "transaction_latency_us.p50", "+<= 0.8 ms", scale=1e-3, digits=3)
 row("smtp_latency", "transaction p99 ms", "transaction_latency_us.p99", scale=1e-3, digits=3)
 row("smtp_latency", "mailmoat CPU µs/transaction",
@@ -526,6 +776,10 @@ row(f"idle_{n_idle}", "KiB resident per session", "proxy.rss_kib_per_conn", "<= 
     baseline=True)
 row(f"idle_{n_idle}", "held open", "held_open", digits=0, base_side=None, baseline=True,
     ratio=False)
+row(f"idle_{n_idle}_implicit", "KiB resident per session", "proxy.rss_kib_per_conn", base_side=None,
+    haproxy=True)
+row(f"idle_{n_idle}_implicit", "held open", "held_open", digits=0, base_side=None, ratio=False,
+    haproxy=True)
 for flood in (f"flood_{n_flood}", f"flood_{n_flood}_no_error_limit"):
     row(flood, "KiB resident per flooding connection", "proxy.rss_kib_per_attacker",
         "bounded", base_side=None)
@@ -552,31 +806,93 @@ print()
 print(f"mailmoat's environment: GLIBC_TUNABLES={tunables} (as config/mailmoat.service sets it)"
       if tunables else "mailmoat's environment: glibc's defaults (--glibc-default)")
 print()
+hap_scenarios = sorted({sc for (sc, side) in runs if side == "haproxy"})
+if hap_scenarios:
+    print(f"--haproxy: {hap_info}, mode tcp, nbthread 1, no log, TLS 1.3 "
+          f"TLS_AES_128_GCM_SHA256 X25519, the same certificate chain and key, upstreams "
+          f"and core as mailmoat; {proxy_threads}. \"glibc_default\" is mailmoat started "
+          f"without GLIBC_TUNABLES, as HAProxy is; \"haproxy\" rows: ratio = mailmoat / HAProxy.")
+    # What each side negotiated with the generator, summed over the HAProxy scenarios.
+    by_side = {}
+    for (sc, side), rs in runs.items():
+        if sc in hap_scenarios:
+            for r in rs:
+                for k, n in (r.get("tls_suites") or {}).items():
+                    by_side.setdefault(side, {}).setdefault(k, 0)
+                    by_side[side][k] += n
+    print("TLS negotiated with the generator (key exchange: X25519, the only group it offers), "
+          "in " + ", ".join(hap_scenarios) + ": " + "; ".join(
+              f"{side} " + ", ".join(f"{k} x{n:,}" for k, n in sorted(suites.items()))
+              for side, suites in sorted(by_side.items())))
+    if tls_probe:
+        print("openssl s_client (its default offer) against each implicit listener:")
+        for line in tls_probe.splitlines():
+            print(f"- {line}")
+    print()
 print("| scenario | metric | baseline | baseline median | mailmoat median | ratio | target |")
 print("|---|---|---|---:|---:|---:|---|")
 for r in rows:
     print("| " + " | ".join(r) + " |")
 if lat_d is not None and lat_m is not None:
     print(f"\nadded latency per SMTP transaction (p50): {(lat_m - lat_d) / 1000:.3f} ms (target <= 0.8 ms)")
-if vs_base:
-    # Each repetition's pair of runs, to see the noise the medians hide.
-    print("\nthis tree / baseline binary, per repetition:")
-    for scenario, metric, path, scale, digits in vs_base:
+if hap_scenarios:
+    # The figures of issue 14's table, from this run: HAProxy against mailmoat's implicit
+    # listeners, without the glibc tuning and (where it ran) with it.
+    tuned = any(side == "glibc_default" for (sc, side) in runs if sc in hap_scenarios)
+    figures = [
+        ("full SMTP session incl. handshake, CPU µs", "smtp_implicit_ecdsa",
+         lambda sc, side: med(sc, side, "proxy.cpu_us_per_session"), 1),
+        ("bulk SMTP DATA, CPU ms/MB", "smtp_bulk_data_implicit",
+         lambda sc, side: med(sc, side, "proxy.cpu_ms_per_mb"), 3),
+        ("IMAP FETCH of 10 MB, CPU ms/MB", "imap_fetch_10mb_implicit",
+         lambda sc, side: med(sc, side, "proxy.cpu_ms_per_mb"), 3),
+        (f"idle TLS connection, {int(n_idle):,} open, KiB RSS each", f"idle_{n_idle}_implicit",
+         lambda sc, side: med(sc, side, "proxy.rss_kib_per_conn"), 1),
+        ("added session p50 vs direct, one at a time, ms", "smtp_implicit_ecdsa_sequential",
+         added_p50, 2),
+    ]
+    print("\nmailmoat (implicit-TLS listeners) vs HAProxy, this run, ratio = mailmoat / HAProxy:\n")
+    head = "| figure (proxy per unit) | HAProxy | mailmoat, glibc defaults | ratio |"
+    if tuned:
+        head += " mailmoat, GLIBC_TUNABLES | ratio |"
+    print(head)
+    print("|---|---:|---:|---:|" + ("---:|---:|" if tuned else ""))
+    for label, sc, value, digits in figures:
+        if (sc, "haproxy") not in runs:
+            continue
+        h = value(sc, "haproxy")
+        cells = [label, fmt(h, digits)]
+        for side, _ in hap_pairs(sc):
+            m = value(sc, side)
+            cells += [fmt(m, digits), f"{m / h:.2f}" if h and m is not None and h > 0 else "-"]
+        if tuned and len(cells) < 6:
+            cells += ["-", "-"]
+        print("| " + " | ".join(cells) + " |")
+# Each repetition's pair of runs (the two sides run one after the other), to see the noise
+# the medians hide: SIDE's value / OTHER's in each repetition.
+def per_repetition(title, entries, side, other):
+    if not entries:
+        return
+    print(f"\n{title}, per repetition:")
+    for scenario, metric, path, scale, digits in entries:
         by_rep = {}
-        for side in ("mailmoat", "baseline"):
-            for r in runs.get((scenario, side), []):
+        for sd in (side(scenario), other):
+            for r in runs.get((scenario, sd), []):
                 v = get(r, path)
-                by_rep.setdefault(r["label"].split("|")[2], {})[side] = \
+                by_rep.setdefault(r["label"].split("|")[2], {})[sd] = \
                     v * scale if isinstance(v, (int, float)) else None
         cells, ratios = [], []
         for rep in sorted(by_rep, key=int):
-            m, b = by_rep[rep].get("mailmoat"), by_rep[rep].get("baseline")
+            m, b = by_rep[rep].get(side(scenario)), by_rep[rep].get(other)
             q = m / b if m is not None and b else None
             if q is not None:
                 ratios.append(q)
             cells.append(f"rep {rep} {fmt(m, digits)} / {fmt(b, digits)} = {fmt(q, 2)}")
         spread = f", ratios {min(ratios):.2f} to {max(ratios):.2f}" if ratios else ""
         print(f"- {scenario}, {metric}{spread}: " + "; ".join(cells))
+per_repetition("this tree / baseline binary", vs_base, lambda sc: "mailmoat", "baseline")
+per_repetition("mailmoat (glibc defaults) / HAProxy", vs_hap, lambda sc: hap_pairs(sc)[0][0],
+               "haproxy")
 print("\nCPU is the run time of the server's threads over the run (mailmoat's; in direct "
       "SMTP runs smtp-sink's, for its one plaintext leg) from /proc/PID/task/*/schedstat, "
       "divided by sessions or by message/literal MB (10^6 bytes); its kernel share is "
