@@ -24,6 +24,11 @@ pub struct Command<'a, V> {
     pub args: &'a [u8],
 }
 
+/// White space between the words of a command (SP and HTAB, liberally).
+pub fn is_wsp(b: u8) -> bool {
+    b == b' ' || b == b'\t'
+}
+
 /// A command line's first word and the rest, white space around the rest removed:
 /// liberal in white space, so that the proxy classifies a line the way lenient
 /// upstreams read it.
@@ -31,13 +36,12 @@ pub fn split(line: &[u8]) -> Result<(&[u8], &[u8]), SplitError> {
     if line.iter().any(|&b| (b < 0x20 && b != b'\t') || b == 0x7f) {
         return Err(SplitError::ControlCharacter);
     }
-    let is_wsp = |b: &u8| *b == b' ' || *b == b'\t';
     let start = line
         .iter()
-        .position(|b| !is_wsp(b))
+        .position(|&b| !is_wsp(b))
         .ok_or(SplitError::Empty)?;
     let line = &line[start..];
-    let word_end = line.iter().position(is_wsp).unwrap_or(line.len());
+    let word_end = line.iter().position(|&b| is_wsp(b)).unwrap_or(line.len());
     let (word, rest) = line.split_at(word_end);
     Ok((word, rest.trim_ascii()))
 }

@@ -2,7 +2,7 @@
 //! §9, RFC 5034 §4). Each parser takes one whole line from the framer, without its line
 //! end, never the socket.
 
-use crate::proto::command::{self, SplitError, Verbs};
+use crate::proto::command::{self, SplitError, Verbs, is_wsp};
 use nom::{
     IResult, Parser,
     branch::alt,
@@ -27,6 +27,16 @@ pub enum Error {
     /// An upstream line that is neither `+OK`, `-ERR` nor an AUTH continuation.
     #[error("malformed status line")]
     MalformedStatus,
+}
+
+/// The split's refusals are the command parser's.
+impl From<SplitError> for Error {
+    fn from(error: SplitError) -> Self {
+        match error {
+            SplitError::ControlCharacter => Error::ControlCharacter,
+            SplitError::Empty => Error::Empty,
+        }
+    }
 }
 
 /// The commands the proxy tells apart (RFC 1939, RFC 2449 `CAPA`, RFC 2595 `STLS`,
@@ -55,6 +65,13 @@ pub enum Keyword {
     Other,
 }
 
+impl Keyword {
+    /// The keyword's name for logs, or `unknown`: never the client's own text.
+    pub fn label(self) -> &'static str {
+        KEYWORDS.label(self)
+    }
+}
+
 /// The keywords the proxy knows, by name; everything else is `Other`.
 const KEYWORDS: Verbs<Keyword> = Verbs {
     names: &[
@@ -80,19 +97,8 @@ const KEYWORDS: Verbs<Keyword> = Verbs {
     other: Keyword::Other,
 };
 
-impl Keyword {
-    /// The keyword's name for logs, or `unknown`: never the client's own text.
-    pub fn label(self) -> &'static str {
-        KEYWORDS.label(self)
-    }
-}
-
 /// One client command line, split into its keyword and the rest.
 pub type Command<'a> = command::Command<'a, Keyword>;
-
-fn is_wsp(b: u8) -> bool {
-    b == b' ' || b == b'\t'
-}
 
 /// `command = keyword *(SP param)`, `keyword = 3*4VCHAR`, `param = 1*pchar` (RFC 2449
 /// §9; RFC 1939 §3: "a case-insensitive keyword, possibly followed by one or more
@@ -103,15 +109,6 @@ fn is_wsp(b: u8) -> bool {
 /// on whether a bare CR or a NUL ends a command.
 pub fn command(line: &[u8]) -> Result<Command<'_>, Error> {
     Ok(KEYWORDS.command(line)?)
-}
-
-impl From<SplitError> for Error {
-    fn from(error: SplitError) -> Self {
-        match error {
-            SplitError::ControlCharacter => Error::ControlCharacter,
-            SplitError::Empty => Error::Empty,
-        }
-    }
 }
 
 /// The first word of an upstream line.

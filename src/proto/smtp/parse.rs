@@ -1,7 +1,7 @@
 //! nom parsers for the parts of SMTP the proxy must understand (RFC 5321 §4.1, RFC 3030,
 //! RFC 4954). Each parser takes one whole line from the framer, never the socket.
 
-use crate::proto::command::{self, SplitError, Verbs};
+use crate::proto::command::{self, SplitError, Verbs, is_wsp};
 use nom::{
     IResult, Parser,
     branch::alt,
@@ -29,6 +29,16 @@ pub enum Error {
     MalformedReply,
 }
 
+/// The split's refusals are the command parser's.
+impl From<SplitError> for Error {
+    fn from(error: SplitError) -> Self {
+        match error {
+            SplitError::ControlCharacter => Error::ControlCharacter,
+            SplitError::Empty => Error::Empty,
+        }
+    }
+}
+
 /// The commands the proxy tells apart. Everything else is `Other`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Verb {
@@ -50,6 +60,13 @@ pub enum Verb {
     XClient,
     XForward,
     Other,
+}
+
+impl Verb {
+    /// The verb's name for logs, or `unknown`: never the client's own text.
+    pub fn label(self) -> &'static str {
+        VERBS.label(self)
+    }
 }
 
 /// The verbs by name; everything else is `Other`.
@@ -76,19 +93,8 @@ const VERBS: Verbs<Verb> = Verbs {
     other: Verb::Other,
 };
 
-impl Verb {
-    /// The verb's name for logs, or `unknown`: never the client's own text.
-    pub fn label(self) -> &'static str {
-        VERBS.label(self)
-    }
-}
-
 /// One client command line, split into its verb and the rest.
 pub type Command<'a> = command::Command<'a, Verb>;
-
-fn is_wsp(b: u8) -> bool {
-    b == b' ' || b == b'\t'
-}
 
 /// `command = *WSP verb [1*WSP parameters] *WSP` (RFC 5321 §4.1.1, made liberal in white
 /// space and letter case the way Postfix and Exim read commands, so that the proxy
@@ -98,15 +104,6 @@ fn is_wsp(b: u8) -> bool {
 /// on whether a bare CR or a NUL ends a command.
 pub fn command(line: &[u8]) -> Result<Command<'_>, Error> {
     Ok(VERBS.command(line)?)
-}
-
-impl From<SplitError> for Error {
-    fn from(error: SplitError) -> Self {
-        match error {
-            SplitError::ControlCharacter => Error::ControlCharacter,
-            SplitError::Empty => Error::Empty,
-        }
-    }
 }
 
 /// `bdat-cmd = "BDAT" SP chunk-size [ SP end-marker ]`, `end-marker = "LAST"`
