@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
-use bytes::{Buf, Bytes};
+use bytes::{Buf, Bytes, BytesMut};
 use rustls::ServerConfig;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
@@ -42,17 +42,25 @@ pub struct ConnectionSettings {
 }
 
 /// A stream that yields `prefix` before reading from `inner`: the bytes a client sent
-/// behind STARTTLS belong to the TLS handshake (ARCHITECTURE.md §4).
+/// behind STARTTLS belong to the TLS handshake (ARCHITECTURE.md §4). Below a TLS stream
+/// it also reads ahead: rustls asks for 4 KiB at a time, which would be one system call
+/// per 4 KiB of a large message.
 #[derive(Debug)]
 pub struct Prefixed<S> {
-    prefix: Bytes,
+    /// Bytes read (or replayed) but not yet taken: the prefix, then what the last read
+    /// brought beyond what the reader above took. Its allocation is kept while bytes
+    /// flow and given back when the socket is empty, so an idle session holds none.
+    ahead: BytesMut,
     inner: S,
 }
 
 impl<S> Prefixed<S> {
     /// Wraps `inner`, replaying `prefix` first.
     pub fn new(prefix: Bytes, inner: S) -> Self {
-        Prefixed { prefix, inner }
+        Prefixed {
+            ahead: BytesMut::from(&prefix[..]),
+            inner,
+        }
     }
 }
 
@@ -63,30 +71,25 @@ impl<S: AsyncRead + Unpin> AsyncRead for Prefixed<S> {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let this = self.get_mut();
-        if this.prefix.is_empty() {
+        if this.ahead.is_empty() {
             if buf.remaining() >= read_buffers::READ_AHEAD_LEN {
                 return Pin::new(&mut this.inner).poll_read(cx, buf);
             }
-            // rustls reads 4 KiB at a time: one system call per 4 KiB of a large
-            // message. Read what the socket has into the thread's read-ahead buffer
-            // instead, and keep only what rustls did not take (no allocation while the
-            // socket is empty, nothing held once it is served).
-            return read_buffers::poll_read_ahead(&mut this.inner, cx, |read| {
-                let data = read?;
-                let n = data.len().min(buf.remaining());
-                buf.put_slice(&data[..n]);
-                if n < data.len() {
-                    this.prefix = Bytes::copy_from_slice(&data[n..]);
+            // Reuses the allocation the last bytes were served from, if any.
+            this.ahead.reserve(read_buffers::READ_AHEAD_LEN);
+            match tokio_util::io::poll_read_buf(Pin::new(&mut this.inner), cx, &mut this.ahead) {
+                Poll::Ready(Ok(_)) => {}
+                Poll::Ready(Err(err)) => return Poll::Ready(Err(err)),
+                Poll::Pending => {
+                    this.ahead = BytesMut::new();
+                    return Poll::Pending;
                 }
-                Ok(())
-            });
+            }
         }
-        let n = this.prefix.len().min(buf.remaining());
-        buf.put_slice(&this.prefix[..n]);
-        this.prefix.advance(n);
-        if this.prefix.is_empty() {
-            this.prefix = Bytes::new();
-        }
+        // Nothing read is the end of the stream, and puts nothing.
+        let n = this.ahead.len().min(buf.remaining());
+        buf.put_slice(&this.ahead[..n]);
+        this.ahead.advance(n);
         Poll::Ready(Ok(()))
     }
 }
@@ -757,6 +760,22 @@ async fn wait<P: Session, S: ClientStream>(
     std::future::poll_fn(|cx| {
         for side in order {
             let read = match side {
+                Side::Client if wants_client && session.client_stream_buffer().is_some() => {
+                    let Some(buffer) = session.client_stream_buffer() else {
+                        unreachable!("checked just above")
+                    };
+                    read_buffers::poll_read_into(client, cx, buffer).map(|read| match read {
+                        Ok(0) => session.on_client_eof(),
+                        Ok(n) => {
+                            traffic.read_from_client(n, context);
+                            session.on_client_stream_data();
+                        }
+                        Err(err) => {
+                            info!(%err, "client read failed");
+                            session.on_client_eof();
+                        }
+                    })
+                }
                 Side::Client if wants_client => read_buffers::poll_read(client, cx, |_, read| {
                     match read {
                         Ok([]) => session.on_client_eof(),
@@ -814,6 +833,41 @@ enum Woke {
 mod tests {
     use super::*;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    #[tokio::test]
+    async fn prefixed_replays_its_prefix_then_reads_ahead_and_holds_nothing_when_idle() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let connect = TcpStream::connect(listener.local_addr().unwrap());
+        let (client, accepted) = tokio::join!(connect, listener.accept());
+        let (mut far, _) = accepted.unwrap();
+        let mut near = Prefixed::new(Bytes::from_static(b"early"), client.unwrap());
+        far.write_all(&[9; 20_000]).await.unwrap();
+        let mut small = [0; 4096];
+        // The prefix first, alone.
+        assert_eq!(near.read(&mut small).await.unwrap(), 5);
+        assert_eq!(&small[..5], b"early");
+        // Then one read of the socket serves the small reads rustls makes: what is left
+        // waits in the read-ahead.
+        let mut got = 0;
+        while got < 20_000 {
+            let n = near.read(&mut small).await.unwrap();
+            assert!(n > 0 && small[..n].iter().all(|&b| b == 9));
+            got += n;
+        }
+        assert_eq!(got, 20_000);
+        // The socket is empty: a read waits, and the read-ahead's memory is given back.
+        let waker = std::task::Waker::noop();
+        let mut buf = ReadBuf::new(&mut small);
+        let read = Pin::new(&mut near).poll_read(&mut Context::from_waker(waker), &mut buf);
+        assert!(read.is_pending());
+        assert_eq!(near.ahead.capacity(), 0);
+        drop(far);
+        assert_eq!(
+            near.read(&mut small).await.unwrap(),
+            0,
+            "the end of the stream"
+        );
+    }
 
     #[tokio::test]
     async fn prefixed_writes_all_of_a_vectored_write_in_one_call() {

@@ -290,6 +290,20 @@ pub trait Session {
         }
     }
 
+    /// While the session streams a body (SMTP DATA), the buffer the driver reads client
+    /// bytes straight into, saving the copy through [`Session::on_client_data`]; `None`
+    /// otherwise. After such a read the driver calls [`Session::on_client_stream_data`].
+    fn client_stream_buffer(&mut self) -> Option<&mut bytes::BytesMut> {
+        None
+    }
+
+    /// The driver appended client bytes to [`Session::client_stream_buffer`].
+    fn on_client_stream_data(&mut self) {
+        if self.conn().is_open() {
+            self.process_client();
+        }
+    }
+
     /// Bytes arrived from the upstream. During the handshake they wait;
     /// `on_tls_established` refuses them.
     fn on_upstream_data(&mut self, data: &[u8]) {

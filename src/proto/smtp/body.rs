@@ -19,7 +19,9 @@
 //! reads exactly the client's content either way; each rewrite is counted
 //! (`smuggling_neutralized`).
 
-use bytes::{BufMut, BytesMut};
+use std::ops::Range;
+
+use bytes::{BufMut, Bytes, BytesMut};
 
 /// Most control bytes held at the start of a line while the proxy waits for the byte
 /// that decides how to write it: a text line has at most 998 octets (RFC 5321
@@ -49,6 +51,80 @@ enum State {
     Prefix,
     /// The line so far is `.` and droppable bytes, held (without the dot).
     DotPrefix,
+}
+
+/// Where [`Body::feed`] writes what the upstream must receive: bytes of its own, and
+/// runs of the input that pass unchanged.
+pub trait Output {
+    /// Bytes the scanner writes (line ends, stuffing dots, held control bytes).
+    fn put(&mut self, bytes: &[u8]);
+    /// `input[range]` passes unchanged.
+    fn pass(&mut self, input: &[u8], range: Range<usize>);
+}
+
+/// Everything copied into one buffer.
+impl Output for BytesMut {
+    fn put(&mut self, bytes: &[u8]) {
+        self.put_slice(bytes);
+    }
+
+    fn pass(&mut self, input: &[u8], range: Range<usize>) {
+        self.put_slice(&input[range]);
+    }
+}
+
+/// Runs shorter than this are copied: a part each would cost more than the copy.
+const MIN_SHARED_RUN: usize = 512;
+
+/// The body path's output: long unchanged runs stay slices of the input buffer (no
+/// copy: they leave in one gathered write), the scanner's own bytes and short runs are
+/// collected in between.
+#[derive(Debug)]
+pub struct Forward {
+    input: Bytes,
+    parts: Vec<Bytes>,
+    pending: BytesMut,
+}
+
+impl Forward {
+    /// An output for a `feed` of `input`, which must be the very bytes fed.
+    pub fn new(input: Bytes) -> Self {
+        Forward {
+            input,
+            parts: Vec::new(),
+            pending: BytesMut::new(),
+        }
+    }
+
+    /// The parts for the upstream, in order.
+    pub fn into_parts(mut self) -> Vec<Bytes> {
+        self.flush();
+        self.parts
+    }
+
+    fn flush(&mut self) {
+        if !self.pending.is_empty() {
+            self.parts.push(self.pending.split().freeze());
+        }
+    }
+}
+
+impl Output for Forward {
+    fn put(&mut self, bytes: &[u8]) {
+        self.pending.put_slice(bytes);
+    }
+
+    fn pass(&mut self, input: &[u8], range: Range<usize>) {
+        debug_assert!(
+            std::ptr::eq(input, &self.input[..]),
+            "fed bytes are the input"
+        );
+        if range.len() < MIN_SHARED_RUN {
+            return self.pending.put_slice(&input[range]);
+        }
+        self.flush();
+        self.parts.push(self.input.slice(range));
+    }
 }
 
 /// What one call to [`Body::feed`] found.
@@ -95,15 +171,14 @@ impl Body {
         self.neutralized
     }
 
-    /// Scans `input`, appending what the upstream must receive to `out`.
-    pub fn feed(&mut self, input: &[u8], out: &mut BytesMut) -> Progress {
-        out.reserve(input.len() + 8);
+    /// Scans `input`, writing what the upstream must receive to `out`.
+    pub fn feed(&mut self, input: &[u8], out: &mut impl Output) -> Progress {
         let mut i = 0;
         while i < input.len() {
             if let State::Mid | State::LineStart { after_crlf: true } = self.state {
                 // Fast path: what needs nothing done passes in one copy.
                 let (lines, rest) = self.clean_run(&input[i..]);
-                out.put_slice(&input[i..i + lines + rest]);
+                out.pass(input, i..i + lines + rest);
                 i += lines + rest;
                 if rest > 0 {
                     self.state = State::Mid;
@@ -125,11 +200,11 @@ impl Body {
                     self.state = State::Prefix;
                 }
                 (State::LineStart { .. } | State::Mid, other) => {
-                    out.put_u8(other);
+                    out.put(&[other]);
                     self.state = State::Mid;
                 }
                 (State::Cr, b'\n') => {
-                    out.put_slice(b"\r\n");
+                    out.put(b"\r\n");
                     self.state = State::LineStart { after_crlf: true };
                 }
                 (State::Cr, _) => {
@@ -138,7 +213,7 @@ impl Body {
                 }
                 (State::Dot { after_crlf }, b'\r') => self.state = State::DotCr { after_crlf },
                 (State::Dot { .. }, b'\n') => {
-                    out.put_u8(b'.');
+                    out.put(b".");
                     self.bare_line_end_dot(out);
                 }
                 (State::Dot { .. }, other) if is_droppable(other) => {
@@ -146,21 +221,21 @@ impl Body {
                     self.state = State::DotPrefix;
                 }
                 (State::Dot { .. }, other) => {
-                    out.put_slice(&[b'.', other]);
+                    out.put(&[b'.', other]);
                     self.state = State::Mid;
                 }
                 (State::DotCr { after_crlf: true }, b'\n') => {
-                    out.put_slice(b".\r\n");
+                    out.put(b".\r\n");
                     self.state = State::LineStart { after_crlf: true };
                     return Progress::End { consumed: i };
                 }
                 (State::DotCr { after_crlf: false }, b'\n') => {
                     // `.` CRLF after a bare line end: content, stuffed.
-                    out.put_slice(b"..\r\n");
+                    out.put(b"..\r\n");
                     self.state = State::LineStart { after_crlf: true };
                 }
                 (State::DotCr { .. }, _) => {
-                    out.put_u8(b'.');
+                    out.put(b".");
                     self.bare_line_end_dot(out);
                     i -= 1;
                 }
@@ -176,9 +251,9 @@ impl Body {
                     if self.state == State::Prefix {
                         self.neutralized += 1;
                     }
-                    out.put_u8(b'.');
-                    out.put_slice(&self.held);
-                    out.put_u8(b'.');
+                    out.put(b".");
+                    out.put(&self.held);
+                    out.put(b".");
                     self.held.clear();
                     self.state = State::Mid;
                 }
@@ -189,17 +264,17 @@ impl Body {
                     if self.state == State::DotPrefix {
                         self.neutralized += 1;
                     }
-                    out.put_slice(&self.held);
+                    out.put(&self.held);
                     self.held.clear();
                     self.state = State::Mid;
                     i -= 1; // the line end, as inside any line
                 }
                 (State::Prefix | State::DotPrefix, other) => {
                     if self.state == State::DotPrefix {
-                        out.put_u8(b'.');
+                        out.put(b".");
                     }
-                    out.put_slice(&self.held);
-                    out.put_u8(other);
+                    out.put(&self.held);
+                    out.put(&[other]);
                     self.held.clear();
                     self.state = State::Mid;
                 }
@@ -239,15 +314,15 @@ impl Body {
     }
 
     /// A bare CR or LF ended a line: forward CRLF instead.
-    fn bare_line_end(&mut self, out: &mut BytesMut) {
-        out.put_slice(b"\r\n");
+    fn bare_line_end(&mut self, out: &mut impl Output) {
+        out.put(b"\r\n");
         self.bare_newlines += 1;
         self.state = State::LineStart { after_crlf: false };
     }
 
     /// A line `.` ended by a bare CR or LF: content. One `.` was written; stuff a second.
-    fn bare_line_end_dot(&mut self, out: &mut BytesMut) {
-        out.put_u8(b'.');
+    fn bare_line_end_dot(&mut self, out: &mut impl Output) {
+        out.put(b".");
         self.bare_line_end(out);
     }
 }
@@ -426,7 +501,63 @@ mod tests {
         assert_eq!(out[0], b'.');
     }
 
+    /// The body path's output: long clean runs are slices of the input (no copy), and
+    /// what the parts add up to is byte for byte what the copying output holds.
+    #[test]
+    fn long_clean_runs_are_shared_not_copied() {
+        let mut input = "x".repeat(2000).into_bytes();
+        input.extend_from_slice(b"\r\nbare\nline\r\n");
+        input.extend_from_slice(&[b'y'; 3000]);
+        let input = Bytes::from(input);
+        let mut shared = Forward::new(input.clone());
+        let mut copied = BytesMut::new();
+        assert_eq!(Body::default().feed(&input, &mut shared), Progress::More);
+        assert_eq!(Body::default().feed(&input, &mut copied), Progress::More);
+        let parts = shared.into_parts();
+        assert_eq!(parts.concat(), copied.to_vec());
+        let within_input = |part: &Bytes| {
+            let range = input.as_ptr_range();
+            range.contains(&part.as_ptr()) && part.len() >= MIN_SHARED_RUN
+        };
+        assert!(
+            within_input(&parts[0]),
+            "the 2000-byte run is a slice of the input"
+        );
+        assert!(
+            within_input(parts.last().unwrap()),
+            "so is the 3000-byte one"
+        );
+    }
+
     proptest! {
+        /// Whatever is fed, in any chunking, the sharing output gives the same bytes as
+        /// the copying one.
+        #[test]
+        fn the_sharing_output_writes_what_the_copying_one_does(
+            input in proptest::collection::vec(prop_oneof![
+                Just(b'\r'), Just(b'\n'), Just(b'.'), Just(0u8),
+                Just(b'a'), Just(b'a'), Just(b'a'), Just(b'a'),
+            ], 0..3000),
+            cut in 0usize..3000,
+        ) {
+            let cut = cut.min(input.len());
+            let (mut copied_body, mut shared_body) = (Body::default(), Body::default());
+            let mut copied = BytesMut::new();
+            let mut parts = Vec::new();
+            for piece in [&input[..cut], &input[cut..]] {
+                let piece = Bytes::copy_from_slice(piece);
+                let mut shared = Forward::new(piece.clone());
+                let a = copied_body.feed(&piece, &mut copied);
+                let b = shared_body.feed(&piece, &mut shared);
+                prop_assert_eq!(a, b);
+                parts.extend(shared.into_parts());
+                if a != Progress::More {
+                    break;
+                }
+            }
+            prop_assert_eq!(parts.concat(), copied.to_vec());
+        }
+
         /// Whatever the client sends, a reader that drops NUL and other control bytes
         /// ends the message exactly where mailmoat did, and any chunking writes the same.
         #[test]

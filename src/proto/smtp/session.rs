@@ -20,9 +20,9 @@
 
 use std::collections::VecDeque;
 
-use bytes::{Buf, Bytes, BytesMut};
+use bytes::{Buf, Bytes};
 
-use super::body::{Body, Progress};
+use super::body::{Body, Forward, Progress};
 use super::canonical;
 use super::ehlo;
 use super::parse::{self, Verb};
@@ -302,8 +302,11 @@ impl Session {
         let Mode::Data(body) = &mut self.mode else {
             return;
         };
-        let mut out = BytesMut::new();
-        let progress = body.feed(&self.conn.client_in, &mut out);
+        // Long unchanged runs leave as slices of what the client sent (ARCHITECTURE.md
+        // §5): the body is copied only where the scanner rewrites it.
+        let input = self.conn.client_in.split().freeze();
+        let mut out = Forward::new(input.clone());
+        let progress = body.feed(&input, &mut out);
         let bare = body.bare_newlines();
         let neutralized = body.neutralized();
         if bare > 0 && self.bare_newlines == BareNewlines::Reject {
@@ -320,27 +323,25 @@ impl Session {
             });
             return self.conn.close_with(reply::CONTROL_LINE);
         }
-        if !out.is_empty() {
-            self.conn.send_upstream(out.freeze());
+        for part in out.into_parts() {
+            self.conn.send_upstream(part);
         }
-        match progress {
-            Progress::More | Progress::Refused => self.conn.client_in.clear(),
-            Progress::End { consumed } => {
-                self.conn.client_in.advance(consumed);
-                if bare > 0 {
-                    self.conn
-                        .event(Event::BareNewlineNormalized { count: bare });
-                }
-                if neutralized > 0 {
-                    self.conn
-                        .event(Event::SmugglingNeutralized { count: neutralized });
-                }
-                self.mode = Mode::Command;
-                self.slots.push_back(Slot::Upstream {
-                    verb: Verb::Data,
-                    awaiting: Awaiting::EndOfData,
-                });
+        if let Progress::End { consumed } = progress {
+            // What follows the end of data is commands.
+            self.conn.client_in.extend_from_slice(&input[consumed..]);
+            if bare > 0 {
+                self.conn
+                    .event(Event::BareNewlineNormalized { count: bare });
             }
+            if neutralized > 0 {
+                self.conn
+                    .event(Event::SmugglingNeutralized { count: neutralized });
+            }
+            self.mode = Mode::Command;
+            self.slots.push_back(Slot::Upstream {
+                verb: Verb::Data,
+                awaiting: Awaiting::EndOfData,
+            });
         }
     }
 
@@ -827,6 +828,10 @@ impl crate::proto::Session for Session {
             (_, Mode::Data(_) | Mode::SkipChunk { .. }) => Phase::Data,
             _ => Phase::Command,
         }
+    }
+
+    fn client_stream_buffer(&mut self) -> Option<&mut bytes::BytesMut> {
+        matches!(self.mode, Mode::Data(_)).then_some(&mut self.conn.client_in)
     }
 
     fn wants_client_data(&self) -> bool {
