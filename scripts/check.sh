@@ -18,6 +18,9 @@ cargo clippy --workspace --all-targets -- -D warnings
 # that a test that hangs anyway shows where (every process, and the stacks of the test
 # binaries) and fails, instead of using up CI's time. The tests run in a session of
 # their own, so that all of them can be found and stopped.
+# The tests run the binaries: the product's (cargo names it to its own tests) and the
+# load generator's, a workspace member whose binary `cargo test` does not build.
+cargo build --workspace --bins
 limit=${MAILMOAT_TEST_LIMIT:-1800}
 [[ $limit =~ ^[0-9]+$ ]] || { echo "check.sh: MAILMOAT_TEST_LIMIT must be seconds" >&2; exit 64; }
 deadline=$((SECONDS + limit))
