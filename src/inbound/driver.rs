@@ -75,7 +75,20 @@ impl<S: AsyncRead + Unpin> AsyncRead for Prefixed<S> {
             if buf.remaining() >= read_buffers::READ_AHEAD_LEN {
                 return Pin::new(&mut this.inner).poll_read(cx, buf);
             }
-            // Reuses the allocation the last bytes were served from, if any.
+            if this.ahead.capacity() == 0 {
+                // Not streaming (a handshake, a command): read through the thread's
+                // read-ahead buffer and keep only what the reader above did not take,
+                // so that a session allocates nothing for reads that fit.
+                return read_buffers::poll_read_ahead(&mut this.inner, cx, |read| {
+                    let data = read?;
+                    let n = data.len().min(buf.remaining());
+                    buf.put_slice(&data[..n]);
+                    this.ahead.extend_from_slice(&data[n..]);
+                    Ok(())
+                });
+            }
+            // Streaming: what was left over last time was served from this buffer; the
+            // next read lands in it too, without a copy, until the socket runs dry.
             this.ahead.reserve(read_buffers::READ_AHEAD_LEN);
             match tokio_util::io::poll_read_buf(Pin::new(&mut this.inner), cx, &mut this.ahead) {
                 Poll::Ready(Ok(_)) => {}
@@ -860,6 +873,11 @@ mod tests {
         let mut buf = ReadBuf::new(&mut small);
         let read = Pin::new(&mut near).poll_read(&mut Context::from_waker(waker), &mut buf);
         assert!(read.is_pending());
+        assert_eq!(near.ahead.capacity(), 0);
+        // A read that fits what the reader above asks (a handshake message, a command)
+        // goes through the thread's buffer: the session allocates nothing for it.
+        far.write_all(b"EHLO client.example\r\n").await.unwrap();
+        assert_eq!(near.read(&mut small).await.unwrap(), 21);
         assert_eq!(near.ahead.capacity(), 0);
         drop(far);
         assert_eq!(

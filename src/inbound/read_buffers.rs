@@ -1,8 +1,9 @@
-//! The thread-local read buffer: one per thread, shared by every session on it. A read
+//! The thread-local read buffers: one per thread, shared by every session on it. A read
 //! lands here and is handed on within the same poll, so an idle connection holds no
-//! read buffer of its own (thousands of idle sessions cost only their TLS state). A
+//! read buffer of its own (thousands of idle sessions cost only their TLS state). Below
+//! TLS streams a second one reads ahead of rustls' small reads ([`poll_read_ahead`]). A
 //! session streaming a body reads into its own buffer instead ([`poll_read_into`]), and
-//! a TLS stream reads ahead into one that lives while bytes flow (`driver::Prefixed`).
+//! so does a TLS stream while bytes keep flowing (`driver::Prefixed`).
 
 use std::cell::RefCell;
 use std::io;
@@ -20,6 +21,27 @@ thread_local! {
 
 /// Most a TLS stream's reader reads ahead of what rustls takes (`driver::Prefixed`).
 pub const READ_AHEAD_LEN: usize = 32 * 1024;
+
+thread_local! {
+    /// Under a TLS stream, while the stream above reads into [`READ_BUFFER`].
+    static READ_AHEAD: RefCell<Box<[u8]>> =
+        RefCell::new(vec![0; READ_AHEAD_LEN].into_boxed_slice());
+}
+
+/// Polls one read of `stream` (of up to [`READ_AHEAD_LEN`] bytes) for a reader below a
+/// TLS stream; `consume` gets the bytes (or the error) within the same poll.
+pub fn poll_read_ahead<S, R>(
+    stream: &mut S,
+    cx: &mut Context<'_>,
+    consume: impl FnOnce(io::Result<&[u8]>) -> R,
+) -> Poll<R>
+where
+    S: AsyncRead + Unpin + ?Sized,
+{
+    with_buffer(&READ_AHEAD, READ_AHEAD_LEN, |buffer| {
+        read_into(buffer, stream, cx, |_, read| consume(read))
+    })
+}
 
 /// Polls one read of `stream` and hands the result to `consume` within the same poll (an
 /// empty slice is the end of the stream). `consume` gets the context back, to write on.
