@@ -755,6 +755,31 @@ impl Drain {
 /// Waits for the next input and hands it to the session: bytes or the end of stream
 /// from either side (read into the thread's read buffer and handed on within the same
 /// poll, so no buffer is held across the wait), the shutdown signal, or the deadline.
+/// Hands one client read to the session: `n` bytes, in `data` or, when `None`, already in
+/// its stream buffer; none is the end of the stream.
+fn on_client_read<P: Session>(
+    session: &mut P,
+    read: io::Result<(usize, Option<&[u8]>)>,
+    traffic: &mut Traffic,
+    context: &ConnectionSettings,
+) {
+    match read {
+        Ok((0, _)) => session.on_client_eof(),
+        Ok((n, data)) => {
+            traffic.read_from_client(n, context);
+            match data {
+                Some(data) => session.on_client_data(data),
+                None => session.on_client_stream_data(),
+            }
+        }
+        // A TLS stream cut without close_notify, a reset: the client is gone.
+        Err(err) => {
+            info!(%err, "client read failed");
+            session.on_client_eof();
+        }
+    }
+}
+
 async fn wait<P: Session, S: ClientStream>(
     session: &mut P,
     client: &mut S,
@@ -773,37 +798,15 @@ async fn wait<P: Session, S: ClientStream>(
     std::future::poll_fn(|cx| {
         for side in order {
             let read = match side {
-                Side::Client if wants_client && session.client_stream_buffer().is_some() => {
-                    let Some(buffer) = session.client_stream_buffer() else {
-                        unreachable!("checked just above")
-                    };
-                    read_buffers::poll_read_into(client, cx, buffer).map(|read| match read {
-                        Ok(0) => session.on_client_eof(),
-                        Ok(n) => {
-                            traffic.read_from_client(n, context);
-                            session.on_client_stream_data();
-                        }
-                        Err(err) => {
-                            info!(%err, "client read failed");
-                            session.on_client_eof();
-                        }
-                    })
-                }
-                Side::Client if wants_client => read_buffers::poll_read(client, cx, |_, read| {
-                    match read {
-                        Ok([]) => session.on_client_eof(),
-                        Ok(data) => {
-                            traffic.read_from_client(data.len(), context);
-                            session.on_client_data(data);
-                        }
-                        // A TLS stream cut without close_notify, a reset: the client is
-                        // gone.
-                        Err(err) => {
-                            info!(%err, "client read failed");
-                            session.on_client_eof();
-                        }
-                    }
-                }),
+                Side::Client if wants_client => match session.client_stream_buffer() {
+                    Some(buffer) => read_buffers::poll_read_into(client, cx, buffer).map(|read| {
+                        on_client_read(session, read.map(|n| (n, None)), traffic, context)
+                    }),
+                    None => read_buffers::poll_read(client, cx, |_, read| {
+                        let read = read.map(|data| (data.len(), Some(data)));
+                        on_client_read(session, read, traffic, context)
+                    }),
+                },
                 Side::Client => Poll::Pending,
                 Side::Upstream => read_buffers::poll_read(upstream, cx, |_, read| match read {
                     Ok([]) | Err(_) => session.on_upstream_eof(),
