@@ -357,7 +357,7 @@ impl Conn {
     /// A secret crossed the wire in plaintext (it was not forwarded): the event, with a
     /// keyed hash of the user name when it could be read, never the name or the secret.
     pub fn credentials_exposed(&mut self, mechanism: String, user: Option<&[u8]>) {
-        let user_hash = user.map(|user| self.user_hasher.hash(&String::from_utf8_lossy(user)));
+        let user_hash = user.map(|user| self.user_hash(user));
         self.event(Event::CredentialsExposed {
             mechanism,
             user_hash,
