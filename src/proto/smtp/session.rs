@@ -785,9 +785,8 @@ impl crate::proto::Session for Session {
         true
     }
 
-    fn process_upstream(&mut self) {
-        while self.conn.is_open() && self.upstream_step() {}
-        self.process_client();
+    fn process_client(&mut self) {
+        while self.conn.is_open() && !self.conn.output_full() && self.client_step() {}
         // A client that half-closed is done once every command it sent has been read
         // and answered: the commands held behind the reply just in go first.
         if self.client_done && self.slots.is_empty() {
