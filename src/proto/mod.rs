@@ -10,6 +10,7 @@ pub mod conn;
 pub mod exempt;
 pub mod imap;
 pub mod line;
+pub mod outbound;
 pub mod pop3;
 pub mod sasl;
 pub mod smtp;

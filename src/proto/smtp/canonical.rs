@@ -180,22 +180,51 @@ fn is_mailbox(text: &[u8]) -> bool {
 
 /// Which envelope command.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Envelope {
+pub enum Envelope {
     Mail,
     Rcpt,
 }
 
-/// `MAIL FROM:<path> [SP params]` / `RCPT TO:<path> [SP params]` (RFC 5321 §4.1.1.2-3),
-/// written as `MAIL FROM:<address>` / `RCPT TO:<address>` and each parameter after one
-/// SP.
-fn envelope(out: &mut BytesMut, which: Envelope, args: &[u8]) -> Result<(), Refusal> {
-    let (keyword, prefix, refuse) = match which {
-        Envelope::Mail => (
-            &b"FROM:"[..],
-            &b"MAIL FROM:"[..],
-            Refusal(reply::MAIL_SYNTAX),
-        ),
-        Envelope::Rcpt => (&b"TO:"[..], &b"RCPT TO:"[..], Refusal(reply::RCPT_SYNTAX)),
+impl Envelope {
+    /// The line's start as written: `MAIL FROM:` / `RCPT TO:`.
+    fn prefix(self) -> &'static [u8] {
+        match self {
+            Envelope::Mail => b"MAIL FROM:",
+            Envelope::Rcpt => b"RCPT TO:",
+        }
+    }
+}
+
+/// The arguments of `MAIL FROM:<path> [SP params]` / `RCPT TO:<path> [SP params]`
+/// (RFC 5321 §4.1.1.2-3), each part checked against its grammar.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EnvelopeArgs<'a> {
+    /// The address inside the brackets: empty for the null reverse-path `<>`.
+    pub address: &'a [u8],
+    /// The ESMTP parameters, in the client's order.
+    pub params: Vec<Param<'a>>,
+}
+
+/// One ESMTP parameter of an envelope command.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Param<'a> {
+    /// As the client spelled it: compare ignoring case.
+    pub keyword: &'a [u8],
+    pub value: Option<&'a [u8]>,
+}
+
+impl Param<'_> {
+    /// Whether this is the parameter `name` (ASCII, any case).
+    pub fn is(&self, name: &str) -> bool {
+        self.keyword.eq_ignore_ascii_case(name.as_bytes())
+    }
+}
+
+/// Reads the arguments of a `MAIL` or `RCPT` command, or the syntax reply.
+pub fn envelope_args(which: Envelope, args: &[u8]) -> Result<EnvelopeArgs<'_>, Refusal> {
+    let (keyword, refuse) = match which {
+        Envelope::Mail => (&b"FROM:"[..], Refusal(reply::MAIL_SYNTAX)),
+        Envelope::Rcpt => (&b"TO:"[..], Refusal(reply::RCPT_SYNTAX)),
     };
     let rest = strip_prefix_ignore_case(args, keyword).ok_or(refuse)?;
     let (address, rest) = path(rest.trim_ascii_start()).ok_or(refuse)?;
@@ -205,19 +234,40 @@ fn envelope(out: &mut BytesMut, which: Envelope, args: &[u8]) -> Result<(), Refu
         // `Forward-path = Path`, and `<Postmaster>` (RFC 5321 §4.1.1.3).
         Envelope::Rcpt => address.eq_ignore_ascii_case(b"Postmaster") || is_mailbox(address),
     };
-    if !address_ok {
+    if !address_ok || (!rest.is_empty() && rest[0] != b' ') {
         return Err(refuse);
     }
-    out.put_slice(prefix);
-    out.put_u8(b'<');
-    out.put_slice(address);
-    out.put_u8(b'>');
-    if !rest.is_empty() && rest[0] != b' ' {
-        return Err(refuse);
+    let params = rest
+        .split(|&b| b == b' ')
+        .filter(|p| !p.is_empty())
+        .map(esmtp_param)
+        .collect::<Option<Vec<_>>>()
+        .ok_or(refuse)?;
+    Ok(EnvelopeArgs { address, params })
+}
+
+impl EnvelopeArgs<'_> {
+    /// Writes `MAIL FROM:<address>` / `RCPT TO:<address>` and each parameter `keep`
+    /// lets through after one SP, its keyword in upper case; no CRLF.
+    pub fn write(&self, which: Envelope, out: &mut BytesMut, keep: impl Fn(&Param<'_>) -> bool) {
+        out.put_slice(which.prefix());
+        out.put_u8(b'<');
+        out.put_slice(self.address);
+        out.put_u8(b'>');
+        for param in self.params.iter().filter(|p| keep(p)) {
+            out.put_u8(b' ');
+            out.put_slice(&param.keyword.to_ascii_uppercase());
+            if let Some(value) = param.value {
+                out.put_u8(b'=');
+                out.put_slice(value);
+            }
+        }
     }
-    for parameter in rest.split(|&b| b == b' ').filter(|p| !p.is_empty()) {
-        esmtp_param(out, parameter).ok_or(refuse)?;
-    }
+}
+
+/// The canonical line of an envelope command: every parameter, as read.
+fn envelope(out: &mut BytesMut, which: Envelope, args: &[u8]) -> Result<(), Refusal> {
+    envelope_args(which, args)?.write(which, out, |_| true);
     Ok(())
 }
 
@@ -266,8 +316,8 @@ fn path(text: &[u8]) -> Option<(&[u8], &[u8])> {
 
 /// `esmtp-param = esmtp-keyword ["=" esmtp-value]`, `esmtp-keyword = (ALPHA / DIGIT)
 /// *(ALPHA / DIGIT / "-")`, `esmtp-value = 1*(%d33-60 / %d62-126)` (RFC 5321 §4.1.2),
-/// UTF-8 allowed in the value (RFC 6531 §3.3). Written as ` KEYWORD[=value]`.
-fn esmtp_param(out: &mut BytesMut, parameter: &[u8]) -> Option<()> {
+/// UTF-8 allowed in the value (RFC 6531 §3.3).
+fn esmtp_param(parameter: &[u8]) -> Option<Param<'_>> {
     let (keyword, value) = match parameter.iter().position(|&b| b == b'=') {
         Some(i) => (&parameter[..i], Some(&parameter[i + 1..])),
         None => (parameter, None),
@@ -282,16 +332,7 @@ fn esmtp_param(out: &mut BytesMut, parameter: &[u8]) -> Option<()> {
             && v.iter()
                 .all(|&b| ((0x21..=0x7e).contains(&b) && b != b'=') || b >= 0x80)
     });
-    if !keyword_ok || !value_ok {
-        return None;
-    }
-    out.put_u8(b' ');
-    out.put_slice(&keyword.to_ascii_uppercase());
-    if let Some(value) = value {
-        out.put_u8(b'=');
-        out.put_slice(value);
-    }
-    Some(())
+    (keyword_ok && value_ok).then_some(Param { keyword, value })
 }
 
 #[cfg(test)]
