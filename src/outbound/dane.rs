@@ -34,9 +34,15 @@
 //! handshake signature: a parser differential cannot make the key that matched a record
 //! differ from the key that signed the handshake.
 
+use std::cell::OnceCell;
 use std::collections::HashSet;
+use std::fmt;
 
 use aws_lc_rs::digest;
+use rustls_pki_types::{
+    CertificateDer, DnsName, ServerName, SignatureVerificationAlgorithm, TrustAnchor, UnixTime,
+};
+use webpki::{EndEntityCert, KeyUsage};
 
 /// The most RDATA one DNS resource record can carry (RDLENGTH is 16 bits, RFC 1035 §3.2.1).
 const MAX_RDATA_LEN: usize = u16::MAX as usize;
@@ -293,6 +299,378 @@ impl TlsaSet {
     pub fn weaker_digest_count(&self) -> usize {
         self.weaker_digest
     }
+}
+
+/// The names the MX's certificate may carry under DANE-TA(2) (RFC 7672 §3.2.2), and the
+/// one sent as SNI: the TLSA base domain (RFC 7672 §8.1).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReferenceNames {
+    tlsa_base_domain: DnsName<'static>,
+    mx_host_alias: Option<DnsName<'static>>,
+}
+
+impl ReferenceNames {
+    /// The TLSA records were found at the MX host name itself, the usual case.
+    pub fn mx_host(mx_host: DnsName<'static>) -> ReferenceNames {
+        ReferenceNames {
+            tlsa_base_domain: mx_host,
+            mx_host_alias: None,
+        }
+    }
+
+    /// The MX host name is a CNAME alias and the records were found at its DNSSEC-secure
+    /// expansion (RFC 7672 §2.2.2): the expansion is the TLSA base domain, and a certificate
+    /// for either name is accepted (§3.2.2).
+    pub fn cname_expanded(mx_host: DnsName<'static>, expanded: DnsName<'static>) -> ReferenceNames {
+        ReferenceNames {
+            tlsa_base_domain: expanded,
+            mx_host_alias: Some(mx_host),
+        }
+    }
+
+    /// The name to send as SNI (RFC 7672 §8.1): the MX host name unless the records came
+    /// from its CNAME expansion.
+    pub fn tlsa_base_domain(&self) -> &DnsName<'static> {
+        &self.tlsa_base_domain
+    }
+
+    fn iter(&self) -> impl Iterator<Item = &DnsName<'static>> {
+        std::iter::once(&self.tlsa_base_domain).chain(&self.mx_host_alias)
+    }
+}
+
+/// What a successful check established, for the delivery event.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// A usable record matched the server's certificate chain.
+    Authenticated(Matched),
+    /// The RRset held no usable record: TLS was mandatory but its certificate was not
+    /// checked (RFC 7672 §2.2). Not a failure, and never a reason for plaintext.
+    Unauthenticated,
+}
+
+/// The record that authenticated the server.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Matched {
+    /// Its usage.
+    pub usage: Usage,
+    /// Its selector.
+    pub selector: Selector,
+    /// Its matching type.
+    pub matching_type: MatchingType,
+    /// Where the certificate it matched sits in the chain as sent (0 is the leaf); `None`
+    /// for a trust anchor the server did not send, taken from the record itself.
+    pub depth: Option<usize>,
+}
+
+impl Matched {
+    fn new(record: &Usable, depth: Option<usize>) -> Matched {
+        Matched {
+            usage: record.usage,
+            selector: record.selector,
+            matching_type: record.matching_type,
+            depth,
+        }
+    }
+}
+
+/// The record's parameters as in its presentation format: `3 1 1`.
+impl fmt::Display for Matched {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{} {} {}",
+            self.usage.code(),
+            self.selector.code(),
+            self.matching_type.code()
+        )
+    }
+}
+
+/// Why the server's certificate chain failed DANE authentication. Not the module's
+/// [`Error`]: this is a verdict on the peer, each kind one of RFC 8460 §4.3's result types.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Failure {
+    /// The server sent no certificate.
+    #[error("the server sent no certificate")]
+    NoCertificate,
+    /// The leaf certificate cannot be parsed, and no record matched its bytes.
+    #[error("the server's certificate is malformed")]
+    MalformedCertificate,
+    /// No usable record matches any certificate the server sent: typically records left
+    /// stale by a key or certificate change.
+    #[error("no usable TLSA record matches the server's certificate chain")]
+    NoMatch,
+    /// A DANE-TA(2) record names a certificate or key, but the leaf does not chain to it.
+    #[error("the certificate chain does not verify to the DANE-TA trust anchor: {0}")]
+    NotTrusted(webpki::Error),
+    /// The leaf, or a certificate between it and the DANE-TA(2) trust anchor, has expired.
+    #[error("a certificate in the chain to the DANE-TA trust anchor has expired")]
+    Expired,
+    /// The leaf chains to a DANE-TA(2) trust anchor but carries no reference identifier.
+    #[error("the server's certificate is not valid for the MX host name")]
+    HostMismatch,
+    /// The sender requires DANE for the domain, and an MX host has no usable TLSA record
+    /// from a DNSSEC-secure answer. For the policy that requires it: never a result of
+    /// [`TlsaSet::verify`], which accepts an RRset without usable records.
+    #[error("DANE is required but the MX host has no usable TLSA records")]
+    DaneRequired,
+}
+
+impl Failure {
+    /// The RFC 8460 §4.3 result type, for the delivery event and TLS-RPT.
+    pub fn rfc8460_result_type(&self) -> &'static str {
+        match self {
+            // §4.3.2.1: "None of the records in the RRset were found to be valid."
+            Failure::NoMatch => "tlsa-invalid",
+            Failure::DaneRequired => "dane-required",
+            // §4.3.1, the negotiation failures.
+            Failure::HostMismatch => "certificate-host-mismatch",
+            Failure::Expired => "certificate-expired",
+            Failure::NotTrusted(_) => "certificate-not-trusted",
+            Failure::NoCertificate | Failure::MalformedCertificate => "validation-failure",
+        }
+    }
+
+    /// How close to success the failure came: of several DANE-TA(2) attempts, the closest
+    /// is reported.
+    fn closeness(&self) -> u8 {
+        match self {
+            Failure::HostMismatch => 3,
+            Failure::Expired => 2,
+            Failure::NotTrusted(_) => 1,
+            _ => 0,
+        }
+    }
+}
+
+impl TlsaSet {
+    /// Checks a certificate chain (leaf first, as the server sent it) against the usable
+    /// records: DANE-EE(3) first, then DANE-TA(2). `now` is only for DANE-TA(2)'s validity
+    /// checks, `algorithms` for its signatures. With no usable record, any chain passes as
+    /// [`Outcome::Unauthenticated`].
+    pub fn verify(
+        &self,
+        chain: &[CertificateDer<'_>],
+        names: &ReferenceNames,
+        now: UnixTime,
+        algorithms: &[&dyn SignatureVerificationAlgorithm],
+    ) -> Result<Outcome, Failure> {
+        if !self.authenticates() {
+            return Ok(Outcome::Unauthenticated);
+        }
+        let presented: Vec<Presented<'_>> = chain.iter().map(Presented::new).collect();
+        let Some((leaf, _)) = presented.split_first() else {
+            return Err(Failure::NoCertificate);
+        };
+        let records = |usage| self.usable.iter().filter(move |r| r.usage == usage);
+        if let Some(record) = records(Usage::DaneEe).find(|r| leaf.matches(r)) {
+            return Ok(Outcome::Authenticated(Matched::new(record, Some(0))));
+        }
+        let Ok(leaf_cert) = EndEntityCert::try_from(leaf.der) else {
+            return Err(Failure::MalformedCertificate);
+        };
+        let trust = TrustCheck {
+            leaf: &leaf_cert,
+            chain,
+            names,
+            now,
+            algorithms,
+        };
+        let mut closest: Option<Failure> = None;
+        let mut keep_closest = |failure: Failure| {
+            if closest
+                .as_ref()
+                .is_none_or(|c| failure.closeness() > c.closeness())
+            {
+                closest = Some(failure);
+            }
+        };
+        let mut tried_depths = HashSet::new();
+        for record in records(Usage::DaneTa) {
+            // The leaf is never its own trust anchor: webpki does not verify self-signed
+            // end entities, and a key meant for the leaf alone is DANE-EE's.
+            if leaf.matches(record) {
+                continue;
+            }
+            let mut sent = false;
+            for (depth, cert) in presented.iter().enumerate().skip(1) {
+                if !cert.matches(record) {
+                    continue;
+                }
+                sent = true;
+                if !tried_depths.insert(depth) {
+                    continue;
+                }
+                match trust.anchored_in_chain(depth) {
+                    Ok(()) => {
+                        return Ok(Outcome::Authenticated(Matched::new(record, Some(depth))));
+                    }
+                    Err(failure) => keep_closest(failure),
+                }
+            }
+            // Not sent: only a Full(0) record carries the anchor itself (RFC 7671 §5.2.2).
+            if !sent && record.matching_type == MatchingType::Full {
+                match trust.anchored_in_record(record) {
+                    Ok(()) => return Ok(Outcome::Authenticated(Matched::new(record, None))),
+                    Err(failure) => keep_closest(failure),
+                }
+            }
+        }
+        Err(closest.unwrap_or(Failure::NoMatch))
+    }
+}
+
+/// One certificate as sent, with what a record can select from it.
+struct Presented<'c> {
+    der: &'c CertificateDer<'c>,
+    /// Its SubjectPublicKeyInfo (DER, with its SEQUENCE header) as webpki reads it;
+    /// `None` if webpki cannot parse the certificate.
+    spki: Option<Vec<u8>>,
+    /// Digests, computed when first asked for: [selector][SHA2-256, SHA2-512].
+    digests: [[OnceCell<digest::Digest>; 2]; 2],
+}
+
+impl<'c> Presented<'c> {
+    fn new(der: &'c CertificateDer<'c>) -> Presented<'c> {
+        let spki = EndEntityCert::try_from(der)
+            .ok()
+            .map(|cert| cert.subject_public_key_info().as_ref().to_vec());
+        Presented {
+            der,
+            spki,
+            digests: Default::default(),
+        }
+    }
+
+    fn selected(&self, selector: Selector) -> Option<&[u8]> {
+        match selector {
+            Selector::Cert => Some(self.der.as_ref()),
+            Selector::Spki => self.spki.as_deref(),
+        }
+    }
+
+    fn matches(&self, record: &Usable) -> bool {
+        let Some(selected) = self.selected(record.selector) else {
+            return false;
+        };
+        let Some(algorithm) = record.matching_type.algorithm() else {
+            return selected == record.data.as_slice();
+        };
+        let slot = match record.matching_type {
+            MatchingType::Sha512 => 1,
+            _ => 0,
+        };
+        let computed = self.digests[usize::from(record.selector.code())][slot]
+            .get_or_init(|| digest::digest(algorithm, selected));
+        computed.as_ref() == record.data.as_slice()
+    }
+}
+
+/// The DANE-TA(2) check of one leaf against one trust anchor at a time.
+struct TrustCheck<'a> {
+    leaf: &'a EndEntityCert<'a>,
+    chain: &'a [CertificateDer<'a>],
+    names: &'a ReferenceNames,
+    now: UnixTime,
+    algorithms: &'a [&'a dyn SignatureVerificationAlgorithm],
+}
+
+impl TrustCheck<'_> {
+    /// The anchor is the certificate sent at `depth`.
+    fn anchored_in_chain(&self, depth: usize) -> Result<(), Failure> {
+        let cert = self.chain.get(depth).ok_or(Failure::NoMatch)?;
+        let anchor = webpki::anchor_from_trusted_cert(cert).map_err(Failure::NotTrusted)?;
+        self.check(anchor, Some(depth))
+    }
+
+    /// The anchor is in the record itself (RFC 7671 §5.2.2): a certificate (`2 0 0`), or a
+    /// key (`2 1 0`) named by the issuer of the topmost certificate sent.
+    fn anchored_in_record(&self, record: &Usable) -> Result<(), Failure> {
+        match record.selector {
+            Selector::Cert => {
+                let cert = CertificateDer::from(record.data.as_slice());
+                let anchor =
+                    webpki::anchor_from_trusted_cert(&cert).map_err(Failure::NotTrusted)?;
+                self.check(anchor, None)
+            }
+            Selector::Spki => {
+                let top = self.chain.last().ok_or(Failure::NoCertificate)?;
+                let top = EndEntityCert::try_from(top).map_err(Failure::NotTrusted)?;
+                let spki = sequence_contents(&record.data)
+                    .ok_or(Failure::NotTrusted(webpki::Error::BadDer))?;
+                let anchor = TrustAnchor {
+                    subject: top.issuer().into(),
+                    subject_public_key_info: spki.into(),
+                    name_constraints: None,
+                };
+                self.check(anchor, None)
+            }
+        }
+    }
+
+    /// The leaf chains to `anchor` through the other certificates sent (in any order, as
+    /// servers send them), and carries a reference identifier.
+    fn check(&self, anchor: TrustAnchor<'_>, anchor_depth: Option<usize>) -> Result<(), Failure> {
+        let intermediates: Vec<CertificateDer<'_>> = self
+            .chain
+            .iter()
+            .enumerate()
+            .skip(1)
+            .filter(|(depth, _)| Some(*depth) != anchor_depth)
+            .map(|(_, cert)| CertificateDer::from(cert.as_ref()))
+            .collect();
+        self.leaf
+            .verify_for_usage(
+                self.algorithms,
+                &[anchor],
+                &intermediates,
+                self.now,
+                KeyUsage::server_auth(),
+                None,
+                None,
+            )
+            .map_err(|err| match err {
+                webpki::Error::CertExpired { .. } => Failure::Expired,
+                other => Failure::NotTrusted(other),
+            })?;
+        let valid_for = |name: &DnsName<'_>| {
+            self.leaf
+                .verify_is_valid_for_subject_name(&ServerName::DnsName(name.borrow()))
+                .is_ok()
+        };
+        if self.names.iter().any(valid_for) {
+            Ok(())
+        } else {
+            Err(Failure::HostMismatch)
+        }
+    }
+}
+
+/// The contents of a DER SEQUENCE that spans all of `der`: what webpki's trust anchor holds
+/// of a SubjectPublicKeyInfo. `None` for anything else.
+fn sequence_contents(der: &[u8]) -> Option<&[u8]> {
+    let (&tag, rest) = der.split_first()?;
+    let (&first, rest) = rest.split_first()?;
+    if tag != 0x30 {
+        return None;
+    }
+    let (len, contents) = if first < 0x80 {
+        (usize::from(first), rest)
+    } else {
+        // Long form: the low bits count the length octets; more than 3 would exceed any
+        // DNS record.
+        let count = usize::from(first & 0x7f);
+        if count == 0 || count > 3 {
+            return None;
+        }
+        let (octets, contents) = rest.split_at_checked(count)?;
+        let len = octets
+            .iter()
+            .fold(0usize, |len, &octet| (len << 8) | usize::from(octet));
+        (len, contents)
+    };
+    (contents.len() == len).then_some(contents)
 }
 
 #[cfg(test)]
