@@ -14,7 +14,7 @@
 //! - [`operator`]: the operator's tools, off the data path: [`operator::check`],
 //!   [`operator::explain`], and the upstream [`operator::probe`] they share.
 //! - [`outbound`]: the outbound relay's parts, so far [`outbound::dane`] (TLSA records
-//!   and the DANE check of an MX's certificate).
+//!   and the DANE check of an MX's certificate, as a rustls client verifier).
 //!
 //! The coming outbound relay (issue 15, ARCHITECTURE.md §11: the legacy MTA's relayhost) goes in
 //! its own `outbound` module beside `inbound`, with its protocol role under [`proto`]

@@ -1,5 +1,5 @@
 //! DANE for SMTP (RFC 7672): TLSA records (RFC 6698 §2.1) and the check of an MX host's
-//! certificate chain against them.
+//! certificate chain against them, done inside the TLS handshake by [`DaneVerifier`].
 //!
 //! Why: a DNSSEC-secure TLSA RRset at `_25._tcp.<MX host>` is the recipient domain's
 //! statement, signed in the DNS and so out of an on-path attacker's reach, that its MX
@@ -37,8 +37,12 @@
 use std::cell::OnceCell;
 use std::collections::HashSet;
 use std::fmt;
+use std::sync::{Arc, Mutex, PoisonError};
 
 use aws_lc_rs::digest;
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::crypto::{CryptoProvider, WebPkiSupportedAlgorithms};
+use rustls::{ClientConfig, DigitallySignedStruct, SignatureScheme};
 use rustls_pki_types::{
     CertificateDer, DnsName, ServerName, SignatureVerificationAlgorithm, TrustAnchor, UnixTime,
 };
@@ -47,7 +51,7 @@ use webpki::{EndEntityCert, KeyUsage};
 /// The most RDATA one DNS resource record can carry (RDLENGTH is 16 bits, RFC 1035 §3.2.1).
 const MAX_RDATA_LEN: usize = u16::MAX as usize;
 
-/// Why a TLSA record could not be read.
+/// Why a TLSA record could not be read, or the client could not be set up.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     /// RDATA shorter than the three one-octet fields (RFC 6698 §2.1).
@@ -62,6 +66,9 @@ pub enum Error {
         /// Its length.
         len: usize,
     },
+    /// rustls refused the client configuration.
+    #[error("{0}")]
+    Rustls(#[from] rustls::Error),
 }
 
 /// One TLSA record as published (RFC 6698 §2.1), usable or not.
@@ -671,6 +678,116 @@ fn sequence_contents(der: &[u8]) -> Option<&[u8]> {
         (len, contents)
     };
     (contents.len() == len).then_some(contents)
+}
+
+/// A rustls verifier that authenticates an MX host by its TLSA records, as
+/// [`TlsaSet::verify`] does, and checks the handshake's signatures with the provider's
+/// algorithms.
+///
+/// Make one per connection attempt. It keeps the result of the certificate check, which
+/// the caller reads with [`DaneVerifier::outcome`] after the handshake, whether it
+/// succeeded (the record that matched) or failed (the [`Failure`], which the handshake's
+/// error also carries as `CertificateError::Other`).
+#[derive(Debug)]
+pub struct DaneVerifier {
+    tlsa: TlsaSet,
+    names: ReferenceNames,
+    algorithms: WebPkiSupportedAlgorithms,
+    result: Mutex<Option<Result<Outcome, Failure>>>,
+}
+
+impl DaneVerifier {
+    /// A verifier for one MX host's TLSA records.
+    pub fn new(tlsa: TlsaSet, names: ReferenceNames, provider: &CryptoProvider) -> Arc<Self> {
+        Arc::new(DaneVerifier {
+            tlsa,
+            names,
+            algorithms: provider.signature_verification_algorithms,
+            result: Mutex::new(None),
+        })
+    }
+
+    /// The name to connect to, which rustls sends as SNI: the TLSA base domain (RFC 7672
+    /// §8.1).
+    pub fn server_name(&self) -> ServerName<'static> {
+        ServerName::DnsName(self.names.tlsa_base_domain.clone())
+    }
+
+    /// The result of the certificate check, once the handshake has reached it.
+    pub fn outcome(&self) -> Option<Result<Outcome, Failure>> {
+        self.result
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+}
+
+impl ServerCertVerifier for DaneVerifier {
+    /// The reference identifiers are the verifier's own ([`ReferenceNames`]), not rustls's
+    /// `server_name`: that is only the SNI, without the MX host name behind a CNAME.
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp_response: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        let chain: Vec<CertificateDer<'_>> = std::iter::once(end_entity)
+            .chain(intermediates)
+            .map(|cert| CertificateDer::from(cert.as_ref()))
+            .collect();
+        let result = self
+            .tlsa
+            .verify(&chain, &self.names, now, self.algorithms.all);
+        *self.result.lock().unwrap_or_else(PoisonError::into_inner) = Some(result.clone());
+        match result {
+            Ok(_) => Ok(ServerCertVerified::assertion()),
+            Err(failure) => Err(rustls::Error::InvalidCertificate(
+                rustls::CertificateError::Other(rustls::OtherError(Arc::new(failure))),
+            )),
+        }
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.algorithms)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.algorithms)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.algorithms.supported_schemes()
+    }
+}
+
+/// The client configuration for one connection to an MX host under DANE: TLS 1.3 or 1.2,
+/// the server checked by `verifier`, no ALPN (SMTP has none), and no session resumption,
+/// so every connection's certificate is checked against the current records and its
+/// outcome recorded. Connect to [`DaneVerifier::server_name`], which rustls sends as SNI.
+pub fn client_config(
+    verifier: Arc<DaneVerifier>,
+    provider: Arc<CryptoProvider>,
+) -> Result<Arc<ClientConfig>, Error> {
+    let mut config = ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])?
+        .dangerous()
+        .with_custom_certificate_verifier(verifier)
+        .with_no_client_auth();
+    config.resumption = rustls::client::Resumption::disabled();
+    config.enable_sni = true;
+    Ok(Arc::new(config))
 }
 
 #[cfg(test)]

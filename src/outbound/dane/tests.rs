@@ -1,19 +1,23 @@
 //! The DANE check against a test PKI made with rcgen: a table of TLSA records and chains
-//! (RFC 7672 §3), RDATA parsing, and proptests that no record or certificate bytes panic.
+//! (RFC 7672 §3), RDATA parsing, proptests that no record or certificate bytes panic, and
+//! real rustls handshakes in memory through [`DaneVerifier`].
 
 use std::sync::OnceLock;
 
 use proptest::collection::vec;
 use proptest::prelude::*;
 use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};
+use rustls::SupportedProtocolVersion;
+use rustls_pki_types::{PrivateKeyDer, PrivatePkcs8KeyDer};
 
 use super::*;
 
 const MX: &str = "mx.example.test";
 
-/// A certificate.
+/// A certificate and its key (PKCS#8 DER).
 struct Leaf {
     cert: CertificateDer<'static>,
+    key: Vec<u8>,
 }
 
 /// A CA, an intermediate it signed, and leaves.
@@ -65,6 +69,7 @@ fn pki() -> &'static Pki {
             };
             Leaf {
                 cert: cert.unwrap().der().clone(),
+                key: key.serialize_der(),
             }
         };
         Pki {
@@ -648,4 +653,162 @@ proptest! {
         ]);
         let _ = set.verify(&chain, &mx_names(), UnixTime::now(), algorithms());
     }
+}
+
+/// A handshake in memory: a tokio-rustls server sending `chain` and a client with a
+/// [`DaneVerifier`] for `records`. Returns the client's result, its verifier, and the SNI
+/// and ALPN the server saw if it completed.
+async fn handshake(
+    chain: Vec<CertificateDer<'static>>,
+    key: &[u8],
+    versions: &[&'static SupportedProtocolVersion],
+    records: Vec<Tlsa>,
+) -> (
+    std::io::Result<()>,
+    Arc<DaneVerifier>,
+    Option<(Option<String>, Option<Vec<u8>>)>,
+) {
+    let provider = crate::tls::provider();
+    let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.to_vec()));
+    let server = rustls::ServerConfig::builder_with_provider(Arc::clone(&provider))
+        .with_protocol_versions(versions)
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(chain, key)
+        .unwrap();
+    let verifier = DaneVerifier::new(TlsaSet::new(records), mx_names(), &provider);
+    let client = client_config(Arc::clone(&verifier), provider).unwrap();
+    let (near, far) = tokio::io::duplex(64 * 1024);
+    let accept = tokio_rustls::TlsAcceptor::from(Arc::new(server)).accept(near);
+    let connect = tokio_rustls::TlsConnector::from(client).connect(verifier.server_name(), far);
+    let (accepted, connected) = tokio::join!(accept, connect);
+    let seen = accepted.ok().map(|stream| {
+        let (_, connection) = stream.get_ref();
+        (
+            connection.server_name().map(str::to_owned),
+            connection.alpn_protocol().map(<[u8]>::to_vec),
+        )
+    });
+    (connected.map(|_| ()), verifier, seen)
+}
+
+/// The [`Failure`] inside a failed handshake's error.
+fn failure_of(err: &std::io::Error) -> Option<&Failure> {
+    match err.get_ref()?.downcast_ref::<rustls::Error>()? {
+        rustls::Error::InvalidCertificate(rustls::CertificateError::Other(other)) => {
+            other.0.downcast_ref::<Failure>()
+        }
+        _ => None,
+    }
+}
+
+#[tokio::test]
+async fn a_matching_record_lets_the_handshake_through_and_is_recorded() {
+    let p = pki();
+    let chain = vec![p.mx.cert.clone(), p.intermediate.clone()];
+    let records = vec![tlsa(3, 1, 1, sha256(&spki(&p.mx.cert)))];
+    let (result, verifier, seen) =
+        handshake(chain, &p.mx.key, &[&rustls::version::TLS13], records).await;
+    result.unwrap();
+    let expected = Matched {
+        usage: Usage::DaneEe,
+        selector: Selector::Spki,
+        matching_type: MatchingType::Sha256,
+        depth: Some(0),
+    };
+    assert_eq!(
+        verifier.outcome(),
+        Some(Ok(Outcome::Authenticated(expected)))
+    );
+    assert_eq!(seen, Some((Some(MX.to_owned()), None)), "SNI, no ALPN");
+}
+
+#[tokio::test]
+async fn dane_ta_over_tls12_checks_the_chain_and_the_signature() {
+    let p = pki();
+    let chain = vec![p.mx.cert.clone(), p.intermediate.clone()];
+    let records = vec![tlsa(2, 1, 0, spki(&p.ca))];
+    let (result, verifier, _) =
+        handshake(chain, &p.mx.key, &[&rustls::version::TLS12], records).await;
+    result.unwrap();
+    let Some(Ok(Outcome::Authenticated(matched))) = verifier.outcome() else {
+        panic!("{:?}", verifier.outcome());
+    };
+    assert_eq!(
+        (matched.to_string(), matched.depth),
+        ("2 1 0".to_owned(), None)
+    );
+}
+
+#[tokio::test]
+async fn a_record_that_matches_nothing_fails_the_handshake_with_the_verifiers_failure() {
+    let p = pki();
+    let chain = vec![p.mx.cert.clone(), p.intermediate.clone()];
+    let records = vec![tlsa(3, 1, 1, sha256(&spki(&p.other.cert)))];
+    let (result, verifier, seen) =
+        handshake(chain, &p.mx.key, &[&rustls::version::TLS13], records).await;
+    let err = result.unwrap_err();
+    assert_eq!(failure_of(&err), Some(&Failure::NoMatch), "{err}");
+    assert_eq!(verifier.outcome(), Some(Err(Failure::NoMatch)));
+    assert_eq!(seen, None, "the server saw the handshake fail");
+}
+
+/// Serves one certificate and key, whether or not they belong together.
+#[derive(Debug)]
+struct Fixed(Arc<rustls::sign::CertifiedKey>);
+
+impl rustls::server::ResolvesServerCert for Fixed {
+    fn resolve(
+        &self,
+        _: rustls::server::ClientHello<'_>,
+    ) -> Option<Arc<rustls::sign::CertifiedKey>> {
+        Some(Arc::clone(&self.0))
+    }
+}
+
+#[tokio::test]
+async fn a_server_that_presents_a_key_it_does_not_hold_fails_the_signature_check() {
+    // The record matches the certificate sent, but the server signs with another key:
+    // the certificate check passes and the handshake signature fails.
+    let p = pki();
+    let chain = vec![p.mx.cert.clone(), p.intermediate.clone()];
+    let records = vec![tlsa(3, 0, 1, sha256(&p.mx.cert))];
+    let provider = crate::tls::provider();
+    let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(p.other.key.clone()));
+    let certified = rustls::sign::CertifiedKey::new(
+        chain,
+        provider.key_provider.load_private_key(key).unwrap(),
+    );
+    let server = rustls::ServerConfig::builder_with_provider(Arc::clone(&provider))
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .unwrap()
+        .with_no_client_auth()
+        .with_cert_resolver(Arc::new(Fixed(Arc::new(certified))));
+    let verifier = DaneVerifier::new(TlsaSet::new(records), mx_names(), &provider);
+    let client = client_config(Arc::clone(&verifier), provider).unwrap();
+    let (near, far) = tokio::io::duplex(64 * 1024);
+    let accept = tokio_rustls::TlsAcceptor::from(Arc::new(server)).accept(near);
+    let connect = tokio_rustls::TlsConnector::from(client).connect(verifier.server_name(), far);
+    let (_, connected) = tokio::join!(accept, connect);
+    assert!(connected.is_err());
+    assert!(matches!(
+        verifier.outcome(),
+        Some(Ok(Outcome::Authenticated(_)))
+    ));
+}
+
+#[tokio::test]
+async fn only_unusable_records_still_mean_tls_with_any_certificate() {
+    let p = pki();
+    let chain = vec![p.self_signed.cert.clone()];
+    let records = vec![tlsa(1, 1, 1, sha256(&spki(&p.mx.cert)))];
+    let (result, verifier, _) = handshake(
+        chain,
+        &p.self_signed.key,
+        &[&rustls::version::TLS13],
+        records,
+    )
+    .await;
+    result.unwrap();
+    assert_eq!(verifier.outcome(), Some(Ok(Outcome::Unauthenticated)));
 }
