@@ -13,6 +13,8 @@
 //! - [`telemetry`]: logging set-up and the security events.
 //! - [`operator`]: the operator's tools, off the data path: [`operator::check`],
 //!   [`operator::explain`], and the upstream [`operator::probe`] they share.
+//! - [`outbound`]: the outbound relay's parts, so far [`outbound::dane`] (TLSA records
+//!   and the DANE check of an MX's certificate, as a rustls client verifier).
 //!
 //! The coming outbound relay (issue 15, ARCHITECTURE.md §11: the legacy MTA's relayhost) goes in
 //! its own `outbound` module beside `inbound`, with its protocol role under [`proto`]
@@ -23,6 +25,7 @@ pub mod config;
 pub mod inbound;
 pub mod metrics;
 pub mod operator;
+pub mod outbound;
 pub mod policy;
 pub mod proto;
 pub mod telemetry;
