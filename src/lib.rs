@@ -13,16 +13,17 @@
 //! - [`telemetry`]: logging set-up and the security events.
 //! - [`operator`]: the operator's tools, off the data path: [`operator::check`],
 //!   [`operator::explain`], and the upstream [`operator::probe`] they share.
-//!
-//! The coming outbound relay (issue 15, ARCHITECTURE.md §11: the legacy MTA's relayhost) goes in
-//! its own `outbound` module beside `inbound`, with its protocol role under [`proto`]
-//! (ARCHITECTURE.md, "A fourth protocol role").
+//! - [`outbound`]: the outbound relay (issue 15, ARCHITECTURE.md §11: the legacy MTA's
+//!   relayhost), beside `inbound`: so far [`outbound::mta_sts`], the MTA-STS policy
+//!   layer. Its protocol role will go under [`proto`] (ARCHITECTURE.md, "A fourth
+//!   protocol role").
 #![forbid(unsafe_code)]
 
 pub mod config;
 pub mod inbound;
 pub mod metrics;
 pub mod operator;
+pub mod outbound;
 pub mod policy;
 pub mod proto;
 pub mod telemetry;
