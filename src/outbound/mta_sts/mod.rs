@@ -19,10 +19,14 @@
 //! Everything but `fetch` and `store` is pure. Each part has its own `Error`; RFC 8460
 //! failure types come from [`fetch::Error::result_type`].
 
+pub mod cache;
 pub mod name;
 pub mod policy;
 pub mod record;
+pub mod store;
 
+pub use cache::{Cached, Decision, TxtLookup, decide};
 pub use name::{MxPattern, PolicyDomain};
 pub use policy::{Mode, Policy};
 pub use record::{PolicyId, Record, parse_records};
+pub use store::Store;
