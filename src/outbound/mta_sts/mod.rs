@@ -20,12 +20,14 @@
 //! failure types come from [`fetch::Error::result_type`].
 
 pub mod cache;
+pub mod fetch;
 pub mod name;
 pub mod policy;
 pub mod record;
 pub mod store;
 
 pub use cache::{Cached, Decision, TxtLookup, decide};
+pub use fetch::Fetcher;
 pub use name::{MxPattern, PolicyDomain};
 pub use policy::{Mode, Policy};
 pub use record::{PolicyId, Record, parse_records};
