@@ -6,7 +6,7 @@
 //! - A cached policy is valid until `max_age` after its fetch (§3.2); an expired one is
 //!   never applied and is forgotten.
 //! - A TXT record whose id differs from the cached policy's means a new policy: fetch it
-//!   (§3.1: the id "uniquely identif[ies] a given instance of a policy"; §5.1 step 3).
+//!   (§3.1: the id uniquely identifies an instance of a policy; §5.1 step 3).
 //! - While the cached policy is valid, it applies whenever no live policy can be had:
 //!   the TXT lookup failed, found no usable record, or the fetch of a new one failed
 //!   (§3.3: "if no 'live' policy can be discovered via DNS or fetched via HTTPS, but a
