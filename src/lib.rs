@@ -13,12 +13,11 @@
 //! - [`telemetry`]: logging set-up and the security events.
 //! - [`operator`]: the operator's tools, off the data path: [`operator::check`],
 //!   [`operator::explain`], and the upstream [`operator::probe`] they share.
-//! - [`outbound`]: the outbound relay's parts, so far [`outbound::dane`] (TLSA records
-//!   and the DANE check of an MX's certificate, as a rustls client verifier).
-//!
-//! The coming outbound relay (issue 15, ARCHITECTURE.md §11: the legacy MTA's relayhost) goes in
-//! its own `outbound` module beside `inbound`, with its protocol role under [`proto`]
-//! (ARCHITECTURE.md, "A fourth protocol role").
+//! - [`outbound`]: the outbound relay (issue 15, ARCHITECTURE.md §11: the legacy MTA's
+//!   relayhost), beside `inbound`: so far [`outbound::dane`] (TLSA records and the DANE
+//!   check of an MX's certificate, as a rustls client verifier) and
+//!   [`outbound::mta_sts`] (the MTA-STS policy layer). Its protocol role is
+//!   [`proto::outbound`] (ARCHITECTURE.md, "A fourth protocol role").
 #![forbid(unsafe_code)]
 
 pub mod config;

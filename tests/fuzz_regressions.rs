@@ -9,6 +9,9 @@
 #[path = "fuzz/src/canonical.rs"]
 mod canonical;
 #[allow(dead_code)]
+#[path = "fuzz/src/mta_sts.rs"]
+mod mta_sts;
+#[allow(dead_code)]
 #[path = "fuzz/src/session_script.rs"]
 mod session_script;
 
@@ -78,6 +81,24 @@ fn smtp_starttls_answered_after_the_client_closed_starts_no_handshake() {
         b"\x00\x05\x12221 lega+cy ESMTP\r\x00+STARTTlS\r\nRSET PLAIN AGFsaWN\r\n\x00  ok\r\n\
           \x0c\xbe\xc2=\r\n,\x05\x0e270 2.0.0 Ok\r\n\x05\x12220 legacy ESMTP\r\n\x00 \x0c",
     );
+}
+
+/// `mta_sts_policy`: every seed of `tests/fuzz/seeds/mta_sts_policy/` through the
+/// target's harness, so that its invariants hold for the RFC 8461 examples and run with
+/// every `cargo test`, with or without cargo-fuzz.
+#[test]
+fn mta_sts_policy_seeds_hold_the_fuzz_invariants() {
+    let dir =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fuzz/seeds/mta_sts_policy");
+    let mut seeds = 0;
+    for entry in std::fs::read_dir(&dir).unwrap() {
+        let path = entry.unwrap().path();
+        let input = std::fs::read(&path).unwrap();
+        let replayed = std::panic::catch_unwind(|| mta_sts::mta_sts_policy(&input));
+        assert!(replayed.is_ok(), "{} broke an invariant", path.display());
+        seeds += 1;
+    }
+    assert!(seeds >= 9, "only {seeds} seeds in {}", dir.display());
 }
 
 /// A session script in the fuzz targets' format: `flags`, then client (`true`) or

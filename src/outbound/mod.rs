@@ -1,9 +1,14 @@
 //! The outbound relay (ARCHITECTURE.md §11): mailmoat as the legacy MTA's relayhost,
-//! delivering each transaction live to the recipient domain's MX over TLS that DANE or
-//! MTA-STS says to verify. Here mailmoat is the TLS *client*, connecting out to hosts it
-//! chose itself, so this lives beside [`crate::inbound`] rather than inside it.
+//! delivering each transaction live to the recipient domain's MX over TLS that DANE
+//! (RFC 7672) or MTA-STS (RFC 8461) lets it verify. It is the counterpart of
+//! [`crate::inbound`], beside it rather than inside it: here mailmoat connects out, as a
+//! TLS client, to hosts it chooses itself.
 //!
 //! - [`dane`]: TLSA records and the check of an MX's certificate against them (RFC 7672),
 //!   as a rustls client verifier.
+//! - [`mta_sts`]: the MTA-STS policy layer: the `_mta-sts` TXT record, the policy, which
+//!   MX hosts it allows, when a cached policy applies, the cache on disk, and the HTTPS
+//!   fetch.
 
 pub mod dane;
+pub mod mta_sts;

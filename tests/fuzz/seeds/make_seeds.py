@@ -358,12 +358,30 @@ SMTP_BODY = {
     "smuggling": pieces(b"a\r\n.\rMAIL\r\n\n.\r\n\r\n.\r\n", 3),
 }
 
+# mta_sts_policy: the whole input is a policy body; its lines are also TXT strings.
+MTA_STS_POLICY = {
+    # RFC 8461 §3.2's example, with its mixed line ends.
+    "rfc8461_example": b"version: STSv1\r\nmode: enforce\nmx: mail.example.com\nmx: *.example.net\n"
+    b"mx: backupmx.example.com\nmax_age: 604800\n",
+    "testing_crlf": b"version: STSv1\r\nmode: testing\r\nmx: mx1.example.org\r\nmax_age: 86400\r\n",
+    "none_no_mx": b"version: STSv1\nmode: none\nmax_age: 0",
+    "extensions": b"max_age:31557600\nfuture_key: some value \xc3\xa9\nmode:\tenforce \nmx:*.MX.example\n"
+    b"version:STSv1\n\n",
+    "duplicate_mode": b"version: STSv1\nmode: enforce\nmode: none\nmx: a.example\nmax_age: 1\n",
+    "bad_max_age": b"version: STSv1\nmode: enforce\nmx: a.example\nmax_age: 99999999999\n",
+    # RFC 8461 §3.1's example record, beside other TXT strings and near misses.
+    "txt_records": b"v=spf1 -all\nv=STSv1; id=20160831085700Z;\nv=STSv10; id=x\n example.com.\n",
+    "txt_two_records": b"v=STSv1; id=a\nv=STSv1 ;id=b; ext=1\n",
+    "txt_malformed": b"v=STSv1; id=a;; x=y=z\nv=STSv1;\x00\n",
+}
+
 TARGETS = {
     "smtp_session": SMTP,
     "imap_session": IMAP,
     "pop3_session": POP3,
     "line_framer": LINE_FRAMER,
     "smtp_body": SMTP_BODY,
+    "mta_sts_policy": MTA_STS_POLICY,
 }
 
 

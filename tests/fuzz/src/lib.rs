@@ -3,10 +3,12 @@
 //! package can include them and replay a crashing input through the same code.
 //!
 //! - [`framing`]: `line_framer` and `smtp_body`.
+//! - [`mta_sts`]: `mta_sts_policy`, the MTA-STS policy and TXT record parsers.
 //! - [`session_script`]: `smtp_session`, `imap_session`, `pop3_session`.
 //! - [`canonical`]: the strict reader of ARCHITECTURE.md §3's canonical rule that the session
 //!   targets check with (also used by `tests/canonical_rule.rs`).
 
 pub mod canonical;
 pub mod framing;
+pub mod mta_sts;
 pub mod session_script;
