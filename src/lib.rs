@@ -9,13 +9,15 @@
 //!   [`inbound::listener`], [`inbound::identity`] (PROXY protocol),
 //!   [`inbound::upstream`], [`inbound::driver`] (runs a session on real streams),
 //!   [`inbound::relay`] (the blind splice after login), [`inbound::read_buffers`].
+//! - [`outbound`]: the outbound relay's I/O (ARCHITECTURE.md §11): so far
+//!   [`outbound::dns`], lookups through a DNSSEC-validating resolver.
 //! - [`metrics`]: Prometheus metrics and the `/metrics`, `/healthz` endpoint.
 //! - [`telemetry`]: logging set-up and the security events.
 //! - [`operator`]: the operator's tools, off the data path: [`operator::check`],
 //!   [`operator::explain`], and the upstream [`operator::probe`] they share.
 //!
-//! The coming outbound relay (issue 15, ARCHITECTURE.md §11: the legacy MTA's relayhost) goes in
-//! its own `outbound` module beside `inbound`, with its protocol role under [`proto`]
+//! The coming outbound relay (issue 15, ARCHITECTURE.md §11: the legacy MTA's relayhost) has
+//! its I/O in [`outbound`] beside `inbound`, and its protocol role goes under [`proto`]
 //! (ARCHITECTURE.md, "A fourth protocol role").
 #![forbid(unsafe_code)]
 
@@ -23,6 +25,7 @@ pub mod config;
 pub mod inbound;
 pub mod metrics;
 pub mod operator;
+pub mod outbound;
 pub mod policy;
 pub mod proto;
 pub mod telemetry;
