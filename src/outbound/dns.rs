@@ -522,20 +522,53 @@ fn interpret(id: u16, qname: &Name, rtype: RecordType, bytes: &[u8]) -> Result<M
 }
 
 /// The reply's Extended DNS Error (RFC 8914 §2: INFO-CODE, then UTF-8 EXTRA-TEXT), as
-/// `"<code>: <text>"`.
+/// `"DNSSEC Bogus (6)"` or `"DNSSEC Bogus (6): <text>"`.
 fn extended_error(reply: &Message) -> Option<String> {
     let option = reply.edns.as_ref()?.option(EdnsCode::from(EDE_OPTION))?;
     let EdnsOption::Unknown(_, data) = option else {
         return None;
     };
     let code = u16::from_be_bytes([*data.first()?, *data.get(1)?]);
+    let name = EDE_NAMES
+        .get(usize::from(code))
+        .copied()
+        .unwrap_or("Extended DNS Error");
     let text = String::from_utf8_lossy(&data[2..]);
     Some(if text.is_empty() {
-        format!("extended error {code}")
+        format!("{name} ({code})")
     } else {
-        format!("extended error {code}: {text}")
+        format!("{name} ({code}): {text}")
     })
 }
+
+/// The names of the Extended DNS Error codes of RFC 8914 §4, by code.
+const EDE_NAMES: [&str; 25] = [
+    "Other Error",
+    "Unsupported DNSKEY Algorithm",
+    "Unsupported DS Digest Type",
+    "Stale Answer",
+    "Forged Answer",
+    "DNSSEC Indeterminate",
+    "DNSSEC Bogus",
+    "Signature Expired",
+    "Signature Not Yet Valid",
+    "DNSKEY Missing",
+    "RRSIGs Missing",
+    "No Zone Key Bit Set",
+    "NSEC Missing",
+    "Cached Error",
+    "Not Ready",
+    "Blocked",
+    "Censored",
+    "Filtered",
+    "Prohibited",
+    "Stale NXDomain Answer",
+    "Not Authoritative",
+    "Not Supported",
+    "No Reachable Authority",
+    "Network Error",
+    "Invalid Data",
+];
 
 /// What `reply` (checked by [`interpret`]) says about `rtype` at `qname`: the records at
 /// the end of the CNAME chain from it, turned into `T`s by `pick`.
@@ -820,7 +853,7 @@ mod tests {
         assert_eq!(
             interpret(5, &name("bogus.test"), RecordType::MX, &bytes(&message)),
             Err(Problem::ServFail(Some(
-                "extended error 6: validation failure".into()
+                "DNSSEC Bogus (6): validation failure".into()
             )))
         );
         // Without one, still SERVFAIL.
