@@ -22,9 +22,12 @@ fi
 # upstream (tests/common/mailutils.rs, tests/e2e_mailutils.rs). They sit beside Dovecot
 # (both only Provide imap-server/pop3-server; apt removes nothing) and, like it, must not
 # be left running on 143/110 (see the end of this script).
+# knot (authoritative DNS, signing on the fly; keymgr), knot-dnsutils (kdig), unbound (the
+# validating resolver) and nginx-light (the MTA-STS policy host): scripts/outbound-lab.sh,
+# the outbound relay's lab (tests/outbound_lab.rs); its MXes and sender are Postfix.
 PKGS=(postfix dovecot-core dovecot-imapd dovecot-pop3d swaks libnet-ssleay-perl openssl curl ca-certificates
     python3 fetchmail isync testssl.sh gnutls-bin python3-pip systemd procps gdb
-    mailutils-imap4d mailutils-pop3d)
+    mailutils-imap4d mailutils-pop3d knot knot-dnsutils unbound nginx-light)
 
 # Exim 4.96 (scripts/exim.sh, tests/e2e_exim.rs): Debian's exim4-daemon-light conflicts
 # with postfix, so it is downloaded and unpacked into the checkout (dpkg -x, never
@@ -47,7 +50,7 @@ CIT_SHA256=762ebeefba7255c3f69e5311df0dad033186e4d2c4f119a23120e3f75209c364
 have_all() {
     local b
     for b in postfix postconf postsuper dovecot doveadm swaks openssl curl python3 setsid fetchmail mbsync \
-        testssl gnutls-cli stdbuf systemd-analyze ps gdb imap4d pop3d; do
+        testssl gnutls-cli stdbuf systemd-analyze ps gdb imap4d pop3d knotd keymgr kdig unbound nginx; do
         command -v "$b" >/dev/null 2>&1 || return 1
     done
     # imap/pop3 come from separate packages; the binaries live outside $PATH.
@@ -212,6 +215,23 @@ for d in imap4d pop3d; do
     done
 done
 
+# The packages' own knot, unbound and nginx (started where systemd runs them) are no
+# use to the tests and could hold the outbound lab's addresses with a wildcard listener
+# (nginx's sites on *:443, say). The lab's own always name a config file of their own
+# (-c ...), so any without one is the system's, stopped here as postfix and dovecot above.
+for unit in knot:knotd unbound:unbound; do
+    for pid in $(pgrep -x "${unit#*:}" 2>/dev/null || true); do
+        if ! tr '\0' '\n' <"/proc/$pid/cmdline" 2>/dev/null | grep -qx -- '-c'; then
+            log "stopping system-wide ${unit#*:} (pid $pid)"
+            systemctl stop "${unit%:*}" >/dev/null 2>&1 || kill "$pid" 2>/dev/null || true
+        fi
+    done
+done
+if [ -s /run/nginx.pid ] && kill -0 "$(cat /run/nginx.pid)" 2>/dev/null; then
+    log "stopping system-wide nginx"
+    nginx -s stop >/dev/null 2>&1 || service nginx stop >/dev/null 2>&1 || true
+fi
+
 # postconf -d: the compiled-in version, which needs no main.cf (a fresh install may have
 # none, and then plain postconf only says "fatal: open /etc/postfix/main.cf").
 log "versions: postfix $(postconf -d -h mail_version 2>/dev/null), dovecot $(dovecot --version)," \
@@ -219,4 +239,5 @@ log "versions: postfix $(postconf -d -h mail_version 2>/dev/null), dovecot $(dov
     "mailutils $(imap4d --version 2>/dev/null | sed -n '1s/^imap4d (GNU Mailutils) //p')"
 log "clients: $(curl --version | head -n1 | cut -d' ' -f1-2), $(mbsync --version), fetchmail $(fetchmail --version 2>/dev/null | sed -n 's/^This is fetchmail release \([^+ ]*\).*/\1/p')"
 log "attack tools: testssl $(dpkg-query -W -f='${Version}' testssl.sh 2>/dev/null), $(gnutls-cli --version | head -n1), command-injection-tester $CIT_VERSION"
+log "outbound lab: knot $(knotd --version | sed -n '1s/.*version //p'), unbound $(unbound -V | sed -n 's/^Version //p'), nginx $(nginx -v 2>&1 | sed 's/^nginx version: nginx\///')"
 log "ok"

@@ -14,8 +14,9 @@
 //! - [`operator`]: the operator's tools, off the data path: [`operator::check`],
 //!   [`operator::explain`], and the upstream [`operator::probe`] they share.
 //! - [`outbound`]: the outbound relay (issue 15, ARCHITECTURE.md §11: the legacy MTA's
-//!   relayhost), beside `inbound`: so far [`outbound::dane`] (TLSA records and the DANE
-//!   check of an MX's certificate, as a rustls client verifier) and
+//!   relayhost), beside `inbound`: so far [`outbound::dns`] (lookups with the resolver's
+//!   AD bit), [`outbound::dane`] (TLSA records and the DANE check of an MX's
+//!   certificate, as a rustls client verifier) and
 //!   [`outbound::mta_sts`] (the MTA-STS policy layer). Its protocol role is
 //!   [`proto::outbound`] (ARCHITECTURE.md, "A fourth protocol role").
 #![forbid(unsafe_code)]

@@ -1,6 +1,6 @@
 # shellcheck shell=bash
-# What scripts/legacy.sh and scripts/exim.sh share: each runs a private legacy server
-# instance under a directory of its own. Sourced, never run; the script that sources it
+# What scripts/legacy.sh, scripts/exim.sh and scripts/outbound-lab.sh share: each runs
+# private server instances under a directory of its own. Sourced, never run; the script that sources it
 # sets PROG (its name, for messages), and for the watcher WATCH_PID_FILE.
 #
 # Processes are read from /proc, so neither script needs procps.
@@ -68,7 +68,52 @@ banner_ok() { # PORT PREFIX
     ' _ "$1" "$2" 2>/dev/null
 }
 
+# ADDR:PORT (any loopback address) accepts TCP connections?
+addr_in_use() { # ADDR PORT
+    timeout 2 bash -c 'exec 3<>"/dev/tcp/$1/$2"' _ "$1" "$2" 2>/dev/null
+}
+
+# ADDR:PORT answers with a banner starting with PREFIX?
+banner_at() { # ADDR PORT PREFIX
+    timeout 3 bash -c '
+        exec 3<>"/dev/tcp/$1/$2" || exit 1
+        IFS= read -r -t 2 line <&3 || exit 1
+        exec 3>&-
+        case "$line" in "$3"*) exit 0 ;; *) exit 1 ;; esac
+    ' _ "$1" "$2" "$3" 2>/dev/null
+}
+
 # ---------------------------------------------------------------- processes
+
+# pid of a live process recorded in FILE (first line), or nothing.
+live_pid() {
+    local f=$1 pid
+    [ -s "$f" ] || return 1
+    pid=$(head -n1 "$f" | tr -dc '0-9')
+    [ -n "$pid" ] && kill -0 "$pid" 2>/dev/null || return 1
+    echo "$pid"
+}
+
+# All descendants of PID, from /proc.
+descendants() {
+    local f pid fields st ppid rest todo=("$1") out=() p
+    declare -A kids=()
+    for f in /proc/[0-9]*; do
+        pid=${f#/proc/}
+        fields=$(stat_fields "$pid") || continue
+        read -r st ppid rest <<<"$fields"
+        kids[$ppid]+=" $pid"
+    done
+    while [ "${#todo[@]}" -gt 0 ]; do
+        p=${todo[0]}
+        todo=("${todo[@]:1}")
+        for pid in ${kids[$p]:-}; do
+            out+=("$pid")
+            todo+=("$pid")
+        done
+    done
+    echo "${out[@]:-}"
+}
 
 # Fields of /proc/PID/stat after the command name: "state ppid pgrp ...".
 # Pure bash (no forks) because it runs for every process on the box.

@@ -6,9 +6,12 @@
 //!
 //! - [`dane`]: TLSA records and the check of an MX's certificate against them (RFC 7672),
 //!   as a rustls client verifier.
+//! - [`dns`]: MX, TLSA, TXT and address lookups through a DNSSEC-validating resolver,
+//!   with the resolver's AD bit as each answer's `secure`.
 //! - [`mta_sts`]: the MTA-STS policy layer: the `_mta-sts` TXT record, the policy, which
 //!   MX hosts it allows, when a cached policy applies, the cache on disk, and the HTTPS
 //!   fetch.
 
 pub mod dane;
+pub mod dns;
 pub mod mta_sts;

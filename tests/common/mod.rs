@@ -8,7 +8,8 @@
 //! - [`client`]: the TLS client, the line client, writes cut as an attacker cuts them.
 //! - [`binary`]: the real `mailmoat` binary; [`legacy`]: the real Postfix and Dovecot;
 //!   [`process`]: programs run under a bound, and /proc.
-//! - [`canonical_e2e`], [`exim`], [`mailutils`], [`recorder`]: the real-server harnesses.
+//! - [`canonical_e2e`], [`exim`], [`mailutils`], [`recorder`]: the real-server harnesses;
+//!   [`outbound_lab`]: the outbound relay's lab.
 //!
 //! Everything but the per-protocol upstream details is re-exported here, so a test
 //! says `use common::*;`.
@@ -27,6 +28,8 @@ pub mod listener;
 pub mod logs;
 /// Real GNU Mailutils 3.15 imap4d and pop3d upstreams.
 pub mod mailutils;
+/// The outbound relay's lab (`scripts/outbound-lab.sh`).
+pub mod outbound_lab;
 pub mod process;
 pub mod proxy;
 /// A recording forwarder for the upstream leg.
