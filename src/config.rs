@@ -48,6 +48,9 @@ pub struct Config {
     /// Allow plaintext upstreams that are neither loopback nor a unix socket (ARCHITECTURE.md §7).
     #[serde(default)]
     pub allow_remote_plaintext: bool,
+    /// The outbound relay; absent, mailmoat relays nothing out.
+    #[serde(default)]
+    pub outbound: Option<OutboundConfig>,
 }
 
 /// The `tls` section.
@@ -320,6 +323,83 @@ pub struct MetricsConfig {
     pub listen: SocketAddr,
 }
 
+/// The `outbound` section: the relay the legacy MTA uses as its relayhost, which
+/// delivers each transaction live to the recipient's MX (ARCHITECTURE.md §11).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OutboundConfig {
+    /// Where the legacy MTA connects, in plaintext: the local link.
+    #[serde(deserialize_with = "de_socket_addr")]
+    pub listen: SocketAddr,
+    /// The networks whose clients may relay. Default: loopback only; anything wider
+    /// relays for everyone in it, which `check` points out.
+    #[serde(default = "loopback_networks")]
+    pub relay_networks: Vec<Cidr>,
+    /// The name mailmoat gives itself: in its greeting, and in the EHLO it sends MXes,
+    /// where it must be the name the PTR record of the sending address gives.
+    pub hostname: String,
+    /// The local address connections to MXes come from.
+    #[serde(default)]
+    pub source_address: Option<IpAddr>,
+    /// The DNSSEC-validating resolver whose AD bit mailmoat trusts (loopback, or a
+    /// trusted path): DANE rests on it.
+    #[serde(deserialize_with = "de_socket_addr")]
+    pub resolver: SocketAddr,
+    /// The TLS a delivery gets where neither DANE nor MTA-STS applies.
+    #[serde(default)]
+    pub tls_floor: TlsFloor,
+    /// A floor per recipient domain (lower-case, as DNS names it), like Postfix's
+    /// `smtp_tls_policy_maps`.
+    #[serde(default)]
+    pub domain_tls_floor: BTreeMap<String, TlsFloor>,
+    /// Trust anchors added to the system's for PKIX checks (MTA-STS, `verify`).
+    #[serde(default)]
+    pub extra_ca_file: Option<PathBuf>,
+    /// Where MTA-STS policies are kept across restarts (RFC 8461 §5.1). Absent, MTA-STS
+    /// is not applied, which `check` points out.
+    #[serde(default)]
+    pub mta_sts_cache_dir: Option<PathBuf>,
+    /// The largest message relayed, in bytes: the SIZE offered to the legacy MTA.
+    #[serde(default = "default_max_message_size")]
+    pub max_message_size: u64,
+    /// The port MXes are reached on. Always 25 (RFC 5321 §4.5.4); another is for test
+    /// labs.
+    #[serde(default = "smtp_port")]
+    pub mx_port: u16,
+}
+
+/// The TLS a delivery gets where neither DANE nor MTA-STS applies, by the names of
+/// Postfix's `smtp_tls_security_level`'s matching levels.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TlsFloor {
+    /// STARTTLS when the MX offers it, any certificate; plaintext otherwise (logged as a
+    /// downgrade). Postfix's `may`.
+    #[default]
+    Opportunistic,
+    /// TLS required, any certificate. Postfix's `encrypt`.
+    Encrypt,
+    /// TLS required with a certificate valid for the MX host name under the system's
+    /// trust anchors. Postfix's `verify`.
+    Verify,
+}
+
+fn loopback_networks() -> Vec<Cidr> {
+    ["127.0.0.0/8", "::1/128"]
+        .into_iter()
+        .filter_map(|text| Cidr::parse(text).ok())
+        .collect()
+}
+
+/// 50 MiB, a common MX limit (Gmail's is 25 MB of attachments, about 35 MB encoded).
+fn default_max_message_size() -> u64 {
+    50 * 1024 * 1024
+}
+
+fn smtp_port() -> u16 {
+    25
+}
+
 /// Log line format.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "snake_case")]
@@ -499,6 +579,9 @@ fn validate(draft: &Draft, positions: &Positions, host: &dyn Host) -> Vec<Proble
     upstream_loops(listeners, host, &mut found);
     if let Some(metrics) = &draft.metrics {
         validate_metrics(metrics, listeners, host, &mut found);
+    }
+    if let Some(outbound) = &draft.outbound {
+        validate_outbound(outbound, draft, host, &mut found);
     }
     validate_limits(&draft.limits, &mut found);
     validate_log(&draft.log, &mut found);
@@ -698,6 +781,98 @@ fn validate_metrics(
         ),
     };
     found.add("metrics.listen", message);
+}
+
+/// `outbound`: its address free of the listeners' and the metrics', a host name mailmoat
+/// can say in EHLO, a resolver it can ask, domains as DNS names them, and files there.
+fn validate_outbound(outbound: &OutboundConfig, draft: &Draft, host: &dyn Host, found: &mut Found) {
+    let listen = outbound.listen;
+    let listeners = draft.listeners.as_deref().unwrap_or_default();
+    let clash = listeners
+        .iter()
+        .enumerate()
+        .filter_map(|(index, l)| Some((l.subject(index), l.listen?)))
+        .chain(
+            draft
+                .metrics
+                .as_ref()
+                .map(|m| ("metrics".to_owned(), m.listen)),
+        )
+        .find(|(_, other)| sockets::overlap(listen, *other, host.ipv6_only()));
+    if let Some((other_at, other)) = clash {
+        found.add(
+            "outbound.listen",
+            format!(
+                "outbound.listen: {listen} overlaps {other} of {other_at}: Linux binds only \
+                 one of them, so `mailmoat run` would fail (address in use)"
+            ),
+        );
+    }
+    if outbound.relay_networks.is_empty() {
+        found.add(
+            "outbound.relay_networks",
+            "outbound.relay_networks: empty, so no client could relay; leave it out for \
+             loopback only"
+                .into(),
+        );
+    }
+    let hostname = outbound.hostname.as_bytes();
+    if crate::proto::smtp::canonical::domain_or_literal(hostname).is_none()
+        || hostname.starts_with(b"[")
+        || !hostname.contains(&b'.')
+    {
+        found.add(
+            "outbound.hostname",
+            format!(
+                "outbound.hostname: `{}` is not a fully qualified host name (MXes check \
+                 the EHLO name against the sending address's PTR record)",
+                outbound.hostname
+            ),
+        );
+    }
+    if outbound.resolver.ip().is_unspecified() || outbound.resolver.port() == 0 {
+        found.add(
+            "outbound.resolver",
+            format!(
+                "outbound.resolver: {} is no address to send queries to",
+                outbound.resolver
+            ),
+        );
+    }
+    for domain in outbound.domain_tls_floor.keys() {
+        let ok =
+            crate::proto::outbound::envelope::recipient_domain(format!("@{domain}").as_bytes())
+                .is_ok_and(|d| d.as_str() == domain);
+        if !ok {
+            found.add(
+                &format!("outbound.domain_tls_floor.{domain}"),
+                format!(
+                    "outbound.domain_tls_floor: `{domain}` is not a domain as DNS names it \
+                     (lower case, A-labels, no trailing dot)"
+                ),
+            );
+        }
+    }
+    if !(1024..=(1 << 31)).contains(&outbound.max_message_size) {
+        found.add(
+            "outbound.max_message_size",
+            format!(
+                "outbound.max_message_size: {} is outside 1024..=2147483648 bytes",
+                outbound.max_message_size
+            ),
+        );
+    }
+    if outbound.mx_port == 0 {
+        found.add("outbound.mx_port", "outbound.mx_port: 0 is no port".into());
+    }
+    if let Some(path) = &outbound.extra_ca_file
+        && let Err(err) = std::fs::metadata(path)
+    {
+        found.add(
+            "outbound.extra_ca_file",
+            format!("outbound.extra_ca_file: {}: {err}", path.display()),
+        );
+    }
 }
 
 /// `limits`: each within its range.
@@ -1024,6 +1199,66 @@ mod tests {
         assert_eq!(
             problems,
             vec![(Some(2), "limits.max_errors: must be at least 1")]
+        );
+    }
+
+    #[test]
+    fn the_outbound_section_takes_its_defaults_and_each_problem_has_its_line() {
+        let file = concat!(env!("CARGO_MANIFEST_DIR"), "/Cargo.toml");
+        let yaml = |outbound: &str| {
+            format!(
+                "tls: {{ certificates: [{{ cert: {file}, key: {file} }}] }}\n\
+                 listeners:\n  - {{ name: l, protocol: smtp, listen: \"127.0.0.1:2587\", \
+                 upstream: \"127.0.0.1:2588\" }}\noutbound:\n{outbound}"
+            )
+        };
+        let minimal = "  listen: \"127.0.0.1:10026\"\n  hostname: mail.example.test\n  \
+                       resolver: \"127.0.0.1:53\"\n";
+        let (config, _) = Config::parse_on(&yaml(minimal), "x", &FakeHost).unwrap();
+        let outbound = config.outbound.unwrap();
+        assert_eq!(outbound.tls_floor, TlsFloor::Opportunistic);
+        assert_eq!(outbound.mx_port, 25);
+        assert_eq!(outbound.max_message_size, 50 * 1024 * 1024);
+        let networks: Vec<_> = outbound
+            .relay_networks
+            .iter()
+            .map(|c| c.to_string())
+            .collect();
+        assert_eq!(networks, ["127.0.0.0/8", "::1/128"]);
+        assert!(outbound.relay_networks.iter().all(Cidr::is_loopback));
+        let (none, _) = Config::parse_on(&yaml("  null\n"), "x", &FakeHost).unwrap();
+        assert!(none.outbound.is_none());
+
+        let bad = "  listen: \"127.0.0.1:2587\"\n  hostname: localhost\n  \
+                   resolver: \"0.0.0.0:53\"\n  relay_networks: []\n  \
+                   domain_tls_floor: { Example.ORG: verify, \"b\\u00fccher.example\": verify }\n  \
+                   max_message_size: 10\n  mx_port: 0\n  extra_ca_file: /nonexistent/ca.pem\n";
+        let err = Config::parse_on(&yaml(bad), "x", &FakeHost).unwrap_err();
+        let problems: Vec<_> = err
+            .problems
+            .iter()
+            .map(|p| format!("{:?} {}", p.line, p.message))
+            .collect();
+        assert_eq!(
+            problems,
+            [
+                "Some(5) outbound.listen: 127.0.0.1:2587 overlaps 127.0.0.1:2587 of \
+                 listeners[0] (l): Linux binds only one of them, so `mailmoat run` would \
+                 fail (address in use)",
+                "Some(6) outbound.hostname: `localhost` is not a fully qualified host name \
+                 (MXes check the EHLO name against the sending address's PTR record)",
+                "Some(7) outbound.resolver: 0.0.0.0:53 is no address to send queries to",
+                "Some(8) outbound.relay_networks: empty, so no client could relay; leave it \
+                 out for loopback only",
+                "Some(9) outbound.domain_tls_floor: `Example.ORG` is not a domain as DNS \
+                 names it (lower case, A-labels, no trailing dot)",
+                "Some(9) outbound.domain_tls_floor: `bücher.example` is not a domain as DNS \
+                 names it (lower case, A-labels, no trailing dot)",
+                "Some(10) outbound.max_message_size: 10 is outside 1024..=2147483648 bytes",
+                "Some(11) outbound.mx_port: 0 is no port",
+                "Some(12) outbound.extra_ca_file: /nonexistent/ca.pem: No such file or \
+                 directory (os error 2)",
+            ]
         );
     }
 

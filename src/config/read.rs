@@ -16,10 +16,12 @@ use saphyr::{MarkedYaml, ScalarStyle, ScanError, YamlData, YamlLoader};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Deserializer};
 
+use std::collections::BTreeMap;
+
 use super::{
     CertificateConfig, Config, Limits, ListenerConfig, LogConfig, LogFormat, MetricsConfig,
-    Positions, Problem, Protocol, Timeouts, TlsConfig, TlsMode, TlsVersion, UpstreamAddr,
-    de_duration, de_socket_addr, strip_location,
+    OutboundConfig, Positions, Problem, Protocol, Timeouts, TlsConfig, TlsFloor, TlsMode,
+    TlsVersion, UpstreamAddr, de_duration, de_socket_addr, strip_location,
 };
 use crate::inbound::identity::{Cidr, ProxyVersion};
 use crate::policy::{BareNewlines, Policy};
@@ -41,6 +43,8 @@ pub(super) struct Draft {
     pub metrics: Option<MetricsConfig>,
     pub user_hash_key: Option<String>,
     pub allow_remote_plaintext: bool,
+    /// `outbound`, when present and its required keys are all there and valid.
+    pub outbound: Option<OutboundConfig>,
 }
 
 /// One `listeners` entry. The keys that checks across listeners need are kept on their
@@ -171,8 +175,58 @@ fn config(r: &mut Reader, mut f: Fields<'_>) -> Draft {
     draft.allow_remote_plaintext = f
         .get(r, "allow_remote_plaintext", typed::<bool>)
         .unwrap_or_default();
+    if let Some(outbound) = f.map::<Option<OutboundConfig>>(r, "outbound") {
+        draft.outbound = self::outbound(r, outbound);
+    }
     f.finish(r);
     draft
+}
+
+fn outbound(r: &mut Reader, mut f: Fields<'_>) -> Option<OutboundConfig> {
+    let listen = f.required(r, "listen", parsed::<ListenAddr>);
+    // An empty list is the operator's own choice (nobody may relay); a missing one is
+    // the default, loopback.
+    let relay_networks_given = f.has("relay_networks");
+    let relay_networks = f.list(r, "relay_networks", parsed::<Cidr>);
+    let hostname = f.required(r, "hostname", typed::<String>);
+    let source_address = f
+        .get(r, "source_address", typed::<Option<IpAddr>>)
+        .flatten();
+    let resolver = f.required(r, "resolver", parsed::<ListenAddr>);
+    let tls_floor = f.get(r, "tls_floor", typed::<TlsFloor>).unwrap_or_default();
+    let domain_tls_floor = f
+        .map::<BTreeMap<String, TlsFloor>>(r, "domain_tls_floor")
+        .map(|floors| floors.entries(r, typed::<TlsFloor>).into_iter().collect())
+        .unwrap_or_default();
+    let extra_ca_file = f
+        .get(r, "extra_ca_file", typed::<Option<PathBuf>>)
+        .flatten();
+    let mta_sts_cache_dir = f
+        .get(r, "mta_sts_cache_dir", typed::<Option<PathBuf>>)
+        .flatten();
+    let max_message_size = f.get(r, "max_message_size", typed::<u64>);
+    let mx_port = f.get(r, "mx_port", typed::<u16>);
+    f.finish(r);
+    let defaults: OutboundConfig =
+        serde_yaml::from_str("{listen: \"127.0.0.1:1\", hostname: x, resolver: \"127.0.0.1:53\"}")
+            .ok()?;
+    Some(OutboundConfig {
+        listen: listen?.0,
+        relay_networks: if relay_networks_given {
+            relay_networks
+        } else {
+            defaults.relay_networks
+        },
+        hostname: hostname?,
+        source_address,
+        resolver: resolver?.0,
+        tls_floor,
+        domain_tls_floor,
+        extra_ca_file,
+        mta_sts_cache_dir,
+        max_message_size: max_message_size.unwrap_or(defaults.max_message_size),
+        mx_port: mx_port.unwrap_or(defaults.mx_port),
+    })
 }
 
 type Certificates = Option<Vec<Option<CertificateConfig>>>;
@@ -505,6 +559,11 @@ impl<'n> Fields<'n> {
         }
     }
 
+    /// Whether `key` is in the mapping at all.
+    fn has(&self, key: &str) -> bool {
+        self.entries.iter().any(|e| e.key == key)
+    }
+
     /// Notes `key` as missing when it is (reported by [`Fields::finish`]).
     fn require(&mut self, key: &'static str) {
         if !self.entries.iter().any(|e| e.key == key) {
@@ -558,6 +617,25 @@ impl<'n> Fields<'n> {
     ) -> Option<Fields<'n>> {
         let (node, at) = self.take(r, key)?;
         mapping::<T>(r, self.child(key), node, at)
+    }
+
+    /// Every entry of a mapping whose keys are data (domain names), each value read
+    /// with `leaf`; those refused are left out.
+    fn entries<T>(mut self, r: &mut Reader, leaf: Leaf<T>) -> Vec<(String, T)> {
+        let mut read = Vec::new();
+        for entry in &mut self.entries {
+            entry.taken = true;
+            let path = if self.path.is_empty() {
+                entry.key.clone()
+            } else {
+                format!("{}.{}", self.path, entry.key)
+            };
+            r.positions.0.insert(path.clone(), entry.line);
+            if let Some(value) = check(r, &self.path, &path, entry.value, leaf) {
+                read.push((entry.key.clone(), value));
+            }
+        }
+        read
     }
 
     /// The list of mappings under `key`, one per item (`None`: the item is no mapping).
@@ -702,6 +780,18 @@ timeouts: { idle: 1m }
 log: { format: json }
 metrics: { listen: \"127.0.0.1:9925\" }
 user_hash_key: k
+outbound:
+  listen: \"127.0.0.1:10026\"
+  relay_networks: [10.0.0.0/8]
+  hostname: mail.example.test
+  source_address: 192.0.2.1
+  resolver: \"127.0.0.1:53\"
+  tls_floor: verify
+  domain_tls_floor: { example.org: encrypt }
+  extra_ca_file: /ca.pem
+  mta_sts_cache_dir: /var/lib/mailmoat/mta-sts
+  max_message_size: 1048576
+  mx_port: 2525
 ";
 
     #[test]
@@ -717,12 +807,13 @@ user_hash_key: k
             ("timeouts", serde_keys::<Timeouts>()),
             ("log", serde_keys::<LogConfig>()),
             ("metrics", serde_keys::<MetricsConfig>()),
+            ("outbound", serde_keys::<OutboundConfig>()),
         ];
         for (path, keys) in expected {
             assert!(!keys.is_empty(), "{path}");
             assert_eq!(r.known[path], keys, "{path}");
         }
-        assert_eq!(r.known.len(), 8);
+        assert_eq!(r.known.len(), 9);
     }
 
     /// What the draft holds, in the typed build's terms, for comparison.
@@ -735,14 +826,15 @@ user_hash_key: k
             .map(|l| l.config.as_ref())
             .collect();
         format!(
-            "{certificates:?} {:?} {listeners:?} {:?} {:?} {:?} {:?} {:?} {:?}",
+            "{certificates:?} {:?} {listeners:?} {:?} {:?} {:?} {:?} {:?} {:?} {:?}",
             draft.min_tls_version,
             draft.limits,
             draft.timeouts,
             draft.log,
             draft.metrics,
             draft.user_hash_key,
-            draft.allow_remote_plaintext
+            draft.allow_remote_plaintext,
+            draft.outbound
         )
     }
 
@@ -750,14 +842,15 @@ user_hash_key: k
         let certificates: Vec<_> = config.tls.certificates.iter().collect();
         let listeners: Vec<_> = config.listeners.iter().map(Some).collect();
         format!(
-            "{certificates:?} {:?} {listeners:?} {:?} {:?} {:?} {:?} {:?} {:?}",
+            "{certificates:?} {:?} {listeners:?} {:?} {:?} {:?} {:?} {:?} {:?} {:?}",
             config.tls.min_tls_version,
             config.limits,
             config.timeouts,
             config.log,
             config.metrics,
             config.user_hash_key,
-            config.allow_remote_plaintext
+            config.allow_remote_plaintext,
+            config.outbound
         )
     }
 
@@ -883,7 +976,7 @@ extra: 1
                 at(
                     21,
                     "unknown field `extra`, expected one of `tls`, `listeners`, `limits`, \
-                     `timeouts`, `log`, `metrics`, `user_hash_key`, `allow_remote_plaintext`"
+                     `timeouts`, `log`, `metrics`, `user_hash_key`, `allow_remote_plaintext`, `outbound`"
                 ),
             ]
         );

@@ -308,6 +308,14 @@ impl Cidr {
         }
     }
 
+    /// True if every address inside is a loopback address (127.0.0.0/8, ::1).
+    pub fn is_loopback(&self) -> bool {
+        match self.network {
+            IpAddr::V4(v4) => v4.is_loopback() && self.prefix_len >= 8,
+            IpAddr::V6(v6) => v6.is_loopback() && self.prefix_len == 128,
+        }
+    }
+
     /// True if `ip` is inside; IPv4 peers of a dual-stack socket match IPv4 networks.
     pub fn contains(&self, ip: IpAddr) -> bool {
         let ip = ip.to_canonical();
