@@ -366,6 +366,14 @@ pub struct OutboundConfig {
     /// labs.
     #[serde(default = "smtp_port")]
     pub mx_port: u16,
+    /// A DNSSEC-signed name `check` asks the resolver for, expecting an authenticated
+    /// answer (the AD bit).
+    #[serde(default = "dnssec_signed_name")]
+    pub dnssec_check_signed: String,
+    /// A name signed wrongly on purpose that `check` asks for, expecting SERVFAIL from a
+    /// validating resolver.
+    #[serde(default = "dnssec_bogus_name")]
+    pub dnssec_check_bogus: String,
 }
 
 /// The TLS a delivery gets where neither DANE nor MTA-STS applies, by the names of
@@ -398,6 +406,16 @@ fn default_max_message_size() -> u64 {
 
 fn smtp_port() -> u16 {
     25
+}
+
+/// Signed since 2010, with DS records in `org.`.
+fn dnssec_signed_name() -> String {
+    "ietf.org".into()
+}
+
+/// Kept deliberately broken for resolver tests (its signatures do not validate).
+fn dnssec_bogus_name() -> String {
+    "dnssec-failed.org".into()
 }
 
 /// Log line format.

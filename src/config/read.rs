@@ -206,6 +206,8 @@ fn outbound(r: &mut Reader, mut f: Fields<'_>) -> Option<OutboundConfig> {
         .flatten();
     let max_message_size = f.get(r, "max_message_size", typed::<u64>);
     let mx_port = f.get(r, "mx_port", typed::<u16>);
+    let dnssec_check_signed = f.get(r, "dnssec_check_signed", typed::<String>);
+    let dnssec_check_bogus = f.get(r, "dnssec_check_bogus", typed::<String>);
     f.finish(r);
     let defaults: OutboundConfig =
         serde_yaml::from_str("{listen: \"127.0.0.1:1\", hostname: x, resolver: \"127.0.0.1:53\"}")
@@ -226,6 +228,8 @@ fn outbound(r: &mut Reader, mut f: Fields<'_>) -> Option<OutboundConfig> {
         mta_sts_cache_dir,
         max_message_size: max_message_size.unwrap_or(defaults.max_message_size),
         mx_port: mx_port.unwrap_or(defaults.mx_port),
+        dnssec_check_signed: dnssec_check_signed.unwrap_or(defaults.dnssec_check_signed),
+        dnssec_check_bogus: dnssec_check_bogus.unwrap_or(defaults.dnssec_check_bogus),
     })
 }
 
@@ -792,6 +796,8 @@ outbound:
   mta_sts_cache_dir: /var/lib/mailmoat/mta-sts
   max_message_size: 1048576
   mx_port: 2525
+  dnssec_check_signed: dane.test
+  dnssec_check_bogus: bogus.test
 ";
 
     #[test]

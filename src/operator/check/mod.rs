@@ -1,7 +1,8 @@
 //! `mailmoat check`: like `nginx -t`, every problem at once. The configuration is
 //! parsed and validated, every certificate is loaded and checked, and every listener's
 //! upstream is probed: reachable, speaking the listener's protocol, and for SMTP not an
-//! open relay for the address mailmoat connects from (ARCHITECTURE.md §7). Nothing is bound.
+//! open relay for the address mailmoat connects from (ARCHITECTURE.md §7). The outbound
+//! relay's resolver is asked whether it validates DNSSEC ([`outbound`]). Nothing is bound.
 //!
 //! Output: one `error:`, `warning:` or `ok:` line per finding, prefixed with
 //! `FILE:LINE:` where the finding belongs to a line of the file, guidance indented below
@@ -12,6 +13,7 @@
 //! replies within `timeouts.greeting`.
 
 pub mod certificates;
+pub mod outbound;
 
 use std::fmt::Write as _;
 use std::path::Path;
@@ -118,6 +120,9 @@ pub async fn check_config(
 ) -> Vec<Finding> {
     let provider = crate::tls::provider();
     let mut findings = certificates::check(&config.tls, &provider, SystemTime::now(), positions);
+    if let Some(section) = &config.outbound {
+        findings.extend(outbound::check(section, positions, !options.offline).await);
+    }
     if options.offline {
         return findings;
     }
