@@ -69,6 +69,9 @@ pub const EVENTS: &[&str] = &[
     "upstream_preauth",
     "proxy_protocol_error",
     "xclient_unavailable",
+    "outbound_delivery",
+    "outbound_plaintext",
+    "outbound_mx_failed",
 ];
 
 /// The limits every listener can hit (`limit_exceeded`'s `limit` field).

@@ -96,6 +96,52 @@ pub fn record(event: &Event, metrics: &ListenerMetrics) {
             event = name,
             "plaintext session from an exempt network: relayed unchanged"
         ),
+        Event::OutboundDelivery {
+            domain,
+            mx,
+            policy,
+            tls,
+            result,
+            code,
+        } => {
+            let code = code.map_or_else(|| "none".to_owned(), |code| code.to_string());
+            tracing::info!(
+                event = name,
+                domain = %domain,
+                mx = %mx,
+                policy,
+                tls,
+                result,
+                code = %code,
+                "outbound delivery"
+            )
+        }
+        Event::OutboundPlaintext {
+            domain,
+            mx,
+            policy,
+            reason,
+        } => warn!(
+            event = name,
+            domain = %domain,
+            mx = %mx,
+            policy,
+            reason,
+            "outbound delivery without tls"
+        ),
+        Event::OutboundMxFailed {
+            domain,
+            mx,
+            failure,
+        } => warn!(
+            event = name,
+            domain = %domain,
+            mx = %mx,
+            reason = failure.reason(),
+            result_type = failure.rfc8460_result_type().unwrap_or("none"),
+            detail = %failure.detail(),
+            "mx given up"
+        ),
         Event::UpstreamPreauth => {
             tracing::error!(
                 event = name,

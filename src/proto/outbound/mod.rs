@@ -3,3 +3,4 @@
 //! domain's MX. Pure: DNS, policy and the MX connection are the I/O side's.
 
 pub mod envelope;
+pub mod session;
