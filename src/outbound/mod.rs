@@ -11,7 +11,10 @@
 //! - [`mta_sts`]: the MTA-STS policy layer: the `_mta-sts` TXT record, the policy, which
 //!   MX hosts it allows, when a cached policy applies, the cache on disk, and the HTTPS
 //!   fetch.
+//! - [`plan`]: from a recipient domain to the MX hosts to try, in order, each with the TLS
+//!   it must get: DANE before MTA-STS before the configured floor.
 
 pub mod dane;
 pub mod dns;
 pub mod mta_sts;
+pub mod plan;
