@@ -13,8 +13,11 @@
 //!   fetch.
 //! - [`plan`]: from a recipient domain to the MX hosts to try, in order, each with the TLS
 //!   it must get: DANE before MTA-STS before the configured floor.
+//! - [`mx_tls`]: the TLS client for each of those requirements, and what a handshake
+//!   established.
 
 pub mod dane;
 pub mod dns;
 pub mod mta_sts;
+pub mod mx_tls;
 pub mod plan;
