@@ -11,7 +11,13 @@
 //! - [`mta_sts`]: the MTA-STS policy layer: the `_mta-sts` TXT record, the policy, which
 //!   MX hosts it allows, when a cached policy applies, the cache on disk, and the HTTPS
 //!   fetch.
+//! - [`plan`]: from a recipient domain to the MX hosts to try, in order, each with the TLS
+//!   it must get: DANE before MTA-STS before the configured floor.
+//! - [`mx_tls`]: the TLS client for each of those requirements, and what a handshake
+//!   established.
 
 pub mod dane;
 pub mod dns;
 pub mod mta_sts;
+pub mod mx_tls;
+pub mod plan;
