@@ -133,6 +133,17 @@ async fn serve(path: PathBuf, config: Config) -> ExitCode {
             return ExitCode::from(EX_USAGE);
         }
     };
+    let outbound = match &config.outbound {
+        None => None,
+        Some(section) => match mailmoat::outbound::listener::Outbound::bind(section, &config).await
+        {
+            Ok(outbound) => Some(outbound),
+            Err(err) => {
+                eprintln!("{err}");
+                return ExitCode::from(EX_USAGE);
+            }
+        },
+    };
     if let Some(metrics) = &config.metrics
         && let Err(err) = mailmoat::metrics::start(metrics.listen).await
     {
@@ -152,8 +163,14 @@ async fn serve(path: PathBuf, config: Config) -> ExitCode {
     mailmoat::metrics::global().set_ready(false);
     notify_systemd(&[sd_notify::NotifyState::Stopping]);
     // A second signal ends the grace period at once.
+    let grace = config.timeouts.shutdown_grace;
+    let outbound_done = async {
+        if let Some(outbound) = outbound {
+            outbound.shut_down(grace).await;
+        }
+    };
     tokio::select! {
-        () = server.shut_down() => {}
+        ((), ()) = async { tokio::join!(server.shut_down(), outbound_done) } => {}
         _ = terminate.recv() => tracing::warn!("second signal: exiting without waiting"),
         _ = interrupt.recv() => tracing::warn!("second signal: exiting without waiting"),
     }

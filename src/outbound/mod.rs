@@ -15,9 +15,14 @@
 //!   it must get: DANE before MTA-STS before the configured floor.
 //! - [`mx_tls`]: the TLS client for each of those requirements, and what a handshake
 //!   established.
+//! - [`listener`]: the relayhost port the legacy MTA connects to, open to
+//!   `relay_networks` only; [`driver`] runs each connection's session
+//!   ([`crate::proto::outbound::session`]) on the sockets, the plan and the MX's TLS.
 
 pub mod dane;
 pub mod dns;
+pub mod driver;
+pub mod listener;
 pub mod mta_sts;
 pub mod mx_tls;
 pub mod plan;

@@ -1,0 +1,425 @@
+//! Runs the outbound relay's session ([`session::Session`]) on real streams: the legacy
+//! MTA's connection, the domain's delivery plan ([`plan`]: DNS, DANE, MTA-STS), the MX
+//! connection and its client TLS ([`mx_tls`]). Never parses: every byte either way is
+//! the session's (ARCHITECTURE.md §11).
+//!
+//! The I/O the session asks for (find an MX, start TLS with it, give it up for the next)
+//! is awaited where the action is carried out: the session waits for its result anyway,
+//! and the legacy MTA waits for the reply that depends on it.
+
+use std::collections::VecDeque;
+use std::io;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use bytes::Bytes;
+use rustls::RootCertStore;
+use rustls::crypto::CryptoProvider;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::{TcpSocket, TcpStream};
+use tokio_util::either::Either;
+use tracing::info;
+
+use crate::metrics::ListenerMetrics;
+use crate::outbound::dns::Resolver;
+use crate::outbound::mta_sts::Mode;
+use crate::outbound::mx_tls::{self, TlsReport};
+use crate::outbound::plan::{self, Candidate, Policy};
+use crate::proto::Event;
+use crate::proto::outbound::session::{
+    self, Action, MxAttempt, MxFailure, MxTlsFailure, Phase, Session, TlsRequirement,
+};
+use crate::telemetry::{self, security_event};
+
+/// What every session of the outbound listener shares.
+pub struct Context {
+    /// The session's settings.
+    pub session: session::Config,
+    /// The validating resolver.
+    pub resolver: Resolver,
+    /// The TLS policy's settings (floors, MTA-STS, the MX port).
+    pub plan: plan::Settings,
+    /// Trust anchors for PKIX checks.
+    pub roots: Arc<RootCertStore>,
+    /// The process's crypto provider.
+    pub provider: Arc<CryptoProvider>,
+    /// The local address connections to MXes come from.
+    pub source_address: Option<IpAddr>,
+    /// Deadlines on the legacy MTA's side.
+    pub client_idle: Duration,
+    /// Deadline inside a message body from the legacy MTA.
+    pub client_data: Duration,
+    /// The listener's metrics.
+    pub metrics: ListenerMetrics,
+}
+
+/// How long a TCP connection to one MX address may take before the next is tried.
+const MX_CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
+/// The TLS handshake with an MX.
+const MX_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);
+/// An MX's reply to a command: RFC 5321 §4.5.3.2 asks at least 5 minutes of a client
+/// (2 for the 354 to DATA); one value keeps the legacy MTA's own timeouts in front.
+const MX_REPLY_TIMEOUT: Duration = Duration::from_secs(300);
+/// The MX's reply to the end of data: §4.5.3.2.6, 10 minutes.
+const MX_FINAL_REPLY_TIMEOUT: Duration = Duration::from_secs(600);
+/// How long the whole search for an MX (DNS, MTA-STS fetch, connections) may take.
+const PLAN_TIMEOUT: Duration = Duration::from_secs(60);
+/// Writes to either side: a peer that takes nothing for this long is gone.
+const WRITE_TIMEOUT: Duration = Duration::from_secs(300);
+
+/// The reply when no address of any MX host could be connected to.
+const NO_MX_REACHABLE: &[u8] = b"451 4.4.1 No MX host of the recipient domain could be reached\r\n";
+/// The reply when every MX host was given up for its TLS: STARTTLS missing where it is
+/// required, or a handshake or certificate check that failed (ARCHITECTURE.md §11:
+/// `4.7.5`, never a bounce for what may be an attack in progress).
+const TLS_FAILED: &[u8] = b"451 4.7.5 No MX host of the recipient domain passed its TLS policy\r\n";
+/// The reply when the delivery plan did not finish in time.
+const PLAN_TIMED_OUT: &[u8] = b"451 4.4.3 Looking up the recipient domain timed out\r\n";
+
+type MxStream = Either<TcpStream, Box<tokio_rustls::client::TlsStream<TcpStream>>>;
+
+/// The MX side of a session: what is left to try, and the connection in use.
+#[derive(Default)]
+struct MxSide {
+    /// Addresses still to try, with their host.
+    to_try: VecDeque<(Arc<Candidate>, SocketAddr)>,
+    /// The host of the current connection.
+    current: Option<Arc<Candidate>>,
+    stream: Option<MxStream>,
+    /// The TLS the current connection got, for the delivery event.
+    tls: Option<TlsReport>,
+    /// Queued for the MX.
+    out: Vec<Bytes>,
+    /// The recipient domain, for events about the search.
+    domain: String,
+    /// Why the last MX given up was given up.
+    last_failure: Option<MxFailure>,
+}
+
+/// Serves one connection of the legacy MTA, start to end.
+pub async fn serve(mut client: TcpStream, ctx: &Context) {
+    let _ = client.set_nodelay(true);
+    let mut session = Session::new(ctx.session.clone());
+    let mut mx = MxSide::default();
+    if let Err(err) = run(&mut session, &mut client, &mut mx, ctx).await {
+        info!(%err, "outbound session ended with an i/o error");
+    }
+    if let Some(stream) = mx.stream.as_mut() {
+        let _ = tokio::time::timeout(Duration::from_secs(5), stream.shutdown()).await;
+    }
+    security_event!(
+        ctx.metrics,
+        info,
+        "session_end",
+        commands = %session.summary(),
+        "outbound session end"
+    );
+}
+
+async fn run(
+    session: &mut Session,
+    client: &mut TcpStream,
+    mx: &mut MxSide,
+    ctx: &Context,
+) -> io::Result<()> {
+    let mut client_out: Vec<Bytes> = Vec::new();
+    loop {
+        while let Some(action) = session.next_action() {
+            match action {
+                Action::ToClient(bytes) => client_out.push(bytes),
+                Action::ToMx(bytes) => mx.out.push(bytes),
+                Action::Event(event) => record(&event, mx, ctx),
+                Action::OpenMx { domain } => {
+                    write_all(client, &mut client_out).await?;
+                    mx.domain = domain.to_string();
+                    open(session, mx, &domain, ctx).await;
+                }
+                Action::StartMxTls => start_tls(session, mx, ctx).await,
+                Action::NextMx { failure } => {
+                    close_mx(mx).await;
+                    let event = Event::OutboundMxFailed {
+                        domain: mx.domain.clone(),
+                        mx: mx
+                            .current
+                            .as_ref()
+                            .map_or_else(String::new, |c| c.host.clone()),
+                        failure: failure.clone(),
+                    };
+                    telemetry::record(&event, &ctx.metrics);
+                    mx.last_failure = Some(failure);
+                    connect_next(session, mx, ctx).await;
+                }
+                Action::CloseMx => {
+                    close_mx(mx).await;
+                    mx.to_try.clear();
+                }
+                Action::Close => {
+                    write_all(client, &mut client_out).await?;
+                    let _ = client.shutdown().await;
+                    return Ok(());
+                }
+            }
+        }
+        write_all(client, &mut client_out).await?;
+        if let Some(stream) = mx.stream.as_mut()
+            && let Err(err) = write_all(stream, &mut mx.out).await
+        {
+            info!(%err, "mx write failed");
+            mx.out.clear();
+            session.on_mx_eof();
+            continue;
+        }
+        mx.out.clear();
+        if session.on_output_written() {
+            continue;
+        }
+        wait(session, client, mx, ctx).await;
+    }
+}
+
+/// Waits for the next input (a read from either side, or the phase's deadline) and
+/// hands it to the session.
+async fn wait(session: &mut Session, client: &mut TcpStream, mx: &mut MxSide, ctx: &Context) {
+    let deadline = match session.phase() {
+        Phase::Command => ctx.client_idle,
+        Phase::Data => ctx.client_data,
+        Phase::MxFinalReply => MX_FINAL_REPLY_TIMEOUT,
+        Phase::MxReply | Phase::MxConnect | Phase::MxHandshake => MX_REPLY_TIMEOUT,
+    };
+    let mut client_buf = [0u8; 16 * 1024];
+    let mut mx_buf = [0u8; 16 * 1024];
+    let wants_client = session.wants_client_data();
+    let mx_stream = mx.stream.as_mut();
+    tokio::select! {
+        read = client.read(&mut client_buf), if wants_client => match read {
+            Ok(0) | Err(_) => session.on_client_eof(),
+            Ok(n) => session.on_client_data(&client_buf[..n]),
+        },
+        read = read_mx(mx_stream, &mut mx_buf) => match read {
+            Ok(0) | Err(_) => session.on_mx_eof(),
+            Ok(n) => session.on_mx_data(&mx_buf[..n]),
+        },
+        () = tokio::time::sleep(deadline) => {
+            let limit = session.phase().timeout_limit();
+            telemetry::record(&Event::LimitExceeded { limit }, &ctx.metrics);
+            session.on_timeout();
+        }
+    }
+}
+
+/// A read from the MX, or never when there is none.
+async fn read_mx(stream: Option<&mut MxStream>, buf: &mut [u8]) -> io::Result<usize> {
+    match stream {
+        Some(stream) => stream.read(buf).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Plans the delivery to `domain` and connects to its first reachable MX.
+async fn open(
+    session: &mut Session,
+    mx: &mut MxSide,
+    domain: &crate::proto::outbound::envelope::Domain,
+    ctx: &Context,
+) {
+    let planned = tokio::time::timeout(
+        PLAN_TIMEOUT,
+        plan::plan(domain, &ctx.resolver, &ctx.plan, SystemTime::now()),
+    )
+    .await;
+    let plan = match planned {
+        Ok(Ok(plan)) => plan,
+        Ok(Err(failure)) => {
+            security_event!(
+                ctx.metrics,
+                warn,
+                "outbound_plan_failed",
+                domain = %domain,
+                result_type = failure.result_type.unwrap_or(""),
+                detail = %failure.detail,
+                "no usable mx"
+            );
+            return session.on_mx_unavailable(failure.reply);
+        }
+        Err(_) => return session.on_mx_unavailable(PLAN_TIMED_OUT),
+    };
+    for note in &plan.notes {
+        info!(domain = %domain, note = %note, "outbound plan");
+    }
+    mx.last_failure = None;
+    mx.to_try = plan
+        .candidates
+        .into_iter()
+        .flat_map(|candidate| {
+            let candidate = Arc::new(candidate);
+            let addrs = candidate.addrs.clone();
+            addrs
+                .into_iter()
+                .map(move |addr| (Arc::clone(&candidate), addr))
+        })
+        .collect();
+    connect_next(session, mx, ctx).await;
+}
+
+/// Connects to the next address left to try, or tells the session there is none.
+async fn connect_next(session: &mut Session, mx: &mut MxSide, ctx: &Context) {
+    while let Some((candidate, addr)) = mx.to_try.pop_front() {
+        match tokio::time::timeout(MX_CONNECT_TIMEOUT, connect(addr, ctx.source_address)).await {
+            Ok(Ok(stream)) => {
+                let attempt = MxAttempt {
+                    host: candidate.host.clone(),
+                    tls: if candidate.requirement.tls_required() {
+                        TlsRequirement::Required
+                    } else {
+                        TlsRequirement::Opportunistic
+                    },
+                    policy: policy_name(candidate.policy),
+                };
+                mx.stream = Some(Either::Left(stream));
+                mx.current = Some(candidate);
+                mx.tls = None;
+                return session.on_mx_connected(attempt);
+            }
+            Ok(Err(err)) => info!(mx = %candidate.host, %addr, %err, "mx connect failed"),
+            Err(_) => info!(mx = %candidate.host, %addr, "mx connect timed out"),
+        }
+    }
+    // A TLS failure is the reason only if it was the last MX's: one that could not be
+    // reached at all says nothing about TLS.
+    let reply = match &mx.last_failure {
+        Some(failure) if failure.rfc8460_result_type().is_some() => TLS_FAILED,
+        _ => NO_MX_REACHABLE,
+    };
+    session.on_mx_unavailable(reply);
+}
+
+async fn connect(addr: SocketAddr, source: Option<IpAddr>) -> io::Result<TcpStream> {
+    let socket = if addr.is_ipv4() {
+        TcpSocket::new_v4()?
+    } else {
+        TcpSocket::new_v6()?
+    };
+    if let Some(source) = source
+        && source.is_ipv4() == addr.is_ipv4()
+    {
+        socket.bind(SocketAddr::new(source, 0))?;
+    }
+    let stream = socket.connect(addr).await?;
+    stream.set_nodelay(true)?;
+    Ok(stream)
+}
+
+/// The TLS handshake with the MX, with the verifier its requirement names.
+async fn start_tls(session: &mut Session, mx: &mut MxSide, ctx: &Context) {
+    let failure = |detail: String| MxTlsFailure {
+        result_type: "validation-failure",
+        detail,
+    };
+    let (Some(Either::Left(tcp)), Some(candidate)) = (mx.stream.take(), mx.current.clone()) else {
+        return session.on_mx_tls(Err(failure("no plaintext connection to upgrade".into())));
+    };
+    let client = match mx_tls::client_config(
+        &candidate.requirement,
+        &candidate.host,
+        Arc::clone(&ctx.roots),
+        Arc::clone(&ctx.provider),
+    ) {
+        Ok(client) => client,
+        Err(err) => return session.on_mx_tls(Err(failure(err.to_string()))),
+    };
+    let connector = tokio_rustls::TlsConnector::from(Arc::clone(&client.config));
+    let handshake = connector.connect(client.server_name.clone(), tcp);
+    match tokio::time::timeout(MX_HANDSHAKE_TIMEOUT, handshake).await {
+        Ok(Ok(tls)) => {
+            mx.tls = TlsReport::read(tls.get_ref().1, &client.verdict);
+            mx.stream = Some(Either::Right(Box::new(tls)));
+            session.on_mx_tls(Ok(()));
+        }
+        Ok(Err(err)) => {
+            let result_type = client
+                .verdict
+                .failure()
+                .map_or("validation-failure", |f| f.result_type);
+            session.on_mx_tls(Err(MxTlsFailure {
+                result_type,
+                detail: err.to_string(),
+            }));
+        }
+        Err(_) => session.on_mx_tls(Err(failure("handshake timed out".into()))),
+    }
+}
+
+/// Writes what is queued for the MX (its QUIT) and closes the connection.
+async fn close_mx(mx: &mut MxSide) {
+    if let Some(mut stream) = mx.stream.take() {
+        let _ = write_all(&mut stream, &mut mx.out).await;
+        let _ = tokio::time::timeout(Duration::from_secs(5), stream.shutdown()).await;
+    }
+    mx.out.clear();
+    mx.tls = None;
+}
+
+/// The policy's name in events: a fixed set.
+fn policy_name(policy: Policy) -> &'static str {
+    match policy {
+        Policy::Dane => "dane",
+        Policy::MtaSts {
+            mode: Mode::Testing,
+        } => "mta-sts-testing",
+        Policy::MtaSts { .. } => "mta-sts",
+        Policy::Floor(floor) => floor.as_str(),
+    }
+}
+
+/// Logs and counts a session event; a delivery also names the TLS it crossed.
+fn record(event: &Event, mx: &MxSide, ctx: &Context) {
+    telemetry::record(event, &ctx.metrics);
+    if let Event::OutboundDelivery {
+        domain,
+        mx: host,
+        result,
+        ..
+    } = event
+    {
+        let (version, cipher, verified, failure) = match &mx.tls {
+            Some(tls) => (
+                format!("{:?}", tls.version),
+                format!("{:?}", tls.cipher),
+                tls.verified,
+                tls.failure_result_type.unwrap_or(""),
+            ),
+            None => ("none".into(), "none".into(), false, ""),
+        };
+        info!(
+            event = "outbound_delivery_tls",
+            domain = %domain,
+            mx = %host,
+            result,
+            tls_version = %version,
+            tls_cipher = %cipher,
+            verified,
+            tls_failure = failure,
+            "outbound delivery tls"
+        );
+    }
+}
+
+/// Writes `parts` in order and empties it, within [`WRITE_TIMEOUT`].
+async fn write_all<S: AsyncWrite + AsyncRead + Unpin>(
+    stream: &mut S,
+    parts: &mut Vec<Bytes>,
+) -> io::Result<()> {
+    if parts.is_empty() {
+        return Ok(());
+    }
+    let written = tokio::time::timeout(WRITE_TIMEOUT, async {
+        for part in parts.iter() {
+            stream.write_all(part).await?;
+        }
+        stream.flush().await
+    })
+    .await;
+    parts.clear();
+    written.map_err(|_| io::Error::from(io::ErrorKind::TimedOut))?
+}
