@@ -366,6 +366,11 @@ pub struct OutboundConfig {
     /// labs.
     #[serde(default = "smtp_port")]
     pub mx_port: u16,
+    /// What happens when an MX that offered STARTTLS before offers it no longer (a
+    /// suspected stripping attack, remembered per MX host): `log` delivers in
+    /// plaintext as the floor allows and logs it; `defer` answers `451 4.7.5` instead.
+    #[serde(default)]
+    pub starttls_stripping: StrippingResponse,
     /// A DNSSEC-signed name `check` asks the resolver for, expecting an authenticated
     /// answer (the AD bit).
     #[serde(default = "dnssec_signed_name")]
@@ -390,6 +395,17 @@ pub enum TlsFloor {
     /// TLS required with a certificate valid for the MX host name under the system's
     /// trust anchors. Postfix's `verify`.
     Verify,
+}
+
+/// The answer to a suspected STARTTLS stripping (`outbound.starttls_stripping`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StrippingResponse {
+    /// Log a `starttls_stripping_suspected` event; deliver as the policy allows.
+    #[default]
+    Log,
+    /// Log it and defer: the MX must offer STARTTLS again.
+    Defer,
 }
 
 fn loopback_networks() -> Vec<Cidr> {

@@ -129,6 +129,16 @@ struct DirectionLabels {
     direction: &'static str,
 }
 
+/// Outbound deliveries: the policy that applied (a fixed set: `dane`, `mta-sts`,
+/// `mta-sts-testing`, `opportunistic`, `encrypt`, `verify`), the result (`delivered`,
+/// `deferred`, `rejected`, `unknown`) and whether TLS carried it.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct DeliveryLabels {
+    policy: &'static str,
+    result: &'static str,
+    tls: &'static str,
+}
+
 type HistogramFamily = Family<ListenerLabels, Histogram, fn() -> Histogram>;
 
 fn handshake_histogram() -> Histogram {
@@ -146,6 +156,7 @@ pub struct Metrics {
     limits_exceeded: Family<LimitLabels, Counter>,
     tls_handshake_duration: HistogramFamily,
     relayed_bytes: Family<DirectionLabels, Counter>,
+    outbound_deliveries: Family<DeliveryLabels, Counter>,
     ready: AtomicBool,
 }
 
@@ -166,6 +177,7 @@ impl Metrics {
             limits_exceeded: Family::default(),
             tls_handshake_duration: Family::new_with_constructor(handshake_histogram),
             relayed_bytes: Family::default(),
+            outbound_deliveries: Family::default(),
             ready: AtomicBool::new(false),
         };
         let mut registry = Registry::with_prefix("mailmoat");
@@ -207,10 +219,27 @@ impl Metrics {
              (upstream_to_client)",
             metrics.relayed_bytes.clone(),
         );
+        registry.register(
+            "outbound_deliveries",
+            "Outbound relay transactions that reached the end of data, by the TLS policy \
+             that applied, the MX's answer and whether TLS carried the message",
+            metrics.outbound_deliveries.clone(),
+        );
         Metrics {
             registry,
             ..metrics
         }
+    }
+
+    /// Counts one outbound delivery.
+    pub fn outbound_delivery(&self, policy: &'static str, result: &'static str, tls: bool) {
+        self.outbound_deliveries
+            .get_or_create(&DeliveryLabels {
+                policy,
+                result,
+                tls: if tls { "yes" } else { "no" },
+            })
+            .inc();
     }
 
     /// Whether `/healthz` answers 200: set once the listeners are bound, cleared when

@@ -104,6 +104,7 @@ pub fn record(event: &Event, metrics: &ListenerMetrics) {
             result,
             code,
         } => {
+            crate::metrics::global().outbound_delivery(policy, result, *tls);
             let code = code.map_or_else(|| "none".to_owned(), |code| code.to_string());
             tracing::info!(
                 event = name,

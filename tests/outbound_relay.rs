@@ -22,8 +22,10 @@ fn lab_and_relay() -> Option<(&'static Lab, &'static Mailmoat)> {
     let relay = RELAY.get_or_init(|| {
         let cache = lab.dir().join("mailmoat-mta-sts");
         let outbound = format!(
-            "outbound:\n  listen: \"127.0.0.1:{}\"\n  hostname: relay.example.test\n  \
+            "metrics: {{ listen: \"127.0.0.1:{}\" }}\n\
+             outbound:\n  listen: \"127.0.0.1:{}\"\n  hostname: relay.example.test\n  \
              resolver: \"{}\"\n  extra_ca_file: {}\n  mta_sts_cache_dir: {}\n",
+            metrics_port(),
             lab.relay_port,
             lab.resolver,
             lab.ca.display(),
@@ -46,6 +48,27 @@ fn lab_and_relay() -> Option<(&'static Lab, &'static Mailmoat)> {
         relay
     });
     Some((lab, relay))
+}
+
+/// The port of the relay's `/metrics` endpoint.
+fn metrics_port() -> u16 {
+    static PORT: OnceLock<u16> = OnceLock::new();
+    *PORT.get_or_init(common::free_port)
+}
+
+/// The value of the `/metrics` series `series` (name and labels, as rendered).
+fn metric(series: &str) -> Option<f64> {
+    let mut stream = std::net::TcpStream::connect(("127.0.0.1", metrics_port())).ok()?;
+    stream
+        .set_read_timeout(Some(Duration::from_secs(20)))
+        .ok()?;
+    stream
+        .write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .ok()?;
+    let mut text = String::new();
+    std::io::Read::read_to_string(&mut stream, &mut text).ok()?;
+    text.lines()
+        .find_map(|line| line.strip_prefix(series)?.trim().parse().ok())
 }
 
 /// A message with a tag in its subject and body, submitted to the legacy sender.
@@ -140,6 +163,10 @@ fn dane_ee_mail_is_delivered_over_verified_tls_with_its_body_unchanged() {
             "result=\"delivered\"",
         ],
     );
+    let series =
+        "mailmoat_outbound_deliveries_total{policy=\"dane\",result=\"delivered\",tls=\"yes\"}";
+    let counted = metric(series).unwrap_or_else(|| panic!("no {series}"));
+    assert!(counted >= 1.0, "{series} {counted}");
 }
 
 #[test]
@@ -358,4 +385,125 @@ fn a_client_outside_relay_networks_cannot_relay() {
         "554 5.7.1 This host relays only for its configured networks\r\n"
     );
     wait_for_line(&relay, &["event=\"relay_refused\"", "client=127.0.0.1:"]);
+}
+
+#[test]
+fn an_smime_signed_message_still_verifies_at_the_mx() {
+    let Some((lab, _)) = lab_and_relay() else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let path = |name: &str| dir.path().join(name);
+    let openssl = |args: &[&str]| {
+        let ran = common::run_bounded(
+            Command::new("openssl").args(args).current_dir(dir.path()),
+            Duration::from_secs(60),
+        );
+        assert_eq!(ran.code, Some(0), "openssl {args:?}: {}", ran.both());
+        ran
+    };
+    openssl(&[
+        "req",
+        "-x509",
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:P-256",
+        "-nodes",
+        "-keyout",
+        "signer.key",
+        "-out",
+        "signer.pem",
+        "-days",
+        "2",
+        "-subj",
+        "/CN=alice@legacy.example",
+    ]);
+    let tag = "smime-signed-one";
+    // Text with trailing spaces, a tab, a leading dot and a long line: what a relay
+    // that rewrote anything would break.
+    let content = format!(
+        "Content-Type: text/plain; charset=utf-8\r\n\r\nsigned {tag}\r\n\
+         trailing spaces   \r\n\ta tab\r\n.a leading dot\r\n{}\r\n",
+        "x".repeat(900)
+    );
+    std::fs::write(path("content.txt"), content).unwrap();
+    openssl(&[
+        "cms",
+        "-sign",
+        "-in",
+        "content.txt",
+        "-signer",
+        "signer.pem",
+        "-inkey",
+        "signer.key",
+        "-out",
+        "signed.eml",
+    ]);
+    let signed = std::fs::read_to_string(path("signed.eml")).unwrap();
+    let message = format!(
+        "From: alice@legacy.example\r\nTo: someone@dane.test\r\nSubject: {tag}\r\n{}",
+        signed.replace("\r\n", "\n").replace('\n', "\r\n")
+    );
+    let mut child = Command::new("sendmail")
+        .arg("-C")
+        .arg(lab.var("LAB_SENDER_POSTFIX"))
+        .args(["-f", "alice@legacy.example", "someone@dane.test"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(message.as_bytes())
+        .unwrap();
+    assert!(common::wait_exit(&mut child, Duration::from_secs(60)).success());
+
+    let delivered = lab.wait_for_delivery("MX1", &format!("Subject: {tag}"));
+    assert!(delivered.contains("(using TLSv1.3"), "{delivered}");
+    std::fs::write(path("delivered.eml"), &delivered).unwrap();
+    let verified = openssl(&[
+        "cms",
+        "-verify",
+        "-in",
+        "delivered.eml",
+        "-CAfile",
+        "signer.pem",
+        "-purpose",
+        "any",
+        "-out",
+        "verified.txt",
+    ]);
+    assert!(
+        verified.both().contains("Verification successful"),
+        "{}",
+        verified.both()
+    );
+    let out = std::fs::read_to_string(path("verified.txt")).unwrap();
+    assert!(out.contains(&format!("signed {tag}")), "{out}");
+    // The control: one changed byte of the signed text fails the same check.
+    std::fs::write(path("edited.eml"), delivered.replacen("a tab", "a tub", 1)).unwrap();
+    let edited = common::run_bounded(
+        Command::new("openssl")
+            .args([
+                "cms",
+                "-verify",
+                "-in",
+                "edited.eml",
+                "-CAfile",
+                "signer.pem",
+            ])
+            .args(["-purpose", "any", "-out", "/dev/null"])
+            .current_dir(dir.path()),
+        Duration::from_secs(60),
+    );
+    assert_ne!(
+        edited.code,
+        Some(0),
+        "an edited body verified: {}",
+        edited.both()
+    );
 }

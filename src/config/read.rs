@@ -20,8 +20,8 @@ use std::collections::BTreeMap;
 
 use super::{
     CertificateConfig, Config, Limits, ListenerConfig, LogConfig, LogFormat, MetricsConfig,
-    OutboundConfig, Positions, Problem, Protocol, Timeouts, TlsConfig, TlsFloor, TlsMode,
-    TlsVersion, UpstreamAddr, de_duration, de_socket_addr, strip_location,
+    OutboundConfig, Positions, Problem, Protocol, StrippingResponse, Timeouts, TlsConfig, TlsFloor,
+    TlsMode, TlsVersion, UpstreamAddr, de_duration, de_socket_addr, strip_location,
 };
 use crate::inbound::identity::{Cidr, ProxyVersion};
 use crate::policy::{BareNewlines, Policy};
@@ -206,6 +206,9 @@ fn outbound(r: &mut Reader, mut f: Fields<'_>) -> Option<OutboundConfig> {
         .flatten();
     let max_message_size = f.get(r, "max_message_size", typed::<u64>);
     let mx_port = f.get(r, "mx_port", typed::<u16>);
+    let starttls_stripping = f
+        .get(r, "starttls_stripping", typed::<StrippingResponse>)
+        .unwrap_or_default();
     let dnssec_check_signed = f.get(r, "dnssec_check_signed", typed::<String>);
     let dnssec_check_bogus = f.get(r, "dnssec_check_bogus", typed::<String>);
     f.finish(r);
@@ -228,6 +231,7 @@ fn outbound(r: &mut Reader, mut f: Fields<'_>) -> Option<OutboundConfig> {
         mta_sts_cache_dir,
         max_message_size: max_message_size.unwrap_or(defaults.max_message_size),
         mx_port: mx_port.unwrap_or(defaults.mx_port),
+        starttls_stripping,
         dnssec_check_signed: dnssec_check_signed.unwrap_or(defaults.dnssec_check_signed),
         dnssec_check_bogus: dnssec_check_bogus.unwrap_or(defaults.dnssec_check_bogus),
     })
@@ -796,6 +800,7 @@ outbound:
   mta_sts_cache_dir: /var/lib/mailmoat/mta-sts
   max_message_size: 1048576
   mx_port: 2525
+  starttls_stripping: defer
   dnssec_check_signed: dane.test
   dnssec_check_bogus: bogus.test
 ";

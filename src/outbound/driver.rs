@@ -21,6 +21,7 @@ use tokio::net::{TcpSocket, TcpStream};
 use tokio_util::either::Either;
 use tracing::info;
 
+use crate::config::StrippingResponse;
 use crate::metrics::ListenerMetrics;
 use crate::outbound::dns::Resolver;
 use crate::outbound::mta_sts::Mode;
@@ -52,6 +53,50 @@ pub struct Context {
     pub client_data: Duration,
     /// The listener's metrics.
     pub metrics: ListenerMetrics,
+    /// What a suspected STARTTLS stripping gets.
+    pub starttls_stripping: StrippingResponse,
+    /// The MX hosts seen offering STARTTLS.
+    pub offered_starttls: StarttlsMemory,
+}
+
+/// The MX hosts that offered STARTTLS, so that one that stops offering it is noticed
+/// (a suspected stripping attack, ARCHITECTURE.md §11). In memory, for the process's
+/// life; bounded: when full it starts over, which forgets rather than grows.
+#[derive(Debug, Default)]
+pub struct StarttlsMemory(std::sync::Mutex<std::collections::HashSet<String>>);
+
+/// Most MX hosts remembered.
+const MAX_REMEMBERED_MX_HOSTS: usize = 100_000;
+
+impl StarttlsMemory {
+    /// `host` offered STARTTLS.
+    pub fn remember(&self, host: &str) {
+        let mut hosts = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        if hosts.len() >= MAX_REMEMBERED_MX_HOSTS && !hosts.contains(host) {
+            hosts.clear();
+        }
+        hosts.insert(host.to_ascii_lowercase());
+    }
+
+    /// Whether `host` was seen offering STARTTLS.
+    pub fn offered_before(&self, host: &str) -> bool {
+        let hosts = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        hosts.contains(&host.to_ascii_lowercase())
+    }
+}
+
+/// What a connection to an MX must get: its policy's requirement, raised to `Required`
+/// for an MX that offered STARTTLS before when stripping is to be deferred.
+fn tls_requirement(
+    policy_requires: bool,
+    offered_before: bool,
+    stripping: StrippingResponse,
+) -> TlsRequirement {
+    if policy_requires || (offered_before && stripping == StrippingResponse::Defer) {
+        TlsRequirement::Required
+    } else {
+        TlsRequirement::Opportunistic
+    }
 }
 
 /// How long a TCP connection to one MX address may take before the next is tried.
@@ -135,8 +180,16 @@ async fn run(
                     mx.domain = domain.to_string();
                     open(session, mx, &domain, ctx).await;
                 }
-                Action::StartMxTls => start_tls(session, mx, ctx).await,
+                Action::StartMxTls => {
+                    if let Some(candidate) = &mx.current {
+                        ctx.offered_starttls.remember(&candidate.host);
+                    }
+                    start_tls(session, mx, ctx).await;
+                }
                 Action::NextMx { failure } => {
+                    if failure == MxFailure::StarttlsNotOffered {
+                        suspect_stripping(mx, ctx);
+                    }
                     close_mx(mx).await;
                     let event = Event::OutboundMxFailed {
                         domain: mx.domain.clone(),
@@ -269,11 +322,11 @@ async fn connect_next(session: &mut Session, mx: &mut MxSide, ctx: &Context) {
             Ok(Ok(stream)) => {
                 let attempt = MxAttempt {
                     host: candidate.host.clone(),
-                    tls: if candidate.requirement.tls_required() {
-                        TlsRequirement::Required
-                    } else {
-                        TlsRequirement::Opportunistic
-                    },
+                    tls: tls_requirement(
+                        candidate.requirement.tls_required(),
+                        ctx.offered_starttls.offered_before(&candidate.host),
+                        ctx.starttls_stripping,
+                    ),
                     policy: policy_name(candidate.policy),
                 };
                 mx.stream = Some(Either::Left(stream));
@@ -372,8 +425,37 @@ fn policy_name(policy: Policy) -> &'static str {
     }
 }
 
+/// An MX without STARTTLS that offered it before: logged as a suspected stripping
+/// attack (RFC 3207 §6, RFC 8460's `starttls-not-supported`).
+fn suspect_stripping(mx: &MxSide, ctx: &Context) {
+    let Some(candidate) = &mx.current else { return };
+    if !ctx.offered_starttls.offered_before(&candidate.host) {
+        return;
+    }
+    let response = match ctx.starttls_stripping {
+        StrippingResponse::Log => "delivered as the policy allows",
+        StrippingResponse::Defer => "deferred",
+    };
+    security_event!(
+        ctx.metrics,
+        warn,
+        "starttls_stripping_suspected",
+        domain = %mx.domain,
+        mx = %candidate.host,
+        response,
+        "mx offered starttls before and no longer does"
+    );
+}
+
 /// Logs and counts a session event; a delivery also names the TLS it crossed.
 fn record(event: &Event, mx: &MxSide, ctx: &Context) {
+    if let Event::OutboundPlaintext {
+        reason: "starttls_not_offered",
+        ..
+    } = event
+    {
+        suspect_stripping(mx, ctx);
+    }
     telemetry::record(event, &ctx.metrics);
     if let Event::OutboundDelivery {
         domain,
@@ -422,4 +504,43 @@ async fn write_all<S: AsyncWrite + AsyncRead + Unpin>(
     .await;
     parts.clear();
     written.map_err(|_| io::Error::from(io::ErrorKind::TimedOut))?
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_mx_that_offered_starttls_before_must_offer_it_again_when_stripping_is_deferred() {
+        use StrippingResponse::{Defer, Log};
+        use TlsRequirement::{Opportunistic, Required};
+        let table = [
+            // (policy requires TLS, offered before, response) -> requirement
+            ((true, false, Log), Required),
+            ((true, true, Defer), Required),
+            ((false, false, Defer), Opportunistic),
+            ((false, true, Log), Opportunistic),
+            ((false, true, Defer), Required),
+        ];
+        for ((requires, before, response), expected) in table {
+            assert_eq!(
+                tls_requirement(requires, before, response),
+                expected,
+                "{requires} {before} {response:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn the_starttls_memory_ignores_case_and_stays_bounded() {
+        let memory = StarttlsMemory::default();
+        assert!(!memory.offered_before("mx.example.test"));
+        memory.remember("MX.Example.test");
+        assert!(memory.offered_before("mx.example.TEST"));
+        for i in 0..MAX_REMEMBERED_MX_HOSTS {
+            memory.remember(&format!("mx{i}.example.test"));
+        }
+        let held = memory.0.lock().unwrap().len();
+        assert!(held <= MAX_REMEMBERED_MX_HOSTS, "{held}");
+    }
 }

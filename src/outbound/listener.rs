@@ -152,6 +152,8 @@ fn context(outbound: &OutboundConfig, config: &Config) -> Result<Context, Error>
         client_idle: config.timeouts.idle.max(Duration::from_secs(300)),
         client_data: config.timeouts.data,
         metrics: ListenerMetrics::new("outbound", Protocol::Smtp),
+        starttls_stripping: outbound.starttls_stripping,
+        offered_starttls: driver::StarttlsMemory::default(),
     })
 }
 
