@@ -243,9 +243,13 @@ pub fn run(data: &[u8]) {
                 session.on_mx_unavailable(MX_UNREACHABLE);
             }
             Op::TlsOk | Op::TlsFailed => {
+                // Taken only during the handshake: otherwise the op is skipped.
+                if !matches!(harness.link, Link::Handshake(_)) {
+                    continue;
+                }
                 let Link::Handshake(canonical) = std::mem::replace(&mut harness.link, Link::None)
                 else {
-                    continue;
+                    unreachable!("matched above");
                 };
                 if op == Op::TlsOk {
                     // The reader goes on inside TLS: the 220 answered the STARTTLS, and
