@@ -5,7 +5,7 @@
 #
 # TIME_PER_TARGET: seconds, or a number with s or m (5, 5s, 2m); CI runs 5 s each.
 # Defaults: 60 seconds, every target (line_framer smtp_body smtp_session imap_session
-# pop3_session mta_sts_policy). Installs cargo-fuzz (pinned: CARGO_FUZZ_VERSION below) if
+# pop3_session mta_sts_policy outbound_session). Installs cargo-fuzz (pinned: CARGO_FUZZ_VERSION below) if
 # it is missing, copies the seeds of tests/fuzz/seeds/<target>/ into
 # tests/fuzz/corpus/<target>/, runs each target with -max_total_time, and prints one summary line per target. Exits
 # non-zero if any target crashed (or failed to build); crash inputs stay in
@@ -29,7 +29,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$(pwd)
 fuzz_dir="$root/tests/fuzz"
-all_targets=(line_framer smtp_body smtp_session imap_session pop3_session mta_sts_policy)
+all_targets=(line_framer smtp_body smtp_session imap_session pop3_session mta_sts_policy
+    outbound_session)
 
 # The version CI and fresh machines install (cargo install --locked).
 CARGO_FUZZ_VERSION=0.13.2

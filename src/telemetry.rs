@@ -96,51 +96,41 @@ pub fn record(event: &Event, metrics: &ListenerMetrics) {
             event = name,
             "plaintext session from an exempt network: relayed unchanged"
         ),
-        Event::OutboundDelivery {
-            domain,
-            mx,
-            policy,
-            tls,
-            result,
-            code,
-        } => {
-            crate::metrics::global().outbound_delivery(policy, result, *tls);
-            let code = code.map_or_else(|| "none".to_owned(), |code| code.to_string());
+        Event::OutboundDelivery(delivery) => {
+            crate::metrics::global().outbound_delivery(
+                delivery.policy,
+                delivery.result,
+                delivery.tls,
+            );
+            let code = delivery
+                .code
+                .map_or_else(|| "none".to_owned(), |code| code.to_string());
             tracing::info!(
                 event = name,
-                domain = %domain,
-                mx = %mx,
-                policy,
-                tls,
-                result,
+                domain = %delivery.domain,
+                mx = %delivery.mx,
+                policy = delivery.policy,
+                tls = delivery.tls,
+                result = delivery.result,
                 code = %code,
                 "outbound delivery"
             )
         }
-        Event::OutboundPlaintext {
-            domain,
-            mx,
-            policy,
-            reason,
-        } => warn!(
+        Event::OutboundPlaintext(plaintext) => warn!(
             event = name,
-            domain = %domain,
-            mx = %mx,
-            policy,
-            reason,
+            domain = %plaintext.domain,
+            mx = %plaintext.mx,
+            policy = plaintext.policy,
+            reason = plaintext.reason,
             "outbound delivery without tls"
         ),
-        Event::OutboundMxFailed {
-            domain,
-            mx,
-            failure,
-        } => warn!(
+        Event::OutboundMxFailed(given_up) => warn!(
             event = name,
-            domain = %domain,
-            mx = %mx,
-            reason = failure.reason(),
-            result_type = failure.rfc8460_result_type().unwrap_or("none"),
-            detail = %failure.detail(),
+            domain = %given_up.domain,
+            mx = %given_up.mx,
+            reason = given_up.failure.reason(),
+            result_type = given_up.failure.rfc8460_result_type().unwrap_or("none"),
+            detail = %given_up.failure.detail(),
             "mx given up"
         ),
         Event::UpstreamPreauth => {

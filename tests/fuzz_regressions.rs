@@ -12,6 +12,9 @@ mod canonical;
 #[path = "fuzz/src/mta_sts.rs"]
 mod mta_sts;
 #[allow(dead_code)]
+#[path = "fuzz/src/outbound_script.rs"]
+mod outbound_script;
+#[allow(dead_code)]
 #[path = "fuzz/src/session_script.rs"]
 mod session_script;
 
@@ -99,6 +102,24 @@ fn mta_sts_policy_seeds_hold_the_fuzz_invariants() {
         seeds += 1;
     }
     assert!(seeds >= 9, "only {seeds} seeds in {}", dir.display());
+}
+
+/// `outbound_session`: every seed of `tests/fuzz/seeds/outbound_session/` through the
+/// target's harness (deliveries over STARTTLS and in plaintext, MXes given up, the size
+/// limit, broken MXes), so that its invariants run with every `cargo test`.
+#[test]
+fn outbound_session_seeds_hold_the_fuzz_invariants() {
+    let dir =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fuzz/seeds/outbound_session");
+    let mut seeds = 0;
+    for entry in std::fs::read_dir(&dir).unwrap() {
+        let path = entry.unwrap().path();
+        let input = std::fs::read(&path).unwrap();
+        let replayed = std::panic::catch_unwind(|| outbound_script::run(&input));
+        assert!(replayed.is_ok(), "{} broke an invariant", path.display());
+        seeds += 1;
+    }
+    assert!(seeds >= 5, "only {seeds} seeds in {}", dir.display());
 }
 
 /// A session script in the fuzz targets' format: `flags`, then client (`true`) or

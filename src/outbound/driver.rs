@@ -113,15 +113,6 @@ const PLAN_TIMEOUT: Duration = Duration::from_secs(60);
 /// Writes to either side: a peer that takes nothing for this long is gone.
 const WRITE_TIMEOUT: Duration = Duration::from_secs(300);
 
-/// The reply when no address of any MX host could be connected to.
-const NO_MX_REACHABLE: &[u8] = b"451 4.4.1 No MX host of the recipient domain could be reached\r\n";
-/// The reply when every MX host was given up for its TLS: STARTTLS missing where it is
-/// required, or a handshake or certificate check that failed (ARCHITECTURE.md §11:
-/// `4.7.5`, never a bounce for what may be an attack in progress).
-const TLS_FAILED: &[u8] = b"451 4.7.5 No MX host of the recipient domain passed its TLS policy\r\n";
-/// The reply when the delivery plan did not finish in time.
-const PLAN_TIMED_OUT: &[u8] = b"451 4.4.3 Looking up the recipient domain timed out\r\n";
-
 type MxStream = Either<TcpStream, Box<tokio_rustls::client::TlsStream<TcpStream>>>;
 
 /// The MX side of a session: what is left to try, and the connection in use.
@@ -187,19 +178,11 @@ async fn run(
                     start_tls(session, mx, ctx).await;
                 }
                 Action::NextMx { failure } => {
+                    // The session logged it (`outbound_mx_failed`).
                     if failure == MxFailure::StarttlsNotOffered {
                         suspect_stripping(mx, ctx);
                     }
                     close_mx(mx).await;
-                    let event = Event::OutboundMxFailed {
-                        domain: mx.domain.clone(),
-                        mx: mx
-                            .current
-                            .as_ref()
-                            .map_or_else(String::new, |c| c.host.clone()),
-                        failure: failure.clone(),
-                    };
-                    telemetry::record(&event, &ctx.metrics);
                     mx.last_failure = Some(failure);
                     connect_next(session, mx, ctx).await;
                 }
@@ -295,7 +278,7 @@ async fn open(
             );
             return session.on_mx_unavailable(failure.reply);
         }
-        Err(_) => return session.on_mx_unavailable(PLAN_TIMED_OUT),
+        Err(_) => return session.on_mx_unavailable(session::MX_DNS_FAILURE),
     };
     for note in &plan.notes {
         info!(domain = %domain, note = %note, "outbound plan");
@@ -341,8 +324,8 @@ async fn connect_next(session: &mut Session, mx: &mut MxSide, ctx: &Context) {
     // A TLS failure is the reason only if it was the last MX's: one that could not be
     // reached at all says nothing about TLS.
     let reply = match &mx.last_failure {
-        Some(failure) if failure.rfc8460_result_type().is_some() => TLS_FAILED,
-        _ => NO_MX_REACHABLE,
+        Some(failure) if failure.rfc8460_result_type().is_some() => session::MX_TLS_POLICY,
+        _ => session::MX_UNREACHABLE,
     };
     session.on_mx_unavailable(reply);
 }
@@ -449,21 +432,13 @@ fn suspect_stripping(mx: &MxSide, ctx: &Context) {
 
 /// Logs and counts a session event; a delivery also names the TLS it crossed.
 fn record(event: &Event, mx: &MxSide, ctx: &Context) {
-    if let Event::OutboundPlaintext {
-        reason: "starttls_not_offered",
-        ..
-    } = event
+    if let Event::OutboundPlaintext(plaintext) = event
+        && plaintext.reason == "starttls_not_offered"
     {
         suspect_stripping(mx, ctx);
     }
     telemetry::record(event, &ctx.metrics);
-    if let Event::OutboundDelivery {
-        domain,
-        mx: host,
-        result,
-        ..
-    } = event
-    {
+    if let Event::OutboundDelivery(delivery) = event {
         let (version, cipher, verified, failure) = match &mx.tls {
             Some(tls) => (
                 format!("{:?}", tls.version),
@@ -475,9 +450,9 @@ fn record(event: &Event, mx: &MxSide, ctx: &Context) {
         };
         info!(
             event = "outbound_delivery_tls",
-            domain = %domain,
-            mx = %host,
-            result,
+            domain = %delivery.domain,
+            mx = %delivery.mx,
+            result = delivery.result,
             tls_version = %version,
             tls_cipher = %cipher,
             verified,

@@ -113,47 +113,16 @@ pub enum Event {
         reason: &'static str,
     },
     /// Outbound relay (ARCHITECTURE.md §11): what became of one message handed to an MX,
-    /// once its end of data was sent.
-    OutboundDelivery {
-        /// The recipient domain, as DNS names it (`envelope::Domain`).
-        domain: String,
-        /// The MX host, as the driver named it in `MxAttempt`.
-        mx: String,
-        /// The policy that set the MX's TLS requirement, as the driver named it.
-        policy: &'static str,
-        /// The message crossed inside TLS.
-        tls: bool,
-        /// `delivered` (2xx), `deferred` (4xx), `rejected` (5xx), or `unknown`: no
-        /// final reply came (the MX went away or timed out after the end of data, so the
-        /// legacy MTA retries, and the MX may have the message twice).
-        result: &'static str,
-        /// The MX's final reply code, if it gave one.
-        code: Option<u16>,
-    },
+    /// once its end of data was sent. Boxed, as are the other outbound events: every
+    /// session's actions are as big as the biggest event.
+    OutboundDelivery(Box<outbound::session::Delivery>),
     /// Outbound relay: a transaction goes to an MX without TLS, a downgrade
-    /// (ARCHITECTURE.md §11). Emitted before the `MAIL` line is sent.
-    OutboundPlaintext {
-        /// The recipient domain.
-        domain: String,
-        /// The MX host.
-        mx: String,
-        /// The policy that allowed it.
-        policy: &'static str,
-        /// `starttls_not_offered` (opportunistic, the MX's EHLO reply has no STARTTLS)
-        /// or `tls_disabled` (the driver's plaintext retry, `TlsRequirement::Plaintext`).
-        reason: &'static str,
-    },
+    /// (ARCHITECTURE.md §11), logged right before its `MAIL` line is sent.
+    OutboundPlaintext(Box<outbound::session::Plaintext>),
     /// Outbound relay: an MX was given up, either before it accepted anything (the
     /// session asks for the next one) or within a transaction (the waiting command got a
     /// `4xx`).
-    OutboundMxFailed {
-        /// The recipient domain.
-        domain: String,
-        /// The MX host.
-        mx: String,
-        /// What went wrong.
-        failure: outbound::session::MxFailure,
-    },
+    OutboundMxFailed(Box<outbound::session::MxGivenUp>),
 }
 
 impl Event {
@@ -172,9 +141,9 @@ impl Event {
             Event::UpstreamPreauth => "upstream_preauth",
             Event::ExemptPlaintextSession => "exempt_plaintext_session",
             Event::XclientUnavailable { .. } => "xclient_unavailable",
-            Event::OutboundDelivery { .. } => "outbound_delivery",
-            Event::OutboundPlaintext { .. } => "outbound_plaintext",
-            Event::OutboundMxFailed { .. } => "outbound_mx_failed",
+            Event::OutboundDelivery(_) => "outbound_delivery",
+            Event::OutboundPlaintext(_) => "outbound_plaintext",
+            Event::OutboundMxFailed(_) => "outbound_mx_failed",
         }
     }
 }

@@ -288,6 +288,50 @@ impl MxFailure {
     }
 }
 
+/// What became of one message handed to an MX ([`Event::OutboundDelivery`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Delivery {
+    /// The recipient domain, as DNS names it ([`Domain`]).
+    pub domain: String,
+    /// The MX host, as the driver named it in [`MxAttempt`].
+    pub mx: String,
+    /// The policy that set the MX's TLS requirement, as the driver named it.
+    pub policy: &'static str,
+    /// The message crossed inside TLS.
+    pub tls: bool,
+    /// `delivered` (2xx), `deferred` (4xx), `rejected` (5xx), or `unknown`: no final
+    /// reply came (the MX went away or timed out after the end of data, so the legacy
+    /// MTA retries, and the MX may have the message twice).
+    pub result: &'static str,
+    /// The MX's final reply code, if it gave one.
+    pub code: Option<u16>,
+}
+
+/// A transaction sent to an MX without TLS ([`Event::OutboundPlaintext`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Plaintext {
+    /// The recipient domain.
+    pub domain: String,
+    /// The MX host.
+    pub mx: String,
+    /// The policy that allowed it.
+    pub policy: &'static str,
+    /// `starttls_not_offered` (opportunistic, the MX's EHLO reply has no STARTTLS) or
+    /// `tls_disabled` (the driver's plaintext retry, [`TlsRequirement::Plaintext`]).
+    pub reason: &'static str,
+}
+
+/// An MX given up ([`Event::OutboundMxFailed`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MxGivenUp {
+    /// The recipient domain.
+    pub domain: String,
+    /// The MX host.
+    pub mx: String,
+    /// What went wrong.
+    pub failure: MxFailure,
+}
+
 /// Which deadline runs now; the driver maps each to a duration.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Phase {
@@ -821,11 +865,11 @@ impl Session {
     /// This MX is given up before it accepted anything: the driver tries the next.
     fn next_mx(&mut self, failure: MxFailure, quit: bool) {
         let (domain, mx) = self.mx_names();
-        self.event(Event::OutboundMxFailed {
+        self.event(Event::OutboundMxFailed(Box::new(MxGivenUp {
             domain,
             mx,
             failure: failure.clone(),
-        });
+        })));
         if quit {
             self.send_mx(Bytes::from_static(b"QUIT\r\n"));
         }
@@ -860,23 +904,23 @@ impl Session {
         let awaiting = conn.awaiting;
         let (tls, policy) = (conn.tls, conn.policy);
         let (domain, mx) = self.mx_names();
-        self.event(Event::OutboundMxFailed {
+        self.event(Event::OutboundMxFailed(Box::new(MxGivenUp {
             domain: domain.clone(),
             mx: mx.clone(),
             failure,
-        });
+        })));
         self.drop_mx();
         let reply_bytes = Bytes::from_static(reply);
         match awaiting {
             Awaiting::EndOfData => {
-                self.event(Event::OutboundDelivery {
+                self.event(Event::OutboundDelivery(Box::new(Delivery {
                     domain,
                     mx,
                     policy,
                     tls,
                     result: "unknown",
                     code: None,
-                });
+                })));
                 self.relay(Verb::Data, reply, false);
                 self.txn = None;
                 return;
@@ -1063,12 +1107,12 @@ impl Session {
                 if let (Some(reason), Mx::Up(conn)) = (plaintext, &self.mx) {
                     let policy = conn.policy;
                     let (domain, mx) = self.mx_names();
-                    self.event(Event::OutboundPlaintext {
+                    self.event(Event::OutboundPlaintext(Box::new(Plaintext {
                         domain,
                         mx,
                         policy,
                         reason,
-                    });
+                    })));
                 }
                 self.send_mx(line);
                 self.set_awaiting(Awaiting::Mail);
@@ -1115,14 +1159,14 @@ impl Session {
             4 => "deferred",
             _ => "rejected",
         };
-        self.event(Event::OutboundDelivery {
+        self.event(Event::OutboundDelivery(Box::new(Delivery {
             domain,
             mx,
             policy,
             tls,
             result,
             code: Some(code),
-        });
+        })));
         self.relay(Verb::Data, &join(lines), (200..300).contains(&code));
         self.quit_mx();
         self.txn = None;

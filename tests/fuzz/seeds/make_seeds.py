@@ -375,7 +375,148 @@ MTA_STS_POLICY = {
     "txt_malformed": b"v=STSv1; id=a;; x=y=z\nv=STSv1;\x00\n",
 }
 
+# The outbound relay (tests/fuzz/src/outbound_script.rs): its own op codes.
+SMALL_MESSAGES = 4
+
+
+def OC(text):
+    """Bytes from the legacy MTA."""
+    return _data(0, 15, text.encode("latin-1") if isinstance(text, str) else text)
+
+
+def OM(text):
+    """Bytes from the MX."""
+    return _data(4, 7, text.encode("latin-1") if isinstance(text, str) else text)
+
+
+REQUIRED, OPPORTUNISTIC, PLAINTEXT = 0, 1, 2
+
+
+def CONNECTED(requirement):
+    return bytes([8, requirement])
+
+
+MX_UNAVAILABLE = bytes([9])
+MX_TLS_OK = bytes([10])
+MX_TLS_FAILED = bytes([11])
+O_CLIENT_EOF = bytes([12])
+MX_EOF = bytes([13])
+O_TIMEOUT = bytes([14])
+SHUTDOWN = bytes([16])
+
+MX_EHLO = (
+    "250-mx1.example.org\r\n250-PIPELINING\r\n250-SIZE 52428800\r\n250-STARTTLS\r\n"
+    "250-8BITMIME\r\n250-DSN\r\n250 SMTPUTF8\r\n"
+)
+MX_EHLO_TLS = "250-mx1.example.org\r\n250-SIZE 52428800\r\n250-8BITMIME\r\n250 DSN\r\n"
+
+OUTBOUND = {
+    "delivery_starttls": script(
+        0,
+        OC("EHLO legacy.example.com\r\n"),
+        OC("MAIL FROM:<a@legacy.example.com> BODY=8BITMIME\r\nRCPT TO:<b@example.org> NOTIFY=FAILURE\r\n"),
+        CONNECTED(REQUIRED),
+        OM("220 mx1.example.org ESMTP\r\n"),
+        OM(MX_EHLO),
+        OM("220 2.0.0 Ready\r\n"),
+        MX_TLS_OK,
+        OM(MX_EHLO_TLS),
+        OM("250 2.1.0 Ok\r\n"),
+        OM("250 2.1.5 Ok\r\n"),
+        OC("RCPT TO:<c@example.org>\r\nDATA\r\n"),
+        OM("550 5.1.1 No such user\r\n"),
+        OM("354 go\r\n"),
+        OC("Subject: x\r\n\r\nline\nbare\r\n.\nMAIL FROM:<evil@x>\r\n\0.\r\n.\r\nQUIT\r\n"),
+        OM("250 2.0.0 Ok: queued\r\n"),
+    ),
+    "next_mx_then_unavailable": script(
+        0,
+        OC("EHLO legacy.example.com\r\nMAIL FROM:<a@legacy.example.com>\r\nRCPT TO:<b@example.org>\r\n"),
+        CONNECTED(REQUIRED),
+        OM("220 mx9 ESMTP\r\n"),
+        OM("250-mx9\r\n250 SIZE 1000\r\n"),
+        CONNECTED(REQUIRED),
+        OM("554 5.3.2 No service\r\n"),
+        CONNECTED(OPPORTUNISTIC),
+        OM("220 mx ESMTP\r\n"),
+        OM("502 5.5.2 EHLO?\r\n"),
+        OM("250 mx\r\n"),
+        MX_EOF,
+        MX_UNAVAILABLE,
+        OC("RCPT TO:<c@example.org>\r\nRCPT TO:<d@example.net>\r\nDATA\r\nRSET\r\n"),
+        OC("MAIL FROM:<a@legacy.example.com>\r\nRCPT TO:<d@example.net>\r\n"),
+        O_TIMEOUT,
+        OC("QUIT\r\n"),
+    ),
+    "plaintext_retry_two_domains": script(
+        0,
+        OC("EHLO legacy.example.com\r\nMAIL FROM:<a@legacy.example.com>\r\n"
+           "RCPT TO:<b@example.org>\r\nRCPT TO:<c@example.net>\r\nDATA\r\n"),
+        CONNECTED(OPPORTUNISTIC),
+        OM("220 mx ESMTP\r\n"),
+        OM(MX_EHLO),
+        OM("454 4.7.0 TLS not available\r\n"),
+        CONNECTED(OPPORTUNISTIC),
+        OM("220 mx ESMTP\r\n"),
+        OM(MX_EHLO),
+        OM("220 go\r\n"),
+        MX_TLS_FAILED,
+        CONNECTED(PLAINTEXT),
+        OM("220 mx ESMTP\r\n"),
+        OM(MX_EHLO),
+        OM("250 ok\r\n"),
+        OM("250 ok\r\n"),
+        OM("354 go\r\n"),
+        OC("hi\r\n.\r\n"),
+        OM("250 queued\r\n"),
+        O_CLIENT_EOF,
+    ),
+    "size_limit": script(
+        SMALL_MESSAGES,
+        OC("EHLO legacy.example.com\r\nMAIL FROM:<a@legacy.example.com> SIZE=65\r\n"
+           "MAIL FROM:<a@legacy.example.com> SIZE=60\r\nRCPT TO:<b@example.org>\r\n"),
+        CONNECTED(OPPORTUNISTIC),
+        OM("220 mx ESMTP\r\n"),
+        OM("250-mx\r\n250 SIZE 100\r\n"),
+        OM("250 ok\r\n"),
+        OM("250 ok\r\n"),
+        OC("DATA\r\n"),
+        OM("354 go\r\n"),
+        OC("0123456789" * 8 + "\r\n.\r\nNOOP\r\n"),
+        SHUTDOWN,
+    ),
+    "broken_mx": script(
+        0,
+        OC("EHLO legacy.example.com\r\nMAIL FROM:<a@legacy.example.com>\r\nRCPT TO:<b@example.org>\r\n"),
+        CONNECTED(PLAINTEXT),
+        OM("220-mx\r\n221 changed\r\n"),
+        CONNECTED(PLAINTEXT),
+        OM("220 mx\r\n"),
+        OM("250 mx\r\n"),
+        OM("250 ok\r\n"),
+        OM("250 ok\r\n"),
+        OM("421 idle\r\n"),
+        OC("RCPT TO:<c@example.org>\r\nDATA\r\nRSET\r\nMAIL FROM:<a@legacy.example.com>\r\nRCPT TO:<b@example.org>\r\n"),
+        CONNECTED(PLAINTEXT),
+        OM("220 mx\r\n"),
+        OM("250 mx\r\n"),
+        OM("250 ok\r\n"),
+        OM("250 ok\r\n250 extra\r\n"),
+        CONNECTED(PLAINTEXT),
+        OM("220 mx\r\n"),
+        OM("250 mx\r\n"),
+        OM("250 ok\r\n"),
+        OM("250 ok\r\n"),
+        OC("DATA\r\n"),
+        OM("354 go\r\n"),
+        OC("Subject: x\r\n"),
+        OM("250 early\r\n"),
+        OC("rest\r\n.\r\nBDAT 3\r\nabcFROB\r\n" + "x" * 600),
+    ),
+}
+
 TARGETS = {
+    "outbound_session": OUTBOUND,
     "smtp_session": SMTP,
     "imap_session": IMAP,
     "pop3_session": POP3,

@@ -13,6 +13,7 @@
 //! | POP3 | `CAPA`, `NOOP`, `QUIT`, alone |
 //! | SMTP `require_tls` | `EHLO SP domain`, `HELO SP domain`, `NOOP`, `RSET`, `QUIT` |
 //! | SMTP `auth_requires_tls` (MX) | the above, and `MAIL FROM:<path>`, `RCPT TO:<path>` with `SP esmtp-param`s, `DATA`, `BDAT size [SP LAST]`, `VRFY SP string`, `EXPN SP string`, `HELP [SP string]`, `ETRN SP node` |
+//! | the outbound relay to an MX ([`Canonical::relay`], read as the MX dialect) | `EHLO SP domain`, `HELO SP domain`, `STARTTLS`, `NOOP`, `RSET`, `QUIT`, `MAIL FROM:<path>`, `RCPT TO:<path>` with `SP esmtp-param`s, `DATA`; in plaintext and inside TLS alike |
 //!
 //! `domain` is RFC 5321's `Domain` or `address-literal` (an EHLO/HELO argument is one of
 //! them; HELO is allowed the address literal that clients send anyway); a label may also
@@ -117,6 +118,8 @@ pub struct Canonical {
     owed: VecDeque<Owed>,
     /// SMTP MX: the upstream's reply line being received.
     reply_line: Vec<u8>,
+    /// The outbound relay's own verbs instead of an MX's ([`Canonical::relay`]).
+    relay: bool,
 }
 
 /// Shows bytes as an escaped string, cut to a readable length.
@@ -138,6 +141,18 @@ impl Canonical {
             line: Vec::new(),
             owed: VecDeque::from([Owed::Greeting]),
             reply_line: Vec::new(),
+            relay: false,
+        }
+    }
+
+    /// A recipient's MX as the outbound relay (`proto::outbound::session`) speaks to it,
+    /// a new connection before its greeting: read as [`Dialect::SmtpMx`] (replies
+    /// followed, bodies after a `354`), with the relay's own verbs, STARTTLS among them.
+    /// The reading goes on inside TLS: the `220` answered the STARTTLS, nothing is owed.
+    pub fn relay() -> Self {
+        Canonical {
+            relay: true,
+            ..Canonical::new(Dialect::SmtpMx)
         }
     }
 
@@ -286,9 +301,12 @@ impl Canonical {
             Some(sp) => (&line[..sp], Some(&line[sp + 1..])),
             None => (line, None),
         };
-        let mx = self.dialect == Dialect::SmtpMx;
+        let envelope = self.dialect == Dialect::SmtpMx;
+        let relay = self.relay;
+        let mx = envelope && !relay;
         match (verb, args) {
             (b"NOOP" | b"RSET" | b"QUIT", None) => Ok(()),
+            (b"STARTTLS", None) if relay => Ok(()),
             (b"EHLO" | b"HELO", Some(domain)) => {
                 if is_domain(domain) || is_address_literal(domain) {
                     Ok(())
@@ -296,19 +314,19 @@ impl Canonical {
                     Err("the argument is no domain or address literal".to_owned())
                 }
             }
-            (b"MAIL", Some(args)) if mx => {
+            (b"MAIL", Some(args)) if envelope => {
                 let rest = args
                     .strip_prefix(b"FROM:")
                     .ok_or("MAIL without FROM: right after its SP")?;
                 path_and_params(rest, true)
             }
-            (b"RCPT", Some(args)) if mx => {
+            (b"RCPT", Some(args)) if envelope => {
                 let rest = args
                     .strip_prefix(b"TO:")
                     .ok_or("RCPT without TO: right after its SP")?;
                 path_and_params(rest, false)
             }
-            (b"DATA", None) if mx => Ok(()),
+            (b"DATA", None) if envelope => Ok(()),
             (b"BDAT", Some(args)) if mx => {
                 let size = args.strip_suffix(b" LAST").unwrap_or(args);
                 let canonical_number = !size.is_empty()
@@ -346,7 +364,9 @@ impl Canonical {
                     Err("the argument is no ETRN node (RFC 1985)".to_owned())
                 }
             }
-            _ => Err(if mx {
+            _ => Err(if relay {
+                "not a command the outbound relay writes, in canonical form".to_owned()
+            } else if mx {
                 "not an allowed command of an MX before TLS in canonical form".to_owned()
             } else {
                 "not EHLO/HELO domain, NOOP, RSET or QUIT in canonical form".to_owned()
@@ -631,6 +651,38 @@ mod tests {
             assert!(
                 check(*dialect, bytes).is_err(),
                 "{dialect:?} {}",
+                show(bytes)
+            );
+        }
+    }
+
+    #[test]
+    fn the_relay_writes_its_own_verbs_and_none_of_an_mx_clients() {
+        let good: &[&[u8]] = &[
+            b"EHLO relay.example\r\nSTARTTLS\r\nEHLO relay.example\r\n",
+            b"MAIL FROM:<a@b.example> SIZE=1\r\nRCPT TO:<c@d.example> NOTIFY=NEVER\r\n",
+            b"DATA\r\nQUIT\r\nRSET\r\nHELO relay.example\r\n",
+        ];
+        for bytes in good {
+            assert!(
+                Canonical::relay().forwarded(bytes).is_ok(),
+                "{}",
+                show(bytes)
+            );
+        }
+        let bad: &[&[u8]] = &[
+            b"STARTTLS now\r\n",
+            b"starttls\r\n",
+            b"VRFY alice\r\n",
+            b"BDAT 1 LAST\r\n",
+            b"HELP\r\n",
+            b"AUTH PLAIN AGFAYg==\r\n",
+            b"MAIL FROM: <a@b>\r\n",
+        ];
+        for bytes in bad {
+            assert!(
+                Canonical::relay().forwarded(bytes).is_err(),
+                "{}",
                 show(bytes)
             );
         }

@@ -5,10 +5,13 @@
 //! - [`framing`]: `line_framer` and `smtp_body`.
 //! - [`mta_sts`]: `mta_sts_policy`, the MTA-STS policy and TXT record parsers.
 //! - [`session_script`]: `smtp_session`, `imap_session`, `pop3_session`.
+//! - [`outbound_script`]: `outbound_session`, the outbound relay's session between a
+//!   legacy MTA and its recipients' MXes.
 //! - [`canonical`]: the strict reader of ARCHITECTURE.md §3's canonical rule that the session
 //!   targets check with (also used by `tests/canonical_rule.rs`).
 
 pub mod canonical;
 pub mod framing;
 pub mod mta_sts;
+pub mod outbound_script;
 pub mod session_script;
