@@ -13,12 +13,12 @@
 //! - [`telemetry`]: logging set-up and the security events.
 //! - [`operator`]: the operator's tools, off the data path: [`operator::check`],
 //!   [`operator::explain`], and the upstream [`operator::probe`] they share.
-//! - [`outbound`]: the outbound relay (issue 15, ARCHITECTURE.md §11: the legacy MTA's
-//!   relayhost), beside `inbound`: so far [`outbound::dns`] (lookups with the resolver's
-//!   AD bit), [`outbound::dane`] (TLSA records and the DANE check of an MX's
-//!   certificate, as a rustls client verifier) and
-//!   [`outbound::mta_sts`] (the MTA-STS policy layer). Its protocol role is
-//!   [`proto::outbound`] (ARCHITECTURE.md, "A fourth protocol role").
+//! - [`outbound`]: the outbound relay (ARCHITECTURE.md §11: the legacy MTA's
+//!   relayhost), beside `inbound`: [`outbound::listener`] and [`outbound::driver`] (the
+//!   I/O), [`outbound::plan`] (which MX, which TLS), [`outbound::dns`] (lookups with
+//!   the resolver's AD bit), [`outbound::dane`], [`outbound::mta_sts`],
+//!   [`outbound::mx_tls`]. Its protocol role is [`proto::outbound`] (ARCHITECTURE.md,
+//!   "A fourth protocol role").
 #![forbid(unsafe_code)]
 
 pub mod config;

@@ -105,12 +105,17 @@ pub fn record(event: &Event, metrics: &ListenerMetrics) {
             let code = delivery
                 .code
                 .map_or_else(|| "none".to_owned(), |code| code.to_string());
+            let detail = delivery.tls_detail.as_ref();
             tracing::info!(
                 event = name,
                 domain = %delivery.domain,
                 mx = %delivery.mx,
                 policy = delivery.policy,
                 tls = delivery.tls,
+                tls_version = detail.map_or("none", |d| d.version.as_str()),
+                tls_cipher = detail.map_or("none", |d| d.cipher.as_str()),
+                verified = detail.is_some_and(|d| d.verified),
+                tls_failure = detail.and_then(|d| d.failure).unwrap_or("none"),
                 result = delivery.result,
                 code = %code,
                 "outbound delivery"

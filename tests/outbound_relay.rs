@@ -160,6 +160,8 @@ fn dane_ee_mail_is_delivered_over_verified_tls_with_its_body_unchanged() {
             "domain=dane.test ",
             "policy=\"dane\"",
             "tls=true",
+            "tls_version=\"TLSv1_3\"",
+            "verified=true",
             "result=\"delivered\"",
         ],
     );

@@ -29,7 +29,7 @@ use crate::outbound::mx_tls::{self, TlsReport};
 use crate::outbound::plan::{self, Candidate, Policy};
 use crate::proto::Event;
 use crate::proto::outbound::session::{
-    self, Action, MxAttempt, MxFailure, MxTlsFailure, Phase, Session, TlsRequirement,
+    self, Action, MxAttempt, MxFailure, MxTlsFailure, Phase, Session, TlsDetail, TlsRequirement,
 };
 use crate::telemetry::{self, security_event};
 
@@ -165,7 +165,7 @@ async fn run(
             match action {
                 Action::ToClient(bytes) => client_out.push(bytes),
                 Action::ToMx(bytes) => mx.out.push(bytes),
-                Action::Event(event) => record(&event, mx, ctx),
+                Action::Event(event) => record(event, mx, ctx),
                 Action::OpenMx { domain } => {
                     write_all(client, &mut client_out).await?;
                     mx.domain = domain.to_string();
@@ -431,35 +431,23 @@ fn suspect_stripping(mx: &MxSide, ctx: &Context) {
 }
 
 /// Logs and counts a session event; a delivery also names the TLS it crossed.
-fn record(event: &Event, mx: &MxSide, ctx: &Context) {
-    if let Event::OutboundPlaintext(plaintext) = event
+fn record(mut event: Event, mx: &MxSide, ctx: &Context) {
+    if let Event::OutboundPlaintext(plaintext) = &event
         && plaintext.reason == "starttls_not_offered"
     {
         suspect_stripping(mx, ctx);
     }
-    telemetry::record(event, &ctx.metrics);
-    if let Event::OutboundDelivery(delivery) = event {
-        let (version, cipher, verified, failure) = match &mx.tls {
-            Some(tls) => (
-                format!("{:?}", tls.version),
-                format!("{:?}", tls.cipher),
-                tls.verified,
-                tls.failure_result_type.unwrap_or(""),
-            ),
-            None => ("none".into(), "none".into(), false, ""),
-        };
-        info!(
-            event = "outbound_delivery_tls",
-            domain = %delivery.domain,
-            mx = %delivery.mx,
-            result = delivery.result,
-            tls_version = %version,
-            tls_cipher = %cipher,
-            verified,
-            tls_failure = failure,
-            "outbound delivery tls"
-        );
+    if let Event::OutboundDelivery(delivery) = &mut event
+        && delivery.tls
+    {
+        delivery.tls_detail = mx.tls.as_ref().map(|tls| TlsDetail {
+            version: format!("{:?}", tls.version),
+            cipher: format!("{:?}", tls.cipher),
+            verified: tls.verified,
+            failure: tls.failure_result_type,
+        });
     }
+    telemetry::record(&event, &ctx.metrics);
 }
 
 /// Writes `parts` in order and empties it, within [`WRITE_TIMEOUT`].

@@ -1,5 +1,5 @@
-//! The outbound relay's session (ARCHITECTURE.md §11 and "The outbound transaction,
-//! decided"): an SMTP server to the legacy MTA (the **client**, which uses mailmoat as its
+//! The outbound relay's session (ARCHITECTURE.md §11 and "The outbound transaction"):
+//! an SMTP server to the legacy MTA (the **client**, which uses mailmoat as its
 //! relayhost) and an SMTP client to the recipient domain's **MX**, delivering each
 //! transaction live, with no queue of its own.
 //!
@@ -305,6 +305,23 @@ pub struct Delivery {
     pub result: &'static str,
     /// The MX's final reply code, if it gave one.
     pub code: Option<u16>,
+    /// What the TLS handshake established, filled in by the driver, which ran it (the
+    /// session only knows that TLS is up).
+    pub tls_detail: Option<TlsDetail>,
+}
+
+/// The TLS a delivery crossed, as the driver read it after the handshake.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsDetail {
+    /// `TLSv1_3`, `TLSv1_2`.
+    pub version: String,
+    /// The cipher suite's name.
+    pub cipher: String,
+    /// A TLSA record matched, or the certificate is PKIX-valid for the MX name.
+    pub verified: bool,
+    /// The RFC 8460 result type of a check that failed but was only recorded (MTA-STS
+    /// `testing`, the floors).
+    pub failure: Option<&'static str>,
 }
 
 /// A transaction sent to an MX without TLS ([`Event::OutboundPlaintext`]).
@@ -920,6 +937,7 @@ impl Session {
                     tls,
                     result: "unknown",
                     code: None,
+                    tls_detail: None,
                 })));
                 self.relay(Verb::Data, reply, false);
                 self.txn = None;
@@ -1166,6 +1184,7 @@ impl Session {
             tls,
             result,
             code: Some(code),
+            tls_detail: None,
         })));
         self.relay(Verb::Data, &join(lines), (200..300).contains(&code));
         self.quit_mx();

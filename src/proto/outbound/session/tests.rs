@@ -463,6 +463,7 @@ fn a_delivery_over_starttls_from_greeting_to_quit() {
             tls: true,
             result: "delivered",
             code: Some(250),
+            tls_detail: None,
         }))]
     );
     assert_eq!(
