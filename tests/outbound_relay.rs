@@ -509,3 +509,56 @@ fn an_smime_signed_message_still_verifies_at_the_mx() {
         edited.both()
     );
 }
+
+#[test]
+fn an_internationalized_address_and_an_8bit_body_cross_unchanged() {
+    let Some((lab, relay)) = lab_and_relay() else {
+        return;
+    };
+    let tag = "utf8-one";
+    let recipient = "jörg@dane.test";
+    let message = format!(
+        "From: alice@legacy.example\r\nTo: {recipient}\r\nSubject: {tag}\r\n\
+         MIME-Version: 1.0\r\nContent-Type: text/plain; charset=utf-8\r\n\
+         Content-Transfer-Encoding: 8bit\r\n\r\nGrüße aus Köln, {tag}\r\nÆØÅ 日本語\r\n"
+    );
+    // Postfix's sendmail marks the message SMTPUTF8 itself (smtputf8_autodetect_classes).
+    let mut child = Command::new("sendmail")
+        .arg("-C")
+        .arg(lab.var("LAB_SENDER_POSTFIX"))
+        .args(["-f", "alice@legacy.example", "-B", "8BITMIME", recipient])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(message.as_bytes())
+        .unwrap();
+    assert!(common::wait_exit(&mut child, Duration::from_secs(60)).success());
+    let delivered = lab.wait_for_delivery("MX1", tag);
+    assert!(
+        delivered.contains(&format!("X-Original-To: {recipient}")),
+        "{delivered}"
+    );
+    assert!(delivered.contains("(using TLSv1.3"), "{delivered}");
+    assert!(
+        delivered.contains("with UTF8SMTPS"),
+        "SMTPUTF8 at the MX: {delivered}"
+    );
+    assert_eq!(
+        body(&delivered),
+        format!("Grüße aus Köln, {tag}\nÆØÅ 日本語\n")
+    );
+    wait_for_line(
+        relay,
+        &[
+            "event=\"outbound_delivery\"",
+            "domain=dane.test ",
+            "result=\"delivered\"",
+        ],
+    );
+}
