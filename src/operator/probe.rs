@@ -1,16 +1,17 @@
 //! Probes one upstream the way mailmoat would meet it: connect, read the greeting, ask
 //! for its capabilities, and for SMTP try to relay to a foreign domain (the open-relay
 //! trap of ARCHITECTURE.md §7). Used by `mailmoat check`; `mailmoat explain` reuses the reply
-//! assembly to read what its scripted client is shown.
+//! assembly to read what its scripted client is shown, and `explain --domain` the
+//! [`Conversation`] to probe an MX before and after STARTTLS.
 //!
 //! Reply assembly ([`Assembler`]) is sans-I/O and unit-tested; [`Conversation`] adds the
-//! socket with a bounded line length, a bounded total and a deadline per reply.
+//! stream with a bounded line length, a bounded total and a deadline per reply.
 
 use std::io;
 use std::time::Duration;
 
 use bytes::BytesMut;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 use crate::config::{ListenerConfig, Protocol, Timeouts, UpstreamAddr};
 use crate::inbound::identity::Origin;
@@ -244,8 +245,9 @@ pub fn quoted(line: &str) -> String {
 }
 
 /// One probe connection: bounded line reads, a deadline per reply, and the transcript.
-pub struct Conversation {
-    stream: upstream::Stream,
+/// On an upstream, or (`explain --domain`) on an MX, before and after STARTTLS.
+pub struct Conversation<S = upstream::Stream> {
+    stream: S,
     buffer: BytesMut,
     framer: Framer,
     total: usize,
@@ -272,8 +274,18 @@ impl Conversation {
         Ok(Self::new(stream, timeouts.greeting))
     }
 
+    /// The local address of a TCP connection.
+    pub fn source(&self) -> Option<std::net::IpAddr> {
+        match &self.stream {
+            upstream::Stream::Tcp(tcp) => tcp.local_addr().ok().map(|addr| addr.ip()),
+            upstream::Stream::Unix(_) => None,
+        }
+    }
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin> Conversation<S> {
     /// A conversation on a connected stream.
-    pub fn new(stream: upstream::Stream, reply_timeout: Duration) -> Self {
+    pub fn new(stream: S, reply_timeout: Duration) -> Self {
         Conversation {
             stream,
             buffer: BytesMut::new(),
@@ -284,12 +296,18 @@ impl Conversation {
         }
     }
 
-    /// The local address of a TCP connection.
-    pub fn source(&self) -> Option<std::net::IpAddr> {
-        match &self.stream {
-            upstream::Stream::Tcp(tcp) => tcp.local_addr().ok().map(|addr| addr.ip()),
-            upstream::Stream::Unix(_) => None,
+    /// Ends the conversation on this stream, for a switch to TLS after `220` to
+    /// STARTTLS: the stream and the transcript so far. Bytes read past the last reply
+    /// are an error, never carried into TLS: nothing may follow the `220` (RFC 3207
+    /// §4.2, §6).
+    pub fn into_parts(self) -> Result<(S, Vec<String>), Error> {
+        if !self.buffer.is_empty() {
+            return Err(Error::Protocol(format!(
+                "{} bytes followed the reply to STARTTLS",
+                self.buffer.len()
+            )));
         }
+        Ok((self.stream, self.transcript))
     }
 
     /// Sends one command line (CRLF appended).
