@@ -4,6 +4,7 @@
 //! relay (ARCHITECTURE.md §11).
 
 use std::net::SocketAddr;
+use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -17,7 +18,7 @@ use crate::config::{Config, OutboundConfig, Protocol, TlsFloor};
 use crate::metrics::ListenerMetrics;
 use crate::outbound::dns::Resolver;
 use crate::outbound::driver::{self, Context};
-use crate::outbound::mta_sts::{Fetcher, Store};
+use crate::outbound::mta_sts::{Fetcher, Store, store};
 use crate::outbound::{mx_tls, plan};
 use crate::proto::outbound::session;
 use crate::telemetry::security_event;
@@ -105,7 +106,19 @@ impl Outbound {
 
 /// Everything the sessions share, from the configuration.
 fn context(outbound: &OutboundConfig, config: &Config) -> Result<Context, Error> {
-    let system = std::path::Path::new(mx_tls::SYSTEM_CA_BUNDLE);
+    context_with_store(outbound, config, |dir| Store::open(dir))
+}
+
+/// [`context`], with the MTA-STS cache that `open_store` gives for
+/// `outbound.mta_sts_cache_dir` (when it is set). `mailmoat explain --domain` gives the
+/// plan a scratch copy of the domain's cache entry, so that it runs the relay's own
+/// settings, trust anchors and fetcher and leaves the real cache as it was.
+pub(crate) fn context_with_store(
+    outbound: &OutboundConfig,
+    config: &Config,
+    open_store: impl FnOnce(&Path) -> Result<Store, store::Error>,
+) -> Result<Context, Error> {
+    let system = Path::new(mx_tls::SYSTEM_CA_BUNDLE);
     let roots = mx_tls::trust_anchors(
         system.exists().then_some(system),
         outbound.extra_ca_file.as_deref(),
@@ -114,7 +127,7 @@ fn context(outbound: &OutboundConfig, config: &Config) -> Result<Context, Error>
     let mta_sts = match &outbound.mta_sts_cache_dir {
         None => None,
         Some(dir) => Some(plan::MtaSts {
-            store: Store::open(dir).map_err(|err| Error::MtaSts(err.to_string()))?,
+            store: open_store(dir).map_err(|err| Error::MtaSts(err.to_string()))?,
             fetcher: Fetcher::new((*roots).clone(), MTA_STS_FETCH_TIMEOUT)
                 .map_err(|err| Error::MtaSts(err.to_string()))?,
         }),
