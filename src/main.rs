@@ -48,17 +48,28 @@ enum Command {
         #[arg(long)]
         offline: bool,
     },
-    /// Show the dialogue clients see before and after TLS, per listener.
+    /// Show the dialogue clients see before and after TLS, per listener; or, with
+    /// `--domain`, what the outbound relay would do with mail for that domain.
     ///
     /// Runs the real protocol session against the real upstream with a scripted client
     /// (greeting, EHLO / CAPABILITY / CAPA, STARTTLS / STLS, the same again after TLS)
     /// and prints what the upstream said and what the client sees. The TLS handshake
     /// itself is skipped. Binds nothing. Exit 0, 1 when an upstream could not be reached
     /// or answered unexpectedly, 64 when the configuration file is invalid.
+    ///
+    /// With `--domain D`, like Postfix's posttls-finger: D's MX set and its DNSSEC
+    /// status, the TLSA records, the MTA-STS record and policy (the cache is only read),
+    /// the policy the relay applies to each MX host, and a STARTTLS probe of the first
+    /// MX addresses with the relay's own TLS client, without sending mail. Exit 0 when an
+    /// MX would take the mail, 1 when none would, 64 when the configuration has no
+    /// `outbound` section or is invalid.
     Explain {
         /// Configuration file.
         #[arg(short, long, default_value = "/etc/mailmoat/mailmoat.yaml")]
         config: PathBuf,
+        /// A recipient domain: explain the outbound relay's delivery to it instead.
+        #[arg(long, value_name = "DOMAIN")]
+        domain: Option<String>,
     },
 }
 
@@ -89,12 +100,17 @@ fn main() -> ExitCode {
             let options = mailmoat::operator::check::Options { offline };
             ExitCode::from(runtime.block_on(mailmoat::operator::check::run(&config, options)))
         }
-        Command::Explain { config } => {
+        Command::Explain { config, domain } => {
             let config = match load(&config) {
                 Ok(config) => config,
                 Err(code) => return code,
             };
-            ExitCode::from(runtime.block_on(mailmoat::operator::explain::run(&config)))
+            ExitCode::from(runtime.block_on(async {
+                match domain {
+                    Some(domain) => mailmoat::operator::explain_domain::run(&config, &domain).await,
+                    None => mailmoat::operator::explain::run(&config).await,
+                }
+            }))
         }
         Command::Run { config, log_format } => {
             let config_path = config;

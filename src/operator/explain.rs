@@ -413,7 +413,7 @@ pub fn render(listener: &ListenerConfig, explanation: &Explanation) -> String {
 }
 
 /// Escapes control characters an upstream might send, so output lines stay lines.
-fn printable(line: &str) -> String {
+pub(crate) fn printable(line: &str) -> String {
     line.chars()
         .flat_map(|c| {
             if c.is_control() {

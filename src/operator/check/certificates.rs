@@ -346,7 +346,7 @@ fn validity(
 }
 
 /// The DNS names and IP addresses of the subjectAltName extension.
-fn leaf_names(cert: &X509Certificate<'_>) -> Vec<String> {
+pub(crate) fn leaf_names(cert: &X509Certificate<'_>) -> Vec<String> {
     let Ok(Some(san)) = cert.subject_alternative_name() else {
         return Vec::new();
     };
