@@ -9,10 +9,12 @@
 //! certificate and the verdict, `EHLO` again, `QUIT`; never `MAIL`).
 //!
 //! Nothing here decides anew. The policy is the relay's own [`plan::plan`], run with the
-//! relay's own settings, trust anchors and fetcher ([`listener::context_with_store`]); the
+//! relay's own settings, trust anchors and fetcher (`listener::context_with_store`); the
 //! handshake uses the client [`mx_tls::client_config`] makes for the host's requirement.
 //! The lookups of the first three sections are made again beside the plan's, only to show
-//! what the plan does not keep.
+//! what the plan does not keep. One thing is not known here: which MX hosts the running
+//! daemon has seen offering STARTTLS (`outbound.starttls_stripping`), a memory of its own
+//! process; the probe applies the policy's requirement alone.
 //!
 //! The MTA-STS cache is only read. The plan works on a scratch copy of the domain's entry
 //! in a temporary directory, removed at the end: a policy fetched here is shown, not kept,
@@ -40,6 +42,7 @@ use crate::outbound::mta_sts::{self, Cached, PolicyDomain, Store};
 use crate::outbound::mx_tls::{self, CheckFailure};
 use crate::outbound::plan::{self, Candidate, Plan, PlanFailure, Policy, Requirement};
 use crate::proto::outbound::envelope::{self, Domain, Extensions};
+use crate::proto::outbound::session;
 
 /// Addresses probed, in the order the relay would try them.
 pub const MAX_PROBES: usize = 3;
@@ -159,6 +162,7 @@ async fn explain(
         .flat_map(|candidate| candidate.addrs.iter().map(move |addr| (candidate, *addr)))
         .collect();
     let mut taken = Vec::new();
+    let mut last_was_tls = false;
     for (candidate, addr) in targets.iter().take(MAX_PROBES) {
         let probe = probe(ctx, candidate, *addr).await;
         let mut lines = probe.lines;
@@ -173,14 +177,15 @@ async fn explain(
             ),
             &lines,
         ));
-        if let ProbeOutcome::Takes { .. } = probe.outcome {
-            taken.push(format!("{} [{}]", candidate.host, addr.ip()));
+        match probe.outcome {
+            ProbeOutcome::Takes { .. } => taken.push(format!("{} [{}]", candidate.host, addr.ip())),
+            ProbeOutcome::Refuses { result_type, .. } => last_was_tls = result_type.is_some(),
         }
     }
     let probed = targets.len().min(MAX_PROBES);
     emit(&format!(
         "  result: {}\n",
-        summary(&taken, probed, targets.len() - probed)
+        summary(&taken, probed, targets.len() - probed, last_was_tls)
     ));
     u8::from(taken.is_empty())
 }
@@ -201,22 +206,37 @@ fn render_section(title: &str, lines: &[String]) -> String {
     out
 }
 
-/// The last line: which probed addresses would take the mail.
-fn summary(taken: &[String], probed: usize, not_probed: usize) -> String {
-    let more = if not_probed > 0 {
-        format!(" ({not_probed} more not probed)")
-    } else {
-        String::new()
-    };
-    match taken.first() {
-        Some(first) => format!(
+/// The last line: which probed addresses would take the mail. With none, and every
+/// address probed, the reply the legacy MTA gets, chosen as `driver::connect_next` does:
+/// the TLS policy's when the last MX failed on TLS (`last_was_tls`), else unreachable.
+fn summary(taken: &[String], probed: usize, not_probed: usize, last_was_tls: bool) -> String {
+    if let Some(first) = taken.first() {
+        let more = if not_probed > 0 {
+            format!(" ({not_probed} more not probed)")
+        } else {
+            String::new()
+        };
+        return format!(
             "{first} would take the mail ({} of {probed} probed addresses would){more}",
             taken.len()
-        ),
-        None => format!(
-            "no MX would take the mail: none of the {probed} probed addresses would{more}; \
-             the legacy MTA gets a 4xx reply and keeps the message"
-        ),
+        );
+    }
+    let reply = if last_was_tls {
+        session::MX_TLS_POLICY
+    } else {
+        session::MX_UNREACHABLE
+    };
+    if not_probed > 0 {
+        format!(
+            "no probed MX would take the mail ({probed} probed; {not_probed} more not \
+             probed, which the relay would try)"
+        )
+    } else {
+        format!(
+            "no MX would take the mail (every address probed: {probed}); the legacy MTA \
+             gets: {}",
+            String::from_utf8_lossy(reply).trim_end()
+        )
     }
 }
 
@@ -402,7 +422,7 @@ impl CacheView {
     }
 }
 
-/// A private temporary directory, removed when dropped.
+/// A temporary directory of this process's own (mode 0700), removed when dropped.
 struct ScratchDir(PathBuf);
 
 impl ScratchDir {
@@ -412,7 +432,9 @@ impl ScratchDir {
             .map_or(0, |d| d.subsec_nanos());
         let path =
             std::env::temp_dir().join(format!("mailmoat-explain-{}-{nanos:x}", std::process::id()));
-        std::fs::create_dir(&path)
+        // Fails if the name exists, whatever it is: nobody else's directory is used.
+        std::os::unix::fs::DirBuilderExt::mode(&mut std::fs::DirBuilder::new(), 0o700)
+            .create(&path)
             .map_err(|err| format!("cannot create {}: {err}", path.display()))?;
         Ok(ScratchDir(path))
     }
@@ -1217,13 +1239,23 @@ mod tests {
             "would not take the mail: starttls-not-supported: STARTTLS is not offered"
         );
         assert_eq!(
-            summary(&["mx.x.test [192.0.2.1]".into()], 2, 0),
+            summary(&["mx.x.test [192.0.2.1]".into()], 2, 0, true),
             "mx.x.test [192.0.2.1] would take the mail (1 of 2 probed addresses would)"
         );
         assert_eq!(
-            summary(&[], 3, 2),
-            "no MX would take the mail: none of the 3 probed addresses would (2 more not \
-             probed); the legacy MTA gets a 4xx reply and keeps the message"
+            summary(&[], 3, 2, true),
+            "no probed MX would take the mail (3 probed; 2 more not probed, which the \
+             relay would try)"
+        );
+        assert_eq!(
+            summary(&[], 1, 0, true),
+            "no MX would take the mail (every address probed: 1); the legacy MTA gets: \
+             451 4.7.5 The recipient domain's mail servers failed its TLS policy"
+        );
+        assert_eq!(
+            summary(&[], 2, 0, false),
+            "no MX would take the mail (every address probed: 2); the legacy MTA gets: \
+             451 4.4.1 No answer from the recipient domain's mail servers"
         );
     }
 
