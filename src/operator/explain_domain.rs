@@ -28,7 +28,6 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use tokio::io::{AsyncRead, AsyncWrite};
-use tokio::net::{TcpSocket, TcpStream};
 
 use crate::config::{Config, OutboundConfig};
 use crate::operator::check::EXIT_CONFIG;
@@ -737,7 +736,12 @@ async fn dialogue(
     addr: SocketAddr,
     lines: &mut Vec<String>,
 ) -> Result<ProbeOutcome, ProbeOutcome> {
-    let tcp = match tokio::time::timeout(CONNECT_TIMEOUT, connect(addr, ctx.source_address)).await {
+    let tcp = match tokio::time::timeout(
+        CONNECT_TIMEOUT,
+        crate::outbound::driver::connect(addr, ctx.source_address),
+    )
+    .await
+    {
         Ok(Ok(tcp)) => tcp,
         Ok(Err(err)) => return Err(refuses(format!("cannot connect: {err}"))),
         Err(_) => {
@@ -955,24 +959,6 @@ fn mx_error(err: &probe::Error) -> String {
         probe::Error::TooLarge(what) => format!("the MX sent {what}"),
         other => other.to_string(),
     }
-}
-
-/// Connects as the relay does: from `source_address` when one of the same family is
-/// configured, Nagle off.
-async fn connect(addr: SocketAddr, source: Option<IpAddr>) -> std::io::Result<TcpStream> {
-    let socket = if addr.is_ipv4() {
-        TcpSocket::new_v4()?
-    } else {
-        TcpSocket::new_v6()?
-    };
-    if let Some(source) = source
-        && source.is_ipv4() == addr.is_ipv4()
-    {
-        socket.bind(SocketAddr::new(source, 0))?;
-    }
-    let stream = socket.connect(addr).await?;
-    stream.set_nodelay(true)?;
-    Ok(stream)
 }
 
 fn server_name_text(name: &rustls_pki_types::ServerName<'_>) -> String {

@@ -330,7 +330,9 @@ async fn connect_next(session: &mut Session, mx: &mut MxSide, ctx: &Context) {
     session.on_mx_unavailable(reply);
 }
 
-async fn connect(addr: SocketAddr, source: Option<IpAddr>) -> io::Result<TcpStream> {
+/// Connects to an MX address: from `source` when it is of the same family, Nagle off.
+/// `explain --domain` connects the same way.
+pub(crate) async fn connect(addr: SocketAddr, source: Option<IpAddr>) -> io::Result<TcpStream> {
     let socket = if addr.is_ipv4() {
         TcpSocket::new_v4()?
     } else {
