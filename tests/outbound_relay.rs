@@ -562,3 +562,45 @@ fn an_internationalized_address_and_an_8bit_body_cross_unchanged() {
         ],
     );
 }
+
+#[test]
+fn connections_to_mxes_come_from_the_configured_source_address() {
+    let Some((lab, _)) = lab_and_relay() else {
+        return;
+    };
+    let port = common::free_port();
+    let outbound = format!(
+        "outbound:\n  listen: \"127.0.0.1:{port}\"\n  hostname: relay.example.test\n  \
+         resolver: \"{}\"\n  source_address: 127.0.0.5\n",
+        lab.resolver
+    );
+    let upstream = "127.0.0.1:9".parse().unwrap();
+    let _relay = Mailmoat::start_with(
+        &[("mx", "smtp", "starttls", "require_tls", upstream)],
+        &outbound,
+    );
+    let listening = poll_for(Duration::from_secs(20), || {
+        std::net::TcpStream::connect(("127.0.0.1", port)).ok()
+    });
+    assert!(listening.is_some(), "no outbound listener");
+    let tag = "source-address-one";
+    // swaks as the legacy MTA, straight to this relay.
+    let sent = common::run_bounded(
+        Command::new("swaks")
+            .args(["--server", &format!("127.0.0.1:{port}")])
+            .args([
+                "--from",
+                "alice@legacy.example",
+                "--to",
+                "someone@dane.test",
+            ])
+            .args(["--header", &format!("Subject: {tag}"), "--body", tag]),
+        Duration::from_secs(60),
+    );
+    assert_eq!(sent.code, Some(0), "{}", sent.both());
+    let delivered = lab.wait_for_delivery("MX1", tag);
+    assert!(
+        delivered.contains("from relay.example.test (unknown [127.0.0.5])"),
+        "{delivered}"
+    );
+}
