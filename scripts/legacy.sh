@@ -57,35 +57,7 @@ set_paths() {
     ENV_FILE=$DIR/legacy.env
 }
 
-# pid of a live process recorded in FILE (first line), or nothing.
-live_pid() {
-    local f=$1 pid
-    [ -s "$f" ] || return 1
-    pid=$(head -n1 "$f" | tr -dc '0-9')
-    [ -n "$pid" ] && kill -0 "$pid" 2>/dev/null || return 1
-    echo "$pid"
-}
-
-# All descendants of PID, from /proc so we need no procps.
-descendants() {
-    local f pid fields st ppid rest todo=("$1") out=() p
-    declare -A kids=()
-    for f in /proc/[0-9]*; do
-        pid=${f#/proc/}
-        fields=$(stat_fields "$pid") || continue
-        read -r st ppid rest <<<"$fields"
-        kids[$ppid]+=" $pid"
-    done
-    while [ "${#todo[@]}" -gt 0 ]; do
-        p=${todo[0]}
-        todo=("${todo[@]:1}")
-        for pid in ${kids[$p]:-}; do
-            out+=("$pid")
-            todo+=("$pid")
-        done
-    done
-    echo "${out[@]:-}"
-}
+# live_pid and descendants come from lib/instance.sh.
 
 # ---------------------------------------------------------------- stop
 

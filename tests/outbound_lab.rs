@@ -8,9 +8,8 @@
 mod common;
 
 use std::collections::HashSet;
-use std::io::Write;
 use std::path::Path;
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::Duration;
 
 use common::outbound_lab::{LAB_SCRIPT_LIMIT, Lab, lab_command};
@@ -348,27 +347,6 @@ fn mail_through_the_good_mx_arrives_with_a_tls_received_header() {
     );
 }
 
-/// `sendmail` of the legacy sender's Postfix, `message` on its stdin.
-fn sendmail(lab: &Lab, from: &str, to: &str, message: &str) {
-    let mut child = Command::new("sendmail")
-        .arg("-C")
-        .arg(lab.var("LAB_SENDER_POSTFIX"))
-        .args(["-f", from, to])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(message.as_bytes())
-        .unwrap();
-    let status = common::wait_exit(&mut child, Duration::from_secs(60));
-    assert!(status.success(), "sendmail: {status}");
-}
-
 #[test]
 fn the_legacy_sender_defers_mail_for_its_absent_relayhost() {
     let lab = lab!();
@@ -377,10 +355,8 @@ fn the_legacy_sender_defers_mail_for_its_absent_relayhost() {
         format!("[127.0.0.1]:{}", lab.relay_port)
     );
     let by_sendmail = format!("{}@dane.test", common::unique("sendmail"));
-    sendmail(
-        lab,
-        "legacy@legacy.example",
-        &by_sendmail,
+    lab.sendmail(
+        &["-f", "legacy@legacy.example", &by_sendmail],
         "Subject: to the relayhost\n\nhello\n",
     );
     let by_smtp = format!("{}@plain.test", common::unique("smtp"));

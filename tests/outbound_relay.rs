@@ -8,7 +8,7 @@
 mod common;
 
 use std::io::Write;
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::sync::OnceLock;
 use std::time::Duration;
 
@@ -78,24 +78,9 @@ fn send(lab: &Lab, to: &[&str], tag: &str) {
          body of {tag}\r\n.leading dot\r\n\r\nlast line\r\n",
         to.join(", ")
     );
-    let mut child = Command::new("sendmail")
-        .arg("-C")
-        .arg(lab.var("LAB_SENDER_POSTFIX"))
-        .args(["-f", "alice@legacy.example"])
-        .args(to)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(message.as_bytes())
-        .unwrap();
-    let status = common::wait_exit(&mut child, Duration::from_secs(60));
-    assert!(status.success(), "sendmail: {status}");
+    let mut args = vec!["-f", "alice@legacy.example"];
+    args.extend_from_slice(to);
+    lab.sendmail(&args, &message);
 }
 
 /// Waits (bounded) for a line of mailmoat's log holding every one of `parts`.
@@ -118,6 +103,14 @@ fn expected_body(tag: &str) -> String {
 /// The body of a delivered message (after the first empty line).
 fn body(message: &str) -> &str {
     message.split_once("\n\n").map_or("", |(_, body)| body)
+}
+
+/// Sends a message to `recipient` and asserts that the legacy sender keeps it deferred
+/// with mailmoat's reply `code` (`451 4.7.5`...) as the reason.
+fn assert_deferred(lab: &Lab, recipient: &str, code: &str) {
+    send(lab, &[recipient], &format!("deferred-{recipient}"));
+    let reason = deferred_reason(lab, recipient);
+    assert!(reason.contains(code), "{recipient}: {reason}");
 }
 
 /// Waits (bounded) for the legacy sender to hold the message to `recipient` deferred;
@@ -187,10 +180,7 @@ fn a_tlsa_mismatch_is_deferred_never_sent_in_plaintext() {
     let Some((lab, _)) = lab_and_relay() else {
         return;
     };
-    let tag = "dane-mismatch";
-    send(lab, &["someone@badtlsa.dane.test"], tag);
-    let reason = deferred_reason(lab, "someone@badtlsa.dane.test");
-    assert!(reason.contains("451 4.7.5"), "{reason}");
+    assert_deferred(lab, "someone@badtlsa.dane.test", "451 4.7.5");
 }
 
 #[test]
@@ -198,9 +188,7 @@ fn a_dane_mx_without_starttls_is_deferred() {
     let Some((lab, _)) = lab_and_relay() else {
         return;
     };
-    send(lab, &["nostarttls@notls.dane.test"], "dane-no-starttls");
-    let reason = deferred_reason(lab, "nostarttls@notls.dane.test");
-    assert!(reason.contains("451 4.7.5"), "{reason}");
+    assert_deferred(lab, "nostarttls@notls.dane.test", "451 4.7.5");
 }
 
 #[test]
@@ -208,9 +196,7 @@ fn a_bogus_dnssec_domain_is_deferred_as_a_dns_failure() {
     let Some((lab, _)) = lab_and_relay() else {
         return;
     };
-    send(lab, &["someone@bogus.test"], "bogus-dnssec");
-    let reason = deferred_reason(lab, "someone@bogus.test");
-    assert!(reason.contains("451 4.4.3"), "{reason}");
+    assert_deferred(lab, "someone@bogus.test", "451 4.4.3");
 }
 
 #[test]
@@ -253,12 +239,8 @@ fn mta_sts_enforce_delivers_only_over_pkix_verified_tls_to_a_listed_mx() {
     assert_eq!(body(&delivered), expected_body(tag));
 
     // A certificate for another name, and an MX the policy does not list: deferred.
-    send(lab, &["someone@badcert.sts.test"], "sts-badcert");
-    let reason = deferred_reason(lab, "someone@badcert.sts.test");
-    assert!(reason.contains("451 4.7.5"), "{reason}");
-    send(lab, &["someone@unlisted.sts.test"], "sts-unlisted");
-    let reason = deferred_reason(lab, "someone@unlisted.sts.test");
-    assert!(reason.contains("451 4.7.5"), "{reason}");
+    assert_deferred(lab, "someone@badcert.sts.test", "451 4.7.5");
+    assert_deferred(lab, "someone@unlisted.sts.test", "451 4.7.5");
 }
 
 #[test]
@@ -447,22 +429,10 @@ fn an_smime_signed_message_still_verifies_at_the_mx() {
         "From: alice@legacy.example\r\nTo: someone@dane.test\r\nSubject: {tag}\r\n{}",
         signed.replace("\r\n", "\n").replace('\n', "\r\n")
     );
-    let mut child = Command::new("sendmail")
-        .arg("-C")
-        .arg(lab.var("LAB_SENDER_POSTFIX"))
-        .args(["-f", "alice@legacy.example", "someone@dane.test"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(message.as_bytes())
-        .unwrap();
-    assert!(common::wait_exit(&mut child, Duration::from_secs(60)).success());
+    lab.sendmail(
+        &["-f", "alice@legacy.example", "someone@dane.test"],
+        &message,
+    );
 
     let delivered = lab.wait_for_delivery("MX1", &format!("Subject: {tag}"));
     assert!(delivered.contains("(using TLSv1.3"), "{delivered}");
@@ -523,22 +493,10 @@ fn an_internationalized_address_and_an_8bit_body_cross_unchanged() {
          Content-Transfer-Encoding: 8bit\r\n\r\nGrüße aus Köln, {tag}\r\nÆØÅ 日本語\r\n"
     );
     // Postfix's sendmail marks the message SMTPUTF8 itself (smtputf8_autodetect_classes).
-    let mut child = Command::new("sendmail")
-        .arg("-C")
-        .arg(lab.var("LAB_SENDER_POSTFIX"))
-        .args(["-f", "alice@legacy.example", "-B", "8BITMIME", recipient])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(message.as_bytes())
-        .unwrap();
-    assert!(common::wait_exit(&mut child, Duration::from_secs(60)).success());
+    lab.sendmail(
+        &["-f", "alice@legacy.example", "-B", "8BITMIME", recipient],
+        &message,
+    );
     let delivered = lab.wait_for_delivery("MX1", tag);
     assert!(
         delivered.contains(&format!("X-Original-To: {recipient}")),

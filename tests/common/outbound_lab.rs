@@ -219,6 +219,29 @@ impl Lab {
         })
     }
 
+    /// Submits `message` to the legacy sender with its own `sendmail`: `args` are
+    /// sendmail's (`-f` sender, recipients, `-B 8BITMIME`...).
+    pub fn sendmail(&self, args: &[&str], message: &str) {
+        use std::io::Write;
+        let mut child = std::process::Command::new("sendmail")
+            .arg("-C")
+            .arg(self.var("LAB_SENDER_POSTFIX"))
+            .args(args)
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(message.as_bytes())
+            .unwrap();
+        let status = crate::common::wait_exit(&mut child, Duration::from_secs(60));
+        assert!(status.success(), "sendmail {args:?}: {status}");
+    }
+
     /// The legacy sender's queue, `postqueue -j`: one JSON object per message.
     pub fn sender_queue(&self) -> Vec<serde_json::Value> {
         let ran = run_bounded(
