@@ -310,7 +310,7 @@ const GOODBYE_DEADLINE: Duration = Duration::from_secs(5);
 /// `io` within `deadline`, else a `TimedOut` error. Every write, flush and shutdown of
 /// the client has one: through TLS a write only fills rustls's buffer, so it is the
 /// flush that waits for a client that does not read.
-async fn within<T>(
+pub(crate) async fn within<T>(
     deadline: Duration,
     io: impl std::future::Future<Output = io::Result<T>>,
 ) -> io::Result<T> {
@@ -481,7 +481,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> ClientStream for Box<TlsStream<S>> {
 
 /// Writes `parts` in order, as few system calls as the stream takes them in, and
 /// empties it.
-async fn write_parts<S: AsyncWrite + Unpin>(
+pub(crate) async fn write_parts<S: AsyncWrite + Unpin>(
     stream: &mut S,
     parts: &mut Vec<Bytes>,
 ) -> io::Result<()> {

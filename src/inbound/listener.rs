@@ -455,7 +455,7 @@ fn start(state: ListenerState, socket: TcpListener, shared: &Arc<Shared>) -> Run
 
 /// Client bytes a session may hold unprocessed (pipelined behind a command whose reply
 /// is awaited) before the driver stops reading the client.
-const MAX_HELD_BYTES: usize = 64 * 1024;
+pub(crate) const MAX_HELD_BYTES: usize = 64 * 1024;
 
 static NEXT_SESSION: AtomicU64 = AtomicU64::new(0);
 

@@ -41,7 +41,6 @@ use crate::outbound::mta_sts::{self, Cached, PolicyDomain, Store};
 use crate::outbound::mx_tls::{self, CheckFailure};
 use crate::outbound::plan::{self, Candidate, Plan, PlanFailure, Policy, Requirement};
 use crate::proto::outbound::envelope::{self, Domain, Extensions};
-use crate::proto::outbound::session;
 
 /// Addresses probed, in the order the relay would try them.
 pub const MAX_PROBES: usize = 3;
@@ -206,8 +205,7 @@ fn render_section(title: &str, lines: &[String]) -> String {
 }
 
 /// The last line: which probed addresses would take the mail. With none, and every
-/// address probed, the reply the legacy MTA gets, chosen as `driver::connect_next` does:
-/// the TLS policy's when the last MX failed on TLS (`last_was_tls`), else unreachable.
+/// address probed, the reply the legacy MTA gets ([`crate::outbound::driver::no_mx_left`]).
 fn summary(taken: &[String], probed: usize, not_probed: usize, last_was_tls: bool) -> String {
     if let Some(first) = taken.first() {
         let more = if not_probed > 0 {
@@ -220,11 +218,7 @@ fn summary(taken: &[String], probed: usize, not_probed: usize, last_was_tls: boo
             taken.len()
         );
     }
-    let reply = if last_was_tls {
-        session::MX_TLS_POLICY
-    } else {
-        session::MX_UNREACHABLE
-    };
+    let reply = crate::outbound::driver::no_mx_left(last_was_tls);
     if not_probed > 0 {
         format!(
             "no probed MX would take the mail ({probed} probed; {not_probed} more not \

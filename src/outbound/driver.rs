@@ -8,20 +8,24 @@
 //! and the legacy MTA waits for the reply that depends on it.
 
 use std::collections::VecDeque;
+use std::future::Future;
 use std::io;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
+use std::task::Poll;
 use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
 use rustls::RootCertStore;
 use rustls::crypto::CryptoProvider;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpSocket, TcpStream};
 use tokio_util::either::Either;
 use tracing::info;
 
 use crate::config::StrippingResponse;
+use crate::inbound::driver::{within, write_parts};
+use crate::inbound::read_buffers;
 use crate::metrics::ListenerMetrics;
 use crate::outbound::dns::Resolver;
 use crate::outbound::mta_sts::Mode;
@@ -215,7 +219,8 @@ async fn run(
 }
 
 /// Waits for the next input (a read from either side, or the phase's deadline) and
-/// hands it to the session.
+/// hands it to the session. Reads go through the thread's read buffer and are handed on
+/// within the same poll, as the inbound driver's are: a waiting session holds no buffer.
 async fn wait(session: &mut Session, client: &mut TcpStream, mx: &mut MxSide, ctx: &Context) {
     let deadline = match session.phase() {
         Phase::Command => ctx.client_idle,
@@ -223,33 +228,36 @@ async fn wait(session: &mut Session, client: &mut TcpStream, mx: &mut MxSide, ct
         Phase::MxFinalReply => MX_FINAL_REPLY_TIMEOUT,
         Phase::MxReply | Phase::MxConnect | Phase::MxHandshake => MX_REPLY_TIMEOUT,
     };
-    let mut client_buf = [0u8; 16 * 1024];
-    let mut mx_buf = [0u8; 16 * 1024];
     let wants_client = session.wants_client_data();
-    let mx_stream = mx.stream.as_mut();
-    tokio::select! {
-        read = client.read(&mut client_buf), if wants_client => match read {
-            Ok(0) | Err(_) => session.on_client_eof(),
-            Ok(n) => session.on_client_data(&client_buf[..n]),
-        },
-        read = read_mx(mx_stream, &mut mx_buf) => match read {
-            Ok(0) | Err(_) => session.on_mx_eof(),
-            Ok(n) => session.on_mx_data(&mx_buf[..n]),
-        },
-        () = tokio::time::sleep(deadline) => {
+    let mut sleep = std::pin::pin!(tokio::time::sleep(deadline));
+    std::future::poll_fn(|cx| {
+        if wants_client
+            && read_buffers::poll_read(client, cx, |_, read| match read {
+                Ok([]) | Err(_) => session.on_client_eof(),
+                Ok(data) => session.on_client_data(data),
+            })
+            .is_ready()
+        {
+            return Poll::Ready(());
+        }
+        if let Some(stream) = mx.stream.as_mut()
+            && read_buffers::poll_read(stream, cx, |_, read| match read {
+                Ok([]) | Err(_) => session.on_mx_eof(),
+                Ok(data) => session.on_mx_data(data),
+            })
+            .is_ready()
+        {
+            return Poll::Ready(());
+        }
+        if sleep.as_mut().poll(cx).is_ready() {
             let limit = session.phase().timeout_limit();
             telemetry::record(&Event::LimitExceeded { limit }, &ctx.metrics);
             session.on_timeout();
+            return Poll::Ready(());
         }
-    }
-}
-
-/// A read from the MX, or never when there is none.
-async fn read_mx(stream: Option<&mut MxStream>, buf: &mut [u8]) -> io::Result<usize> {
-    match stream {
-        Some(stream) => stream.read(buf).await,
-        None => std::future::pending().await,
-    }
+        Poll::Pending
+    })
+    .await
 }
 
 /// Plans the delivery to `domain` and connects to its first reachable MX.
@@ -278,7 +286,7 @@ async fn open(
             );
             return session.on_mx_unavailable(failure.reply);
         }
-        Err(_) => return session.on_mx_unavailable(session::MX_DNS_FAILURE),
+        Err(_) => return session.on_mx_unavailable(plan::DNS_FAILURE),
     };
     for note in &plan.notes {
         info!(domain = %domain, note = %note, "outbound plan");
@@ -321,13 +329,22 @@ async fn connect_next(session: &mut Session, mx: &mut MxSide, ctx: &Context) {
             Err(_) => info!(mx = %candidate.host, %addr, "mx connect timed out"),
         }
     }
-    // A TLS failure is the reason only if it was the last MX's: one that could not be
-    // reached at all says nothing about TLS.
-    let reply = match &mx.last_failure {
-        Some(failure) if failure.rfc8460_result_type().is_some() => session::MX_TLS_POLICY,
-        _ => session::MX_UNREACHABLE,
-    };
-    session.on_mx_unavailable(reply);
+    let last_was_tls = mx
+        .last_failure
+        .as_ref()
+        .is_some_and(|failure| failure.rfc8460_result_type().is_some());
+    session.on_mx_unavailable(no_mx_left(last_was_tls));
+}
+
+/// The reply when every address was tried and none took the transaction: the TLS
+/// policy's when the last MX given up failed on TLS, else "unreachable" (an MX that
+/// could not be reached at all says nothing about TLS). `explain --domain` says the same.
+pub(crate) fn no_mx_left(last_was_tls: bool) -> &'static [u8] {
+    if last_was_tls {
+        session::MX_TLS_POLICY
+    } else {
+        session::MX_UNREACHABLE
+    }
 }
 
 /// Connects to an MX address: from `source` when it is of the same family, Nagle off.
@@ -452,23 +469,23 @@ fn record(mut event: Event, mx: &MxSide, ctx: &Context) {
     telemetry::record(&event, &ctx.metrics);
 }
 
-/// Writes `parts` in order and empties it, within [`WRITE_TIMEOUT`].
-async fn write_all<S: AsyncWrite + AsyncRead + Unpin>(
+/// Writes `parts` in order, in as few system calls as the stream takes them, and
+/// flushes (through TLS, the records leave then), within [`WRITE_TIMEOUT`]; empties
+/// `parts` either way.
+async fn write_all<S: AsyncWrite + Unpin>(
     stream: &mut S,
     parts: &mut Vec<Bytes>,
 ) -> io::Result<()> {
     if parts.is_empty() {
         return Ok(());
     }
-    let written = tokio::time::timeout(WRITE_TIMEOUT, async {
-        for part in parts.iter() {
-            stream.write_all(part).await?;
-        }
+    let written = within(WRITE_TIMEOUT, async {
+        write_parts(stream, parts).await?;
         stream.flush().await
     })
     .await;
     parts.clear();
-    written.map_err(|_| io::Error::from(io::ErrorKind::TimedOut))?
+    written
 }
 
 #[cfg(test)]

@@ -143,7 +143,7 @@ pub(crate) fn context_with_store(
             max_message_size: outbound.max_message_size,
             limits: crate::proto::Limits {
                 max_line_len: config.limits.max_line_len,
-                max_held_bytes: 64 * 1024,
+                max_held_bytes: crate::inbound::listener::MAX_HELD_BYTES,
                 max_plaintext_commands: config.limits.max_plaintext_commands,
                 max_errors: config.limits.max_errors,
             },

@@ -64,10 +64,14 @@ pub const SMTP_PORT: u16 = 25;
 /// The MTA-STS policy host's port (RFC 8461 §3.3: HTTPS).
 pub const HTTPS_PORT: u16 = 443;
 
-/// The replies of a plan that found no MX host to try.
+/// The reply when DNS cannot say where the domain's mail goes (SERVFAIL, bogus DNSSEC,
+/// no answer in time; RFC 3463 4.4.3).
+pub const DNS_FAILURE: &[u8] =
+    b"451 4.4.3 Temporary DNS failure looking up the recipient domain's mail servers\r\n";
+
+/// The other replies of a plan that found no MX host to try.
 mod reply {
-    pub const DNS_FAILURE: &[u8] =
-        b"451 4.4.3 Temporary DNS failure looking up the recipient domain's mail servers\r\n";
+    pub use super::DNS_FAILURE;
     pub const NO_ADDRESS: &[u8] =
         b"451 4.4.3 No address found for any mail server of the recipient domain\r\n";
     pub const TLSA_FAILURE: &[u8] =

@@ -93,10 +93,6 @@ mod reply {
     pub const SHUTTING_DOWN: &[u8] = b"421 4.3.2 Service shutting down, closing connection\r\n";
 }
 
-/// The reply when DNS cannot say where the domain's mail goes (SERVFAIL, bogus DNSSEC,
-/// no answer): for [`Session::on_mx_unavailable`] (RFC 3463 4.4.3, directory server
-/// failure).
-pub const MX_DNS_FAILURE: &[u8] = b"451 4.4.3 Recipient domain lookup failed, try again later\r\n";
 /// The reply when no MX of the domain could be reached (RFC 3463 4.4.1, no answer from
 /// host).
 pub const MX_UNREACHABLE: &[u8] =
@@ -105,8 +101,6 @@ pub const MX_UNREACHABLE: &[u8] =
 /// ARCHITECTURE.md §11: `4.7.5`, RFC 3463 cryptographic failure).
 pub const MX_TLS_POLICY: &[u8] =
     b"451 4.7.5 The recipient domain's mail servers failed its TLS policy\r\n";
-/// The reply for a domain that publishes a null MX (RFC 7505 §4.2: `556 5.1.10`).
-pub const MX_NULL: &[u8] = b"556 5.1.10 Recipient domain does not accept mail (null MX)\r\n";
 
 /// Longest MX reply line accepted, CRLF included (RFC 5321 §4.5.3.1.5 says 512; real
 /// servers write longer texts, and the client gets each line whole).
@@ -621,9 +615,8 @@ impl Session {
     }
 
     /// No MX could be used (DNS, policy, connect, every candidate failed): the waiting
-    /// RCPT gets `reply` (one of [`MX_DNS_FAILURE`], [`MX_UNREACHABLE`],
-    /// [`MX_TLS_POLICY`], [`MX_NULL`], CRLF included), and so does every later RCPT of
-    /// the transaction: no second [`Action::OpenMx`] within one transaction. Ignored
+    /// RCPT gets `reply` (the plan's failure, [`MX_UNREACHABLE`] or [`MX_TLS_POLICY`], CRLF
+    /// included), and so does every later RCPT of the transaction: no second [`Action::OpenMx`] within one transaction. Ignored
     /// unless an MX was asked for.
     pub fn on_mx_unavailable(&mut self, reply: &'static [u8]) {
         if self.open && matches!(self.mx, Mx::Connecting) {

@@ -671,9 +671,11 @@ fn an_ehlo_refused_with_5xx_falls_back_to_helo() {
 
 #[test]
 fn no_usable_mx_answers_this_and_every_later_rcpt_of_the_transaction() {
+    // A plan's failure, as the driver hands it on.
+    const DNS_FAILURE: &[u8] = b"451 4.4.3 Recipient domain lookup failed, try again later\r\n";
     let mut s = opened();
     assert_eq!(s.phase(), Phase::MxConnect);
-    s.on_mx_unavailable(MX_DNS_FAILURE);
+    s.on_mx_unavailable(DNS_FAILURE);
     let unavailable = "C: 451 4.4.3 Recipient domain lookup failed, try again later\r\n";
     assert_eq!(drain(&mut s), [unavailable]);
     // No second search within the transaction.
