@@ -269,17 +269,7 @@ EOF
     mv "$ENV_FILE.tmp" "$ENV_FILE"
 
     if [ -n "$watch_pid" ]; then
-        local st i
-        st=$(proc_start "$watch_pid" || true)
-        [ -n "$st" ] || { note "--watch: pid $watch_pid does not exist; stopping"; do_stop; exit 1; }
-        # Detached: a caller that captures our output does not wait for the watcher.
-        setsid -f bash "$SELF" __watch "$DIR" "$watch_pid" "$st" \
-            </dev/null >>"$LOG_DIR/watch.log" 2>&1
-        for i in $(seq 1 50); do
-            [ -s "$WATCH_PID_FILE" ] && break
-            sleep 0.1
-        done
-        [ -s "$WATCH_PID_FILE" ] || { note "the watcher did not start"; do_stop; exit 1; }
+        start_watcher "$watch_pid" || { note "the watcher did not start"; do_stop; exit 1; }
     fi
     note "exim $EXIM_VERSION up in $DIR (smtp 127.0.0.1:$PORT$([ "$HELO_ONLY" = 1 ] && echo ', HELO only'))"
 }

@@ -428,19 +428,7 @@ EOF
     mv "$ENV_FILE.tmp" "$ENV_FILE"
 
     if [ -n "$watch_pid" ]; then
-        local st
-        st=$(proc_start "$watch_pid" || true)
-        [ -n "$st" ] || { note "--watch: pid $watch_pid does not exist; stopping"; do_stop; exit 1; }
-        # Fully detached (new session, no inherited stdio) so a caller that captures
-        # our output does not wait for the watcher.
-        setsid -f bash "$SELF" __watch "$DIR" "$watch_pid" "$st" \
-            </dev/null >>"$LOG_DIR/watch.log" 2>&1
-        # Wait until the watcher has registered, so an immediate "stop" finds it.
-        local i
-        for i in $(seq 1 50); do
-            live_pid "$WATCH_PID_FILE" >/dev/null && break
-            sleep 0.1
-        done
+        start_watcher "$watch_pid" || true
     fi
 
     note "legacy instance up in $DIR (smtp $SMTP_PORT, imap $IMAP_PORT, pop3 $POP3_PORT)"

@@ -885,18 +885,7 @@ do_start() {
     mv "$ENV_FILE.tmp" "$ENV_FILE"
 
     if [ -n "$watch_pid" ]; then
-        local st i
-        st=$(proc_start "$watch_pid" || true)
-        [ -n "$st" ] || { note "--watch: pid $watch_pid does not exist; stopping"; do_stop; exit 1; }
-        # Fully detached (new session, no inherited stdio) so a caller that captures
-        # our output does not wait for the watcher.
-        setsid -f bash "$SELF" __watch "$DIR" "$watch_pid" "$st" \
-            </dev/null >>"$LOG_DIR/watch.log" 2>&1
-        # Wait until the watcher has registered, so an immediate "stop" finds it.
-        for i in $(seq 1 50); do
-            live_pid "$WATCH_PID_FILE" >/dev/null && break
-            sleep 0.1
-        done
+        start_watcher "$watch_pid" || true
     fi
 
     note "outbound lab up in $DIR (net 127.$NET, resolver $RESOLVER:53)"

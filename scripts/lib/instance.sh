@@ -174,6 +174,25 @@ wait_gone() { # TENTHS PID...
 
 # ---------------------------------------------------------------- the watcher
 
+# Starts the background watcher (`SELF __watch DIR PID START`) that stops this instance
+# once PID has exited, and waits until it has registered in WATCH_PID_FILE, so that an
+# immediate "stop" finds it. Uses the caller's SELF, DIR, LOG_DIR, WATCH_PID_FILE, note
+# and do_stop; a PID that does not exist stops the instance and exits 1. Returns 1 when
+# the watcher did not register.
+start_watcher() { # PID
+    local st
+    st=$(proc_start "$1" || true)
+    [ -n "$st" ] || { note "--watch: pid $1 does not exist; stopping"; do_stop; exit 1; }
+    # Fully detached (new session, no inherited stdio) so a caller that captures our
+    # output does not wait for the watcher.
+    setsid -f bash "$SELF" __watch "$DIR" "$1" "$st" </dev/null >>"$LOG_DIR/watch.log" 2>&1
+    for _ in $(seq 1 50); do
+        live_pid "$WATCH_PID_FILE" >/dev/null && return 0
+        sleep 0.1
+    done
+    return 1
+}
+
 # The background watcher's wait: registers this process in WATCH_PID_FILE and returns
 # once PID (started at STARTTIME) has exited, for the caller to stop the instance. A
 # later start or stop of this DIR replaces or removes the registration: then the
