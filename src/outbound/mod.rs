@@ -26,3 +26,5 @@ pub mod listener;
 pub mod mta_sts;
 pub mod mx_tls;
 pub mod plan;
+#[cfg(test)]
+mod test_pki;

@@ -6,19 +6,13 @@ use std::sync::OnceLock;
 
 use proptest::collection::vec;
 use proptest::prelude::*;
-use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};
 use rustls::SupportedProtocolVersion;
 use rustls_pki_types::{PrivateKeyDer, PrivatePkcs8KeyDer};
 
 use super::*;
+use crate::outbound::test_pki::{self, Leaf, TestCa};
 
 const MX: &str = "mx.example.test";
-
-/// A certificate and its key (PKCS#8 DER).
-struct Leaf {
-    cert: CertificateDer<'static>,
-    key: Vec<u8>,
-}
 
 /// A CA, an intermediate it signed, and leaves.
 struct Pki {
@@ -37,48 +31,15 @@ struct Pki {
 fn pki() -> &'static Pki {
     static PKI: OnceLock<Pki> = OnceLock::new();
     PKI.get_or_init(|| {
-        let authority = |name: &str| {
-            let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
-            params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-            params.distinguished_name.push(DnType::CommonName, name);
-            params
-        };
-        let ca_key = KeyPair::generate().unwrap();
-        let ca_params = authority("mailmoat DANE test CA");
-        let ca = ca_params.self_signed(&ca_key).unwrap().der().clone();
-        let ca = (ca, Issuer::new(ca_params, ca_key));
-        let intermediate_key = KeyPair::generate().unwrap();
-        let intermediate_params = authority("mailmoat DANE test intermediate");
-        let intermediate = intermediate_params
-            .signed_by(&intermediate_key, &ca.1)
-            .unwrap()
-            .der()
-            .clone();
-        let issuer = Issuer::new(intermediate_params, intermediate_key);
-        let leaf = |name: &str, expired: bool, signed: bool| {
-            let key = KeyPair::generate().unwrap();
-            let mut params = CertificateParams::new(vec![name.to_owned()]).unwrap();
-            if expired {
-                params.not_before = rcgen::date_time_ymd(1999, 1, 1);
-                params.not_after = rcgen::date_time_ymd(2000, 1, 1);
-            }
-            let cert = if signed {
-                params.signed_by(&key, &issuer)
-            } else {
-                params.self_signed(&key)
-            };
-            Leaf {
-                cert: cert.unwrap().der().clone(),
-                key: key.serialize_der(),
-            }
-        };
+        let ca = TestCa::new("mailmoat DANE test CA");
+        let intermediate = ca.intermediate("mailmoat DANE test intermediate");
         Pki {
-            mx: leaf(MX, false, true),
-            other: leaf("other.example.test", false, true),
-            expired: leaf(MX, true, true),
-            self_signed: leaf("stray.example.test", true, false),
-            ca: ca.0,
-            intermediate,
+            mx: intermediate.leaf(MX, false),
+            other: intermediate.leaf("other.example.test", false),
+            expired: intermediate.leaf(MX, true),
+            self_signed: test_pki::self_signed("stray.example.test", true),
+            ca: ca.cert,
+            intermediate: intermediate.cert,
         }
     })
 }

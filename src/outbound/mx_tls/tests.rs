@@ -5,18 +5,13 @@
 use std::io::Write;
 use std::sync::OnceLock;
 
-use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};
 use rustls_pki_types::{PrivateKeyDer, PrivatePkcs8KeyDer};
 
 use super::*;
 use crate::outbound::dane::{ReferenceNames, Tlsa, TlsaSet};
+use crate::outbound::test_pki::{self, Leaf, TestCa};
 
 const MX: &str = "mx.example.test";
-
-struct Leaf {
-    cert: CertificateDer<'static>,
-    key: Vec<u8>,
-}
 
 struct Pki {
     ca: CertificateDer<'static>,
@@ -34,40 +29,14 @@ struct Pki {
 fn pki() -> &'static Pki {
     static PKI: OnceLock<Pki> = OnceLock::new();
     PKI.get_or_init(|| {
-        let ca_key = KeyPair::generate().unwrap();
-        let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
-        ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        ca_params
-            .distinguished_name
-            .push(DnType::CommonName, "mailmoat mx_tls test CA");
-        let ca = ca_params.self_signed(&ca_key).unwrap();
-        let ca_pem = ca.pem();
-        let ca_der = ca.der().clone();
-        let issuer = Issuer::new(ca_params, ca_key);
-        let leaf = |name: &str, expired: bool, signed: bool| {
-            let key = KeyPair::generate().unwrap();
-            let mut params = CertificateParams::new(vec![name.to_owned()]).unwrap();
-            if expired {
-                params.not_before = rcgen::date_time_ymd(1999, 1, 1);
-                params.not_after = rcgen::date_time_ymd(2000, 1, 1);
-            }
-            let cert = if signed {
-                params.signed_by(&key, &issuer)
-            } else {
-                params.self_signed(&key)
-            };
-            Leaf {
-                cert: cert.unwrap().der().clone(),
-                key: key.serialize_der(),
-            }
-        };
+        let ca = TestCa::new("mailmoat mx_tls test CA");
         Pki {
-            mx: leaf(MX, false, true),
-            expired: leaf(MX, true, true),
-            self_signed: leaf(MX, false, false),
-            other: leaf("other.example.test", false, true),
-            ca: ca_der,
-            ca_pem,
+            mx: ca.leaf(MX, false),
+            expired: ca.leaf(MX, true),
+            self_signed: test_pki::self_signed(MX, false),
+            other: ca.leaf("other.example.test", false),
+            ca_pem: ca.pem,
+            ca: ca.cert,
         }
     })
 }

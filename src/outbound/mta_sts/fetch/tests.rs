@@ -10,14 +10,13 @@ use http_body_util::{Either, Full};
 use hyper::Response;
 use hyper::body::Incoming;
 use hyper::service::service_fn;
-use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};
 use rustls::CertificateError;
-use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
 
 use super::*;
 use crate::outbound::mta_sts::policy::Mode;
+use crate::outbound::test_pki::{Leaf, TestCa};
 
 const POLICY: &str =
     "version: STSv1\r\nmode: enforce\r\nmx: mail.example.test\r\nmax_age: 86400\r\n";
@@ -27,48 +26,11 @@ const LIMIT: Duration = Duration::from_secs(20);
 
 type Body = Either<Full<Bytes>, Channel<Bytes>>;
 
-/// A CA of the test's own.
-struct Ca {
-    cert: CertificateDer<'static>,
-    issuer: Issuer<'static, KeyPair>,
-}
-
-impl Ca {
-    fn new() -> Ca {
-        // Each CA its own name: two of one name would differ only in their keys.
-        static CAS: AtomicUsize = AtomicUsize::new(0);
-        let key = KeyPair::generate().unwrap();
-        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
-        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        let n = CAS.fetch_add(1, Ordering::Relaxed);
-        params
-            .distinguished_name
-            .push(DnType::CommonName, format!("mta-sts test CA {n}"));
-        let cert = params.self_signed(&key).unwrap().der().clone();
-        Ca {
-            cert,
-            issuer: Issuer::new(params, key),
-        }
-    }
-
-    fn roots(&self) -> RootCertStore {
-        let mut roots = RootCertStore::empty();
-        roots.add(self.cert.clone()).unwrap();
-        roots
-    }
-
-    /// A certificate for `name`, with its key.
-    fn leaf(&self, name: &str) -> (Vec<CertificateDer<'static>>, PrivateKeyDer<'static>) {
-        let key = KeyPair::generate().unwrap();
-        let cert = CertificateParams::new(vec![name.to_owned()])
-            .unwrap()
-            .signed_by(&key, &self.issuer)
-            .unwrap();
-        (
-            vec![cert.der().clone()],
-            PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der())),
-        )
-    }
+/// A test CA of a name of its own: two of one name would differ only in their keys.
+fn new_ca() -> TestCa {
+    static CAS: AtomicUsize = AtomicUsize::new(0);
+    let n = CAS.fetch_add(1, Ordering::Relaxed);
+    TestCa::new(&format!("mta-sts test CA {n}"))
 }
 
 fn domain() -> PolicyDomain {
@@ -80,14 +42,14 @@ type Seen = Arc<Mutex<Vec<(String, Option<String>)>>>;
 
 /// A policy host on 127.0.0.1 serving `reply` over TLS with `cert`, until the test ends.
 async fn policy_host(
-    cert: (Vec<CertificateDer<'static>>, PrivateKeyDer<'static>),
+    cert: Leaf,
     reply: impl Fn() -> Response<Body> + Send + Sync + 'static,
 ) -> (SocketAddr, Seen) {
     let config = rustls::ServerConfig::builder_with_provider(crate::tls::provider())
         .with_safe_default_protocol_versions()
         .unwrap()
         .with_no_client_auth()
-        .with_single_cert(cert.0, cert.1)
+        .with_single_cert(vec![cert.cert.clone()], cert.private_key())
         .unwrap();
     let acceptor = TlsAcceptor::from(Arc::new(config));
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -136,8 +98,8 @@ fn respond(status: u16, content_type: Option<&str>, body: &str) -> Response<Body
 async fn fetch_from(
     reply: impl Fn() -> Response<Body> + Send + Sync + 'static,
 ) -> Result<Policy, Error> {
-    let ca = Ca::new();
-    let (addr, _) = policy_host(ca.leaf("mta-sts.example.test"), reply).await;
+    let ca = new_ca();
+    let (addr, _) = policy_host(ca.leaf("mta-sts.example.test", false), reply).await;
     Fetcher::new(ca.roots(), LIMIT)
         .unwrap()
         .fetch(&domain(), &[addr])
@@ -146,8 +108,8 @@ async fn fetch_from(
 
 #[tokio::test]
 async fn a_good_policy_is_fetched_from_the_well_known_path() {
-    let ca = Ca::new();
-    let (addr, seen) = policy_host(ca.leaf("mta-sts.example.test"), || {
+    let ca = new_ca();
+    let (addr, seen) = policy_host(ca.leaf("mta-sts.example.test", false), || {
         respond(200, Some("text/plain"), POLICY)
     })
     .await;
@@ -183,8 +145,8 @@ async fn media_type_parameters_and_case_do_not_matter() {
 
 #[tokio::test]
 async fn a_certificate_for_another_name_is_rejected() {
-    let ca = Ca::new();
-    let (addr, seen) = policy_host(ca.leaf("mta-sts.other.test"), || {
+    let ca = new_ca();
+    let (addr, seen) = policy_host(ca.leaf("mta-sts.other.test", false), || {
         respond(200, Some("text/plain"), POLICY)
     })
     .await;
@@ -211,9 +173,9 @@ async fn a_certificate_for_another_name_is_rejected() {
 
 #[tokio::test]
 async fn a_certificate_from_an_untrusted_ca_is_rejected() {
-    let trusted = Ca::new();
-    let other = Ca::new();
-    let (addr, seen) = policy_host(other.leaf("mta-sts.example.test"), || {
+    let trusted = new_ca();
+    let other = new_ca();
+    let (addr, seen) = policy_host(other.leaf("mta-sts.example.test", false), || {
         respond(200, Some("text/plain"), POLICY)
     })
     .await;
@@ -237,8 +199,8 @@ async fn a_certificate_from_an_untrusted_ca_is_rejected() {
 
 #[tokio::test]
 async fn a_redirect_is_refused_not_followed() {
-    let ca = Ca::new();
-    let (addr, seen) = policy_host(ca.leaf("mta-sts.example.test"), || {
+    let ca = new_ca();
+    let (addr, seen) = policy_host(ca.leaf("mta-sts.example.test", false), || {
         let mut response = respond(301, Some("text/plain"), POLICY);
         response.headers_mut().insert(
             hyper::header::LOCATION,
@@ -340,7 +302,7 @@ async fn an_endless_body_is_cut_off_at_the_cap() {
 
 #[tokio::test]
 async fn a_server_that_never_answers_hits_the_time_limit() {
-    let ca = Ca::new();
+    let ca = new_ca();
     // It accepts the connection and then says nothing, not even its TLS hello.
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
@@ -384,8 +346,8 @@ async fn an_invalid_policy_is_a_policy_error() {
 
 #[tokio::test]
 async fn addresses_are_tried_in_order_and_none_is_an_error() {
-    let ca = Ca::new();
-    let (good, _) = policy_host(ca.leaf("mta-sts.example.test"), || {
+    let ca = new_ca();
+    let (good, _) = policy_host(ca.leaf("mta-sts.example.test", false), || {
         respond(200, Some("text/plain"), POLICY)
     })
     .await;
