@@ -381,21 +381,9 @@ pub struct OutboundConfig {
     pub dnssec_check_bogus: String,
 }
 
-/// The TLS a delivery gets where neither DANE nor MTA-STS applies, by the names of
-/// Postfix's `smtp_tls_security_level`'s matching levels.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum TlsFloor {
-    /// STARTTLS when the MX offers it, any certificate; plaintext otherwise (logged as a
-    /// downgrade). Postfix's `may`.
-    #[default]
-    Opportunistic,
-    /// TLS required, any certificate. Postfix's `encrypt`.
-    Encrypt,
-    /// TLS required with a certificate valid for the MX host name under the system's
-    /// trust anchors. Postfix's `verify`.
-    Verify,
-}
+/// The TLS a delivery gets where neither DANE nor MTA-STS applies: the relay's own
+/// [`crate::outbound::plan::Floor`] (`opportunistic`, `encrypt`, `verify`).
+pub use crate::outbound::plan::Floor as TlsFloor;
 
 /// The answer to a suspected STARTTLS stripping (`outbound.starttls_stripping`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]

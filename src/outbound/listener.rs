@@ -14,7 +14,7 @@ use tokio::sync::{Semaphore, watch};
 use tokio_util::task::TaskTracker;
 use tracing::{Instrument, error, info, info_span};
 
-use crate::config::{Config, OutboundConfig, Protocol, TlsFloor};
+use crate::config::{Config, OutboundConfig, Protocol};
 use crate::metrics::ListenerMetrics;
 use crate::outbound::dns::Resolver;
 use crate::outbound::driver::{self, Context};
@@ -132,11 +132,6 @@ pub(crate) fn context_with_store(
                 .map_err(|err| Error::MtaSts(err.to_string()))?,
         }),
     };
-    let floor = |floor: TlsFloor| match floor {
-        TlsFloor::Opportunistic => plan::Floor::Opportunistic,
-        TlsFloor::Encrypt => plan::Floor::Encrypt,
-        TlsFloor::Verify => plan::Floor::Verify,
-    };
     Ok(Context {
         session: session::Config {
             hostname: outbound.hostname.clone(),
@@ -150,11 +145,11 @@ pub(crate) fn context_with_store(
         },
         resolver: Resolver::new(outbound.resolver),
         plan: plan::Settings {
-            floor: floor(outbound.tls_floor),
+            floor: outbound.tls_floor,
             per_domain: outbound
                 .domain_tls_floor
                 .iter()
-                .map(|(domain, f)| (domain.clone(), floor(*f)))
+                .map(|(domain, floor)| (domain.clone(), *floor))
                 .collect(),
             smtp_port: outbound.mx_port,
             mta_sts,

@@ -83,8 +83,9 @@ mod reply {
 }
 
 /// The TLS a domain without DANE or MTA-STS gets, like Postfix's
-/// `smtp_tls_security_level`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+/// `smtp_tls_security_level`; the configuration's `tls_floor` (snake_case names).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
 pub enum Floor {
     /// Postfix `may`: TLS when the MX offers STARTTLS, with any certificate; plaintext
     /// when it does not (a downgrade event). The default (ARCHITECTURE.md §11).
